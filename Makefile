@@ -1,0 +1,30 @@
+# `make demo` and `make test` work on a fresh machine with Python 3.11 and make: they create
+# .venv when it is missing and install the project into it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test proposals-check clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# Without a GPU, torch 2.13.0 is the CPU build; any other version pulls a multi-GB CUDA build.
+	command -v nvidia-smi >/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cpm-lightning fit --config configs/demo.yaml
+	$(BIN)/cpm-lightning generate runs/demo/checkpoints/last.ckpt --prompt "Return the" --max-new-tokens 60 --top-k 40
+	@echo
+	@echo "Live view of the run: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,92 @@
+"""Core verbs: `model info`, `tokenizer train`, `generate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cpm_lightning.errors import UserError
+
+
+def add_commands(sub) -> None:
+    model = sub.add_parser("model", help="facts about the model presets").add_subparsers(metavar="ACTION")
+    info = model.add_parser("info", help="parameters, FLOPs per token and memory per device of a preset")
+    info.add_argument("--preset", required=True, help="preset name, e.g. cpm-ant-10b")
+    info.add_argument("--devices", type=int, default=1, help="devices the model is sharded over (FSDP)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=model_info)
+
+    tok = sub.add_parser("tokenizer", help="SentencePiece tokenizers").add_subparsers(metavar="ACTION")
+    train = tok.add_parser("train", help="train a tokenizer on text sources")
+    train.add_argument("--source", action="append", required=True, metavar="URL",
+                       help="fsspec URL or glob of text or .jsonl files (repeatable)")
+    train.add_argument("--field", default="text", help="JSONL key that holds the text (default: text)")
+    train.add_argument("--vocab-size", type=int, required=True, help="number of pieces")
+    train.add_argument("--output", required=True, help="path or URL of the .model file to write")
+    train.set_defaults(func=tokenizer_train)
+
+    gen = sub.add_parser("generate", help="sample text from a checkpoint or model")
+    gen.add_argument("checkpoint", help="a checkpoint written by fit, or a model directory or models:/ URI")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens of mass p")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    gen.set_defaults(func=generate)
+
+
+def model_info(args) -> None:
+    from cpm_lightning.model import ArchConfig
+    from cpm_lightning.model.stats import bytes_per_device, model_stats
+
+    if args.devices < 1:
+        raise UserError(f"--devices must be at least 1, got {args.devices}")
+    stats = model_stats(ArchConfig(preset=args.preset))
+    memory = bytes_per_device(stats.params, args.devices)
+    if args.json:
+        print(json.dumps({"preset": args.preset, "devices": args.devices, "params": stats.params,
+                          "non_embedding_params": stats.non_embedding_params,
+                          "flops_per_token": stats.flops_per_token, "seq_len": stats.seq_len,
+                          "bytes_per_device": memory}))
+        return
+    gib = 1 << 30
+    print(f"preset                 {args.preset}")
+    print(f"parameters             {stats.params:,} ({stats.non_embedding_params:,} non-embedding)")
+    print(f"training FLOPs/token   {stats.flops_per_token:,} at length {stats.seq_len} "
+          f"(6 x matmul weights + 12 x layers x width x length)")
+    print(f"memory per device      over {args.devices} device(s), fp32 weights + grads + AdamW:")
+    for key in ("params", "gradients", "optimizer", "total"):
+        print(f"  {key:<20} {memory[key] / gib:10.2f} GiB")
+
+
+def tokenizer_train(args) -> None:
+    from cpm_lightning.tokenizer import save_tokenizer, train_tokenizer
+    from datamodules.shards import iter_documents
+    from datamodules.sources import ReadStats, SourceConfig, check_stats
+
+    texts, checks = [], []
+    for i, url in enumerate(args.source):
+        fmt = "jsonl" if url.removesuffix(".gz").endswith((".jsonl", ".json")) else "text"
+        src, stats = SourceConfig(url=url, format=fmt, field=args.field), ReadStats()
+        texts.extend(iter_documents(f"--source[{i}]", src, stats))
+        checks.append((f"--source[{i}]", src, stats))
+    for name, src, stats in checks:
+        for warning in check_stats(name, src, stats):
+            print(f"warning: {warning}")
+    tokenizer = train_tokenizer(texts, args.vocab_size)
+    save_tokenizer(tokenizer, args.output)
+    print(f"wrote {args.output} ({tokenizer.vocab_size} pieces)")
+
+
+def generate(args) -> None:
+    import torch
+
+    from cpm_lightning.generate import load_for_inference, sample
+
+    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = sample(model, tokenizer.encode(args.prompt), args.max_new_tokens, args.temperature,
+                 args.top_k, args.top_p, tokenizer.eos_id, generator)
+    print(args.prompt + tokenizer.decode(ids))

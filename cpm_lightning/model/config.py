@@ -1,0 +1,115 @@
+"""Architecture config and the named presets (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from cpm_lightning.errors import UserError, lookup
+from cpm_lightning.model.layers import COMPONENTS
+
+# Attention layers / FFN layers / dim / heads x head_dim / ff / vocab, as CPM-Ant released them.
+# The smaller CPM-Ant models were pruned from the 10B with BMCook, which removed whole attention
+# or FFN sublayers; here a block i has attention when i < num_attn_layers and an FFN when
+# i < num_ffn_layers. `tiny` is for tests, `demo` is sized for a few minutes on 2 CPU cores.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=64, num_heads=4, head_dim=16, ff_dim=128, num_attn_layers=2,
+                 num_ffn_layers=2, vocab_size=512, max_len=256, num_buckets=32, max_distance=128),
+    "demo": dict(dim=256, num_heads=8, head_dim=32, ff_dim=768, num_attn_layers=6,
+                 num_ffn_layers=6, vocab_size=4096, max_len=256, num_buckets=32, max_distance=256),
+    "cpm-ant-300m": dict(dim=512, num_heads=32, head_dim=64, ff_dim=5120, num_attn_layers=25,
+                         num_ffn_layers=21, vocab_size=30720),
+    "cpm-ant-1b": dict(dim=2048, num_heads=32, head_dim=64, ff_dim=5120, num_attn_layers=25,
+                       num_ffn_layers=21, vocab_size=30720),
+    "cpm-ant-3b": dict(dim=2560, num_heads=32, head_dim=80, ff_dim=6400, num_attn_layers=37,
+                       num_ffn_layers=32, vocab_size=30720),
+    "cpm-ant-7b": dict(dim=4096, num_heads=32, head_dim=128, ff_dim=10240, num_attn_layers=37,
+                       num_ffn_layers=32, vocab_size=30720),
+    "cpm-ant-10b": dict(dim=4096, num_heads=32, head_dim=128, ff_dim=10240, num_attn_layers=48,
+                        num_ffn_layers=48, vocab_size=30720),
+}
+
+
+@dataclass(kw_only=True)
+class ArchConfig:
+    """The transformer's shape and components. Fields left unset take the preset's value."""
+
+    preset: str = "tiny"
+    """Named starting point: tiny, demo, cpm-ant-300m, cpm-ant-1b, cpm-ant-3b, cpm-ant-7b,
+    cpm-ant-10b. Any other field given beside it overrides the preset's value."""
+    vocab_size: int | None = None
+    """Vocabulary size. Unset: the tokenizer's size when training, the preset's otherwise."""
+    dim: int | None = None
+    """Model (residual stream) width."""
+    num_heads: int | None = None
+    """Query heads per attention layer."""
+    num_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); unset means num_heads (multi-head)."""
+    head_dim: int | None = None
+    """Width of each head (CPM-Ant decouples it from dim / num_heads)."""
+    ff_dim: int | None = None
+    """Hidden width of the feed-forward network."""
+    num_attn_layers: int | None = None
+    """Blocks that have an attention sublayer (the first ones)."""
+    num_ffn_layers: int | None = None
+    """Blocks that have a feed-forward sublayer (the first ones)."""
+    max_len: int | None = None
+    """Longest sequence the model accepts (CPM-Ant: 512, raised to 1024 during the run)."""
+    norm: str = "rmsnorm"
+    """Normalization: rmsnorm or layernorm (both without bias, pre-norm)."""
+    norm_eps: float = 1e-6
+    """Epsilon of the normalization layers."""
+    position: str = "relative_buckets"
+    """Position encoding: relative_buckets (CPM-Ant's T5-style bias) or rotary."""
+    num_buckets: int | None = None
+    """relative_buckets: number of log-spaced distance buckets (CPM-Ant: 512)."""
+    max_distance: int | None = None
+    """relative_buckets: distance at which buckets stop growing (CPM-Ant: 2048)."""
+    rope_base: float = 10000.0
+    """rotary: base of the rotation frequencies."""
+    ffn: str = "gated_gelu"
+    """Feed-forward network: gated_gelu (CPM-Ant) or swiglu."""
+    attention: str = "multi_head"
+    """Attention implementation (grouped-query when num_kv_heads < num_heads)."""
+    split_qk_scale: bool = False
+    """Scale q and k by head_dim^-1/4 each instead of the scores by head_dim^-1/2: the same
+    result, but the fp16 fix CPM-Ant made during its live run (no overflow in q.k)."""
+    num_segments: int = 32
+    """Segment ids a token may carry (segment embedding and segment-pair bias)."""
+    num_tasks: int = 0
+    """Tasks with their own prompt embeddings (CPM-Ant: 32); 0 turns prompts off."""
+    prompt_len: int = 32
+    """Prompt tokens per task (CPM-Ant: 32)."""
+
+    def __post_init__(self):
+        preset = lookup(PRESETS, self.preset, "model.arch.preset")
+        for name, value in preset.items():
+            if getattr(self, name) is None and name != "vocab_size":
+                setattr(self, name, value)
+        defaults = {"num_buckets": 512, "max_distance": 2048, "max_len": 512}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for kind, registry in COMPONENTS.items():
+            lookup(registry, getattr(self, kind), f"model.arch.{kind}")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        for name in ("dim", "num_heads", "num_kv_heads", "head_dim", "ff_dim", "max_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.arch.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"model.arch.num_kv_heads ({self.num_kv_heads}) must divide "
+                            f"num_heads ({self.num_heads})")
+        if self.position == "rotary" and self.head_dim % 2:
+            raise UserError(f"model.arch.head_dim must be even for rotary, got {self.head_dim}")
+
+    @property
+    def num_blocks(self) -> int:
+        return max(self.num_attn_layers, self.num_ffn_layers)
+
+    @property
+    def preset_vocab_size(self) -> int:
+        return self.vocab_size or PRESETS[self.preset]["vocab_size"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,189 @@
+"""Transformer components and their registries.
+
+Every component is chosen by name from a plain dict (`COMPONENTS[kind][name]`), so a run config
+or a community proposal can pick one without naming Python code. Shapes: B batch, T query
+length, S key length, H heads, K key/value heads, D head_dim, C model dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """Bias-free linear layer with CPM-Ant's scaled init: weights N(0, 1), output scaled by
+    1/sqrt(d_in) in the forward pass. Scaling the weight (not the activations) costs
+    O(params) per step instead of O(tokens x width)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.scale = d_in**-0.5
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.scale)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LayerNorm(RMSNorm):
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.weight, None, self.eps)
+
+
+class GatedFFN(nn.Module):
+    """w_out(act(w_0 x) * w_1 x): gated GeLU in CPM-Ant, SwiGLU with act=silu."""
+
+    act = staticmethod(F.gelu)
+
+    def __init__(self, dim: int, ff_dim: int):
+        super().__init__()
+        self.w_0 = Linear(dim, ff_dim)
+        self.w_1 = Linear(dim, ff_dim)
+        self.w_out = Linear(ff_dim, dim)
+
+    def forward(self, x):
+        return self.w_out(self.act(self.w_0(x)) * self.w_1(x))
+
+
+class SwiGLU(GatedFFN):
+    act = staticmethod(F.silu)
+
+
+def relative_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5/CPM-Ant bidirectional log-bucketing of key_pos - query_pos."""
+    half = num_buckets // 2
+    bucket = (rel > 0).long() * half
+    rel = rel.abs()
+    exact = half // 2
+    log_part = exact + (
+        torch.log(rel.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (half - exact)
+    ).long()
+    return bucket + torch.where(rel < exact, rel, log_part.clamp(max=half - 1))
+
+
+class RelativeBuckets(nn.Module):
+    """CPM-Ant's position bias, shared by all layers: a learned bias per (head, distance bucket)
+    between tokens of one segment, and per (head, query segment, key segment) across segments."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_buckets, self.max_distance = cfg.num_buckets, cfg.max_distance
+        self.num_segments = cfg.num_segments
+        self.weight = nn.Parameter(torch.empty(cfg.num_buckets + cfg.num_segments**2, cfg.num_heads))
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.02)
+
+    def bias(self, q_pos, k_pos, q_seg, k_seg):
+        """Additive attention bias [B or 1, H, T, S] from positions [T], [S] and segments
+        [B, T], [B, S] (or None for a single segment)."""
+        bucket = relative_bucket(k_pos[None, :] - q_pos[:, None], self.num_buckets, self.max_distance)
+        if q_seg is None:
+            return self.weight[bucket].permute(2, 0, 1)[None]
+        pair = self.num_buckets + q_seg[:, :, None] * self.num_segments + k_seg[:, None, :]
+        bucket = torch.where(q_seg[:, :, None] == k_seg[:, None, :], bucket[None], pair)
+        return self.weight[bucket].permute(0, 3, 1, 2)
+
+    def rotate(self, q, k, pos):
+        return q, k
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer), applied to q and k; no additive bias."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.head_dim, self.base = cfg.head_dim, cfg.rope_base
+
+    def reset_parameters(self):
+        pass
+
+    def bias(self, q_pos, k_pos, q_seg, k_seg):
+        return None
+
+    def _rotate(self, x, pos):
+        inv_freq = self.base ** -(torch.arange(0, self.head_dim, 2, device=x.device).float() / self.head_dim)
+        angle = pos.float()[:, None] * inv_freq[None]  # [T, D/2]
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+    def rotate(self, q, k, pos):
+        return self._rotate(q, pos), self._rotate(k, pos)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through scaled_dot_product_attention; grouped-query when
+    num_kv_heads < num_heads. `cache` is a KVCache slot for incremental decoding."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.split_scale = cfg.split_qk_scale
+        self.project_q = Linear(cfg.dim, self.h * self.d)
+        self.project_k = Linear(cfg.dim, self.kv * self.d)
+        self.project_v = Linear(cfg.dim, self.kv * self.d)
+        self.attention_out = Linear(self.h * self.d, cfg.dim)
+
+    def forward(self, x, mask, position, pos, cache=None):
+        B, T, _ = x.shape
+        q = self.project_q(x).view(B, T, self.h, self.d).transpose(1, 2)  # [B, H, T, D]
+        k = self.project_k(x).view(B, T, self.kv, self.d).transpose(1, 2)  # [B, K, T, D]
+        v = self.project_v(x).view(B, T, self.kv, self.d).transpose(1, 2)
+        q, k = position.rotate(q, k, pos)  # new tokens only: the cache holds rotated keys
+        if cache is not None:
+            k, v = cache.update(k, v)  # [B, K, S, D]
+        scale = None
+        if self.split_scale:
+            q, k, scale = q * self.d**-0.25, k * self.d**-0.25, 1.0
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.kv != self.h,
+            is_causal=mask is None,  # the model passes no mask only for plain causal text
+        )
+        return self.attention_out(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; either sublayer may be absent (pruned CPM-Ant sizes)."""
+
+    def __init__(self, cfg, has_attn: bool, has_ffn: bool):
+        super().__init__()
+        norm = COMPONENTS["norm"][cfg.norm]
+        self.attn_norm = norm(cfg.dim, cfg.norm_eps) if has_attn else None
+        self.attn = COMPONENTS["attention"][cfg.attention](cfg) if has_attn else None
+        self.ffn_norm = norm(cfg.dim, cfg.norm_eps) if has_ffn else None
+        self.ffn = COMPONENTS["ffn"][cfg.ffn](cfg.dim, cfg.ff_dim) if has_ffn else None
+
+    def forward(self, x, mask, position, pos, cache=None):
+        if self.attn is not None:
+            x = x + self.attn(self.attn_norm(x), mask, position, pos, cache)
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+COMPONENTS: dict[str, dict[str, type]] = {
+    "norm": {"rmsnorm": RMSNorm, "layernorm": LayerNorm},
+    "position": {"relative_buckets": RelativeBuckets, "rotary": Rotary},
+    "ffn": {"gated_gelu": GatedFFN, "swiglu": SwiGLU},
+    "attention": {"multi_head": Attention},
+}

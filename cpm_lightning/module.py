@@ -1,0 +1,200 @@
+"""CausalLM: the LightningModule that trains a CPM-Ant model (DESIGN.md §3, §8)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+
+from cpm_lightning.model import ArchConfig, CPMAnt
+from cpm_lightning.model.stats import model_stats
+from cpm_lightning.perf import peak_flops
+
+IGNORE = -100  # target id that carries no loss (context tokens of a prefix LM, padding)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and gradient clipping."""
+
+    lr: float = 0.02
+    """Peak learning rate. CPM-Ant's weights are N(0, 1), so its rates are larger than usual."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW moment decay rates."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay on matrices (CPM-Ant: 0.01); norms are not decayed."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is logged)."""
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule, each with linear warmup."""
+
+    name: Literal["noam", "cosine"] = "cosine"
+    """noam: linear warmup to lr/sqrt(warmup), then lr/sqrt(step) (CPM-Ant's). cosine: linear
+    warmup to lr, then cosine decay to lr x min_lr_ratio at total_steps."""
+    warmup_steps: int = 100
+    """Steps of linear warmup."""
+    total_steps: int | None = None
+    """cosine: the step at which decay ends; unset means trainer.max_steps."""
+    min_lr_ratio: float = 0.1
+    """cosine: final learning rate as a fraction of lr."""
+
+    def factor(self, step: int, total: int) -> float:
+        """Multiplier on optim.lr at optimizer step `step` (0-based)."""
+        step += 1
+        w = max(self.warmup_steps, 1)
+        if self.name == "noam":
+            return step / w**1.5 if step < w else step**-0.5
+        if step < w:
+            return step / w
+        progress = min((step - w) / max(total - w, 1), 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Training objective: next-token cross entropy on target tokens."""
+
+    z_loss: float = 0.0
+    """Weight of the z-loss, mean(logsumexp(logits)^2), which keeps the softmax normalizer near
+    0 (PaLM); 0 turns it off."""
+
+
+class CausalLM(L.LightningModule):
+    """Next-token prediction with a CPM-Ant transformer.
+
+    Batches are dicts with `input_ids` and `targets` [B, T] (targets IGNORE where no loss is
+    taken) and optionally `segment_ids`, `context` and `task` (see CPMAnt.forward)."""
+
+    def __init__(
+        self,
+        arch: ArchConfig = ArchConfig(),
+        optim: OptimConfig = OptimConfig(),
+        schedule: ScheduleConfig = ScheduleConfig(),
+        loss: LossConfig = LossConfig(),
+    ):
+        """
+        Args:
+            arch: Model shape and components (a preset plus overrides).
+            optim: Optimizer settings.
+            schedule: Learning-rate schedule.
+            loss: Loss settings.
+        """
+        super().__init__()
+        # Copies: the CLI fills arch.vocab_size in, and defaults are shared instances.
+        self.arch, self.optim, self.schedule, self.loss = map(dataclasses.replace, (arch, optim, schedule, loss))
+        self.save_hyperparameters({"arch": arch.to_dict(), "optim": dataclasses.asdict(optim),
+                                   "schedule": dataclasses.asdict(schedule), "loss": dataclasses.asdict(loss)})
+        self.model: CPMAnt | None = None
+        self.tokens_seen = 0
+        self._step_time: float | None = None
+        self._last_batch_end: float | None = None
+
+    # -- building -----------------------------------------------------------------------------
+    def configure_model(self):
+        if self.model is not None:
+            return
+        if self.arch.vocab_size is None:
+            raise ValueError("model.arch.vocab_size is unset: the CLI sets it from the tokenizer")
+        self.model = CPMAnt(self.arch)
+        self.model.init_weights()
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=IGNORE)
+        self.val_acc = MulticlassAccuracy(self.arch.vocab_size, ignore_index=IGNORE, average="micro")
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["input_ids"], batch.get("segment_ids"), batch.get("context"), batch.get("task"))
+
+    # -- training -----------------------------------------------------------------------------
+    def _loss(self, logits, targets):
+        logits = logits.float()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        if self.loss.z_loss:
+            keep = targets != IGNORE
+            loss = loss + self.loss.z_loss * logits.logsumexp(-1)[keep].square().mean()
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(self(batch), batch["targets"])
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        max_norm = self.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor reduced over the mesh
+            norm = norm.full_tensor()
+        self.log("train/grad_norm", norm)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            dt = now - self._last_batch_end
+            # An exponential average: single steps are noisy on shared machines.
+            self._step_time = dt if self._step_time is None else 0.9 * self._step_time + 0.1 * dt
+            tokens_per_sec = batch["input_ids"].numel() * self.trainer.world_size / self._step_time
+            self.log("train/tokens_per_sec", tokens_per_sec)
+            if self._peak:
+                self.log("train/mfu", tokens_per_sec * self._flops_per_token(batch) / (self._peak * self.trainer.world_size))
+        self._last_batch_end = now
+        self.log("train/tokens_seen", float(self.tokens_seen))
+
+    def on_train_start(self):
+        self._peak = peak_flops(self.device)
+        self._last_batch_end = None
+
+    def _flops_per_token(self, batch) -> int:
+        seq_len = batch["input_ids"].shape[1]
+        if getattr(self, "_flops_for", None) != seq_len:
+            self._flops_for, self._flops = seq_len, model_stats(self.arch, seq_len).flops_per_token
+        return self._flops
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.optim.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        fused = all(p.device.type in ("cuda", "cpu") for p in params)
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused)
+        total = self.schedule.total_steps or self.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.schedule.factor(s, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch, stage):
+        logits, targets = self(batch), batch["targets"]
+        self.val_loss.update(self._loss(logits, targets), weight=(targets != IGNORE).sum())
+        self.val_ppl.update(logits.float(), targets)
+        self.val_acc.update(logits.argmax(-1).flatten(), targets.flatten())
+        self.log(f"{stage}/loss", self.val_loss, prog_bar=True)
+        self.log(f"{stage}/ppl", self.val_ppl)
+        self.log(f"{stage}/acc", self.val_acc)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint.setdefault("cpm", {}).update(arch=self.arch.to_dict(), tokens_seen=self.tokens_seen)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.tokens_seen = checkpoint.get("cpm", {}).get("tokens_seen", 0)

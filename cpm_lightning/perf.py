@@ -1,0 +1,34 @@
+"""Peak FLOP/s for MFU (DESIGN.md §8): measured on CPU, from the spec sheet on GPU."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+# Dense bf16 tensor-core peak (no sparsity), FLOP/s, by a substring of the device name.
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
+                 "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
+
+
+@functools.cache
+def measured_cpu_peak(size: int = 1024, seconds: float = 1.0) -> float:
+    """Dense fp32 matmul FLOP/s on this process's threads: the best of repeated timings."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - t))
+    return best
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s of one device, or None for a GPU that is not in the table."""
+    if device.type != "cuda":
+        return measured_cpu_peak()
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)

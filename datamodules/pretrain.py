@@ -1,0 +1,171 @@
+"""PretrainDataModule: sources -> tokenizer -> shards -> mixture -> packed windows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from cpm_lightning.errors import UserError
+from cpm_lightning.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from datamodules.mixture import Mixture
+from datamodules.shards import Shard, build_shard, default_cache_dir, fingerprint, iter_documents
+from datamodules.sources import ReadStats, SourceConfig
+
+
+def window(tokens: np.ndarray, i: int, seq_len: int) -> dict:
+    """Window i of a packed stream: seq_len inputs and the seq_len next tokens as targets."""
+    w = torch.from_numpy(tokens[i * seq_len : (i + 1) * seq_len + 1].astype(np.int64))
+    return {"input_ids": w[:-1], "targets": w[1:]}
+
+
+class TrainStream(IterableDataset):
+    """This rank's share of the global mixture, forever. Remembers the mixture state after each
+    of its recent batches so the DataModule can save the state of the last *consumed* batch
+    (Lightning fetches one batch ahead)."""
+
+    def __init__(self, dm: "PretrainDataModule", rank: int, world: int):
+        self.dm, self.rank, self.world = dm, rank, world
+        self.history: dict[int, dict] = {}
+
+    def __iter__(self):
+        dm = self.dm
+        mix = Mixture(dm.weights, dm.train_windows, dm.seed, dm.start_state)
+        self.history = {0: mix.state.to_dict()}
+        batch = 0
+        while True:
+            for _ in range(dm.batch_size):
+                for r in range(self.world):
+                    name, i = mix.next()
+                    if r == self.rank:
+                        sample = window(dm.shards[name].tokens, i, dm.seq_len)
+                yield sample
+            batch += 1
+            self.history[batch] = mix.state.to_dict()
+            self.history.pop(batch - 64, None)
+
+
+class ValWindows(Dataset):
+    """The held-out windows at the end of every source's stream."""
+
+    def __init__(self, dm: "PretrainDataModule"):
+        self.dm = dm
+        self.items = [(n, dm.train_windows[n] + j) for n in sorted(dm.shards) for j in range(dm.val_windows_of[n])]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        name, i = self.items[k]
+        return window(self.dm.shards[name].tokens, i, self.dm.seq_len)
+
+
+class PretrainDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        sources: dict[str, SourceConfig],
+        tokenizer: str | None = None,
+        tokenizer_vocab_size: int = 4096,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_windows: int = 32,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        """
+        Args:
+            sources: The mixture: {name: {url, weight, format, field}}.
+            tokenizer: Path or fsspec URL of a SentencePiece model. Unset: one is trained on the
+                sources on first use and cached.
+            tokenizer_vocab_size: Vocabulary of the tokenizer trained when `tokenizer` is unset.
+            seq_len: Tokens per training sample (windows of seq_len + 1 are cut from the stream).
+            batch_size: Samples per device per step (the global batch is this x world size).
+            val_windows: Windows held out at the end of each source for validation (at most a
+                tenth of the source).
+            seed: Seed of the per-source window order.
+            cache_dir: Where shards and trained tokenizers are cached; unset:
+                $CPM_LIGHTNING_CACHE or ~/.cache/cpm-lightning.
+        """
+        super().__init__()
+        if not sources:
+            raise UserError("data.sources is empty; expected {name: {url: ..., weight: ...}}")
+        for key, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if value <= 0:
+                raise UserError(f"data.{key} must be positive, got {value}")
+        self.sources = {n: s if isinstance(s, SourceConfig) else SourceConfig(**s) for n, s in sources.items()}
+        self.tokenizer_url = tokenizer
+        self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.seq_len, self.batch_size, self.val_windows, self.seed = seq_len, batch_size, val_windows, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.weights = {n: s.weight for n, s in self.sources.items()}
+        self.start_state: dict | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._stream: TrainStream | None = None
+
+    # -- tokenizer ----------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.load(self.tokenizer_url) if self.tokenizer_url else self._trained_tokenizer()
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _trained_tokenizer(self) -> Tokenizer:
+        key = hashlib.sha256(json.dumps(
+            [self.tokenizer_vocab_size, *(fingerprint(n, s) for n, s in sorted(self.sources.items()))]
+        ).encode()).hexdigest()[:32]
+        path = self.cache_dir / "tokenizers" / f"{key}.model"
+        if not path.exists():
+            print(f"training a {self.tokenizer_vocab_size}-piece tokenizer on the sources -> {path}", file=sys.stderr)
+            stats = ReadStats()
+            texts = (d for n, s in sorted(self.sources.items()) for d in iter_documents(n, s, stats))
+            save_tokenizer(train_tokenizer(texts, self.tokenizer_vocab_size), str(path))
+        return Tokenizer.load(str(path))
+
+    # -- data ---------------------------------------------------------------------------------
+    def prepare_data(self):
+        for name, src in self.sources.items():
+            build_shard(name, src, self.tokenizer, self.cache_dir)
+
+    def setup(self, stage: str | None = None):
+        self.shards, self.train_windows, self.val_windows_of = {}, {}, {}
+        for name, src in self.sources.items():
+            shard = Shard.open(build_shard(name, src, self.tokenizer, self.cache_dir))
+            n = (len(shard.tokens) - 1) // self.seq_len
+            held_out = min(self.val_windows, max(1, n // 10))
+            if n - held_out < 1:
+                raise UserError(f"data.sources.{name}: {len(shard.tokens)} tokens make fewer than 2 windows "
+                                f"of data.seq_len={self.seq_len}; add text or lower seq_len")
+            self.shards[name], self.train_windows[name], self.val_windows_of[name] = shard, n - held_out, held_out
+
+    def train_dataloader(self):
+        t = self.trainer
+        self._stream = TrainStream(self, t.global_rank, t.world_size)
+        self._start_step = t.global_step
+        return DataLoader(self._stream, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(ValWindows(self), batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+    # -- exact resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The mixture state after the last batch the model trained on."""
+        if self._stream is None or not self._stream.history:
+            return {"mixture": self.start_state}
+        consumed = (self.trainer.global_step - self._start_step) * self.trainer.accumulate_grad_batches
+        return {"mixture": self._stream.history[consumed]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_state = state["mixture"]
