@@ -13,6 +13,7 @@ size and a run resumes exactly on any number of devices.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class Mixture:
         self.sizes = sizes
         self.seed = seed
         self._perms: dict[tuple[str, int], np.ndarray] = {}
-        self.state = MixtureState(**state) if state else MixtureState()
+        self.state = MixtureState(**copy.deepcopy(state)) if state else MixtureState()
         s = self.state
         if s.weights != weights:  # new or changed weights: continue from the cursors
             s.since, s.picks, s.weights = s.index, {n: 0 for n in self.names}, dict(weights)

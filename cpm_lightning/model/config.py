@@ -29,6 +29,9 @@ PRESETS: dict[str, dict] = {
                         num_ffn_layers=48, vocab_size=30720),
 }
 
+# What the large presets leave to CPM-Ant's own settings.
+CPM_ANT_DEFAULTS = {"num_buckets": 512, "max_distance": 2048, "max_len": 512}
+
 
 @dataclass(kw_only=True)
 class ArchConfig:
@@ -82,26 +85,28 @@ class ArchConfig:
     """Prompt tokens per task (CPM-Ant: 32)."""
 
     def __post_init__(self):
-        preset = lookup(PRESETS, self.preset, "model.arch.preset")
-        for name, value in preset.items():
-            if getattr(self, name) is None and name != "vocab_size":
-                setattr(self, name, value)
-        defaults = {"num_buckets": 512, "max_distance": 2048, "max_len": 512}
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        lookup(PRESETS, self.preset, "model.arch.preset")
         for kind, registry in COMPONENTS.items():
             lookup(registry, getattr(self, kind), f"model.arch.{kind}")
-        if self.num_kv_heads is None:
-            self.num_kv_heads = self.num_heads
+
+    def resolved(self) -> "ArchConfig":
+        """A copy with every unset field taken from the preset (or CPM-Ant's value), checked.
+        Unset fields stay None in the config itself, so a printed config shows what was chosen
+        and a default never overrides another preset's value."""
+        values = {**CPM_ANT_DEFAULTS, **PRESETS[self.preset]}
+        values.pop("vocab_size")  # the tokenizer's, unless given
+        cfg = dataclasses.replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
+        if cfg.num_kv_heads is None:
+            cfg.num_kv_heads = cfg.num_heads
         for name in ("dim", "num_heads", "num_kv_heads", "head_dim", "ff_dim", "max_len"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.arch.{name} must be positive, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads:
-            raise UserError(f"model.arch.num_kv_heads ({self.num_kv_heads}) must divide "
-                            f"num_heads ({self.num_heads})")
-        if self.position == "rotary" and self.head_dim % 2:
-            raise UserError(f"model.arch.head_dim must be even for rotary, got {self.head_dim}")
+            if getattr(cfg, name) <= 0:
+                raise UserError(f"model.arch.{name} must be positive, got {getattr(cfg, name)}")
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise UserError(f"model.arch.num_kv_heads ({cfg.num_kv_heads}) must divide "
+                            f"num_heads ({cfg.num_heads})")
+        if cfg.position == "rotary" and cfg.head_dim % 2:
+            raise UserError(f"model.arch.head_dim must be even for rotary, got {cfg.head_dim}")
+        return cfg
 
     @property
     def num_blocks(self) -> int:

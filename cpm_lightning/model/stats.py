@@ -29,7 +29,7 @@ class ModelStats:
 
 
 def model_stats(cfg: ArchConfig, seq_len: int | None = None) -> ModelStats:
-    cfg = dataclasses.replace(cfg, vocab_size=cfg.preset_vocab_size)
+    cfg = dataclasses.replace(cfg.resolved(), vocab_size=cfg.preset_vocab_size)
     seq_len = seq_len or cfg.max_len
     with torch.device("meta"):
         model = CPMAnt(cfg)

@@ -39,6 +39,7 @@ class _Slot:
 class CPMAnt(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
+        cfg = cfg.resolved()
         if cfg.vocab_size is None:
             raise ValueError("ArchConfig.vocab_size must be set before building the model")
         self.cfg = cfg
