@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from cpm_lightning.errors import UserError
 
@@ -74,7 +75,7 @@ def tokenizer_train(args) -> None:
         checks.append((f"--source[{i}]", src, stats))
     for name, src, stats in checks:
         for warning in check_stats(name, src, stats):
-            print(f"warning: {warning}")
+            print(f"warning: {warning}", file=sys.stderr)
     tokenizer = train_tokenizer(texts, args.vocab_size)
     save_tokenizer(tokenizer, args.output)
     print(f"wrote {args.output} ({tokenizer.vocab_size} pieces)")
@@ -87,6 +88,8 @@ def generate(args) -> None:
 
     model, tokenizer = load_for_inference(args.checkpoint, args.device)
     generator = torch.Generator().manual_seed(args.seed)
-    ids = sample(model, tokenizer.encode(args.prompt), args.max_new_tokens, args.temperature,
-                 args.top_k, args.top_p, tokenizer.eos_id, generator)
-    print(args.prompt + tokenizer.decode(ids))
+    prompt = tokenizer.encode(args.prompt)
+    ids = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                 tokenizer.eos_id, generator)
+    # Decoded alone, the continuation would lose a leading space (SentencePiece drops it).
+    print(tokenizer.decode(prompt + ids))

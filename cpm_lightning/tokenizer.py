@@ -87,7 +87,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 2
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_keep_common_chars(sample, vocab_size // 2 - minimum)), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=iter(_keep_common_chars(sample, max(1, (vocab_size - minimum) // 2))),
+            model_writer=model, vocab_size=vocab_size,
             model_type="unigram", byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
             user_defined_symbols=["\n", "\t"], character_coverage=0.9995,

@@ -38,14 +38,22 @@ def fingerprint(name: str, src: SourceConfig, extra: bytes = b"") -> str:
     h = hashlib.sha256(json.dumps([src.format, src.field]).encode() + extra)
     for f in expand(name, src):
         h.update(f.path.encode())
-        h.update(hashlib.sha256(read_bytes(f)).digest())
+        h.update(hashlib.sha256(read_bytes(name, f)).digest())
     return h.hexdigest()[:32]
 
 
 def iter_documents(name: str, src: SourceConfig, stats: ReadStats, progress: bool = True):
     files = expand(name, src)
     for f in tqdm(files, desc=f"reading {name}", unit="file", disable=not progress or len(files) < 2, file=sys.stderr):
-        yield from documents(name, src, f.path, read_bytes(f), stats)
+        yield from documents(name, src, f.path, read_bytes(name, f), stats)
+
+
+def checked_documents(name: str, src: SourceConfig):
+    """The documents of a source, then a UserError naming it if it held none (warnings about
+    skipped lines are left to build_shard, which reads the source again)."""
+    stats = ReadStats()
+    yield from iter_documents(name, src, stats)
+    check_stats(name, src, stats)
 
 
 @dataclass

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ast
 import json
+import lzma
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -35,10 +37,6 @@ class SourceConfig:
     field: str = "text"
     """jsonl: the key that holds the document's text."""
 
-    def __post_init__(self):
-        if not self.weight > 0:
-            raise UserError(f"data.sources weight must be positive, got {self.weight}")
-
 
 @dataclass
 class ReadStats:
@@ -57,22 +55,33 @@ def expand(name: str, src: SourceConfig) -> list[fsspec.core.OpenFile]:
     try:
         files = fsspec.open_files(url, mode="rb", compression="infer")
     except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"data.sources.{name}.url: cannot open {src.url!r}: {e}") from None
-    files = [f for f in files if not f.fs.isdir(f.path)]
+        raise UserError(f"{where(name, 'url')}: cannot open {src.url!r}: {e}") from None
+    files = [f for f in files if f.fs.isfile(f.path)]  # a plain path that does not exist too
     if not files:
-        raise UserError(f"data.sources.{name}.url: {src.url!r} matches no file")
+        raise UserError(f"{where(name, 'url')}: {src.url!r} matches no file")
     return sorted(files, key=lambda f: f.path)
 
 
-def read_bytes(f: fsspec.core.OpenFile) -> bytes:
-    with f as fh:
-        return fh.read()
+def where(name: str, field: str = "") -> str:
+    """The config key of source `name` (and of its `field`), or `name` itself when it is a
+    command-line flag such as --source[0]."""
+    if name.startswith("--"):
+        return name
+    return f"data.sources.{name}" + (f".{field}" if field else "")
+
+
+def read_bytes(name: str, f: fsspec.core.OpenFile) -> bytes:
+    try:
+        with f as fh:
+            return fh.read()
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # e.g. a .gz file that is not gzip
+        raise UserError(f"{where(name)}: cannot read {f.path} ({type(e).__name__}: {e})") from None
 
 
 def documents(name: str, src: SourceConfig, path: str, data: bytes, stats: ReadStats) -> Iterator[str]:
     """Documents in one file's bytes."""
     if b"\0" in data[:8192]:
-        raise UserError(f"data.sources.{name}: {path} is not text (binary data); expected UTF-8 {src.format}")
+        raise UserError(f"{where(name)}: {path} is not text (binary data); expected UTF-8 {src.format}")
     text = data.decode("utf-8", errors="replace")
     stats.replaced_bytes += text.count("\ufffd") - data.count("\ufffd".encode())  # new ones only
     if src.format == "text":
@@ -116,14 +125,14 @@ def check_stats(name: str, src: SourceConfig, stats: ReadStats) -> list[str]:
     """Warnings for counted problems; a UserError when nothing usable was left."""
     if stats.documents == 0:
         if stats.bad_lines:
-            raise UserError(f"data.sources.{name}: all {stats.bad_lines} JSONL lines of {src.url!r} are "
+            raise UserError(f"{where(name)}: all {stats.bad_lines} JSONL lines of {src.url!r} are "
                             f"bad (not JSON, or no string field {src.field!r})")
-        raise UserError(f"data.sources.{name}: {src.url!r} holds no text (empty source)")
+        raise UserError(f"{where(name)}: {src.url!r} holds no text (empty source)")
     warnings = []
     if stats.bad_lines:
-        warnings.append(f"data.sources.{name}: skipped {stats.bad_lines} JSONL lines that are not JSON "
+        warnings.append(f"{where(name)}: skipped {stats.bad_lines} JSONL lines that are not JSON "
                         f"or lack a string field {src.field!r}")
     if stats.replaced_bytes:
-        warnings.append(f"data.sources.{name}: replaced {stats.replaced_bytes} invalid UTF-8 sequences with U+FFFD")
+        warnings.append(f"{where(name)}: replaced {stats.replaced_bytes} invalid UTF-8 sequences with U+FFFD")
     return warnings
 

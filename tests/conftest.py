@@ -1,0 +1,151 @@
+"""Shared fixtures: small real corpora written to tmp, and a tiny run config."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import yaml
+
+# Real text, public domain: the opening of the Analects and of Pride and Prejudice, repeated
+# with variations so a tokenizer and a tiny model have something to learn.
+ZH = ["子曰：「學而時習之，不亦說乎？有朋自遠方來，不亦樂乎？人不知而不慍，不亦君子乎？」",
+      "有子曰：「其為人也孝弟，而好犯上者，鮮矣；不好犯上，而好作亂者，未之有也。」",
+      "曾子曰：「吾日三省吾身：為人謀而不忠乎？與朋友交而不信乎？傳不習乎？」"]
+EN = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+      "must be in want of a wife.",
+      "However little known the feelings or views of such a man may be on his first entering a "
+      "neighbourhood, this truth is so well fixed in the minds of the surrounding families.",
+      "My dear Mr. Bennet, said his lady to him one day, have you heard that Netherfield Park is let at last?"]
+
+
+def english_text(paragraphs: int = 400) -> str:
+    return "\n\n".join(f"{EN[i % 3]} ({i})\n\t{EN[(i * 7) % 3]}" for i in range(paragraphs))
+
+
+@pytest.fixture(autouse=True)
+def _isolate(tmp_path, monkeypatch):
+    """Every test gets its own cache and tracking store, and runs in its tmp dir."""
+    monkeypatch.setenv("CPM_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> dict[str, Path]:
+    return write_corpus(tmp_path)
+
+
+def write_corpus(root: Path) -> dict[str, Path]:
+    """An English text file and a Chinese JSONL file in `root`."""
+    en = root / "en.txt"
+    en.write_text(english_text())
+    zh = root / "zh.jsonl"
+    zh.write_text("\n".join(json.dumps({"text": ZH[i % 3] * (1 + i % 4), "n": i}, ensure_ascii=False)
+                            for i in range(200)))
+    return {"en": en, "zh": zh}
+
+
+def write_config(path: Path, corpus: dict[str, Path], **overrides) -> Path:
+    """A run config for the tiny preset on `corpus`; dotted overrides like `trainer.max_steps=5`."""
+    cfg = yaml.safe_load(textwrap.dedent(f"""
+        model:
+          arch: {{preset: tiny}}
+        data:
+          sources:
+            en: {{url: {corpus['en']}, weight: 0.7}}
+            zh: {{url: {corpus['zh']}, weight: 0.3, format: jsonl}}
+          tokenizer_vocab_size: 400
+          seq_len: 32
+          batch_size: 4
+          val_windows: 4
+        trainer:
+          max_steps: 6
+          default_root_dir: {path.parent / 'run'}
+          log_every_n_steps: 1
+          val_check_interval: 3
+          limit_val_batches: 2
+          enable_progress_bar: false
+          enable_model_summary: false
+        checkpoint:
+          every_n_steps: 3
+        registry:
+          path: null  # tests run in tmp dirs; registry tests point it at their own
+    """))
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, corpus) -> Path:
+    return write_config(tmp_path / "config.yaml", corpus)
+
+
+class RecordBatches(L.Callback):
+    """Records each training step's input ids and loss in RECORDED (referenced by class path
+    from run configs, for exact-resume comparisons)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        RECORDED.append((trainer.global_step, batch["input_ids"].clone(), float(outputs["loss"])))
+
+
+RECORDED: list = []
+
+
+class MlflowServer:
+    """A real `mlflow server` process (sqlite backend, artifacts proxied) on a loopback port.
+    stop() kills it; start() starts it again on the same port and database."""
+
+    def __init__(self, root: Path):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.root, self.uri, self.proc = root, f"http://127.0.0.1:{self.port}", None
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+               "--artifacts-destination", str(self.root / "artifacts")]
+        log = (self.root / "server.log").open("ab")
+        # Its own session, so stop() can end the server with the workers it spawns.
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, cwd=self.root)
+        while True:  # startup takes tens of seconds on a loaded 2-core machine
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One `mlflow server` for the whole test session (starting one takes tens of seconds)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,352 @@
+"""Every input a user can get wrong ends in one line `error: WHAT...` on stderr, exit status 2,
+no traceback, and nothing half-written (issue 2, "Bad input"; DESIGN.md §9).
+
+The CLI runs in-process through `cpm_lightning.cli.main` (one case runs the installed script).
+Training never starts: each error happens before the first step, and most fit cases load a
+tokenizer trained once per session instead of training one. Lines that are not JSON and bytes
+that are not UTF-8 are not errors: they are skipped or replaced, counted and warned about.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ZH, english_text, write_config
+
+from cpm_lightning.cli import main
+from cpm_lightning.errors import UserError
+from cpm_lightning.model.config import PRESETS, ArchConfig
+from cpm_lightning.model.layers import COMPONENTS
+from cpm_lightning.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from datamodules.shards import Shard, build_shard
+from datamodules.sources import SourceConfig
+
+
+@pytest.fixture(scope="session")
+def _mlflow_db(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv_shared_mlflow(monkeypatch, _mlflow_db):
+    # LightningCLI warns when given args while sys.argv holds pytest's own arguments.
+    monkeypatch.setattr(sys, "argv", ["cpm-lightning"])
+    # One tracking store for the module: creating a SQLite store takes seconds, and these tests
+    # do not look at what is logged.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_db)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer") / "tok.model"
+    save_tokenizer(train_tokenizer([english_text(100), *ZH], 300), str(path))
+    return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `cpm-lightning ARGV`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def assert_user_error(code: int, err: str, expected: str) -> None:
+    """Exit 2 and exactly one error line, `error: EXPECTED`; no traceback, no usage block."""
+    assert code == 2, err
+    assert "Traceback" not in err and "usage:" not in err, err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert errors == [f"error: {expected}"], err
+
+
+def assert_no_partial_shards(cache: Path) -> None:
+    """Only complete shards (with meta.json) in the cache; no temporary directories left."""
+    shards = cache / "shards"
+    entries = list(shards.iterdir()) if shards.exists() else []
+    assert all(not e.name.startswith(".") and (e / "meta.json").exists() for e in entries), entries
+
+
+def fit(capsys, tmp_path, corpus, *extra, **overrides) -> tuple[int, str]:
+    """(exit status, stderr) of `fit` on the tiny config with `overrides`; no checkpoint written."""
+    overrides.setdefault("registry.path", None)  # these runs are not about the proposal registry
+    config = write_config(tmp_path / "config.yaml", corpus, **overrides)
+    code, _, err = run_cli(capsys, "fit", "--config", config, *extra)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    return code, err
+
+
+# -- data sources: each case with a given tokenizer (fails while building shards) and without
+# -- one (fails while reading the sources to train the tokenizer) -----------------------------
+
+def _nomatch(tmp_path):
+    url = str(tmp_path / "nothing-*.txt")
+    return "en", {"url": url}, f"data.sources.en.url: {url!r} matches no file"
+
+
+def _missing(tmp_path):
+    url = str(tmp_path / "missing.txt")
+    return "en", {"url": url}, f"data.sources.en.url: {url!r} matches no file"
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    return "en", {"url": str(path)}, f"data.sources.en: {str(path)!r} holds no text (empty source)"
+
+
+def _blank(tmp_path):
+    path = tmp_path / "blank.txt"
+    path.write_text("\n \n\t\n")
+    return "en", {"url": str(path)}, f"data.sources.en: {str(path)!r} holds no text (empty source)"
+
+
+def _binary(tmp_path):
+    path = tmp_path / "weights.txt"
+    path.write_bytes(np.arange(4096, dtype=np.int32).tobytes())
+    return "en", {"url": str(path)}, f"data.sources.en: {path} is not text (binary data); expected UTF-8 text"
+
+
+def _not_gzip(tmp_path):
+    path = tmp_path / "en.txt.gz"
+    path.write_text(english_text(5))
+    return "en", {"url": str(path)}, f"data.sources.en: cannot read {path} (BadGzipFile: Not a gzipped file (b'It'))"
+
+
+def _jsonl_all_bad(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('not json\n{"title": "no text field"}\n["a list"]\n{"text": 3}\n{"text": ""}\n')
+    return "zh", {"url": str(path), "format": "jsonl"}, (
+        f"data.sources.zh: all 5 JSONL lines of {str(path)!r} are bad (not JSON, or no string field 'text')")
+
+
+SOURCE_FAULTS = [_nomatch, _missing, _empty, _blank, _binary, _not_gzip, _jsonl_all_bad]
+
+
+# Each fault once through fit: found while building shards (data.tokenizer given) or while
+# reading the sources to train a tokenizer (none given). `tokenizer train` below meets them all.
+FIT_CASES = [(_nomatch, True), (_empty, True), (_binary, True), (_jsonl_all_bad, True),
+             (_missing, False), (_blank, False), (_not_gzip, False), (_jsonl_all_bad, False)]
+
+
+@pytest.mark.parametrize("fault, given_tokenizer", FIT_CASES,
+                         ids=[f"{f.__name__[1:]}-{'tokenizer' if t else 'no-tokenizer'}" for f, t in FIT_CASES])
+def test_bad_source_in_fit(fault, given_tokenizer, tmp_path, corpus, tokenizer_path, capsys):
+    name, source, expected = fault(tmp_path)
+    overrides = {f"data.sources.{name}": source}
+    if given_tokenizer:
+        overrides["data.tokenizer"] = str(tokenizer_path)
+    code, err = fit(capsys, tmp_path, corpus, **overrides)
+    assert_user_error(code, err, expected)
+    assert_no_partial_shards(tmp_path / "cache")
+    if name == "en":  # the first source: nothing was tokenized before the fault
+        assert not list((tmp_path / "cache").glob("shards/*")) and not list((tmp_path / "cache").glob("shards/.*"))
+    if not given_tokenizer:
+        assert not list((tmp_path / "cache").glob("tokenizers/*")), "a tokenizer was written"
+
+
+def test_bad_jsonl_lines_are_skipped_and_counted(tmp_path, tokenizer_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    good = [json.dumps({"text": t}, ensure_ascii=False) for t in ZH]
+    path.write_text("\n".join([good[0], "{not json", good[1], '{"body": "x"}', good[2], '{"text": null}']) + "\n")
+    tokenizer = Tokenizer.load(str(tokenizer_path))
+    shard_dir = build_shard("zh", SourceConfig(url=str(path), format="jsonl"), tokenizer, tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert (f"warning: data.sources.zh: skipped 3 JSONL lines that are not JSON or lack a string field 'text'"
+            in err.splitlines())
+    meta = json.loads((shard_dir / "meta.json").read_text())
+    assert (meta["documents"], meta["bad_lines"]) == (3, 3)
+    tokens, ends = Shard.open(shard_dir).tokens, np.load(shard_dir / "index.npy")
+    docs = [tokenizer.decode(tokens[start:end - 1].tolist()) for start, end in zip([0, *ends[:-1]], ends)]
+    assert docs == ZH
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer_path, capsys):
+    path = tmp_path / "latin1.txt"
+    text = english_text(20)
+    path.write_bytes(text.encode() + "\nCafé naïve, 學而時習之".encode("latin-1", errors="replace")
+                     + b" \xe5\xad" + "子曰".encode())  # 2 latin-1 bytes, a truncated CJK char
+    tokenizer = Tokenizer.load(str(tokenizer_path))
+    shard_dir = build_shard("en", SourceConfig(url=str(path)), tokenizer, tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert "warning: data.sources.en: replaced 3 invalid UTF-8 sequences with U+FFFD" in err.splitlines(), err
+    assert "Traceback" not in err
+    meta = json.loads((shard_dir / "meta.json").read_text())
+    assert (meta["documents"], meta["replaced_bytes"]) == (1, 3)
+    decoded = tokenizer.decode([int(t) for t in Shard.open(shard_dir).tokens[:-1]])
+    assert decoded.startswith(text) and decoded.endswith("Caf\ufffd na\ufffdve, ????? \ufffd子曰")
+
+
+# -- model and data config keys ---------------------------------------------------------------
+
+def test_unknown_preset(tmp_path, corpus, tokenizer_path, capsys):
+    code, err = fit(capsys, tmp_path, corpus, **{"model.arch.preset": "cpm-ant-20b",
+                                                  "data.tokenizer": str(tokenizer_path)})
+    assert_user_error(code, err, f"unknown model.arch.preset 'cpm-ant-20b'; expected one of: {', '.join(sorted(PRESETS))}")
+
+
+def test_unknown_component(tmp_path, corpus, tokenizer_path, capsys):
+    code, err = fit(capsys, tmp_path, corpus, **{"model.arch.norm": "batchnorm", "data.tokenizer": str(tokenizer_path)})
+    assert_user_error(code, err, "unknown model.arch.norm 'batchnorm'; expected one of: layernorm, rmsnorm")
+
+
+@pytest.mark.parametrize("kind", sorted(COMPONENTS))
+def test_unknown_component_of_each_kind_lists_the_valid_names(kind):
+    with pytest.raises(UserError) as error:
+        ArchConfig(preset="tiny", **{kind: "nope"})
+    assert str(error.value) == f"unknown model.arch.{kind} 'nope'; expected one of: {', '.join(sorted(COMPONENTS[kind]))}"
+
+
+def test_seq_len_above_model_maximum(tmp_path, corpus, tokenizer_path, capsys):
+    max_len = PRESETS["tiny"]["max_len"]
+    code, err = fit(capsys, tmp_path, corpus, **{"data.seq_len": max_len + 1, "data.tokenizer": str(tokenizer_path)})
+    assert_user_error(code, err, f"data.seq_len={max_len + 1} is above the model's maximum length "
+                                 f"model.arch.max_len={max_len}")
+    assert_no_partial_shards(tmp_path / "cache")
+
+
+def test_source_weight_not_positive(tmp_path, corpus, tokenizer_path, capsys):
+    code, err = fit(capsys, tmp_path, corpus, **{"data.sources.zh.weight": 0, "data.tokenizer": str(tokenizer_path)})
+    assert_user_error(code, err, "data.sources.zh.weight must be positive, got 0.0")
+
+
+def test_tokenizer_path_does_not_exist(tmp_path, corpus, capsys):
+    missing = tmp_path / "no" / "tok.model"
+    code, err = fit(capsys, tmp_path, corpus, **{"data.tokenizer": str(missing)})
+    assert_user_error(code, err, f"tokenizer {str(missing)!r} does not exist; train one with "
+                                 "`cpm-lightning tokenizer train` or fix data.tokenizer")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_tokenizer_that_is_not_a_model(tmp_path, corpus, capsys):
+    code, err = fit(capsys, tmp_path, corpus, **{"data.tokenizer": str(corpus["en"])})
+    assert_user_error(code, err, f"{corpus['en']}: not a SentencePiece model")
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+def test_fit_ckpt_path_does_not_exist(tmp_path, corpus, tokenizer_path, capsys):
+    code, err = fit(capsys, tmp_path, corpus, "--ckpt_path", "missing.ckpt", **{"data.tokenizer": str(tokenizer_path)})
+    assert code == 2 and "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if "error" in line.lower()]
+    assert line.startswith("error: ") and "--ckpt_path" in line and "missing.ckpt" in line and "does not exist" in line
+    assert_no_partial_shards(tmp_path / "cache")
+
+
+def test_generate_checkpoint_does_not_exist(capsys):
+    code, _, err = run_cli(capsys, "generate", "missing.ckpt", "--prompt", "子曰")
+    assert_user_error(code, err, "checkpoint 'missing.ckpt' does not exist")
+
+
+def test_generate_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    code, _, err = run_cli(capsys, "generate", "notes.ckpt", "--prompt", "hi")
+    assert_user_error(code, err, "notes.ckpt: not a readable checkpoint (UnpicklingError: invalid load key, 'n'.)")
+
+
+def test_generate_from_a_directory_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "somedir").mkdir()
+    code, _, err = run_cli(capsys, "generate", "somedir", "--prompt", "hi")
+    assert_user_error(code, err, "'somedir' is not a checkpoint file or model directory")
+
+
+# -- the config file itself ---------------------------------------------------------------------
+
+def test_config_file_does_not_exist(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "fit", "--config", "nope.yaml")
+    assert_user_error(code, err, f"Parser key \"config\": File does not exist: '{tmp_path / 'nope.yaml'}'")
+
+
+def test_config_is_not_yaml(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("model:\n  arch: {preset: tiny\ndata:\n  seq_len: 32\n")
+    code, _, err = run_cli(capsys, "fit", "--config", "broken.yaml")
+    assert code == 2 and "Traceback" not in err and "usage:" not in err, err
+    [line] = [line for line in err.splitlines() if "error" in line.lower()]
+    assert line.startswith("error: broken.yaml:3:5: not valid YAML: "), line
+
+
+def test_unknown_config_key(tmp_path, corpus, capsys):
+    config = write_config(tmp_path / "config.yaml", corpus, **{"data.seq_lenght": 64})
+    code, _, err = run_cli(capsys, "fit", "--config", config)
+    assert_user_error(code, err, "Subcommand 'fit' does not accept option 'data.seq_lenght'")
+
+
+def test_config_value_of_the_wrong_type(tmp_path, corpus, capsys):
+    config = write_config(tmp_path / "config.yaml", corpus)
+    code, _, err = run_cli(capsys, "fit", "--config", config, "--data.seq_len", "long")
+    assert_user_error(code, err, "Parser key \"data.seq_len\": Expected a <class 'int'>. Got value: long")
+
+
+# -- the other verbs ----------------------------------------------------------------------------
+
+def test_model_info_unknown_preset(capsys):
+    code, out, err = run_cli(capsys, "model", "info", "--preset", "nope")
+    assert_user_error(code, err, f"unknown model.arch.preset 'nope'; expected one of: {', '.join(sorted(PRESETS))}")
+    assert out == ""
+
+
+def test_model_info_no_devices(capsys):
+    code, _, err = run_cli(capsys, "model", "info", "--preset", "tiny", "--devices", "0")
+    assert_user_error(code, err, "--devices must be at least 1, got 0")
+
+
+@pytest.mark.parametrize("fault", [f for f in SOURCE_FAULTS if f is not _jsonl_all_bad], ids=lambda f: f.__name__[1:])
+def test_tokenizer_train_bad_source(fault, tmp_path, corpus, capsys):
+    _, source, expected = fault(tmp_path)
+    code, _, err = run_cli(capsys, "tokenizer", "train", "--source", corpus["zh"], "--source", source["url"],
+                           "--vocab-size", 300, "--output", tmp_path / "out" / "tok.model")
+    assert_user_error(code, err, expected.replace("data.sources.en.url", "--source[1]")
+                      .replace("data.sources.en", "--source[1]"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_train_all_jsonl_lines_bad(tmp_path, capsys):
+    _, source, expected = _jsonl_all_bad(tmp_path)
+    code, _, err = run_cli(capsys, "tokenizer", "train", "--source", source["url"], "--vocab-size", 300,
+                           "--output", tmp_path / "tok.model")
+    assert_user_error(code, err, expected.replace("data.sources.zh", "--source[0]"))
+    assert not (tmp_path / "tok.model").exists()
+
+
+def test_tokenizer_train_vocab_size_too_small(tmp_path, corpus, capsys):
+    code, _, err = run_cli(capsys, "tokenizer", "train", "--source", corpus["en"], "--vocab-size", 100,
+                           "--output", tmp_path / "tok.model")
+    assert_user_error(code, err, "--vocab-size must be at least 264 (256 byte pieces + specials), got 100")
+    assert list(tmp_path.glob("tok.model*")) == []
+
+
+def test_tokenizer_train_warns_about_skipped_lines_and_bad_bytes(tmp_path, corpus, capsys):
+    jsonl = tmp_path / "some-bad.jsonl"
+    jsonl.write_text(corpus["zh"].read_text() + "\n{oops\n")
+    text = tmp_path / "bytes.txt"
+    text.write_bytes(corpus["en"].read_bytes() + b"\xff\xfe end")
+    main(["tokenizer", "train", "--source", str(jsonl), "--source", str(text), "--vocab-size", "300",
+          "--output", str(tmp_path / "tok.model")])
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        "warning: --source[0]: skipped 1 JSONL lines that are not JSON or lack a string field 'text'",
+        "warning: --source[1]: replaced 2 invalid UTF-8 sequences with U+FFFD",
+    ]
+    vocab_size = Tokenizer.load(str(tmp_path / "tok.model")).vocab_size
+    assert out == f"wrote {tmp_path / 'tok.model'} ({vocab_size} pieces)\n" and vocab_size <= 300
+
+
+
+def test_fit_ckpt_path_last_without_a_checkpoint(tmp_path, corpus, tokenizer_path, capsys):
+    code, err = fit(capsys, tmp_path, corpus, "--ckpt_path", "last", **{"data.tokenizer": str(tokenizer_path)})
+    assert code == 2 and "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if "error" in line.lower()]
+    assert line.startswith("error: --ckpt_path last: ") and str(tmp_path / "run" / "checkpoints") in line, line
+
+
+def test_console_script_reports_a_broken_config_on_one_line(tmp_path):
+    # The installed entry point reads sys.argv itself (main(None)), unlike the tests above.
+    (tmp_path / "broken.yaml").write_text("trainer:\n  max_steps: [1, 2\n")
+    script = Path(sys.executable).parent / "cpm-lightning"
+    done = subprocess.run([str(script), "fit", "--config", "broken.yaml"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: broken.yaml:3:1: not valid YAML: ") and done.stderr.count("\n") == 1, done.stderr
