@@ -23,8 +23,12 @@ demo: $(STAMP)
 	@echo
 	@echo "Live view of the run: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
 
-test: $(STAMP)
+test: $(STAMP) proposals-check
 	$(BIN)/python -m pytest -q
+
+# The CI gate of the community registry: every proposal valid, alone and together.
+proposals-check: $(STAMP)
+	$(BIN)/cpm-lightning proposals check proposals/
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,162 @@
+"""How `fit` (and validate/test) apply the registry to the parsed run config, and what a run
+records in MLflow. cli.py calls `apply_registry` before the classes are built and
+`AppliedRegistry.log` once the MLflow run exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, get_origin
+
+import yaml
+
+from cpm_lightning.errors import UserError
+from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.registry.resolve import Resolution, annotate, load_registry, resolve
+from cpm_lightning.registry.schema import KINDS, Kind
+
+
+@dataclass(kw_only=True)
+class RegistryConfig:
+    """Which community proposals the run applies (DESIGN.md §6): accepted ones, effective at
+    `at_step`, of `kinds`, minus `exclude`. Command-line overrides of their keys still win and
+    are recorded as divergences (MLflow tag cpm.overrides)."""
+
+    path: str | None = "proposals/"
+    """Directory of proposal files (NNNN-slug.yaml); null runs without the registry."""
+    kinds: list[Kind] = field(default_factory=lambda: list(KINDS))
+    """Kinds of accepted proposals applied, e.g. [architecture, training] for a run that cannot
+    reach the data proposals' sources."""
+    exclude: list[int] = field(default_factory=list)
+    """Ids of accepted proposals this run leaves out."""
+    at_step: int = 0
+    """Apply the proposals effective at this optimizer step; a resumed run sets the step it
+    resumes from."""
+
+    def __post_init__(self):
+        if self.at_step < 0:
+            raise UserError(f"registry.at_step must be >= 0, got {self.at_step}")
+
+
+@dataclass
+class AppliedRegistry:
+    """What the registry did to one run's config."""
+
+    resolution: Resolution
+    divergences: dict[str, Any] = field(default_factory=dict)
+    """Key a proposal set -> the command-line value that replaced the proposal's."""
+
+    def comments(self) -> dict[str, str]:
+        """The comment on each proposal-set key of the resolved config."""
+        out = {}
+        for key, p in self.resolution.provenance.items():
+            if key in self.divergences:
+                out[key] = f"command line; diverges from proposal {p.label} ({_flow(self.resolution.values[key])})"
+            else:
+                out[key] = f"from proposal {p.label}"
+        return out
+
+    def overrides_tag(self) -> str:
+        """The `cpm.overrides` tag: key=value (proposal NNNN: its value); ..."""
+        res = self.resolution
+        return "; ".join(f"{k}={_flow(v)} (proposal {res.provenance[k].label}: {_flow(res.values[k])})"
+                         for k, v in sorted(self.divergences.items()))
+
+    def log(self, client, run_id: str) -> None:
+        """Tags cpm.proposals (and cpm.overrides) and the artifact proposals.lock of a run."""
+        client.set_tag(run_id, "cpm.proposals", self.resolution.ids)
+        if self.divergences:
+            client.set_tag(run_id, "cpm.overrides", self.overrides_tag())
+        client.log_text(run_id, self.resolution.lock(), "proposals.lock")
+
+    def annotate(self, config_yaml: str) -> str:
+        return annotate(config_yaml, self.comments())
+
+
+def _flow(value: Any) -> str:
+    """A value as one line of YAML."""
+    value = list(value) if isinstance(value, tuple) else value  # betas: jsonargparse holds tuples
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...")
+
+
+def override_keys(argv: list[str], subcommand: str) -> set[str]:
+    """The model.*/data.* keys that arguments after `subcommand` set, config files aside. A group
+    given a mapping (--model.arch '{dim: 64}') sets the mapping's keys; otherwise the key, and so
+    everything under it."""
+    args = argv[argv.index(subcommand) + 1:] if subcommand in argv else argv
+    keys = set()
+    for i, arg in enumerate(args):
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not name.startswith(("model.", "data.")):
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = None
+        keys |= set(_leaves(name, parsed)) if isinstance(parsed, dict) and parsed else {name}
+    return keys
+
+
+def _leaves(prefix: str, value):
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            yield from _leaves(f"{prefix}.{k}", v)
+    else:
+        yield prefix
+
+
+def _covered(key: str, cli_keys: set[str]) -> bool:
+    return any(key == c or key.startswith(c + ".") for c in cli_keys)
+
+
+def apply_registry(cfg, argv: list[str], subcommand: str, schema: ConfigSchema) -> AppliedRegistry | None:
+    """Set the resolved proposals' values into a parsed LightningCLI namespace `cfg`, except
+    where the command line set the key. Raises UserError, listing every problem, if the registry
+    has any: then nothing is applied and the run does not start."""
+    settings = RegistryConfig(**cfg.registry.as_dict())
+    if settings.path is None:
+        return None
+    reg = load_registry(settings.path, schema)
+    res = resolve(reg, settings.at_step, settings.kinds, settings.exclude)
+    applied = AppliedRegistry(res)
+    cli_keys = override_keys(argv, subcommand)
+    for key, value in res.values.items():
+        hint, _ = schema.lookup(key)
+        value = tuple(value) if get_origin(hint) is tuple else value  # as jsonargparse holds it
+        if not _covered(key, cli_keys):
+            _set(cfg, key.split("."), value)
+        elif (given := _get(cfg, key)) != value:
+            applied.divergences[key] = given
+    _report(applied, settings.path)
+    return applied
+
+
+def _get(node, key: str) -> Any:
+    for part in key.split("."):
+        node = node[part] if node is not None and part in node else None
+    return node
+
+
+def _set(node, parts: list[str], value: Any) -> None:
+    from jsonargparse import Namespace
+
+    head, rest = parts[0], parts[1:]
+    if not rest:
+        node[head] = value
+        return
+    if head not in node or node[head] is None:
+        node[head] = Namespace()  # a new entry of a dict of groups, e.g. a data source
+    _set(node[head], rest, value)
+
+
+def _report(applied: AppliedRegistry, path: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    res = applied.resolution
+    names = ", ".join(f"{p.label} {p.title}" for p in res.applied) or "none"
+    rank_zero_info(f"proposals applied from {path} at step {res.at_step}: {names}")
+    for key, value in applied.divergences.items():
+        p = res.provenance[key]
+        rank_zero_warn(f"the command line sets {key}={_flow(value)}, which proposal {p.label} ({p.path}) "
+                       f"sets to {_flow(res.values[key])}; recorded as a divergence (MLflow tag cpm.overrides)")

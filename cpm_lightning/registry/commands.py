@@ -1,0 +1,160 @@
+"""`cpm-lightning proposals new|check|list|show|resolve`."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import date
+from pathlib import Path
+from typing import get_args, get_type_hints
+
+import yaml
+
+from cpm_lightning.errors import UserError
+from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig
+from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.registry.resolve import TEMPLATE, load_registry, proposal_files, resolve, set_key
+from cpm_lightning.registry.schema import FILE_NAME, KINDS, Status
+from cpm_lightning.registry.typecheck import mismatch
+
+
+def add_commands(sub) -> None:
+    kinds, statuses = list(KINDS), list(get_args(Status))
+    proposals = sub.add_parser("proposals", help="the community proposal registry").add_subparsers(metavar="ACTION")
+    registry = dict(default="proposals", help="the registry directory (default: proposals)")
+
+    new = proposals.add_parser("new", help="write a draft proposal at the next free id and print its path")
+    new.add_argument("--title", required=True, help="one line saying what changes")
+    new.add_argument("--kind", required=True, choices=kinds)
+    new.add_argument("--dir", **registry)
+    new.set_defaults(func=proposals_new)
+
+    check = proposals.add_parser("check", help="validate proposals; exit 2 and list every problem if any")
+    check.add_argument("paths", nargs="*", default=["proposals"], metavar="PATH",
+                       help="registry directories or proposal files (default: proposals)")
+    check.set_defaults(func=proposals_check)
+
+    ls = proposals.add_parser("list", help="one line per proposal")
+    ls.add_argument("--status", choices=statuses)
+    ls.add_argument("--kind", choices=kinds)
+    ls.add_argument("--dir", **registry)
+    ls.set_defaults(func=proposals_list)
+
+    show = proposals.add_parser("show", help="print one proposal")
+    show.add_argument("id", type=int)
+    show.add_argument("--dir", **registry)
+    show.set_defaults(func=proposals_show)
+
+    res = proposals.add_parser("resolve", help="print a run config with the accepted proposals applied")
+    res.add_argument("--config", required=True, help="run config file; its `registry` group picks the proposals")
+    res.add_argument("--at-step", type=int, default=None, help="resolve at this step (default: registry.at_step)")
+    res.set_defaults(func=proposals_resolve)
+
+
+def config_schema() -> ConfigSchema:
+    # cli.py is the one module that wires the trainer to the data package (DESIGN.md §2).
+    from cpm_lightning.cli import run_config_classes
+
+    return ConfigSchema(run_config_classes())
+
+
+def proposals_new(args) -> None:
+    directory = Path(args.dir)
+    template = directory / TEMPLATE
+    if not template.is_file():
+        raise UserError(f"--dir: no {TEMPLATE} in {directory}; expected a registry directory")
+    if "\n" in args.title or not args.title.strip():
+        raise UserError("--title: expected one non-empty line")
+    numbers = [int(m[1]) for p in directory.iterdir() if (m := FILE_NAME.match(p.name))]
+    pid = max(numbers, default=0) + 1
+    slug = "-".join(re.findall(r"[a-z0-9]+", args.title.lower())[:6]) or "proposal"
+    path = directory / f"{pid:04d}-{slug}.yaml"
+    fill = {"id": str(pid), "title": json.dumps(args.title), "kind": args.kind, "status": "draft",
+            "created": date.today().isoformat()}
+    text = template.read_text(encoding="utf-8")
+    for name, value in fill.items():  # the template's own comments stay
+        text, n = re.subn(rf"^{name}:[^\n]*?(\s+#[^\n]*)?$", lambda m: f"{name}: {value}{m[1] or ''}", text,
+                          count=1, flags=re.M)
+        if not n:
+            raise UserError(f"{template}: no `{name}:` line to fill in")
+    path.write_text(text, encoding="utf-8")
+    print(path)
+
+
+def proposals_check(args) -> None:
+    schema = config_schema()
+    problems, count = [], 0
+    for arg in args.paths:
+        path = Path(arg)
+        if path.is_file() and path not in proposal_files(path.parent):
+            problems.append(f"{arg}: file: not a proposal; expected NNNN-slug.yaml (not {TEMPLATE})")
+        elif path.is_file():
+            reg = load_registry(path.parent, schema)
+            problems += [p for p in reg.problems if Path(p.path) == path]
+            count += 1
+        elif path.is_dir():
+            reg = load_registry(path, schema)
+            problems += reg.problems
+            count += len(proposal_files(path))
+        else:
+            problems.append(f"{arg}: path: no such file or directory")
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {count} proposal file(s)", file=sys.stderr)
+        sys.exit(2)
+    print(f"{count} proposal file(s) OK")
+
+
+def _registry(directory: str):
+    reg = load_registry(directory, config_schema())
+    if reg.problems:
+        print(f"warning: {len(reg.problems)} problem(s) in {directory}, left out here; "
+              f"see `cpm-lightning proposals check {directory}`", file=sys.stderr)
+    return reg
+
+
+def proposals_list(args) -> None:
+    reg = _registry(args.dir)
+    for p in sorted(reg.proposals.values(), key=lambda p: p.id):
+        if args.status in (None, p.status) and args.kind in (None, p.kind):
+            print(f"{p.label}  {p.status:<10}  {p.kind:<12}  step {p.effective_from_step:<7}  {p.title}")
+
+
+def proposals_show(args) -> None:
+    p = _registry(args.dir).get(args.id)
+    print(f"# {p.path}  sha256 {p.sha256}")
+    print(p.path.read_text(encoding="utf-8"), end="")
+
+
+def proposals_resolve(args) -> None:
+    path = Path(args.config)
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"--config: cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--config: {path} is not a mapping of config keys")
+    settings = RegistryConfig(**_registry_group(config.get("registry") or {}, path))
+    if settings.path is None:
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return
+    reg = load_registry(settings.path, config_schema())
+    at_step = settings.at_step if args.at_step is None else args.at_step
+    applied = AppliedRegistry(resolve(reg, at_step, settings.kinds, settings.exclude))
+    for key, value in applied.resolution.values.items():
+        set_key(config, key, value)
+    print(f"# {path} with the proposals of {settings.path} effective at step {at_step}: "
+          f"{applied.resolution.ids or 'none'}")
+    print(applied.annotate(yaml.safe_dump(config, sort_keys=False)), end="")
+
+
+def _registry_group(group: dict, path: Path) -> dict:
+    """The run config's `registry` group, type-checked as LightningCLI would."""
+    hints = get_type_hints(RegistryConfig)
+    for key, value in group.items():
+        wrong = f"unknown key; expected: {', '.join(hints)}" if key not in hints else mismatch(value, hints[key])
+        if wrong:
+            raise UserError(f"{path}: registry.{key}: {wrong}")
+    return group

@@ -1,0 +1,240 @@
+"""The registry as a whole: load a directory, check proposals against each other, and resolve
+the accepted ones at a step into run-config values with provenance (DESIGN.md §1, §6)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpm_lightning.errors import UserError
+from cpm_lightning.registry.keys import ConfigSchema, check_changes
+from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME, KINDS, Problem, Proposal, load_proposal
+
+TEMPLATE = "TEMPLATE.yaml"
+
+
+@dataclass
+class Registry:
+    """Every proposal of a directory that passed its own checks, and all problems found."""
+
+    path: Path
+    proposals: dict[int, Proposal] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def get(self, pid: int) -> Proposal:
+        if pid not in self.proposals:
+            raise UserError(f"no proposal {pid} in {self.path}")
+        return self.proposals[pid]
+
+    def raise_problems(self, what: str) -> None:
+        """One UserError listing every problem, one per line."""
+        if self.problems:
+            lines = "\n".join(str(p) for p in self.problems)
+            raise UserError(f"{len(self.problems)} problem(s) in the proposal registry {self.path}; "
+                            f"{what}:\n{lines}")
+
+
+def proposal_files(directory: Path) -> list[Path]:
+    """The proposal files of a registry directory: every .yaml/.yml but the template."""
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and p.suffix in (".yaml", ".yml") and p.name != TEMPLATE)
+
+
+def load_registry(directory: str | Path, schema: ConfigSchema) -> Registry:
+    """Load and check every proposal of `directory`, and the proposals against each other."""
+    reg = Registry(Path(directory))
+    if not reg.path.is_dir():
+        reg.problems.append(Problem(str(reg.path), None, "registry", "no such directory; set registry.path "
+                                    "to the proposal registry, or null to run without one"))
+        return reg
+    files = proposal_files(reg.path)
+    if not files:
+        reg.problems.append(Problem(str(reg.path), None, "registry",
+                                    "no proposals; expected NNNN-slug.yaml files (see TEMPLATE.yaml)"))
+    broken = set()  # numbers of the files with problems: references to them are not reported again
+    for path in files:
+        proposal, problems = load_proposal(path)
+        if proposal is not None and not problems:
+            problems = check_changes(proposal, schema)
+        reg.problems += problems
+        if proposal is None or problems:
+            broken |= {int(m[1])} if (m := FILE_NAME.match(path.name)) else set()
+            continue
+        if (other := reg.proposals.get(proposal.id)) is not None:
+            reg.problems.append(proposal.problem("id", f"{proposal.id} is also the id of {other.path}"))
+            continue
+        reg.proposals[proposal.id] = proposal
+    reg.problems += _cross_checks(reg.proposals, broken)
+    return reg
+
+
+def _cross_checks(proposals: dict[int, Proposal], broken: set[int]) -> list[Problem]:
+    """Problems between the valid proposals; those with files in `broken` are left out."""
+    out = []
+    for p in proposals.values():
+        for name in ("requires", "conflicts", "supersedes"):
+            out += [p.problem(name, f"no proposal {i} in the registry") for i in getattr(p, name)
+                    if i not in proposals and i not in broken]
+    if out:
+        return out
+    for name in ("requires", "supersedes"):
+        out += _cycles(proposals, name)
+    accepted = {i: p for i, p in proposals.items() if p.status == ACCEPTED}
+    for p in proposals.values():
+        if (p.status == "superseded" and not broken
+                and not any(p.id in q.supersedes for q in proposals.values())):
+            out.append(p.problem("status", "superseded, but no proposal lists it in `supersedes`"))
+    for p in accepted.values():
+        for i in p.requires:
+            q = proposals.get(i)
+            if q is not None and q.status != ACCEPTED:
+                out.append(p.problem("requires", f"proposal {i} ({q.path}) is {q.status}, not accepted"))
+        for i in p.conflicts:
+            # A pair that names each other is reported once, at the smaller id.
+            if i in accepted and not (i < p.id and p.id in accepted[i].conflicts):
+                out.append(p.problem("conflicts", f"proposal {i} ({proposals[i].path}) is accepted too"))
+    if not out:
+        out += _collisions(list(accepted.values()), proposals)
+    return out
+
+
+def _cycles(proposals: dict[int, Proposal], name: str) -> list[Problem]:
+    """One problem per cycle of the `name` relation found by a depth-first search (iterative:
+    a registry may hold thousands of proposals)."""
+    out, state = [], {}  # state: 1 on the current path, 2 finished
+    for root in sorted(proposals):
+        if root in state:
+            continue
+        path, todo = [root], [iter(getattr(proposals[root], name))]
+        state[root] = 1
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is not None and nxt not in proposals:  # a broken file's number
+                continue
+            if nxt is None:
+                state[path.pop()] = 2
+                todo.pop()
+            elif state.get(nxt) == 1:
+                cycle = path[path.index(nxt):]
+                chain = " -> ".join(f"{i:04d}" for i in [*cycle, nxt])
+                files = ", ".join(str(proposals[i].path) for i in cycle)
+                out.append(proposals[nxt].problem(name, f"cycle {chain} ({files})"))
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(iter(getattr(proposals[nxt], name)))
+    return out
+
+
+def _supersedes(a: Proposal, b: Proposal, proposals: dict[int, Proposal]) -> bool:
+    """Whether a supersedes b, directly or through a chain of supersedes."""
+    seen, todo = set(), list(a.supersedes)
+    while todo:
+        i = todo.pop()
+        if i == b.id:
+            return True
+        if i not in seen and i in proposals:
+            seen.add(i)
+            todo += proposals[i].supersedes
+    return False
+
+
+def _collisions(accepted: list[Proposal], proposals: dict[int, Proposal]) -> list[Problem]:
+    """Two accepted proposals that set one key, neither superseding the other."""
+    out, setters = [], {}
+    for p in sorted(accepted, key=lambda p: p.id):
+        for key in p.changes:
+            for q in setters.get(key, []):
+                if not (_supersedes(p, q, proposals) or _supersedes(q, p, proposals)):
+                    out.append(p.problem(f"changes.{key}", f"also set by accepted proposal {q.id} ({q.path}:"
+                                                           f"{q.line('changes.' + key)}) and neither supersedes "
+                                                           f"the other; add `supersedes: [{q.id}]` or drop the key"))
+            setters.setdefault(key, []).append(p)
+    return out
+
+
+@dataclass
+class Resolution:
+    """The accepted proposals applied at one step, and the config values they set."""
+
+    at_step: int
+    applied: list[Proposal]
+    """In application order: (effective_from_step, id)."""
+    values: dict[str, Any]
+    """Dotted run-config key -> value, for every key a proposal set."""
+    provenance: dict[str, Proposal]
+    """Dotted key -> the proposal whose value it has."""
+
+    @property
+    def ids(self) -> str:
+        """The `cpm.proposals` tag: applied ids, comma-separated."""
+        return ",".join(p.label for p in self.applied)
+
+    def lock(self) -> str:
+        """`proposals.lock`: id -> file name and sha256 of the bytes applied."""
+        return json.dumps({p.label: {"file": p.path.name, "sha256": p.sha256} for p in self.applied}, indent=2) + "\n"
+
+
+def resolve(reg: Registry, at_step: int = 0, kinds: list[str] | None = None,
+            exclude: list[int] | None = None) -> Resolution:
+    """Accepted proposals with effective_from_step <= at_step, of `kinds`, not in `exclude`,
+    ordered by (effective_from_step, id). A UserError lists every problem."""
+    reg.raise_problems("nothing is applied")
+    kinds = list(kinds) if kinds is not None else KINDS
+    exclude = list(exclude or [])
+    problems = [f"registry.exclude: no proposal {i} in {reg.path}" for i in exclude if i not in reg.proposals]
+    left_out = {}
+    for p in reg.proposals.values():
+        if p.status != ACCEPTED:
+            continue
+        if p.id in exclude:
+            left_out[p.id] = "left out by registry.exclude"
+        elif p.kind not in kinds:
+            left_out[p.id] = f"a {p.kind} proposal, left out by registry.kinds"
+        elif p.effective_from_step > at_step:
+            left_out[p.id] = f"effective from step {p.effective_from_step}, after step {at_step}"
+    applied = sorted((p for p in reg.proposals.values() if p.status == ACCEPTED and p.id not in left_out),
+                     key=lambda p: (p.effective_from_step, p.id))
+    for p in applied:
+        problems += [str(p.problem("requires", f"proposal {i} ({reg.proposals[i].path}) is not applied: "
+                                               f"{left_out[i]}")) for i in p.requires if i in left_out]
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) resolving the proposal registry {reg.path}; nothing is "
+                        "applied:\n" + "\n".join(problems))
+    values, provenance = {}, {}
+    for p in applied:
+        for key, value in p.changes.items():
+            holder = provenance.get(key)
+            if holder is None or _supersedes(p, holder, reg.proposals):
+                values[key], provenance[key] = value, p
+    return Resolution(at_step, applied, values, provenance)
+
+
+def set_key(tree: dict, key: str, value: Any) -> None:
+    """tree[a][b][c] = value for key a.b.c, creating mappings on the way."""
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
+
+
+def annotate(text: str, comments: dict[str, str]) -> str:
+    """YAML text with `  # comment` at the end of the line of each dotted key in `comments`."""
+    node = yaml.compose(text)
+    lines = text.splitlines()
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                if key in comments:
+                    n = k.start_mark.line
+                    lines[n] = f"{lines[n]}  # {comments[key]}"
+                walk(v, key + ".")
+
+    walk(node, "")
+    return "\n".join(lines) + "\n"
