@@ -18,6 +18,7 @@ from torchmetrics.text import Perplexity
 from cpm_lightning.model import ArchConfig, CPMAnt
 from cpm_lightning.model.stats import model_stats
 from cpm_lightning.perf import peak_flops
+from cpm_lightning.sharding import ParallelConfig, apply_parallel, build_sharded
 
 IGNORE = -100  # target id that carries no loss (context tokens of a prefix LM, padding)
 
@@ -85,6 +86,7 @@ class CausalLM(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         schedule: ScheduleConfig = ScheduleConfig(),
         loss: LossConfig = LossConfig(),
+        parallel: ParallelConfig = ParallelConfig(),
     ):
         """
         Args:
@@ -92,12 +94,16 @@ class CausalLM(L.LightningModule):
             optim: Optimizer settings.
             schedule: Learning-rate schedule.
             loss: Loss settings.
+            parallel: Activation checkpointing and compilation per block (how, not what: no
+                proposal sets these).
         """
         super().__init__()
         # Copies: the CLI fills arch.vocab_size in, and defaults are shared instances.
-        self.arch, self.optim, self.schedule, self.loss = map(dataclasses.replace, (arch, optim, schedule, loss))
-        self.save_hyperparameters({"arch": arch.to_dict(), "optim": dataclasses.asdict(optim),
-                                   "schedule": dataclasses.asdict(schedule), "loss": dataclasses.asdict(loss)})
+        self.arch = arch.resolved()
+        self.optim, self.schedule, self.loss, self.parallel = map(dataclasses.replace, (optim, schedule, loss, parallel))
+        self.save_hyperparameters({"arch": self.arch.to_dict(), "optim": dataclasses.asdict(optim),
+                                   "schedule": dataclasses.asdict(schedule), "loss": dataclasses.asdict(loss),
+                                   "parallel": dataclasses.asdict(parallel)})
         self.model: CPMAnt | None = None
         self.tokens_seen = 0
         self._step_time: float | None = None
@@ -109,8 +115,13 @@ class CausalLM(L.LightningModule):
             return
         if self.arch.vocab_size is None:
             raise ValueError("model.arch.vocab_size is unset: the CLI sets it from the tokenizer")
-        self.model = CPMAnt(self.arch)
-        self.model.init_weights()
+        if self.device_mesh is not None:  # ModelParallelStrategy (trainer.strategy: fsdp)
+            self.model = build_sharded(self.arch, self.device_mesh["data_parallel"],
+                                       self.trainer.strategy.root_device, self.parallel)
+        else:
+            self.model = CPMAnt(self.arch)
+            self.model.init_weights()
+            apply_parallel(self.model, self.parallel)
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE)
         self.val_acc = MulticlassAccuracy(self.arch.vocab_size, ignore_index=IGNORE, average="micro")
@@ -130,7 +141,8 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self._loss(self(batch), batch["targets"])
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
+        # The mean over all ranks: the loss of the global batch, whatever the world size.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 

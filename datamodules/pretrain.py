@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from cpm_lightning.errors import UserError
 from cpm_lightning.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
 from datamodules.mixture import Mixture
-from datamodules.shards import Shard, build_shard, default_cache_dir, fingerprint, iter_documents
-from datamodules.sources import ReadStats, SourceConfig
+from datamodules.shards import Shard, build_shard, checked_documents, default_cache_dir, fingerprint
+from datamodules.sources import SourceConfig
 
 
 def window(tokens: np.ndarray, i: int, seq_len: int) -> dict:
@@ -30,8 +30,8 @@ class TrainStream(IterableDataset):
     of its recent batches so the DataModule can save the state of the last *consumed* batch
     (Lightning fetches one batch ahead)."""
 
-    def __init__(self, dm: "PretrainDataModule", rank: int, world: int):
-        self.dm, self.rank, self.world = dm, rank, world
+    def __init__(self, dm: "PretrainDataModule", rank: int, world: int, batch_size: int):
+        self.dm, self.rank, self.world, self.batch_size = dm, rank, world, batch_size
         self.history: dict[int, dict] = {}
 
     def __iter__(self):
@@ -40,7 +40,7 @@ class TrainStream(IterableDataset):
         self.history = {0: mix.state.to_dict()}
         batch = 0
         while True:
-            for _ in range(dm.batch_size):
+            for _ in range(self.batch_size):
                 for r in range(self.world):
                     name, i = mix.next()
                     if r == self.rank:
@@ -85,7 +85,10 @@ class PretrainDataModule(L.LightningDataModule):
                 sources on first use and cached.
             tokenizer_vocab_size: Vocabulary of the tokenizer trained when `tokenizer` is unset.
             seq_len: Tokens per training sample (windows of seq_len + 1 are cut from the stream).
-            batch_size: Samples per device per step (the global batch is this x world size).
+            batch_size: The global batch: samples per optimizer step over all devices. Each
+                device takes batch_size / (devices x nodes x trainer.accumulate_grad_batches)
+                per forward pass, so the optimization, and the samples of each step, do not
+                depend on the world size.
             val_windows: Windows held out at the end of each source for validation (at most a
                 tenth of the source).
             seed: Seed of the per-source window order.
@@ -99,6 +102,9 @@ class PretrainDataModule(L.LightningDataModule):
             if value <= 0:
                 raise UserError(f"data.{key} must be positive, got {value}")
         self.sources = {n: s if isinstance(s, SourceConfig) else SourceConfig(**s) for n, s in sources.items()}
+        for name, src in self.sources.items():  # here, where the source's name is known
+            if not src.weight > 0:
+                raise UserError(f"data.sources.{name}.weight must be positive, got {src.weight}")
         self.tokenizer_url = tokenizer
         self.tokenizer_vocab_size = tokenizer_vocab_size
         self.seq_len, self.batch_size, self.val_windows, self.seed = seq_len, batch_size, val_windows, seed
@@ -126,8 +132,7 @@ class PretrainDataModule(L.LightningDataModule):
         path = self.cache_dir / "tokenizers" / f"{key}.model"
         if not path.exists():
             print(f"training a {self.tokenizer_vocab_size}-piece tokenizer on the sources -> {path}", file=sys.stderr)
-            stats = ReadStats()
-            texts = (d for n, s in sorted(self.sources.items()) for d in iter_documents(n, s, stats))
+            texts = (d for n, s in sorted(self.sources.items()) for d in checked_documents(n, s))
             save_tokenizer(train_tokenizer(texts, self.tokenizer_vocab_size), str(path))
         return Tokenizer.load(str(path))
 
@@ -149,12 +154,23 @@ class PretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         t = self.trainer
-        self._stream = TrainStream(self, t.global_rank, t.world_size)
+        micro_batch = self.micro_batch_size(t.world_size, t.accumulate_grad_batches)
+        self._stream = TrainStream(self, t.global_rank, t.world_size, micro_batch)
         self._start_step = t.global_step
-        return DataLoader(self._stream, batch_size=self.batch_size)
+        return DataLoader(self._stream, batch_size=micro_batch)
 
     def val_dataloader(self):
-        return DataLoader(ValWindows(self), batch_size=self.batch_size)
+        t = self.trainer
+        return DataLoader(ValWindows(self), batch_size=self.micro_batch_size(t.world_size, t.accumulate_grad_batches))
+
+    def micro_batch_size(self, world_size: int, accumulate: int) -> int:
+        """Samples per device per forward pass: data.batch_size split over the devices and the
+        gradient-accumulation steps."""
+        if self.batch_size % (world_size * accumulate):
+            raise UserError(f"data.batch_size={self.batch_size} (the global batch) does not split over "
+                            f"{world_size} device(s) x trainer.accumulate_grad_batches={accumulate}; "
+                            f"use a multiple of {world_size * accumulate}")
+        return self.batch_size // (world_size * accumulate)
 
     def test_dataloader(self):
         return self.val_dataloader()

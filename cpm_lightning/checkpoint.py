@@ -1,0 +1,318 @@
+"""Checkpoints (DESIGN.md §7): when they are written, their layout on disk, which one a run
+resumes, and consolidation of a sharded checkpoint into one safetensors file.
+
+<trainer.default_root_dir>/checkpoints holds
+  step-00000500.ckpt/           sharded (trainer.strategy: fsdp): torch.distributed.checkpoint
+                                shards of model and optimizer, and meta.pt with everything else
+                                (schedule, data position, loops, RNG, the `cpm` section)
+  step-00000500.ckpt            a single file (unsharded strategies)
+  last.ckpt                     a symlink to the checkpoint written last
+  .step-00000600.ckpt.partial   being written; renamed into place once every rank has finished,
+                                so a checkpoint killed mid-write is never resumed
+The directory must be on a POSIX file system that every rank sees (rename is the commit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from cpm_lightning.errors import UserError
+from cpm_lightning.generate import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, model_from_state
+from cpm_lightning.model import ArchConfig, CPMAnt
+
+STEP_NAME = re.compile(r"step-(\d+)\.ckpt")
+LAST = "last.ckpt"
+MODEL_KEY = "state_dict"  # where Lightning puts the LightningModule's weights; CPMAnt's are under "model."
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # Kubernetes/SLURM preemption, Ctrl-C, SLURM --signal
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When checkpoints are written and kept (in <trainer.default_root_dir>/checkpoints), and
+    whether `fit` resumes by itself."""
+
+    every_n_steps: int = 500
+    """Save every this many optimizer steps (CPM-Ant: 500), at the end of training, and at the
+    next step boundary after SIGTERM, SIGINT or SIGUSR1 (then stop and exit cleanly)."""
+    keep_last: int = 3
+    """Keep this many most recently written checkpoints; older ones are deleted."""
+    resume: Literal["never", "auto"] = "never"
+    """auto: without --ckpt_path, resume from the newest checkpoint if there is one (a job that a
+    scheduler requeues after preemption). never: start fresh unless --ckpt_path names one."""
+
+    def __post_init__(self):
+        for key in ("every_n_steps", "keep_last"):
+            if getattr(self, key) < 1:
+                raise UserError(f"checkpoint.{key} must be at least 1, got {getattr(self, key)}")
+
+
+# -- finding checkpoints ----------------------------------------------------------------------
+def complete_checkpoints(dirpath: Path) -> list[Path]:
+    """The finished checkpoints in `dirpath`, oldest written first."""
+    found = [p for p in dirpath.glob("step-*.ckpt") if STEP_NAME.fullmatch(p.name)] if dirpath.is_dir() else []
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def latest(dirpath: Path) -> Path | None:
+    """The checkpoint `last.ckpt` points to; without the link, the newest one written."""
+    link = dirpath / LAST
+    if link.exists():
+        return link.resolve()
+    found = complete_checkpoints(dirpath)
+    return found[-1] if found else None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, dirpath: Path, resume: str) -> Path | None:
+    """The checkpoint `fit` starts from: --ckpt_path (a path, or `last`), else with
+    checkpoint.resume=auto the latest in `dirpath` if any, else none."""
+    if ckpt_path == "last" or (ckpt_path is None and resume == "auto"):
+        found = latest(dirpath)
+        if found is None and ckpt_path == "last":
+            raise UserError(f"--ckpt_path last: no checkpoint to resume in {dirpath}")
+        return found
+    if ckpt_path is not None and not Path(ckpt_path).exists():
+        raise UserError(f"--ckpt_path: checkpoint {ckpt_path!r} does not exist")
+    return Path(ckpt_path) if ckpt_path else None
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / _METADATA_FILENAME).is_file()
+
+
+# -- reading ----------------------------------------------------------------------------------
+def read_meta(path: Path) -> dict:
+    """Everything in a checkpoint but the sharded tensors; its `cpm` section says what it is."""
+    path = Path(path)
+    if path.is_dir() and not is_sharded(path):
+        raise UserError(f"{path}: not a checkpoint (a directory without {_METADATA_FILENAME}: a write that "
+                        "did not finish, or not written by fit)")
+    try:
+        ckpt = torch.load(path / _METADATA_FILENAME if is_sharded(path) else path, map_location="cpu",
+                          mmap=True, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {str(path)!r} does not exist") from None
+    except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "arch" not in ckpt.get("cpm", {}):
+        raise UserError(f"{path}: not a cpm-lightning checkpoint (no 'cpm' section)")
+    return ckpt
+
+
+def _sharded_model_shapes(path: Path) -> dict[str, torch.Size]:
+    prefix = f"{MODEL_KEY}.model."
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k.removeprefix(prefix): m.size for k, m in metadata.items() if k.startswith(prefix)}
+
+
+def load_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the `cpm` section, CPMAnt's full weights) of a sharded or single-file checkpoint, in
+    one process, whatever world size saved it."""
+    path = Path(path)
+    meta = read_meta(path)
+    if not is_sharded(path):
+        return meta["cpm"], {k.removeprefix("model."): v for k, v in meta[MODEL_KEY].items() if k.startswith("model.")}
+    reader = dcp.FileSystemReader(str(path))
+    metadata = reader.read_metadata().state_dict_metadata
+    weights = {name: torch.empty(shape, dtype=metadata[f"{MODEL_KEY}.model.{name}"].properties.dtype)
+               for name, shape in _sharded_model_shapes(path).items()}
+    # DCP fills the tensors in place and reads only the keys asked for (not the optimizer's).
+    with warnings.catch_warnings():  # "...assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load({MODEL_KEY: {f"model.{k}": v for k, v in weights.items()}}, storage_reader=reader, no_dist=True)
+    return meta["cpm"], weights
+
+
+def check_architecture(path: Path, arch: ArchConfig) -> None:
+    """A UserError naming the first parameter whose shape in the checkpoint differs from the
+    model `arch` builds (DCP's own error is a multi-rank traceback)."""
+    path = Path(path)
+    if is_sharded(path):
+        saved = _sharded_model_shapes(path)
+    else:
+        saved = {k.removeprefix("model."): v.shape for k, v in read_meta(path)[MODEL_KEY].items() if k.startswith("model.")}
+    with torch.device("meta"):
+        expected = {name: p.shape for name, p in CPMAnt(arch).named_parameters()}
+    where = f"checkpoint {path} does not fit this run's model.arch"
+    for name, shape in expected.items():
+        if name not in saved:
+            raise UserError(f"{where}: parameter {name} {tuple(shape)} is not in the checkpoint")
+        if tuple(saved[name]) != tuple(shape):
+            raise UserError(f"{where}: parameter {name} has shape {tuple(saved[name])} in the checkpoint "
+                            f"and {tuple(shape)} in the model")
+    extra = sorted(saved.keys() - expected.keys())
+    if extra:
+        raise UserError(f"{where}: parameter {extra[0]} of the checkpoint is not in the model")
+
+
+# -- consolidation ----------------------------------------------------------------------------
+def consolidate(path: Path, out_dir: Path) -> list[Path]:
+    """Write the weights of checkpoint `path` (sharded or not) as one safetensors file, its
+    architecture as config.json and its tokenizer, if it carries one, into `out_dir`."""
+    from safetensors.torch import save_file
+
+    cpm, weights = load_weights(path)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = [out_dir / WEIGHTS_FILE, out_dir / CONFIG_FILE]
+        save_file({k: v.contiguous() for k, v in weights.items()}, written[0], metadata={"format": "pt"})
+        written[1].write_text(json.dumps(cpm["arch"], indent=2) + "\n")
+        if "tokenizer" in cpm:
+            written.append(out_dir / TOKENIZER_FILE)
+            written[-1].write_bytes(cpm["tokenizer"])
+    except OSError as e:
+        raise UserError(f"cannot write the model directory {out_dir}: {e.strerror or e}") from None
+    return written
+
+
+# -- writing ----------------------------------------------------------------------------------
+class Checkpoints(Checkpoint):
+    """Writes checkpoints atomically every `every_n_steps` optimizer steps, at the end of
+    training, and after a preemption signal (then stops training); keeps the newest `keep_last`.
+    Also saves and restores each rank's RNG states."""
+
+    def __init__(self, dirpath: Path, config: CheckpointConfig):
+        self.dirpath, self.config = Path(dirpath), config
+        self._signal: int | None = None
+        self._previous_handlers: dict = {}
+        self._seen_step = self._saved_step = -1
+
+    def setup(self, trainer, pl_module, stage):
+        if stage != "fit":
+            return
+        try:  # every rank: on a cluster, each node may see the directory differently
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            probe = self.dirpath / f".write-probe-{trainer.global_rank}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"checkpoint directory {self.dirpath} is not writable: {e.strerror or e}") from None
+        if trainer.is_global_zero:
+            for stale in self.dirpath.glob(".*.partial"):  # left by a run killed while saving
+                _remove(stale)
+
+    def on_train_start(self, trainer, pl_module):
+        self._seen_step = self._saved_step = trainer.global_step
+        self._signal = None
+        # Installed after Lightning's own SIGTERM handler (which would stop without a checkpoint).
+        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self._signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once, without a checkpoint
+        self._signal = signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self._seen_step:  # inside gradient accumulation
+            return
+        self._seen_step = step
+        # One rank signalled is enough (a local launch signals only rank 0's process).
+        stop = trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False)
+        if stop or step % self.config.every_n_steps == 0 or step == trainer.max_steps:
+            path = self.save(trainer)
+            if stop:
+                name = signal.Signals(self._signal).name if self._signal else "a signal on another rank"
+                rank_zero_info(f"{name}: saved {path} at step {step} and stopped; resume with "
+                               "`fit --ckpt_path last` or checkpoint.resume: auto")
+                trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step != self._saved_step:  # stopped by max_time, early stopping, ...
+            self.save(trainer)
+
+    def teardown(self, trainer, pl_module, stage):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def save(self, trainer) -> Path:
+        """Write the checkpoint of the current step under a temporary name, then rename it."""
+        final = self.dirpath / f"step-{trainer.global_step:08d}.ckpt"
+        partial = self.dirpath / f".{final.name}.partial"
+        if trainer.is_global_zero:
+            _remove(partial)
+        trainer.strategy.barrier("cpm-checkpoint-start")
+        trainer.save_checkpoint(partial)  # returns on every rank after all have written
+        if trainer.is_global_zero:
+            _remove(final)  # the same step saved again after resuming from an earlier checkpoint
+            os.replace(partial, final)
+            link, last = self.dirpath / f".{LAST}.new", self.dirpath / LAST
+            link.unlink(missing_ok=True)
+            link.symlink_to(final.name)
+            if not last.is_symlink():  # a copy that followed the link (cp -L, object-store sync)
+                _remove(last)
+            os.replace(link, last)
+            for old in complete_checkpoints(self.dirpath)[:-self.config.keep_last]:
+                if old != final:
+                    _remove(old)
+        trainer.strategy.barrier("cpm-checkpoint-end")
+        self._saved_step = trainer.global_step
+        return final
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        states = [_rng_state()]
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, _rng_state())
+        checkpoint.setdefault("cpm", {})["rng"] = states
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        states = checkpoint.get("cpm", {}).get("rng", [])
+        # On a larger world size the new ranks keep their seeded state.
+        if trainer.global_rank < len(states):
+            _set_rng_state(states[trainer.global_rank])
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _rng_state() -> dict:
+    """This process's RNG states in types that torch.load(weights_only=True) reads back (Lightning
+    resumes that way), hence numpy's key array as a list."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, keys.tolist(), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_for_inference(path: str, device: str = "cpu"):
+    """Model and tokenizer from a sharded checkpoint directory (see generate.INFERENCE_LOADERS)."""
+    from cpm_lightning.tokenizer import Tokenizer
+
+    cpm, weights = load_weights(Path(path))
+    if "tokenizer" not in cpm:
+        raise UserError(f"{path}: the checkpoint carries no tokenizer")
+    return model_from_state(cpm["arch"], weights, device), Tokenizer(cpm["tokenizer"], path)

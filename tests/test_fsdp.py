@@ -1,0 +1,240 @@
+"""FSDP2 sharded training and exact, reshardable resume (issue 4), on CPU with 2 gloo processes.
+
+Every run is a real `cpm-lightning fit` subprocess (Lightning launches the second rank). Runs are
+slow to start, so a few of them serve several tests:
+  straight2   2 ranks, 2N steps, checkpoints at N and 2N, keeps 1  (a) (b) (c) (f)
+  straight1   1 process, no sharding, 2N steps                     (a)
+  sigterm     2 ranks, SIGTERM to rank 0 after step N              (b) (d)
+  killed      2 ranks, resumes by itself (checkpoint.resume=auto) from the SIGTERM checkpoint,
+              SIGKILLed while writing the checkpoint of step 2N    (b) (e)
+  resumed1    1 process, --ckpt_path last: the step-N checkpoint   (b) (e)
+The probes are in fsdp_probe.py. benchmarks/gpu_check.sh runs the resume test on GPU through
+the CPM_FSDP_TEST_* variables below (bf16 compute: losses agree to a looser tolerance there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import write_config, write_corpus
+
+from cpm_lightning.checkpoint import CheckpointConfig, Checkpoints, read_meta, resolve_ckpt_path
+from cpm_lightning.cli import main
+from cpm_lightning.errors import UserError
+from cpm_lightning.generate import load_for_inference
+from fsdp_probe import PROBE_INPUT
+
+N = 3  # steps before the resume point; runs take 2N
+REPO = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 300  # a hung collective fails the test instead of hanging it
+ACCELERATOR = os.environ.get("CPM_FSDP_TEST_ACCELERATOR", "cpu")
+WORLD = int(os.environ.get("CPM_FSDP_TEST_DEVICES", "2"))  # ranks of the sharded runs
+LOSS_ATOL = float(os.environ.get("CPM_FSDP_TEST_LOSS_ATOL", "1e-5"))
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    # LightningCLI warns when given args while sys.argv holds pytest's own arguments.
+    monkeypatch.setattr(sys, "argv", ["cpm-lightning"])
+
+
+class Runs:
+    """Writes the run configs and runs `fit` in subprocesses, all under one directory."""
+
+    def __init__(self, root: Path, corpus: dict[str, Path]):
+        self.root, self.corpus = root, corpus
+
+    def config(self, name: str, devices: int, strategy: str = "fsdp", **overrides) -> Path:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        return write_config(self.root / f"{name}.yaml", self.corpus, **{
+            "trainer.default_root_dir": str(self.root / name), "trainer.max_steps": 2 * N,
+            "trainer.accelerator": ACCELERATOR, "trainer.devices": devices, "trainer.strategy": strategy,
+            "trainer.logger": False, "checkpoint.every_n_steps": N, "data.cache_dir": str(self.root / "cache"),
+            "registry.path": None, **({"trainer.deterministic": "warn"} if ACCELERATOR == "gpu" else {}),
+            **overrides})
+
+    def fit(self, name: str, devices: int, *args: str, callbacks=(), expect_rc: int | None = 0, **overrides):
+        """Run `fit`; `callbacks`: (class name in fsdp_probe, init args) pairs. Returns the
+        process and the steps the Record probe saw."""
+        out = self.root / name
+        probes = [("Record", {"out": str(out)}), *callbacks]
+        cfg = self.config(name, devices, **overrides, **{"trainer.callbacks": [
+            {"class_path": f"fsdp_probe.{cls}", "init_args": init} for cls, init in probes]})
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "cpm_lightning.cli", "fit", "--config", str(cfg), *args],
+                                cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            try:  # the rank Lightning launched is in this session; leave nothing behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if expect_rc is not None:
+            assert proc.returncode == expect_rc, output[-3000:]
+        steps_file = out / "steps.jsonl"
+        steps = [json.loads(line) for line in steps_file.read_text().splitlines()] if steps_file.exists() else []
+        return output, steps
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    root = tmp_path_factory.mktemp("fsdp")
+    return Runs(root, write_corpus(root))
+
+
+@pytest.fixture(scope="module")
+def straight2(runs):
+    return runs.fit("straight2", WORLD, **{"checkpoint.keep_last": 1})[1]
+
+
+@pytest.fixture(scope="module")
+def straight1(runs):
+    return runs.fit("straight1", 1, strategy="auto")[1]
+
+
+@pytest.fixture(scope="module")
+def preempted(runs):
+    """The SIGTERM run, then the run that resumes from it by itself and is SIGKILLed while
+    saving, then a 1-process `--ckpt_path last`."""
+    sigterm_out, sigterm = runs.fit("sigterm", WORLD, callbacks=[("SignalAt", {"step": N})],
+                                    **{"checkpoint.every_n_steps": 100})
+    shutil.copytree(runs.root / "sigterm" / "checkpoints", runs.root / "killed" / "checkpoints", symlinks=True)
+    killed_out, killed = runs.fit("killed", WORLD, callbacks=[("KillWhileSaving", {"step": 2 * N})], expect_rc=None,
+                                  **{"checkpoint.resume": "auto"})
+    shutil.copytree(runs.root / "killed" / "checkpoints", runs.root / "resumed1" / "checkpoints", symlinks=True)
+    _, resumed1 = runs.fit("resumed1", 1, "--ckpt_path", "last", **{"model.parallel.activation_checkpointing": True})
+    return {"sigterm": sigterm, "sigterm_out": sigterm_out, "killed": killed, "killed_out": killed_out,
+            "resumed1": resumed1}
+
+
+def assert_same_steps(got: list[dict], want: list[dict]):
+    assert [s["step"] for s in got] == [s["step"] for s in want]
+    for g, w in zip(got, want):
+        assert g["samples"] == w["samples"], f"step {g['step']}: different samples"
+        assert g["loss"] == pytest.approx(w["loss"], abs=LOSS_ATOL), f"step {g['step']}"
+
+
+def test_a_sharded_training_matches_one_process(straight2, straight1):
+    assert [s["step"] for s in straight2] == list(range(1, 2 * N + 1))
+    assert_same_steps(straight2, straight1)
+    assert len(straight2[0]["samples"]) == 4  # data.batch_size is the global batch
+
+
+def test_b_d_e_resume_on_two_and_one_processes_after_sigterm_and_sigkill(runs, straight2, preempted):
+    # (d) SIGTERM: a checkpoint of the step it arrived at, a clean exit, nothing else saved.
+    assert "SIGTERM: saved" in preempted["sigterm_out"]
+    assert [s["step"] for s in preempted["sigterm"]] == list(range(1, N + 1))
+    assert sorted(p.name for p in (runs.root / "sigterm" / "checkpoints").iterdir()) == [
+        "last.ckpt", f"step-{N:08d}.ckpt"]
+    # (b) on 2 processes: resumed by checkpoint.resume=auto, on the same samples and losses.
+    assert_same_steps(preempted["sigterm"] + preempted["killed"], straight2)
+    # (e) killed while writing step 2N: the partial write is there, under a name never resumed.
+    killed_dir = runs.root / "killed" / "checkpoints"
+    assert (killed_dir / f".step-{2 * N:08d}.ckpt.partial").is_dir()
+    assert not (killed_dir / f"step-{2 * N:08d}.ckpt").exists()
+    assert (killed_dir / "last.ckpt").resolve().name == f"step-{N:08d}.ckpt"
+    # (b) on 1 process, with activation checkpointing: `last` is step N, not the partial one.
+    assert_same_steps(preempted["sigterm"] + preempted["resumed1"], straight2)
+    resumed_dir = runs.root / "resumed1" / "checkpoints"
+    assert sorted(p.name for p in resumed_dir.iterdir()) == ["last.ckpt", f"step-{N:08d}.ckpt", f"step-{2 * N:08d}.ckpt"]
+    cpm = read_meta(resumed_dir / "last.ckpt")["cpm"]
+    assert cpm["tokens_seen"] == 2 * N * 4 * 32  # steps x global batch x seq_len, across the resume
+    assert {"arch", "tokenizer", "rng"} <= cpm.keys()
+
+
+def test_only_the_last_k_checkpoints_are_kept(runs, straight2):
+    found = sorted(p.name for p in (runs.root / "straight2" / "checkpoints").iterdir())
+    assert found == ["last.ckpt", f"step-{2 * N:08d}.ckpt"]
+
+
+def test_resume_resolution(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    assert resolve_ckpt_path(None, ckpts, "auto") is None  # auto with nothing to resume: a fresh start
+    assert resolve_ckpt_path(None, ckpts, "never") is None
+    with pytest.raises(UserError, match="--ckpt_path last: no checkpoint to resume in"):
+        resolve_ckpt_path("last", ckpts, "never")
+    ckpts.mkdir()
+    for step in (5, 10):
+        (ckpts / f"step-{step:08d}.ckpt").mkdir()
+        os.utime(ckpts / f"step-{step:08d}.ckpt", ns=(step, step))
+    (ckpts / ".step-00000015.ckpt.partial").mkdir()
+    assert resolve_ckpt_path("last", ckpts, "never") == ckpts / "step-00000010.ckpt"  # no link: newest
+    (ckpts / "last.ckpt").symlink_to("step-00000005.ckpt")  # written last, after resuming from step 5
+    assert resolve_ckpt_path(None, ckpts, "auto") == (ckpts / "step-00000005.ckpt").resolve()
+    with pytest.raises(UserError, match="checkpoint 'nope' does not exist"):
+        resolve_ckpt_path("nope", ckpts, "auto")
+
+
+def test_preemption_signals_are_caught_during_training_only():
+    callback, before = Checkpoints(Path("unused"), CheckpointConfig()), signal.getsignal(signal.SIGUSR1)
+    callback.on_train_start(SimpleNamespace(global_step=0), None)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert callback._signal == signal.SIGUSR1  # saved and stopped at the next step boundary
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for the checkpoint
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        callback.teardown(None, None, "fit")
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_c_each_rank_holds_half_the_parameter_and_optimizer_bytes(runs, straight2):
+    measured = json.loads((runs.root / "straight2" / "bytes.json").read_text())
+    full = measured["full_params"]
+    assert len(measured["per_rank"]) == WORLD
+    for params, optim in measured["per_rank"]:
+        assert params == pytest.approx(full / WORLD, rel=0.1)
+        assert optim == pytest.approx(2 * full / WORLD, rel=0.1)  # AdamW: two moments per parameter
+
+
+def test_f_consolidated_checkpoint_gives_the_same_logits(runs, straight2, tmp_path, capsys):
+    ckpt = runs.root / "straight2" / "checkpoints" / "last.ckpt"
+    main(["checkpoint", "consolidate", str(ckpt), str(tmp_path / "model")])
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    model, _ = load_for_inference(str(tmp_path / "model"))
+    with torch.no_grad():
+        logits = model(PROBE_INPUT)
+    assert torch.allclose(logits, torch.load(runs.root / "straight2" / "logits.pt"), rtol=0, atol=1e-5)
+    capsys.readouterr()
+    main(["generate", str(tmp_path / "model"), "--prompt", "It is a truth", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out.startswith("It is a truth")
+
+
+def user_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) >= 1 and err[-1].startswith("error: "), err
+    return err[-1]
+
+
+def test_checkpoint_of_another_architecture(runs, straight2, capsys):
+    ckpt = runs.root / "straight2" / "checkpoints" / "last.ckpt"
+    cfg = runs.config("other_arch", 2, **{"model.arch.ff_dim": 96})
+    line = user_error(capsys, ["fit", "--config", str(cfg), "--ckpt_path", str(ckpt)])
+    assert "does not fit" in line and "blocks.0.ffn.w_0.weight" in line and "(128, 64)" in line and "(96, 64)" in line
+
+
+def test_unwritable_checkpoint_directory(runs, straight2, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    cfg = runs.config("unwritable", 1, strategy="auto", **{"trainer.default_root_dir": str(tmp_path / "a_file")})
+    line = user_error(capsys, ["fit", "--config", str(cfg)])
+    assert "checkpoint directory" in line and "not writable" in line
+
+
+def test_global_batch_the_world_size_does_not_divide(runs, straight2, capsys):
+    cfg = runs.config("odd_batch", 2, **{"data.batch_size": 3})
+    line = user_error(capsys, ["fit", "--config", str(cfg)])
+    assert line == ("error: data.batch_size=3 (the global batch) does not split over 2 device(s) x "
+                    "trainer.accumulate_grad_batches=1; use a multiple of 2")
