@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonargparse
+
 from cpm_lightning.errors import UserError
 
 LIGHTNING_VERBS = ("fit", "validate", "test")
@@ -20,7 +22,12 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 # Modules that add verbs to `cpm-lightning`: each has `add_commands(subparsers)`, and each
 # command it adds sets `func` (called with the parsed args).
-COMMAND_MODULES = ["cpm_lightning.commands"]
+COMMAND_MODULES = [
+    "cpm_lightning.commands",
+    "cpm_lightning.tracking.commands",
+    "cpm_lightning.checkpoint_commands",
+    "cpm_lightning.registry.commands",
+]
 
 
 @dataclass(kw_only=True)
@@ -33,6 +40,9 @@ class TrackingConfig:
     """MLflow experiment; unset: $MLFLOW_EXPERIMENT_NAME, else cpm-lightning."""
     run_name: str | None = None
     """MLflow run name; unset: MLflow picks one."""
+    flush_timeout: float = 600.0
+    """Seconds the end of training waits for an unreachable tracking server before it writes the
+    unsent metrics to <trainer.default_root_dir>/mlflow-unsent-RUN.jsonl (sent on resume)."""
 
     @property
     def resolved_uri(self) -> str:
@@ -43,23 +53,27 @@ class TrackingConfig:
         return self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "cpm-lightning"
 
 
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    """When and how many checkpoints are kept (in <trainer.default_root_dir>/checkpoints)."""
+def run_config_classes() -> dict[str, type]:
+    """The classes whose typed __init__ signatures are the run config's `model` and `data`
+    groups (what proposals are checked against), without the rest of the Lightning CLI."""
+    from cpm_lightning.module import CausalLM
+    from datamodules.pretrain import PretrainDataModule
 
-    every_n_steps: int = 500
-    """Save a checkpoint every this many optimizer steps (CPM-Ant: 500), and at the end."""
-    keep_last: int = 3
-    """Keep this many step checkpoints besides `last`."""
+    return {"model": CausalLM, "data": PretrainDataModule}
 
 
 def _lightning_cli_class():
     # Imported here so that `cpm-lightning model info` and friends start without Lightning.
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
     from cpm_lightning.callbacks import CarryTokenizer
+    from cpm_lightning.checkpoint import (CheckpointConfig, Checkpoints, check_architecture, read_meta,
+                                         resolve_ckpt_path)
     from cpm_lightning.module import CausalLM
+    from cpm_lightning.registry.apply import RegistryConfig, apply_registry
+    from cpm_lightning.registry.keys import ConfigSchema
+    from cpm_lightning.sharding import FSDP2Strategy
+    from cpm_lightning.tracking.logger import TrackRun, check_reachable
     from datamodules.pretrain import PretrainDataModule
 
     class CPMCLI(LightningCLI):
@@ -70,7 +84,26 @@ def _lightning_cli_class():
         def add_arguments_to_parser(self, parser):
             parser.add_class_arguments(TrackingConfig, "tracking")
             parser.add_class_arguments(CheckpointConfig, "checkpoint")
+            parser.add_class_arguments(RegistryConfig, "registry")
             parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
+
+        def parse_arguments(self, parser, args):
+            super().parse_arguments(parser, args)
+            # Kept to tell command-line overrides of a proposal's key from config-file values.
+            self.argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list) else []
+
+        def before_instantiate_classes(self):
+            # Accepted proposals go in above the config files and below the command line; a
+            # resumed run applies those in effect at the step it resumes from.
+            cfg = self.config[self.subcommand]
+            if cfg.registry.at_step is None:
+                found = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints",
+                                          cfg.checkpoint.resume if self.subcommand == "fit" else "never")
+                cfg.registry.at_step = read_meta(found).get("global_step", 0) if found else 0
+            schema = ConfigSchema(run_config_classes())
+            self.proposals = apply_registry(cfg, self.argv, self.subcommand, schema)
+            if cfg.trainer.logger in (None, True):  # fail before any work (tokenizer, shards)
+                check_reachable(TrackingConfig(uri=cfg.tracking.uri).resolved_uri)
 
         def instantiate_classes(self):
             super().instantiate_classes()
@@ -81,51 +114,83 @@ def _lightning_cli_class():
 
         def instantiate_trainer(self, **kwargs):
             cfg = self.config_init[self.subcommand]
-            root = Path(cfg.trainer.default_root_dir or os.getcwd())
-            checkpoint = cfg.checkpoint
-            callbacks = [
-                ModelCheckpoint(dirpath=root / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
-                                every_n_train_steps=checkpoint.every_n_steps, save_top_k=checkpoint.keep_last,
-                                monitor="step", mode="max", save_last=True),
-                CarryTokenizer(),
-            ]
+            root = _root(cfg)
+            # `last` and (fit only) checkpoint.resume=auto become a path here.
+            resume = cfg.checkpoint.resume if self.subcommand == "fit" else "never"
+            found = resolve_ckpt_path(cfg.get("ckpt_path"), root / "checkpoints", resume)
+            cfg["ckpt_path"] = found and str(found)
+            if cfg.trainer.strategy == "fsdp":  # FSDP2; Lightning's "fsdp" is FSDP1 (sharding.py)
+                kwargs["strategy"] = FSDP2Strategy()
+            callbacks = [Checkpoints(root / "checkpoints", cfg.checkpoint), CarryTokenizer()]
             if cfg.trainer.logger in (None, True):
-                kwargs["logger"] = _mlflow_logger(cfg.tracking)
-            return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+                resume_from = cfg.get("ckpt_path") if self.subcommand == "fit" else None
+                kwargs["logger"] = _mlflow_logger(cfg.tracking, root, resume_from)
+                callbacks.append(TrackRun(kwargs["logger"]))
+            configured = cfg.trainer.callbacks or []  # instantiated already: keep them
+            configured = configured if isinstance(configured, list) else [configured]
+            return super().instantiate_trainer(callbacks=[*configured, *callbacks], **kwargs)
 
         def before_fit(self):
-            self._check_ckpt_path()
+            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")  # resolved in instantiate_trainer
+            if ckpt_path:
+                check_architecture(Path(ckpt_path), self.model.arch)
+            # Here, before Lightning launches the other ranks: one error line, not one per rank.
+            t = self.trainer
+            self.datamodule.micro_batch_size(t.num_devices * t.num_nodes, t.accumulate_grad_batches)
             self._log_config()
-
-        def _check_ckpt_path(self):
-            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-            if ckpt_path == "last":
-                dirpath = Path(self.trainer.checkpoint_callback.dirpath)
-                if not any(dirpath.glob("last*")):
-                    raise UserError(f"--ckpt_path last: no checkpoint to resume in {dirpath}")
-            elif ckpt_path and not Path(ckpt_path).exists():
-                raise UserError(f"--ckpt_path: checkpoint {ckpt_path!r} does not exist")
 
         def _log_config(self):
             logger = self.trainer.logger
             if self.trainer.is_global_zero and hasattr(logger, "run_id"):
                 text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+                if self.proposals is not None:  # provenance: tags, proposals.lock, commented keys
+                    self.proposals.log(logger.experiment, logger.run_id)
+                    text = self.proposals.annotate(text)
                 logger.experiment.log_text(logger.run_id, text, "config.yaml")
 
     return CPMCLI, CausalLM, PretrainDataModule
 
 
-def _mlflow_logger(tracking: TrackingConfig):
-    from lightning.pytorch.loggers import MLFlowLogger
+def _root(cfg) -> Path:
+    """trainer.default_root_dir: where checkpoints (and an MLflow fallback) go."""
+    return Path(cfg.trainer.default_root_dir or os.getcwd())
 
-    return MLFlowLogger(experiment_name=tracking.resolved_experiment, tracking_uri=tracking.resolved_uri,
-                        run_name=tracking.run_name, synchronous=False)
+
+def _mlflow_logger(tracking: TrackingConfig, root: Path, ckpt_path: str | None):
+    """The run's MLflow logger; resuming from a checkpoint continues the MLflow run it names."""
+    from cpm_lightning.tracking.logger import CPMLogger, run_id_from_checkpoint
+
+    return CPMLogger(tracking_uri=tracking.resolved_uri, experiment_name=tracking.resolved_experiment,
+                     run_name=tracking.run_name, run_id=run_id_from_checkpoint(ckpt_path, root / "checkpoints"),
+                     fallback_dir=root, flush_timeout=tracking.flush_timeout)
 
 
 def run_lightning(argv: list[str] | None) -> None:
     """argv None: LightningCLI reads sys.argv itself (it warns when given both)."""
+    _check_config_yaml(sys.argv[1:] if argv is None else argv)
     CPMCLI, CausalLM, PretrainDataModule = _lightning_cli_class()
-    CPMCLI(CausalLM, PretrainDataModule, args=argv, save_config_callback=None, seed_everything_default=0)
+    # `--help` and `--print_config` show each config dataclass field's docstring.
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # exit_on_error=False: jsonargparse raises ArgumentError instead of printing its usage block,
+    # and main() prints the message as one line.
+    CPMCLI(CausalLM, PretrainDataModule, args=argv, save_config_callback=None, seed_everything_default=0,
+           parser_kwargs={"exit_on_error": False})
+
+
+def _check_config_yaml(argv: list[str]) -> None:
+    """A --config file that is not valid YAML, as file:line:column (jsonargparse names neither)."""
+    import yaml
+
+    paths = [b for a, b in zip(argv, argv[1:]) if a in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError):
+            pass  # not a readable file (or an inline YAML string): jsonargparse reports it
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            raise UserError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {e.problem}") from None
 
 
 def tools_parser() -> argparse.ArgumentParser:
@@ -158,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
             args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except argparse.ArgumentError as e:  # from jsonargparse (see run_lightning); its messages may span lines
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -78,6 +79,42 @@ def load_lightning_checkpoint(path: str, device: str = "cpu") -> tuple[CPMAnt, T
     return model_from_state(cpm["arch"], weights, device), Tokenizer(cpm["tokenizer"], path)
 
 
+# A model directory, as `cpm-lightning checkpoint consolidate` writes it.
+WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
+
+
+def load_model_dir(path: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
+    """Model and tokenizer from a model directory: safetensors weights, config.json (the arch),
+    tokenizer.model."""
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    missing = [f for f in (CONFIG_FILE, TOKENIZER_FILE) if not (root / f).is_file()]
+    if missing:
+        raise UserError(f"{path}: the model directory has no {missing[0]}")
+    arch = json.loads((root / CONFIG_FILE).read_text())
+    tokenizer = Tokenizer((root / TOKENIZER_FILE).read_bytes(), str(root / TOKENIZER_FILE))
+    return model_from_state(arch, load_file(root / WEIGHTS_FILE), device), tokenizer
+
+
+def _load_sharded_checkpoint(path: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
+    from cpm_lightning.checkpoint import load_for_inference  # imports Lightning: only when needed
+
+    return load_for_inference(path, device)
+
+
+def _load_registered(uri: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
+    from cpm_lightning.tracking.models import load_registered  # imports MLflow: only when needed
+
+    return load_registered(uri, device)
+
+
+def _load_release(path: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
+    from cpm_lightning.tracking.modeldir import load_release
+
+    return load_release(path, device)
+
+
 def load_for_inference(source: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
     """Model and tokenizer from any place a trained model can be: see INFERENCE_LOADERS."""
     for accepts, loader in INFERENCE_LOADERS:
@@ -89,5 +126,9 @@ def load_for_inference(source: str, device: str = "cpu") -> tuple[CPMAnt, Tokeni
 # (predicate, loader) pairs, first match wins; sharded checkpoints, model directories and
 # models:/ URIs register themselves here.
 INFERENCE_LOADERS = [
+    (lambda s: s.startswith("models:/"), _load_registered),
+    (lambda s: (Path(s) / "MODEL_CARD.md").is_file(), _load_release),  # verified against its sha256 lines
     (lambda s: Path(s).is_file() or not Path(s).exists(), load_lightning_checkpoint),
+    (lambda s: (Path(s) / WEIGHTS_FILE).is_file(), load_model_dir),
+    (lambda s: (Path(s) / "meta.pt").is_file(), _load_sharded_checkpoint),  # Lightning's name for it
 ]

@@ -97,3 +97,26 @@ def test_fit_refuses_a_negative_registry_step(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(config), "--registry.at_step=-1"])
     assert e.value.code == 2 and capsys.readouterr().err == "error: registry.at_step must be >= 0, got -1\n"
+
+
+def test_a_resumed_run_applies_the_proposals_in_effect_at_its_step(tmp_path):
+    """A proposal effective from step 2 is not in the first 2 steps; the run resumed at step 2
+    applies it (registry.at_step unset: the checkpoint's step)."""
+    from mlflow import MlflowClient
+
+    registry = tmp_path / "proposals"
+    registry.mkdir()
+    z_loss = (SEED / "0007-z-loss.yaml").read_text()
+    assert "effective_from_step: 0\n" in z_loss
+    (registry / "0007-z-loss.yaml").write_text(z_loss.replace("effective_from_step: 0\n", "effective_from_step: 2\n"))
+    config = run_config(tmp_path, {"path": str(registry)})
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    main(["fit", "--config", str(config)])
+    (run,) = client.search_runs([client.get_experiment_by_name("registry").experiment_id])
+    assert run.data.tags.get("cpm.proposals", "") == ""
+    main(["fit", "--config", str(config), "--ckpt_path=last", "--trainer.max_steps=4"])
+    (run,) = client.search_runs([client.get_experiment_by_name("registry").experiment_id])
+    assert run.data.tags["cpm.proposals"] == "0007"
+    text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "z_loss: 0.0001  # from proposal 0007" in [line.strip() for line in text.splitlines()]

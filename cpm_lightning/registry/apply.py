@@ -28,12 +28,12 @@ class RegistryConfig:
     reach the data proposals' sources."""
     exclude: list[int] = field(default_factory=list)
     """Ids of accepted proposals this run leaves out."""
-    at_step: int = 0
-    """Apply the proposals effective at this optimizer step; a resumed run sets the step it
-    resumes from."""
+    at_step: int | None = None
+    """Apply the proposals effective at this optimizer step; unset: the step a resumed run
+    continues from, 0 for a new run."""
 
     def __post_init__(self):
-        if self.at_step < 0:
+        if self.at_step is not None and self.at_step < 0:
             raise UserError(f"registry.at_step must be >= 0, got {self.at_step}")
 
 
@@ -118,7 +118,7 @@ def apply_registry(cfg, argv: list[str], subcommand: str, schema: ConfigSchema) 
     if settings.path is None:
         return None
     reg = load_registry(settings.path, schema)
-    res = resolve(reg, settings.at_step, settings.kinds, settings.exclude)
+    res = resolve(reg, settings.at_step or 0, settings.kinds, settings.exclude)
     applied = AppliedRegistry(res)
     cli_keys = override_keys(argv, subcommand)
     for key, value in res.values.items():

@@ -141,7 +141,7 @@ def proposals_resolve(args) -> None:
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return
     reg = load_registry(settings.path, config_schema())
-    at_step = settings.at_step if args.at_step is None else args.at_step
+    at_step = (settings.at_step or 0) if args.at_step is None else args.at_step
     applied = AppliedRegistry(resolve(reg, at_step, settings.kinds, settings.exclude))
     for key, value in applied.resolution.values.items():
         set_key(config, key, value)

@@ -1,0 +1,105 @@
+"""MLflow verbs: `report daily`, `release`, `promote`, `pull`, `models list`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from cpm_lightning.errors import UserError
+
+URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+
+
+def add_commands(sub) -> None:
+    report = sub.add_parser("report", help="training logs").add_subparsers(metavar="KIND")
+    daily = report.add_parser("daily", help="the training log of one UTC day: markdown + plot")
+    daily.add_argument("--date", help="YYYY-MM-DD, UTC (default: today)")
+    daily.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else cpm-lightning)")
+    daily.add_argument("--out", required=True, type=Path, help="directory for DATE.md and DATE.png")
+    daily.add_argument("--proposals", default="proposals", type=Path, help="the registry directory (default: proposals)")
+    daily.set_defaults(func=report_daily)
+
+    rel = sub.add_parser("release", help="release a checkpoint to the MLflow Model Registry")
+    rel.add_argument("checkpoint", help="a checkpoint written by fit")
+    rel.add_argument("--name", required=True, help="registered model name")
+    rel.add_argument("--alias", default="candidate", help="alias to point at the new version (default: candidate)")
+    rel.add_argument("--out", type=Path, help="also keep the model directory here")
+    rel.add_argument("--proposals", default="proposals", type=Path, help="the registry directory (default: proposals)")
+    rel.set_defaults(func=release)
+
+    pro = sub.add_parser("promote", help="point an alias at a registered version")
+    pro.add_argument("name", help="registered model name")
+    pro.add_argument("version", help="version number")
+    pro.add_argument("--alias", required=True, help="e.g. stable")
+    pro.set_defaults(func=promote)
+
+    pull = sub.add_parser("pull", help="download a released model directory and verify its hashes")
+    pull.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    pull.add_argument("--dst", required=True, type=Path, help="directory to write (new or empty)")
+    pull.set_defaults(func=pull_model)
+
+    models = sub.add_parser("models", help="the Model Registry").add_subparsers(metavar="ACTION")
+    ls = models.add_parser("list", help="versions, aliases, steps and proposals")
+    ls.add_argument("name", nargs="?", help="one registered model (default: all)")
+    ls.set_defaults(func=models_list)
+
+    for parser in (daily, rel, pro, pull, ls):
+        parser.add_argument("--tracking-uri", help=URI_HELP)
+
+
+def _use_tracking_uri(args) -> str:
+    import mlflow
+
+    from cpm_lightning.cli import TrackingConfig
+    from cpm_lightning.tracking.logger import check_reachable
+
+    uri = TrackingConfig(uri=args.tracking_uri).resolved_uri
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def report_daily(args) -> None:
+    from cpm_lightning.cli import TrackingConfig
+    from cpm_lightning.tracking.report import daily_report
+
+    try:
+        date = dt.date.fromisoformat(args.date) if args.date else dt.datetime.now(dt.timezone.utc).date()
+    except ValueError:
+        raise UserError(f"--date {args.date!r}: expected YYYY-MM-DD") from None
+    _use_tracking_uri(args)
+    print(daily_report(date, TrackingConfig(experiment=args.experiment).resolved_experiment, args.out, args.proposals))
+
+
+def release(args) -> None:
+    from cpm_lightning.tracking.models import release as do_release
+
+    _use_tracking_uri(args)
+    version = do_release(args.checkpoint, args.name, args.alias, args.out, args.proposals)
+    print(f"registered models:/{args.name}/{version}; models:/{args.name}@{args.alias} points at it")
+
+
+def promote(args) -> None:
+    from cpm_lightning.tracking.models import promote as do_promote
+
+    _use_tracking_uri(args)
+    do_promote(args.name, args.version, args.alias)
+    print(f"models:/{args.name}@{args.alias} -> version {args.version}")
+
+
+def pull_model(args) -> None:
+    from cpm_lightning.tracking.models import pull
+
+    _use_tracking_uri(args)
+    print(f"wrote {pull(args.uri, args.dst)} (sha256 verified)")
+
+
+def models_list(args) -> None:
+    from cpm_lightning.tracking.models import list_models
+
+    _use_tracking_uri(args)
+    rows = list_models(args.name)
+    cols = ("name", "version", "aliases", "step", "tokens", "val_loss", "proposals")
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
+    for row in [dict(zip(cols, cols))] + rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())

@@ -1,0 +1,291 @@
+"""The MLflow logger of `fit`: asynchronous, rank 0 only, resumable, and tolerant of a tracking
+server that goes away in the middle of a run (DESIGN.md §8).
+
+Lightning's MLFlowLogger sends each step's metrics from the training loop (MLflow's own async
+queue gives up on a failed batch); here a background thread sends them, keeps what fails queued
+and retries, and what is still unsent when the process ends goes to a local file that the next
+start of the same run sends first.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from cpm_lightning.errors import UserError
+
+START_STEP = "cpm/start_step"
+"""Metric logged at every start of `fit`: its value is the optimizer step training starts from
+(0 for a new run), so restarts can be counted and replayed steps recognized."""
+RUN_ID_KEY = "mlflow_run_id"  # in checkpoint["cpm"]
+PARAM_CHARS = 500  # the longest param value every MLflow server since 1.28 accepts
+# MLflow's per-request limits of log_batch.
+BATCH_ITEMS, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_reachable(uri: str) -> None:
+    """A UserError unless the tracking store at `uri` can be used; quick, no retries."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        except requests.RequestException as e:
+            raise UserError(f"tracking server {uri} is unreachable ({type(e).__name__}); start it or point "
+                            "tracking.uri / $MLFLOW_TRACKING_URI at a running one") from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri.removeprefix("sqlite:///")).parent
+        if not parent.is_dir():
+            raise UserError(f"tracking.uri {uri}: directory {parent} does not exist")
+
+
+def run_id_from_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+    """The MLflow run id saved in the checkpoint `fit --ckpt_path` names (`last`: the latest in
+    `checkpoint_dir`), if any. A missing or unreadable checkpoint is reported by `fit` itself."""
+    from cpm_lightning.checkpoint import latest, read_meta
+
+    path = latest(checkpoint_dir) if ckpt_path == "last" else ckpt_path and Path(ckpt_path)
+    if path is None or not path.exists():
+        return None
+    try:
+        return read_meta(path)["cpm"].get(RUN_ID_KEY)
+    except UserError:
+        return None
+
+
+def _is_rejected(e: Exception) -> bool:
+    """True when the store refused the data itself (4xx): retrying cannot help."""
+    return isinstance(e, MlflowException) and 400 <= e.get_http_status_code() < 500
+
+
+class Sender:
+    """Sends metrics, params and tags of one run from a background thread, in order. While the
+    store fails, everything stays queued and is retried every `retry_s` seconds."""
+
+    def __init__(self, client, run_id: str, fallback: Path, retry_s: float = 2.0):
+        self._client, self._run_id, self._fallback, self._retry_s = client, run_id, fallback, retry_s
+        self._pending: list[Metric | Param | RunTag] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._failing = False
+        if fallback.exists():
+            self._pending.extend(_read_fallback(fallback))
+            print(f"sending {len(self._pending)} metrics left unsent by the last start from {fallback}",
+                  file=sys.stderr)
+            fallback.unlink()
+        threading.Thread(target=self._loop, name="cpm-mlflow-sender", daemon=True).start()
+
+    def put(self, items: list[Metric | Param | RunTag]) -> None:
+        with self._cond:
+            self._pending.extend(items)
+            self._cond.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for everything to be sent; write what is not to the fallback
+        file. True when all was sent."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending and time.monotonic() < deadline:
+                self._cond.wait(min(1.0, max(deadline - time.monotonic(), 0.01)))
+            self._closed = True
+            left, self._pending = self._pending, []
+            self._cond.notify_all()
+        if left:
+            self._fallback.parent.mkdir(parents=True, exist_ok=True)
+            with self._fallback.open("a") as f:
+                f.writelines(json.dumps(_to_json(item)) + "\n" for item in left)
+            warn(f"the tracking store stayed unreachable: {len(left)} metrics/params/tags written to "
+                 f"{self._fallback}; the next `fit --ckpt_path` of this run sends them")
+        return not left
+
+    def _take(self) -> list:
+        """The longest prefix of the queue that fits in one log_batch request."""
+        counts = {Metric: 0, Param: 0, RunTag: 0}
+        limits = {Metric: BATCH_ITEMS, Param: BATCH_PARAMS, RunTag: BATCH_TAGS}
+        n = 0
+        for item in self._pending[:BATCH_ITEMS]:
+            counts[type(item)] += 1
+            if counts[type(item)] > limits[type(item)]:
+                break
+            n += 1
+        return self._pending[:n]
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch = self._take()
+            try:
+                self._client.log_batch(self._run_id, metrics=[m for m in batch if isinstance(m, Metric)],
+                                       params=[p for p in batch if isinstance(p, Param)],
+                                       tags=[t for t in batch if isinstance(t, RunTag)])
+            except Exception as e:
+                if not _is_rejected(e):
+                    if not self._failing:
+                        warn(f"tracking store unreachable ({str(e).splitlines()[0][:200]}); training goes on, "
+                             "metrics are kept and sent when it is back")
+                    self._failing = True
+                    time.sleep(self._retry_s)
+                    continue
+                warn(f"the tracking store refused {len(batch)} metrics/params/tags: {str(e).splitlines()[0][:200]}")
+            with self._cond:
+                if self._pending[:len(batch)] == batch:  # close() may have taken them meanwhile
+                    del self._pending[:len(batch)]
+                self._cond.notify_all()
+            if self._failing:
+                print("the tracking store is back; queued metrics sent", file=sys.stderr, flush=True)
+                self._failing = False
+
+
+def _to_json(item: Metric | Param | RunTag) -> dict:
+    if isinstance(item, Metric):
+        return {"metric": item.key, "value": item.value, "timestamp": item.timestamp, "step": item.step}
+    return {"param" if isinstance(item, Param) else "tag": item.key, "value": item.value}
+
+
+def _read_fallback(path: Path) -> list[Metric | Param | RunTag]:
+    items = []
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        if "metric" in d:
+            items.append(Metric(d["metric"], d["value"], d["timestamp"], d["step"]))
+        else:
+            items.append((Param if "param" in d else RunTag)(d.get("param", d.get("tag")), d["value"]))
+    return items
+
+
+class CPMLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger with sending moved off the training loop (see the module
+    docstring), MLflow system metrics, and continuation of an existing run (`run_id`)."""
+
+    def __init__(self, *, tracking_uri: str, experiment_name: str, run_name: str | None, run_id: str | None,
+                 fallback_dir: Path, flush_timeout: float):
+        super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
+                         run_id=run_id, synchronous=True)
+        self._fallback_dir, self._flush_timeout = fallback_dir, flush_timeout
+        self.resumed = run_id is not None
+        self._sender: Sender | None = None
+        self._monitor = None
+        self._finalized = False
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._sender is not None:
+            return self._mlflow_client
+        if self._run_id is not None:
+            try:
+                self._mlflow_client.get_run(self._run_id)
+            except MlflowException:
+                warn(f"the checkpoint's MLflow run {self._run_id} is not in {self._tracking_uri}; "
+                     "logging to a new run")
+                self._run_id, self.resumed = None, False
+        client = super().experiment
+        if self.resumed:
+            client.update_run(self._run_id, status="RUNNING")
+        self._sender = Sender(client, self._run_id, self._fallback_dir / f"mlflow-unsent-{self._run_id}.jsonl")
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self._run_id, resume_logging=self.resumed, tracking_uri=self._tracking_uri)
+        self._monitor.start()
+        return client
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        _ = self.experiment
+        timestamp = int(time.time() * 1000)
+        self._sender.put([Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items()])
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        params = {k: str(v)[:PARAM_CHARS] for k, v in _flatten_dict(_convert_params(params)).items()}
+        # MLflow params cannot change; a resumed run keeps the first values (config.yaml has the new ones).
+        logged = self.experiment.get_run(self.run_id).data.params if self.resumed else {}
+        changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+        if changed:
+            warn(f"MLflow params keep their first value; changed since: {', '.join(changed)}")
+        self._sender.put([Param(k, v) for k, v in params.items() if k not in logged])
+
+    @rank_zero_only
+    def set_tags(self, tags: dict[str, object]) -> None:
+        _ = self.experiment
+        self._sender.put([RunTag(k, str(v)) for k, v in tags.items()])
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if self._sender is None or self._finalized:
+            return
+        self._finalized = True
+        self._monitor.finish()
+        if self._sender.close(self._flush_timeout):
+            try:
+                self._mlflow_client.set_terminated(self._run_id, "FINISHED" if status in ("success", "finished") else "FAILED")
+            except MlflowException as e:
+                warn(f"could not mark MLflow run {self._run_id} as ended: {str(e).splitlines()[0][:200]}")
+
+
+def _git_commit() -> dict[str, str]:
+    """The git commit of the package's checkout, and whether it has uncommitted changes."""
+    here = str(Path(__file__).parent)
+    head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return {}
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return {"mlflow.source.git.commit": head.stdout.strip(), "cpm.git_dirty": str(bool(dirty)).lower()}
+
+
+class TrackRun(L.Callback):
+    """Run tags (git commit, preset, world size, planned tokens, bytes per token), the start
+    marker of every `fit`, and the run id in every checkpoint so a resumed job continues the run."""
+
+    def __init__(self, logger: CPMLogger):
+        self.logger = logger
+        self.run_id: str | None = None
+        self._tagged_batch = False
+
+    def on_train_start(self, trainer, pl_module):
+        self.run_id = trainer.strategy.broadcast(self.logger.run_id if trainer.is_global_zero else None, src=0)
+        arch = getattr(pl_module, "arch", None)
+        self.logger.set_tags({**_git_commit(), "cpm.world_size": trainer.world_size,
+                              **({"cpm.preset": arch.preset} if arch is not None else {})})
+        self.logger.log_metrics({START_STEP: trainer.global_step}, step=trainer.global_step)
+        self._tagged_batch = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._tagged_batch or not trainer.is_global_zero:
+            return
+        self._tagged_batch = True
+        ids = batch["input_ids"]
+        tokens_per_step = ids.numel() * trainer.world_size * trainer.accumulate_grad_batches
+        tags = {"cpm.tokens_per_step": tokens_per_step}
+        if trainer.max_steps > 0:
+            tags["cpm.planned_tokens"] = tokens_per_step * trainer.max_steps
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if tokenizer is not None:  # for "GB of text" in the daily log
+            text = "".join(tokenizer.decode(row) for row in ids.tolist())
+            tags["cpm.bytes_per_token"] = f"{len(text.encode()) / ids.numel():.4f}"
+        self.logger.set_tags(tags)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.run_id is not None:
+            checkpoint.setdefault("cpm", {})[RUN_ID_KEY] = self.run_id

@@ -1,0 +1,44 @@
+"""The MLflow pyfunc model of a release, logged as a *model from code*: MLflow stores this file
+(not a pickled object) and the model directory as its artifact `model_dir`.
+
+    mlflow.pyfunc.load_model("models:/NAME@stable").predict(["Once upon a time"])
+
+returns one continuation per prompt. Params (all optional): max_new_tokens, temperature (0 is
+greedy), top_k, top_p (0 turns each off), seed.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+PARAMS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 0, "top_p": 0.0, "seed": 0}
+
+
+class CPMGenerator(PythonModel):
+    def load_context(self, context):
+        import torch
+
+        from cpm_lightning.tracking.modeldir import load_release
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.tokenizer = load_release(context.artifacts["model_dir"], self.device)
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        from cpm_lightning.generate import sample
+
+        p = {**PARAMS, **(params or {})}
+        # A list of strings arrives as a one-column DataFrame once the signature is enforced.
+        prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
+        out = []
+        for prompt in prompts:
+            generator = torch.Generator().manual_seed(int(p["seed"]))
+            ids = sample(self.model, self.tokenizer.encode(prompt), int(p["max_new_tokens"]), float(p["temperature"]),
+                         int(p["top_k"]) or None, float(p["top_p"]) or None, self.tokenizer.eos_id, generator)
+            out.append(self.tokenizer.decode(ids))
+        return out
+
+
+mlflow.models.set_model(CPMGenerator())

@@ -1,0 +1,192 @@
+"""Releases in the MLflow Model Registry: release, promote, pull, list (DESIGN.md §8)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from cpm_lightning.errors import UserError
+from cpm_lightning.tracking import modeldir
+from cpm_lightning.tracking.modeldir import TrainedModel
+
+RESERVED_ALIASES = ("latest",)  # MLflow resolves models:/NAME@latest itself
+VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+RUN_TAG = "cpm.run_id"  # on a model version: the training run it was released from
+
+
+def applied_proposals(client: MlflowClient, run_id: str | None, registry_dir: Path) -> list[dict]:
+    """The proposals the run's `cpm.proposals` tag names, with title and discussion link when
+    the registry directory has their files."""
+    from cpm_lightning.registry.schema import load_proposal
+
+    tag = client.get_run(run_id).data.tags.get("cpm.proposals", "") if run_id else ""
+    out = []
+    for label in filter(None, (s.strip() for s in tag.split(","))):
+        files = sorted(registry_dir.glob(f"{label}-*.yaml"))
+        proposal = load_proposal(files[0])[0] if files else None
+        out.append({"id": label, "title": proposal.title if proposal else "",
+                    "discussion": (proposal.discussion or "") if proposal else "",
+                    "effective_from_step": proposal.effective_from_step if proposal else None})
+    return out
+
+
+def _val_metrics(client: MlflowClient, run_id: str | None, step: int) -> dict[str, float]:
+    """The latest validation metrics of the run at or before `step`."""
+    out = {}
+    for key in VAL_METRICS if run_id else ():
+        history = [m for m in client.get_metric_history(run_id, key) if m.step <= step]
+        if history:
+            out[key] = max(history, key=lambda m: (m.step, m.timestamp)).value
+    return out
+
+
+def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: list[dict], ckpt: str) -> str:
+    lines = [f"# {name} at step {trained.step}", "",
+             "A CPM-Ant-style base language model trained in public with cpm-lightning: it continues "
+             "text, it is not a chat model.", "",
+             f"- step: {trained.step}", f"- tokens seen: {trained.tokens_seen:,}",
+             f"- preset: {trained.arch.get('preset')}", f"- checkpoint: {Path(ckpt).name}",
+             f"- MLflow training run: {trained.run_id or 'not recorded'}", "", "## Validation", ""]
+    lines += [f"- {k}: {v:.4f}" for k, v in val.items()] or ["No validation metrics were recorded."]
+    lines += ["", "## Applied proposals", ""]
+    lines += [f"- {p['id']} {p['title']} {p['discussion']}".rstrip() for p in proposals] or ["None."]
+    lines += ["", "## Use", "", "```", f"cpm-lightning pull models:/{name}@stable --dst {name}",
+              f"cpm-lightning generate {name} --prompt \"...\"", "```"]
+    return "\n".join(lines)
+
+
+def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Path) -> int:
+    """Checkpoint -> model directory -> pyfunc model from code -> a new registered version with
+    tags and `alias` pointing at it. Returns the version."""
+    _check_alias(alias)
+    trained = modeldir.from_checkpoint(ckpt)
+    client = MlflowClient()
+    run_id = trained.run_id if trained.run_id and _run_exists(client, trained.run_id) else None
+    val = _val_metrics(client, run_id, trained.step)
+    proposals = applied_proposals(client, run_id, registry_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = out or Path(tmp) / "model"
+        modeldir.write_model_dir(directory, trained, _card(name, trained, val, proposals, ckpt))
+        version = _log_and_register(client, name, directory, trained, run_id)
+    tags = {"step": trained.step, "tokens": trained.tokens_seen, "proposals": ",".join(p["id"] for p in proposals) or "none",
+            "val_loss": f"{val['val/loss']:.4f}" if "val/loss" in val else "none", RUN_TAG: run_id or "none"}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    client.set_registered_model_alias(name, alias, str(version))
+    return version
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def _log_and_register(client: MlflowClient, name: str, directory: Path, trained: TrainedModel, run_id: str | None) -> int:
+    """Log the model from code in a release run (beside the training run, which may still be
+    running and must keep its status) and register it under `name`."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from importlib.metadata import version
+
+    from cpm_lightning.tracking.mlflow_model import PARAMS
+
+    experiment_id = client.get_run(run_id).info.experiment_id if run_id else None
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                               params=ParamSchema([ParamSpec(k, {int: "long", float: "double"}[type(v)], v)
+                                                   for k, v in PARAMS.items()]))
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"release {name} step {trained.step}",
+                          tags={RUN_TAG: run_id or "none"}):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"model_dir": str(directory)},
+                                       signature=signature, pip_requirements=[f"cpm-lightning=={version('cpm-lightning')}"],
+                                       registered_model_name=name)
+    return int(info.registered_model_version)
+
+
+def _check_alias(alias: str) -> None:
+    if alias in RESERVED_ALIASES or alias.isdigit() or not alias:
+        raise UserError(f"--alias {alias!r} is reserved by MLflow; expected a name like candidate or stable")
+
+
+def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(name, version) of models:/NAME@ALIAS or models:/NAME/VERSION; unknown names, aliases and
+    versions are UserErrors that list what exists."""
+    spec = uri.removeprefix("models:/")
+    name, sep, ref = spec.partition("@") if "@" in spec else spec.partition("/")
+    if not (uri.startswith("models:/") and name and ref):
+        raise UserError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    model = _registered_model(client, name, uri)
+    versions = sorted((int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+    if sep == "@":
+        if ref not in model.aliases:
+            have = ", ".join(f"{a} -> {v}" for a, v in sorted(model.aliases.items())) or "none"
+            raise UserError(f"{uri}: model {name!r} has no alias {ref!r}; its aliases: {have}")
+        return name, str(model.aliases[ref])
+    if not ref.isdigit() or int(ref) not in versions:
+        raise UserError(f"{uri}: model {name!r} has no version {ref!r}; its versions: "
+                        f"{', '.join(map(str, versions)) or 'none'}")
+    return name, ref
+
+
+def _registered_model(client: MlflowClient, name: str, where: str):
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise UserError(f"{where}: no registered model {name!r}; the registry has: {', '.join(names) or 'none'}") from None
+
+
+def promote(name: str, version: str, alias: str) -> None:
+    _check_alias(alias)
+    client = MlflowClient()
+    name, version = resolve_version(client, f"models:/{name}/{version}")
+    client.set_registered_model_alias(name, alias, version)
+
+
+def pull(uri: str, dst: Path) -> Path:
+    """Download the model directory of a registered version into `dst` and verify its hashes."""
+    client = MlflowClient()
+    name, version = resolve_version(client, uri)
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"--dst {dst}: not empty; expected a new or empty directory")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        cards = sorted((local / "artifacts").rglob(modeldir.CARD))  # MLflow names the dir after the logged one
+        if not cards:
+            raise UserError(f"models:/{name}/{version} is not a cpm-lightning release (no {modeldir.CARD})")
+        shutil.copytree(cards[0].parent, dst, dirs_exist_ok=True)
+    modeldir.verify_model_dir(dst)
+    return dst
+
+
+def load_registered(uri: str, device: str = "cpu"):
+    """Model and tokenizer of models:/NAME@ALIAS or models:/NAME/VERSION (pulled to a temp dir)."""
+    from cpm_lightning.cli import TrackingConfig
+
+    mlflow.set_tracking_uri(TrackingConfig().resolved_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        return modeldir.load_release(str(pull(uri, Path(tmp) / "model")), device)
+
+
+def list_models(name: str | None) -> list[dict]:
+    """Registered versions (of `name`, or of every model), oldest first."""
+    client = MlflowClient()
+    models = [_registered_model(client, name, "models list")] if name else client.search_registered_models()
+    rows = []
+    for model in models:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in model.aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        for v in sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)):
+            rows.append({"name": model.name, "version": int(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
+                         **{k: v.tags.get(k, "") for k in ("step", "tokens", "val_loss", "proposals")}})
+    return rows
