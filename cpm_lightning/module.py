@@ -132,11 +132,13 @@ class CausalLM(L.LightningModule):
     # -- training -----------------------------------------------------------------------------
     def _loss(self, logits, targets):
         logits = logits.float()
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        if self.loss.z_loss:
-            keep = targets != IGNORE
-            loss = loss + self.loss.z_loss * logits.logsumexp(-1)[keep].square().mean()
-        return loss
+        if not self.loss.z_loss:
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        # One pass over the logits for both terms: cross entropy is logsumexp - target logit.
+        keep = targets != IGNORE
+        lse = logits.logsumexp(-1)[keep]
+        target = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)[keep]
+        return (lse - target).mean() + self.loss.z_loss * lse.square().mean()
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(self(batch), batch["targets"])
