@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/cpm-lightning fit --config configs/demo.yaml
-	$(BIN)/cpm-lightning generate runs/demo/checkpoints/last.ckpt --prompt "Return the" --max-new-tokens 60 --top-k 40
+	$(BIN)/cpm-lightning generate runs/demo/checkpoints/last.ckpt --prompt "Create a new" --max-new-tokens 80 --top-k 40
 	@echo
 	@echo "Live view of the run: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
 
