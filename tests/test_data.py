@@ -34,24 +34,25 @@ def test_mixture_visits_every_window_once_per_epoch_in_a_seeded_order():
     assert [Mixture({"a": 1.0}, {"a": 10}, seed=1).next()[1]] == epoch0[:1]
 
 
-def test_mixture_state_restores_the_exact_continuation():
-    sizes = {"a": 9, "b": 4}
-    mix = Mixture({"a": 2.0, "b": 1.0}, sizes)
-    for _ in range(17):
+def state_after(weights: dict, sizes: dict, n: int) -> tuple[Mixture, dict]:
+    mix = Mixture(weights, sizes)
+    for _ in range(n):
         mix.next()
-    state = mix.state.to_dict()
+    return mix, mix.state.to_dict()
+
+
+def test_mixture_state_restores_the_exact_continuation():
+    weights, sizes = {"a": 2.0, "b": 1.0}, {"a": 9, "b": 4}
+    mix, state = state_after(weights, sizes, 17)
     expected = [mix.next() for _ in range(30)]
-    assert [Mixture({"a": 2.0, "b": 1.0}, sizes, state=state).next() for _ in range(1)] == expected[:1]
-    restored = Mixture({"a": 2.0, "b": 1.0}, sizes, state=state)
+    Mixture(weights, sizes, state=state).next()  # a restored mixture must not advance `state`
+    restored = Mixture(weights, sizes, state=state)
     assert [restored.next() for _ in range(30)] == expected
 
 
 def test_changed_weights_continue_from_the_cursors_without_a_burst():
     sizes = {"a": 50, "b": 50}
-    mix = Mixture({"a": 1.0, "b": 1.0}, sizes)
-    for _ in range(20):
-        mix.next()
-    state = mix.state.to_dict()
+    _, state = state_after({"a": 1.0, "b": 1.0}, sizes, 20)
     changed = Mixture({"a": 3.0, "b": 1.0}, sizes, state=state)
     picks = [changed.next()[0] for _ in range(40)]
     assert picks.count("a") == 30  # the new shares from here on, not a catch-up on the past
