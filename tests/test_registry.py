@@ -117,7 +117,7 @@ BAD_FILES = {
     "decided before created": (edit(VALID, "decided: 2026-11-10", "decided: 2026-10-10"), ":8: decided:",
                                "2026-10-10 is before created (2026-11-01)"),
     "accepted undecided": (edit(VALID, "decided: 2026-11-10", "decided: null"), ":4: status:",
-                           "a accepted proposal needs a `decided` date"),
+                           "accepted proposals need a `decided` date"),
     "unknown status": (edit(VALID, "status: accepted", "status: merged"), ":4: status:",
                        "expected one of: draft, discussion, accepted, rejected, withdrawn, superseded, retired, "
                        "got 'merged'"),

@@ -279,11 +279,11 @@ def _check_fields(p: Proposal) -> list[Problem]:
     out += [p.problem(f"authors.{i}", f"expected a GitHub handle like '@handle', got {a!r}")
             for i, a in enumerate(p.authors) if not _HANDLE.match(a)]
     if p.discussion is None and p.status != "draft":
-        out.append(p.problem("status", f"a {p.status} proposal needs a `discussion` URL"))
+        out.append(p.problem("status", f"{p.status} proposals need a `discussion` URL"))
     if p.discussion is not None and not _URL.match(p.discussion):
         out.append(p.problem("discussion", f"expected an https:// URL, got {p.discussion!r}"))
     if p.status in DECIDED and p.decided is None:
-        out.append(p.problem("status", f"a {p.status} proposal needs a `decided` date"))
+        out.append(p.problem("status", f"{p.status} proposals need a `decided` date"))
     if p.status not in DECIDED and p.decided is not None:
         out.append(p.problem("decided", f"set, but status {p.status!r} is not decided "
                                         f"(one of: {', '.join(DECIDED)})"))
