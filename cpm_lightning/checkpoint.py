@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -103,9 +104,11 @@ def read_meta(path: Path) -> dict:
     if path.is_dir() and not is_sharded(path):
         raise UserError(f"{path}: not a checkpoint (a directory without {_METADATA_FILENAME}: a write that "
                         "did not finish, or not written by fit)")
+    file = path / _METADATA_FILENAME if is_sharded(path) else path
+    if file.is_file() and not zipfile.is_zipfile(file):  # torch's own error here is about mmap
+        raise UserError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
     try:
-        ckpt = torch.load(path / _METADATA_FILENAME if is_sharded(path) else path, map_location="cpu",
-                          mmap=True, weights_only=True)
+        ckpt = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {str(path)!r} does not exist") from None
     except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
@@ -309,7 +312,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def load_for_inference(path: str, device: str = "cpu"):
-    """Model and tokenizer from a sharded checkpoint directory (see generate.INFERENCE_LOADERS)."""
+    """Model and tokenizer from a checkpoint written by fit, sharded or one file (see
+    generate.INFERENCE_LOADERS)."""
     from cpm_lightning.tokenizer import Tokenizer
 
     cpm, weights = load_weights(Path(path))

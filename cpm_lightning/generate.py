@@ -62,23 +62,6 @@ def model_from_state(arch: dict, state_dict: dict[str, torch.Tensor], device: st
     return model.to(device).eval()
 
 
-def load_lightning_checkpoint(path: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
-    """Model and tokenizer from a single-file Lightning checkpoint written by `fit`."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path!r} does not exist") from None
-    except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    cpm = ckpt.get("cpm", {}) if isinstance(ckpt, dict) else {}
-    if "arch" not in cpm:
-        raise UserError(f"{path}: not a cpm-lightning checkpoint (no 'cpm' section)")
-    if "tokenizer" not in cpm:
-        raise UserError(f"{path}: the checkpoint carries no tokenizer")
-    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    return model_from_state(cpm["arch"], weights, device), Tokenizer(cpm["tokenizer"], path)
-
-
 # A model directory, as `cpm-lightning checkpoint consolidate` writes it.
 WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
 
@@ -97,7 +80,7 @@ def load_model_dir(path: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
     return model_from_state(arch, load_file(root / WEIGHTS_FILE), device), tokenizer
 
 
-def _load_sharded_checkpoint(path: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
+def _load_checkpoint(path: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
     from cpm_lightning.checkpoint import load_for_inference  # imports Lightning: only when needed
 
     return load_for_inference(path, device)
@@ -128,7 +111,8 @@ def load_for_inference(source: str, device: str = "cpu") -> tuple[CPMAnt, Tokeni
 INFERENCE_LOADERS = [
     (lambda s: s.startswith("models:/"), _load_registered),
     (lambda s: (Path(s) / "MODEL_CARD.md").is_file(), _load_release),  # verified against its sha256 lines
-    (lambda s: Path(s).is_file() or not Path(s).exists(), load_lightning_checkpoint),
     (lambda s: (Path(s) / WEIGHTS_FILE).is_file(), load_model_dir),
-    (lambda s: (Path(s) / "meta.pt").is_file(), _load_sharded_checkpoint),  # Lightning's name for it
+    # A checkpoint file, a sharded checkpoint directory (meta.pt is Lightning's name), or a path
+    # that does not exist (the checkpoint loader says so).
+    (lambda s: Path(s).is_file() or not Path(s).exists() or (Path(s) / "meta.pt").is_file(), _load_checkpoint),
 ]
