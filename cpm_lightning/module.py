@@ -130,15 +130,18 @@ class CausalLM(L.LightningModule):
         return self.model(batch["input_ids"], batch.get("segment_ids"), batch.get("context"), batch.get("task"))
 
     # -- training -----------------------------------------------------------------------------
-    def _loss(self, logits, targets):
+    def _loss(self, logits, targets, z_loss: float | None = None):
+        """Mean next-token cross entropy on target tokens, plus the z-loss (training only:
+        evaluation passes z_loss=0 so that val/loss is the log of val/ppl)."""
+        z_loss = self.loss.z_loss if z_loss is None else z_loss
         logits = logits.float()
-        if not self.loss.z_loss:
+        if not z_loss:
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         # One pass over the logits for both terms: cross entropy is logsumexp - target logit.
         keep = targets != IGNORE
         lse = logits.logsumexp(-1)[keep]
         target = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)[keep]
-        return (lse - target).mean() + self.loss.z_loss * lse.square().mean()
+        return (lse - target).mean() + z_loss * lse.square().mean()
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(self(batch), batch["targets"])
@@ -199,7 +202,7 @@ class CausalLM(L.LightningModule):
 
     def _evaluate(self, batch, stage):
         logits, targets = self(batch), batch["targets"]
-        self.val_loss.update(self._loss(logits, targets), weight=(targets != IGNORE).sum())
+        self.val_loss.update(self._loss(logits, targets, z_loss=0.0), weight=(targets != IGNORE).sum())
         self.val_ppl.update(logits.float(), targets)
         self.val_acc.update(logits.argmax(-1).flatten(), targets.flatten())
         self.log(f"{stage}/loss", self.val_loss, prog_bar=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import lightning as L
 import pytest
@@ -103,3 +104,14 @@ def test_resume_continues_with_the_next_batch_and_the_same_loss(tmp_path, corpus
     for (_, a, loss_a), (_, b, loss_b) in zip(straight, first + second):
         assert torch.equal(a, b)
         assert loss_a == pytest.approx(loss_b, abs=1e-6)
+
+
+def test_validation_loss_is_the_log_of_perplexity_even_with_z_loss(corpus):
+    """z-loss shapes training only: val/loss stays the cross entropy, exp(val/loss) = val/ppl."""
+    from cpm_lightning.module import LossConfig
+
+    dm = tiny_data(corpus)
+    module = CausalLM(ArchConfig(preset="tiny", vocab_size=dm.vocab_size), loss=LossConfig(z_loss=1.0))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+    metrics = trainer.validate(module, dm, verbose=False)[0]
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
