@@ -112,6 +112,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.weights = {n: s.weight for n, s in self.sources.items()}
         self.start_state: dict | None = None
         self._tokenizer: Tokenizer | None = None
+        self._shard_dirs: dict[str, Path] = {}
         self._stream: TrainStream | None = None
 
     # -- tokenizer ----------------------------------------------------------------------------
@@ -137,14 +138,21 @@ class PretrainDataModule(L.LightningDataModule):
         return Tokenizer.load(str(path))
 
     # -- data ---------------------------------------------------------------------------------
+    def _shard_dir(self, name: str) -> Path:
+        """The source's shard, built if needed. Remembered: finding it hashes every file of the
+        source, and prepare_data and setup both ask (in one process, unless distributed)."""
+        if name not in self._shard_dirs:
+            self._shard_dirs[name] = build_shard(name, self.sources[name], self.tokenizer, self.cache_dir)
+        return self._shard_dirs[name]
+
     def prepare_data(self):
-        for name, src in self.sources.items():
-            build_shard(name, src, self.tokenizer, self.cache_dir)
+        for name in self.sources:
+            self._shard_dir(name)
 
     def setup(self, stage: str | None = None):
         self.shards, self.train_windows, self.val_windows_of = {}, {}, {}
-        for name, src in self.sources.items():
-            shard = Shard.open(build_shard(name, src, self.tokenizer, self.cache_dir))
+        for name in self.sources:
+            shard = Shard.open(self._shard_dir(name))
             n = (len(shard.tokens) - 1) // self.seq_len
             held_out = min(self.val_windows, max(1, n // 10))
             if n - held_out < 1:

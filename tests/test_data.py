@@ -98,6 +98,17 @@ def test_shards_are_tokenized_once_and_redone_when_the_text_changes(tmp_path, co
     assert not list((tmp_path / "cache" / "shards").glob(".*"))  # no temporary directory left
 
 
+def test_prepare_and_setup_read_each_source_once_for_its_fingerprint(corpus, monkeypatch):
+    dm = PretrainDataModule({"en": SourceConfig(url=str(corpus["en"]))}, tokenizer=None, tokenizer_vocab_size=300)
+    dm.tokenizer  # trained first: its own fingerprint is not the shard's
+    hashed = []
+    real = shards.fingerprint
+    monkeypatch.setattr(shards, "fingerprint", lambda *a, **k: hashed.append(a[0]) or real(*a, **k))
+    dm.prepare_data()
+    dm.setup()
+    assert hashed == ["en"]
+
+
 def test_windows_are_packed_with_targets_shifted_by_one(corpus):
     dm = PretrainDataModule({"en": SourceConfig(url=str(corpus["en"]))}, tokenizer_vocab_size=300, seq_len=16)
     dm.prepare_data()
