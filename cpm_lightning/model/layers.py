@@ -16,13 +16,13 @@ from torch import nn
 
 class Linear(nn.Module):
     """Bias-free linear layer with CPM-Ant's scaled init: weights N(0, 1), output scaled by
-    1/sqrt(d_in) in the forward pass. Scaling the weight (not the activations) costs
+    gain/sqrt(d_in) in the forward pass. Scaling the weight (not the activations) costs
     O(params) per step instead of O(tokens x width)."""
 
-    def __init__(self, d_in: int, d_out: int):
+    def __init__(self, d_in: int, d_out: int, gain: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
-        self.scale = d_in**-0.5
+        self.scale = gain * d_in**-0.5
 
     def reset_parameters(self):
         nn.init.normal_(self.weight)
@@ -120,15 +120,18 @@ class Rotary(nn.Module):
     def bias(self, q_pos, k_pos, q_seg, k_seg):
         return None
 
-    def _rotate(self, x, pos):
-        inv_freq = self.base ** -(torch.arange(0, self.head_dim, 2, device=x.device).float() / self.head_dim)
-        angle = pos.float()[:, None] * inv_freq[None]  # [T, D/2]
-        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-
     def rotate(self, q, k, pos):
-        return self._rotate(q, pos), self._rotate(k, pos)
+        inv_freq = self.base ** -(torch.arange(0, self.head_dim, 2, device=q.device).float() / self.head_dim)
+        angle = pos.float()[:, None] * inv_freq[None]  # [T, D/2]
+        turn = torch.polar(torch.ones_like(angle), angle)
+        return _turn(q, turn), _turn(k, turn)
+
+
+def _turn(x, turn):
+    """Rotate each pair (x[2i], x[2i+1]) of x [B, H, T, D] by the angle of turn [T, D/2], as one
+    complex multiply: an order of magnitude faster on CPU than four real multiplies and a stack."""
+    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(z * turn).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -138,9 +141,12 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.h, self.kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.split_scale = cfg.split_qk_scale
-        self.project_q = Linear(cfg.dim, self.h * self.d)
-        self.project_k = Linear(cfg.dim, self.kv * self.d)
+        # split_qk_scale: q and k each carry head_dim^-1/4, folded into their projections'
+        # weight scale (rotation keeps norms, so it commutes) rather than paid per token.
+        self.score_scale = 1.0 if cfg.split_qk_scale else None  # None: SDPA's 1/sqrt(D)
+        qk_gain = self.d**-0.25 if cfg.split_qk_scale else 1.0
+        self.project_q = Linear(cfg.dim, self.h * self.d, qk_gain)
+        self.project_k = Linear(cfg.dim, self.kv * self.d, qk_gain)
         self.project_v = Linear(cfg.dim, self.kv * self.d)
         self.attention_out = Linear(self.h * self.d, cfg.dim)
 
@@ -152,11 +158,8 @@ class Attention(nn.Module):
         q, k = position.rotate(q, k, pos)  # new tokens only: the cache holds rotated keys
         if cache is not None:
             k, v = cache.update(k, v)  # [B, K, S, D]
-        scale = None
-        if self.split_scale:
-            q, k, scale = q * self.d**-0.25, k * self.d**-0.25, 1.0
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.kv != self.h,
+            q, k, v, attn_mask=mask, scale=self.score_scale, enable_gqa=self.kv != self.h,
             is_causal=mask is None,  # the model passes no mask only for plain causal text
         )
         return self.attention_out(out.transpose(1, 2).reshape(B, T, self.h * self.d))
