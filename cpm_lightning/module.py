@@ -10,17 +10,15 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from cpm_lightning.loss import IGNORE, cross_entropy
 from cpm_lightning.model import ArchConfig, CPMAnt
 from cpm_lightning.model.stats import model_stats
 from cpm_lightning.perf import peak_flops
 from cpm_lightning.sharding import ParallelConfig, apply_parallel, build_sharded
-
-IGNORE = -100  # target id that carries no loss (context tokens of a prefix LM, padding)
 
 
 @dataclass(kw_only=True)
@@ -134,14 +132,7 @@ class CausalLM(L.LightningModule):
         """Mean next-token cross entropy on target tokens, plus the z-loss (training only:
         evaluation passes z_loss=0 so that val/loss is the log of val/ppl)."""
         z_loss = self.loss.z_loss if z_loss is None else z_loss
-        logits = logits.float()
-        if not z_loss:
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        # One pass over the logits for both terms: cross entropy is logsumexp - target logit.
-        keep = targets != IGNORE
-        lse = logits.logsumexp(-1)[keep]
-        target = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)[keep]
-        return (lse - target).mean() + z_loss * lse.square().mean()
+        return cross_entropy(logits.float().flatten(0, 1), targets.flatten(), z_loss)
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(self(batch), batch["targets"])
