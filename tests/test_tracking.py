@@ -300,12 +300,13 @@ class FlakyClient:
     """An MLflow client whose log_batch fails while `down`."""
 
     def __init__(self, down: bool):
-        self.down, self.metrics = down, []
+        self.down, self.metrics, self.requests = down, [], []
 
     def log_batch(self, run_id, metrics, params, tags):
         if self.down:
             raise ConnectionError("connection refused")
         self.metrics += metrics
+        self.requests.append([m.step for m in metrics])
 
 
 def test_unsent_metrics_go_to_a_local_file_and_are_sent_by_the_next_start(tmp_path, capsys):
@@ -320,6 +321,19 @@ def test_unsent_metrics_go_to_a_local_file_and_are_sent_by_the_next_start(tmp_pa
     assert Sender(client, "run", fallback).close(timeout=HANG_GUARD_S)
     assert [(m.key, m.value, m.timestamp, m.step) for m in client.metrics] == [("train/loss", 2.5, 1000, 7)]
     assert not fallback.exists()
+
+
+def test_the_sender_sends_one_request_per_interval_and_the_rest_on_close(tmp_path):
+    from mlflow.entities import Metric
+
+    client = FlakyClient(down=False)
+    sender = Sender(client, "run", tmp_path / "mlflow-unsent-run.jsonl", interval=3600)
+    sender.put([Metric("train/loss", 2.5, 1000, 0)])
+    wait_for("the first request", lambda: client.requests)
+    for step in (1, 2, 3):  # within the interval: kept for one later request
+        sender.put([Metric("train/loss", 2.5, 1000, step)])
+    assert sender.close(timeout=HANG_GUARD_S)
+    assert client.requests == [[0], [1, 2, 3]]
 
 
 def test_fit_logs_to_the_default_sqlite_store(tiny_config, tmp_path):
