@@ -8,7 +8,10 @@ MLflow logging on; its tokens/s come from the timestamps MLflow recorded for
 round, so a burst of load on a shared machine hurts neither side alone.
 
 MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x matmul weights + 12 x layers x
-width x seq_len (DESIGN.md §8) and the peak measured here as dense fp32 matmul FLOP/s.
+width x seq_len (DESIGN.md §8) and the peak measured here as dense fp32 matmul FLOP/s. A shared
+machine's speed drifts by tens of percent over minutes, so the peak is measured right before and
+right after each timed loop, each loop's MFU is taken against the mean of its two peaks, and the
+MFU printed is the median over the rounds.
 
     .venv/bin/python benchmarks/train_throughput.py [--config configs/demo.yaml] [--steps 30]
 """
@@ -16,6 +19,7 @@ width x seq_len (DESIGN.md §8) and the peak measured here as dense fp32 matmul 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,21 +97,27 @@ def main():
     resolved = subprocess.run([sys.executable, "-m", "cpm_lightning.cli", "proposals", "resolve", "--config", args.config],
                               check=True, capture_output=True, text=True).stdout
     cfg = yaml.safe_load(resolved)
-    peak = measured_cpu_peak(seconds=3.0)
-    plain, fit = [], []
-    sys.argv = sys.argv[:1]  # the in-process CLI must not see this script's flags
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            plain.append(plain_loop(cfg, args.warmup, args.steps))
-            fit.append(lightning_fit(args.config, args.warmup, args.steps, Path(tmp), r))
-            print(f"round {r}: plain {plain[-1]:.0f} tok/s, fit {fit[-1]:.0f} tok/s", flush=True)
     arch = ArchConfig(**cfg["model"]["arch"])
     flops = model_stats(arch, cfg["data"]["seq_len"]).flops_per_token
+    plain, fit, plain_mfu, fit_mfu = [], [], [], []
+    sys.argv = sys.argv[:1]  # the in-process CLI must not see this script's flags
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = measured_cpu_peak.__wrapped__  # uncached: a fresh figure beside each loop
+        for r in range(args.rounds):
+            before = peak(seconds=2.0)
+            plain.append(plain_loop(cfg, args.warmup, args.steps))
+            between = peak(seconds=2.0)
+            fit.append(lightning_fit(args.config, args.warmup, args.steps, Path(tmp), r))
+            after = peak(seconds=2.0)
+            plain_mfu.append(plain[-1] * flops / ((before + between) / 2))
+            fit_mfu.append(fit[-1] * flops / ((between + after) / 2))
+            print(f"round {r}: peaks {before / 1e9:.0f}/{between / 1e9:.0f}/{after / 1e9:.0f} GFLOP/s, "
+                  f"plain {plain[-1]:.0f} tok/s (MFU {plain_mfu[-1]:.3f}), "
+                  f"fit {fit[-1]:.0f} tok/s (MFU {fit_mfu[-1]:.3f})", flush=True)
     best_plain, best_fit = max(plain), max(fit)
-    print(f"preset {arch.preset}: {flops / 1e6:.1f} MFLOP/token, measured fp32 peak {peak / 1e9:.1f} GFLOP/s, "
-          f"{torch.get_num_threads()} threads")
-    print(f"plain PyTorch loop   {best_plain:8.0f} tokens/s   MFU {best_plain * flops / peak:.3f}")
-    print(f"cpm-lightning fit    {best_fit:8.0f} tokens/s   MFU {best_fit * flops / peak:.3f}")
+    print(f"preset {arch.preset}: {flops / 1e6:.1f} MFLOP/token, {torch.get_num_threads()} threads")
+    print(f"plain PyTorch loop   {best_plain:8.0f} tokens/s (best)   MFU {statistics.median(plain_mfu):.3f} (median)")
+    print(f"cpm-lightning fit    {best_fit:8.0f} tokens/s (best)   MFU {statistics.median(fit_mfu):.3f} (median)")
     print(f"ratio fit / plain    {best_fit / best_plain:.3f}")
 
 
