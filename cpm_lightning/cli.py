@@ -73,7 +73,7 @@ def _lightning_cli_class():
     from cpm_lightning.registry.apply import RegistryConfig, apply_registry
     from cpm_lightning.registry.keys import ConfigSchema
     from cpm_lightning.sharding import FSDP2Strategy
-    from cpm_lightning.tracking.logger import TrackRun, check_reachable
+    from cpm_lightning.tracking.logger import RUN_ID_KEY, TrackRun, check_reachable
     from datamodules.pretrain import PretrainDataModule
 
     class CPMCLI(LightningCLI):
@@ -93,13 +93,16 @@ def _lightning_cli_class():
             self.argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list) else []
 
         def before_instantiate_classes(self):
+            cfg = self.config[self.subcommand]
+            # The checkpoint the run starts from, once: `last` and (fit only) checkpoint.resume=auto
+            # become a path, and its step and MLflow run id are read here.
+            resume = cfg.checkpoint.resume if self.subcommand == "fit" else "never"
+            self.ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints", resume)
+            self.ckpt_meta = read_meta(self.ckpt) if self.ckpt else {}
             # Accepted proposals go in above the config files and below the command line; a
             # resumed run applies those in effect at the step it resumes from.
-            cfg = self.config[self.subcommand]
             if cfg.registry.at_step is None:
-                found = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints",
-                                          cfg.checkpoint.resume if self.subcommand == "fit" else "never")
-                cfg.registry.at_step = read_meta(found).get("global_step", 0) if found else 0
+                cfg.registry.at_step = self.ckpt_meta.get("global_step", 0)
             schema = ConfigSchema(run_config_classes())
             self.proposals = apply_registry(cfg, self.argv, self.subcommand, schema)
             if cfg.trainer.logger in (None, True):  # fail before any work (tokenizer, shards)
@@ -115,25 +118,22 @@ def _lightning_cli_class():
         def instantiate_trainer(self, **kwargs):
             cfg = self.config_init[self.subcommand]
             root = _root(cfg)
-            # `last` and (fit only) checkpoint.resume=auto become a path here.
-            resume = cfg.checkpoint.resume if self.subcommand == "fit" else "never"
-            found = resolve_ckpt_path(cfg.get("ckpt_path"), root / "checkpoints", resume)
-            cfg["ckpt_path"] = found and str(found)
+            cfg["ckpt_path"] = self.ckpt and str(self.ckpt)
             if cfg.trainer.strategy == "fsdp":  # FSDP2; Lightning's "fsdp" is FSDP1 (sharding.py)
                 kwargs["strategy"] = FSDP2Strategy()
             callbacks = [Checkpoints(root / "checkpoints", cfg.checkpoint), CarryTokenizer()]
             if cfg.trainer.logger in (None, True):
-                resume_from = cfg.get("ckpt_path") if self.subcommand == "fit" else None
-                kwargs["logger"] = _mlflow_logger(cfg.tracking, root, resume_from)
+                # A resumed fit continues the MLflow run its checkpoint names.
+                run_id = self.ckpt_meta.get("cpm", {}).get(RUN_ID_KEY) if self.subcommand == "fit" else None
+                kwargs["logger"] = _mlflow_logger(cfg.tracking, root, run_id)
                 callbacks.append(TrackRun(kwargs["logger"]))
             configured = cfg.trainer.callbacks or []  # instantiated already: keep them
             configured = configured if isinstance(configured, list) else [configured]
             return super().instantiate_trainer(callbacks=[*configured, *callbacks], **kwargs)
 
         def before_fit(self):
-            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")  # resolved in instantiate_trainer
-            if ckpt_path:
-                check_architecture(Path(ckpt_path), self.model.arch)
+            if self.ckpt:
+                check_architecture(self.ckpt, self.model.arch)
             # Here, before Lightning launches the other ranks: one error line, not one per rank.
             t = self.trainer
             self.datamodule.micro_batch_size(t.num_devices * t.num_nodes, t.accumulate_grad_batches)
@@ -156,13 +156,12 @@ def _root(cfg) -> Path:
     return Path(cfg.trainer.default_root_dir or os.getcwd())
 
 
-def _mlflow_logger(tracking: TrackingConfig, root: Path, ckpt_path: str | None):
-    """The run's MLflow logger; resuming from a checkpoint continues the MLflow run it names."""
-    from cpm_lightning.tracking.logger import CPMLogger, run_id_from_checkpoint
+def _mlflow_logger(tracking: TrackingConfig, root: Path, run_id: str | None):
+    """The run's MLflow logger: a new run, or the existing run `run_id` continued."""
+    from cpm_lightning.tracking.logger import CPMLogger
 
     return CPMLogger(tracking_uri=tracking.resolved_uri, experiment_name=tracking.resolved_experiment,
-                     run_name=tracking.run_name, run_id=run_id_from_checkpoint(ckpt_path, root / "checkpoints"),
-                     fallback_dir=root, flush_timeout=tracking.flush_timeout)
+                     run_name=tracking.run_name, run_id=run_id, fallback_dir=root, flush_timeout=tracking.flush_timeout)
 
 
 def run_lightning(argv: list[str] | None) -> None:

@@ -55,20 +55,6 @@ def check_reachable(uri: str) -> None:
             raise UserError(f"tracking.uri {uri}: directory {parent} does not exist")
 
 
-def run_id_from_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
-    """The MLflow run id saved in the checkpoint `fit --ckpt_path` names (`last`: the latest in
-    `checkpoint_dir`), if any. A missing or unreadable checkpoint is reported by `fit` itself."""
-    from cpm_lightning.checkpoint import latest, read_meta
-
-    path = latest(checkpoint_dir) if ckpt_path == "last" else ckpt_path and Path(ckpt_path)
-    if path is None or not path.exists():
-        return None
-    try:
-        return read_meta(path)["cpm"].get(RUN_ID_KEY)
-    except UserError:
-        return None
-
-
 def _is_rejected(e: Exception) -> bool:
     """True when the store refused the data itself (4xx): retrying cannot help."""
     return isinstance(e, MlflowException) and 400 <= e.get_http_status_code() < 500
