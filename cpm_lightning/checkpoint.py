@@ -124,13 +124,18 @@ def _sharded_model_shapes(path: Path) -> dict[str, torch.Size]:
     return {k.removeprefix(prefix): m.size for k, m in metadata.items() if k.startswith(prefix)}
 
 
+def _file_weights(meta: dict) -> dict[str, torch.Tensor]:
+    """CPMAnt's weights in a single-file checkpoint."""
+    return {k.removeprefix("model."): v for k, v in meta[MODEL_KEY].items() if k.startswith("model.")}
+
+
 def load_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(the `cpm` section, CPMAnt's full weights) of a sharded or single-file checkpoint, in
-    one process, whatever world size saved it."""
+    """(read_meta's dict, CPMAnt's full weights) of a sharded or single-file checkpoint, in one
+    process, whatever world size saved it."""
     path = Path(path)
     meta = read_meta(path)
     if not is_sharded(path):
-        return meta["cpm"], {k.removeprefix("model."): v for k, v in meta[MODEL_KEY].items() if k.startswith("model.")}
+        return meta, _file_weights(meta)
     reader = dcp.FileSystemReader(str(path))
     metadata = reader.read_metadata().state_dict_metadata
     weights = {name: torch.empty(shape, dtype=metadata[f"{MODEL_KEY}.model.{name}"].properties.dtype)
@@ -139,7 +144,15 @@ def load_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     with warnings.catch_warnings():  # "...assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         dcp.load({MODEL_KEY: {f"model.{k}": v for k, v in weights.items()}}, storage_reader=reader, no_dist=True)
-    return meta["cpm"], weights
+    return meta, weights
+
+
+def tokenizer_of(path: Path, meta: dict) -> bytes:
+    """The SentencePiece model that `fit` stores in every checkpoint it writes."""
+    if "tokenizer" not in meta["cpm"]:
+        raise UserError(f"{path}: the checkpoint carries no tokenizer; expected one saved by `fit` "
+                        "(checkpoint['cpm']['tokenizer'])")
+    return meta["cpm"]["tokenizer"]
 
 
 def check_architecture(path: Path, arch: ArchConfig) -> None:
@@ -149,7 +162,7 @@ def check_architecture(path: Path, arch: ArchConfig) -> None:
     if is_sharded(path):
         saved = _sharded_model_shapes(path)
     else:
-        saved = {k.removeprefix("model."): v.shape for k, v in read_meta(path)[MODEL_KEY].items() if k.startswith("model.")}
+        saved = {k: v.shape for k, v in _file_weights(read_meta(path)).items()}
     with torch.device("meta"):
         expected = {name: p.shape for name, p in CPMAnt(arch).named_parameters()}
     where = f"checkpoint {path} does not fit this run's model.arch"
@@ -170,7 +183,8 @@ def consolidate(path: Path, out_dir: Path) -> list[Path]:
     architecture as config.json and its tokenizer, if it carries one, into `out_dir`."""
     from safetensors.torch import save_file
 
-    cpm, weights = load_weights(path)
+    meta, weights = load_weights(path)
+    cpm = meta["cpm"]
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +330,5 @@ def load_for_inference(path: str, device: str = "cpu"):
     generate.INFERENCE_LOADERS)."""
     from cpm_lightning.tokenizer import Tokenizer
 
-    cpm, weights = load_weights(Path(path))
-    if "tokenizer" not in cpm:
-        raise UserError(f"{path}: the checkpoint carries no tokenizer")
-    return model_from_state(cpm["arch"], weights, device), Tokenizer(cpm["tokenizer"], path)
+    meta, weights = load_weights(Path(path))
+    return model_from_state(meta["cpm"]["arch"], weights, device), Tokenizer(tokenizer_of(path, meta), path)

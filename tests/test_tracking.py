@@ -260,11 +260,12 @@ def test_unreachable_server_at_start_fails_before_any_work(tiny_config, tmp_path
     assert not (tmp_path / "cache").exists()  # no tokenizer trained, no shards
 
 
-def test_release_of_a_checkpoint_without_tokenizer(released, tmp_path, capsys):
+@pytest.mark.parametrize("verb", [["release", "--name", "x"], ["generate", "--prompt", "x"]], ids=lambda v: v[0])
+def test_release_or_generate_of_a_checkpoint_without_tokenizer(released, tmp_path, capsys, verb):
     ckpt = torch.load(released, map_location="cpu", weights_only=False)
     del ckpt["cpm"]["tokenizer"]
     torch.save(ckpt, tmp_path / "no-tokenizer.ckpt")
-    assert cli_error(capsys, "release", str(tmp_path / "no-tokenizer.ckpt"), "--name", "x") == (
+    assert cli_error(capsys, verb[0], str(tmp_path / "no-tokenizer.ckpt"), *verb[1:]) == (
         f"error: {tmp_path / 'no-tokenizer.ckpt'}: the checkpoint carries no tokenizer; expected one saved by "
         "`fit` (checkpoint['cpm']['tokenizer'])")
 

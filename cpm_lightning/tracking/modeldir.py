@@ -47,15 +47,13 @@ class TrainedModel:
 
 def from_checkpoint(path: str) -> TrainedModel:
     """A TrainedModel from a checkpoint written by `fit`, sharded or a single file."""
-    from cpm_lightning.checkpoint import load_weights, read_meta
+    from cpm_lightning.checkpoint import load_weights, tokenizer_of
     from cpm_lightning.tracking.logger import RUN_ID_KEY
 
-    cpm, weights = load_weights(Path(path))
-    if "tokenizer" not in cpm:
-        raise UserError(f"{path}: the checkpoint carries no tokenizer; expected one saved by `fit` "
-                        "(checkpoint['cpm']['tokenizer'])")
-    return TrainedModel(weights=weights, arch=cpm["arch"], tokenizer=cpm["tokenizer"],
-                        step=read_meta(Path(path)).get("global_step", 0), tokens_seen=cpm.get("tokens_seen", 0),
+    meta, weights = load_weights(Path(path))
+    cpm = meta["cpm"]
+    return TrainedModel(weights=weights, arch=cpm["arch"], tokenizer=tokenizer_of(path, meta),
+                        step=meta.get("global_step", 0), tokens_seen=cpm.get("tokens_seen", 0),
                         run_id=cpm.get(RUN_ID_KEY))
 
 
