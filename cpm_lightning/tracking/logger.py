@@ -121,7 +121,7 @@ class Sender:
         return self._pending[:n]
 
     def _loop(self) -> None:
-        sent = -float("inf")  # time.monotonic() of the last request
+        sent = -float("inf")  # time.monotonic() of the last request the store answered
         while True:
             with self._cond:
                 while not self._closed:
@@ -132,7 +132,6 @@ class Sender:
                 if self._closed:
                     return
                 batch = self._take()
-            sent = time.monotonic()
             try:
                 self._client.log_batch(self._run_id, metrics=[m for m in batch if isinstance(m, Metric)],
                                        params=[p for p in batch if isinstance(p, Param)],
@@ -146,6 +145,7 @@ class Sender:
                     time.sleep(self._retry_s)
                     continue
                 warn(f"the tracking store refused {len(batch)} metrics/params/tags: {str(e).splitlines()[0][:200]}")
+            sent = time.monotonic()  # not after a failure: that retries every retry_s instead
             with self._cond:
                 if self._pending[:len(batch)] == batch:  # close() may have taken them meanwhile
                     del self._pending[:len(batch)]
