@@ -1,5 +1,5 @@
 """Step time of the `demo` preset with MLflow logging at every step against logging off, in one
-run (DESIGN.md §8: logging must never stall training; the target is under 2% growth).
+run (docs/ARCHITECTURE.md, "MLflow"; logging must never stall training; the target is under 2% growth).
 
     .venv/bin/python benchmarks/logging_overhead.py [--steps 120] [--block 5]
 
@@ -23,8 +23,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from cpm_lightning.config import ScheduleConfig
 from cpm_lightning.model import ArchConfig
-from cpm_lightning.module import CausalLM, ScheduleConfig
+from cpm_lightning.module import CausalLM
 from cpm_lightning.tracking.logger import CPMLogger, TrackRun
 
 

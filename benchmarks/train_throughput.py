@@ -8,7 +8,7 @@ MLflow logging on; its tokens/s come from the timestamps MLflow recorded for
 round, so a burst of load on a shared machine hurts neither side alone.
 
 MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x matmul weights + 12 x layers x
-width x seq_len (DESIGN.md §8) and the peak measured here as dense fp32 matmul FLOP/s. A shared
+width x seq_len (docs/ARCHITECTURE.md, "MLflow") and the peak measured here as dense fp32 matmul FLOP/s. A shared
 machine's speed drifts by tens of percent over minutes, so the peak is measured right before and
 right after each timed loop, each loop's MFU is taken against the mean of its two peaks, and the
 MFU printed is the median over the rounds.
@@ -32,9 +32,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpm_lightning.cli import main as cli_main  # noqa: E402
+from cpm_lightning.config import LossConfig, OptimConfig, ScheduleConfig  # noqa: E402
 from cpm_lightning.model import ArchConfig  # noqa: E402
 from cpm_lightning.model.stats import model_stats  # noqa: E402
-from cpm_lightning.module import CausalLM, LossConfig, OptimConfig, ScheduleConfig  # noqa: E402
+from cpm_lightning.module import CausalLM  # noqa: E402
 from cpm_lightning.perf import measured_cpu_peak  # noqa: E402
 from datamodules.pretrain import PretrainDataModule, TrainStream  # noqa: E402
 

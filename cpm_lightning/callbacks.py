@@ -10,6 +10,6 @@ class CarryTokenizer(L.Callback):
     and be released."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        tokenizer = getattr(trainer.datamodule, "text_tokenizer", None)
         if tokenizer is not None:
             checkpoint.setdefault("cpm", {})["tokenizer"] = tokenizer.model_bytes

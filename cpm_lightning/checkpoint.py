@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md §7): when they are written, their layout on disk, which one a run
+"""Checkpoints (docs/ARCHITECTURE.md, "Checkpoints"): when they are written, their layout on disk, which one a run
 resumes, and consolidation of a sharded checkpoint into one safetensors file.
 
 <trainer.default_root_dir>/checkpoints holds
@@ -14,7 +14,6 @@ The directory must be on a POSIX file system that every rank sees (rename is the
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -24,7 +23,6 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -34,34 +32,16 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
-from cpm_lightning.generate import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, model_from_state
-from cpm_lightning.model import ArchConfig, CPMAnt
+from cpm_lightning.model import ArchConfig
+from cpm_lightning.modeldir import check_shapes, write_model_dir
 
 STEP_NAME = re.compile(r"step-(\d+)\.ckpt")
 LAST = "last.ckpt"
+RUN_ID_KEY = "mlflow_run_id"  # in checkpoint["cpm"]: the MLflow run a resumed fit continues
 MODEL_KEY = "state_dict"  # where Lightning puts the LightningModule's weights; CPMAnt's are under "model."
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # Kubernetes/SLURM preemption, Ctrl-C, SLURM --signal
-
-
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    """When checkpoints are written and kept (in <trainer.default_root_dir>/checkpoints), and
-    whether `fit` resumes by itself."""
-
-    every_n_steps: int = 500
-    """Save every this many optimizer steps (CPM-Ant: 500), at the end of training, and at the
-    next step boundary after SIGTERM, SIGINT or SIGUSR1 (then stop and exit cleanly)."""
-    keep_last: int = 3
-    """Keep this many most recently written checkpoints; older ones are deleted."""
-    resume: Literal["never", "auto"] = "never"
-    """auto: without --ckpt_path, resume from the newest checkpoint if there is one (a job that a
-    scheduler requeues after preemption). never: start fresh unless --ckpt_path names one."""
-
-    def __post_init__(self):
-        for key in ("every_n_steps", "keep_last"):
-            if getattr(self, key) < 1:
-                raise UserError(f"checkpoint.{key} must be at least 1, got {getattr(self, key)}")
 
 
 # -- finding checkpoints ----------------------------------------------------------------------
@@ -147,12 +127,39 @@ def load_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, weights
 
 
-def tokenizer_of(path: Path, meta: dict) -> bytes:
-    """The SentencePiece model that `fit` stores in every checkpoint it writes."""
-    if "tokenizer" not in meta["cpm"]:
-        raise UserError(f"{path}: the checkpoint carries no tokenizer; expected one saved by `fit` "
-                        "(checkpoint['cpm']['tokenizer'])")
-    return meta["cpm"]["tokenizer"]
+@dataclass(kw_only=True)
+class TrainedModel:
+    """What inference, consolidation and a release take from a checkpoint."""
+
+    path: Path
+    """The checkpoint."""
+    weights: dict[str, torch.Tensor]
+    """Model weights, keys as in CPMAnt.state_dict()."""
+    arch: dict
+    """ArchConfig fields."""
+    tokenizer: bytes | None
+    """The SentencePiece model `fit` stores in every checkpoint (CarryTokenizer)."""
+    step: int
+    """Optimizer steps trained."""
+    tokens_seen: int
+    """Training tokens seen, all ranks together."""
+    run_id: str | None
+    """The MLflow run that trained it, when the checkpoint recorded one."""
+
+    def require_tokenizer(self) -> bytes:
+        if self.tokenizer is None:
+            raise UserError(f"{self.path}: the checkpoint carries no tokenizer; expected one saved by `fit` "
+                            "(checkpoint['cpm']['tokenizer'])")
+        return self.tokenizer
+
+
+def trained_model(path: str | Path) -> TrainedModel:
+    """The model in a checkpoint written by `fit`, sharded or a single file."""
+    meta, weights = load_weights(Path(path))
+    cpm = meta["cpm"]
+    return TrainedModel(path=Path(path), weights=weights, arch=cpm["arch"], tokenizer=cpm.get("tokenizer"),
+                        step=meta.get("global_step", 0), tokens_seen=cpm.get("tokens_seen", 0),
+                        run_id=cpm.get(RUN_ID_KEY))
 
 
 def check_architecture(path: Path, arch: ArchConfig) -> None:
@@ -163,40 +170,14 @@ def check_architecture(path: Path, arch: ArchConfig) -> None:
         saved = _sharded_model_shapes(path)
     else:
         saved = {k: v.shape for k, v in _file_weights(read_meta(path)).items()}
-    with torch.device("meta"):
-        expected = {name: p.shape for name, p in CPMAnt(arch).named_parameters()}
-    where = f"checkpoint {path} does not fit this run's model.arch"
-    for name, shape in expected.items():
-        if name not in saved:
-            raise UserError(f"{where}: parameter {name} {tuple(shape)} is not in the checkpoint")
-        if tuple(saved[name]) != tuple(shape):
-            raise UserError(f"{where}: parameter {name} has shape {tuple(saved[name])} in the checkpoint "
-                            f"and {tuple(shape)} in the model")
-    extra = sorted(saved.keys() - expected.keys())
-    if extra:
-        raise UserError(f"{where}: parameter {extra[0]} of the checkpoint is not in the model")
+    check_shapes(saved, arch, f"checkpoint {path}", "this run's model.arch")
 
 
-# -- consolidation ----------------------------------------------------------------------------
 def consolidate(path: Path, out_dir: Path) -> list[Path]:
-    """Write the weights of checkpoint `path` (sharded or not) as one safetensors file, its
-    architecture as config.json and its tokenizer, if it carries one, into `out_dir`."""
-    from safetensors.torch import save_file
-
-    meta, weights = load_weights(path)
-    cpm = meta["cpm"]
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = [out_dir / WEIGHTS_FILE, out_dir / CONFIG_FILE]
-        save_file({k: v.contiguous() for k, v in weights.items()}, written[0], metadata={"format": "pt"})
-        written[1].write_text(json.dumps(cpm["arch"], indent=2) + "\n")
-        if "tokenizer" in cpm:
-            written.append(out_dir / TOKENIZER_FILE)
-            written[-1].write_bytes(cpm["tokenizer"])
-    except OSError as e:
-        raise UserError(f"cannot write the model directory {out_dir}: {e.strerror or e}") from None
-    return written
+    """Write the weights of checkpoint `path` (sharded or not) as a model directory: one
+    safetensors file, config.json and the tokenizer, if it carries one."""
+    trained = trained_model(path)
+    return write_model_dir(Path(out_dir), trained.weights, trained.arch, trained.tokenizer)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -323,12 +304,3 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def load_for_inference(path: str, device: str = "cpu"):
-    """Model and tokenizer from a checkpoint written by fit, sharded or one file (see
-    generate.INFERENCE_LOADERS)."""
-    from cpm_lightning.tokenizer import Tokenizer
-
-    meta, weights = load_weights(Path(path))
-    return model_from_state(meta["cpm"]["arch"], weights, device), Tokenizer(tokenizer_of(path, meta), path)

@@ -1,8 +1,7 @@
-"""Core verbs: `model info`, `tokenizer train`, `generate`."""
+"""Core verbs: `model info`, `tokenizer train`, `generate`, `checkpoint consolidate`."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -36,6 +35,13 @@ def add_commands(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     gen.set_defaults(func=generate)
+
+    ckpt = sub.add_parser("checkpoint", help="work with checkpoints written by fit").add_subparsers(metavar="ACTION")
+    cons = ckpt.add_parser("consolidate", help="write a checkpoint's weights as one safetensors file "
+                           "(any world size saved it), with config.json and tokenizer.model")
+    cons.add_argument("checkpoint", help="a checkpoint directory or file (e.g. runs/x/checkpoints/last.ckpt)")
+    cons.add_argument("out_dir", help="model directory to write; `cpm-lightning generate OUT_DIR` reads it")
+    cons.set_defaults(func=consolidate)
 
 
 def model_info(args) -> None:
@@ -84,12 +90,20 @@ def tokenizer_train(args) -> None:
 def generate(args) -> None:
     import torch
 
-    from cpm_lightning.generate import load_for_inference, sample
+    from cpm_lightning.generate import sample
+    from cpm_lightning.loader import load_model
 
-    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    model, tokenizer = load_model(args.checkpoint, args.device)
     generator = torch.Generator().manual_seed(args.seed)
     prompt = tokenizer.encode(args.prompt)
     ids = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                  tokenizer.eos_id, generator)
     # Decoded alone, the continuation would lose a leading space (SentencePiece drops it).
     print(tokenizer.decode(prompt + ids))
+
+
+def consolidate(args) -> None:
+    from cpm_lightning.checkpoint import consolidate  # imports torch and Lightning: only when run
+
+    for path in consolidate(args.checkpoint, args.out_dir):
+        print(f"wrote {path}")

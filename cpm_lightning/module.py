@@ -1,12 +1,9 @@
-"""CausalLM: the LightningModule that trains a CPM-Ant model (DESIGN.md §3, §8)."""
+"""CausalLM: the LightningModule that trains a CPM-Ant model (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from dataclasses import dataclass
-from typing import Literal
 
 import lightning as L
 import torch
@@ -14,94 +11,27 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from cpm_lightning.config import ModelConfig
 from cpm_lightning.loss import IGNORE, cross_entropy
-from cpm_lightning.model import ArchConfig, CPMAnt
+from cpm_lightning.model import CPMAnt
 from cpm_lightning.model.stats import model_stats
 from cpm_lightning.perf import peak_flops
-from cpm_lightning.sharding import ParallelConfig, apply_parallel, build_sharded
+from cpm_lightning.sharding import apply_parallel, build_sharded
 
 
-@dataclass(kw_only=True)
-class OptimConfig:
-    """AdamW and gradient clipping."""
-
-    lr: float = 0.02
-    """Peak learning rate. CPM-Ant's weights are N(0, 1), so its rates are larger than usual."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW moment decay rates."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay on matrices (CPM-Ant: 0.01); norms are not decayed."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping (the norm is logged)."""
-
-
-@dataclass(kw_only=True)
-class ScheduleConfig:
-    """Learning-rate schedule, each with linear warmup."""
-
-    name: Literal["noam", "cosine"] = "cosine"
-    """noam: linear warmup to lr/sqrt(warmup), then lr/sqrt(step) (CPM-Ant's). cosine: linear
-    warmup to lr, then cosine decay to lr x min_lr_ratio at total_steps."""
-    warmup_steps: int = 100
-    """Steps of linear warmup."""
-    total_steps: int | None = None
-    """cosine: the step at which decay ends; unset means trainer.max_steps."""
-    min_lr_ratio: float = 0.1
-    """cosine: final learning rate as a fraction of lr."""
-
-    def factor(self, step: int, total: int) -> float:
-        """Multiplier on optim.lr at optimizer step `step` (0-based)."""
-        step += 1
-        w = max(self.warmup_steps, 1)
-        if self.name == "noam":
-            return step / w**1.5 if step < w else step**-0.5
-        if step < w:
-            return step / w
-        progress = min((step - w) / max(total - w, 1), 1.0)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@dataclass(kw_only=True)
-class LossConfig:
-    """Training objective: next-token cross entropy on target tokens."""
-
-    z_loss: float = 0.0
-    """Weight of the z-loss, mean(logsumexp(logits)^2), which keeps the softmax normalizer near
-    0 (PaLM); 0 turns it off."""
-
-
-class CausalLM(L.LightningModule):
+class CausalLM(ModelConfig, L.LightningModule):
     """Next-token prediction with a CPM-Ant transformer.
+
+    Its fields are the run config's `model` group (ModelConfig).
 
     Batches are dicts with `input_ids` and `targets` [B, T] (targets IGNORE where no loss is
     taken) and optionally `segment_ids`, `context` and `task` (see CPMAnt.forward)."""
 
-    def __init__(
-        self,
-        arch: ArchConfig = ArchConfig(),
-        optim: OptimConfig = OptimConfig(),
-        schedule: ScheduleConfig = ScheduleConfig(),
-        loss: LossConfig = LossConfig(),
-        parallel: ParallelConfig = ParallelConfig(),
-    ):
-        """
-        Args:
-            arch: Model shape and components (a preset plus overrides).
-            optim: Optimizer settings.
-            schedule: Learning-rate schedule.
-            loss: Loss settings.
-            parallel: Activation checkpointing and compilation per block (how, not what: no
-                proposal sets these).
-        """
-        super().__init__()
-        # Copies: the CLI fills arch.vocab_size in, and defaults are shared instances.
-        self.arch = arch.resolved()
-        self.optim, self.schedule, self.loss, self.parallel = map(dataclasses.replace, (optim, schedule, loss, parallel))
-        self.save_hyperparameters({"arch": self.arch.to_dict(), "optim": dataclasses.asdict(optim),
-                                   "schedule": dataclasses.asdict(schedule), "loss": dataclasses.asdict(loss),
-                                   "parallel": dataclasses.asdict(parallel)})
+    def __post_init__(self):
+        L.LightningModule.__init__(self)
+        super().__post_init__()
+        self.save_hyperparameters({"arch": self.arch.to_dict(), **{
+            name: dataclasses.asdict(getattr(self, name)) for name in ("optim", "schedule", "loss", "parallel")}})
         self.model: CPMAnt | None = None
         self.tokens_seen = 0
         self._step_time: float | None = None

@@ -1,4 +1,4 @@
-"""Peak FLOP/s for MFU (DESIGN.md §8): measured on CPU, from the spec sheet on GPU."""
+"""Peak FLOP/s for MFU (docs/ARCHITECTURE.md, "MLflow"): measured on CPU, from the spec sheet on GPU."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FSDP2 sharding of CPMAnt through Lightning's ModelParallelStrategy (DESIGN.md §7).
+"""FSDP2 sharding of CPMAnt through Lightning's ModelParallelStrategy (docs/ARCHITECTURE.md, "Distributed training").
 
 `trainer.strategy: fsdp` in a run config means `FSDP2Strategy` below (cli.py maps it). Lightning's
 own `FSDPStrategy` is FSDP1 and refuses CPU; ModelParallelStrategy runs `fully_shard` on CPU with
@@ -8,7 +8,6 @@ gloo and on CUDA with NCCL, so the tests exercise the code path the GPUs run.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -18,20 +17,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+from cpm_lightning.config import ParallelConfig
 from cpm_lightning.model import ArchConfig, CPMAnt
-
-
-@dataclass(kw_only=True)
-class ParallelConfig:
-    """Per-block execution switches (sharded or not); neither changes parameter names, so a
-    checkpoint resumes with either setting."""
-
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass instead of keeping them: about a
-    third more compute for the activation memory of one block (the 10B preset needs it)."""
-    compile: bool = False
-    """torch.compile each block separately (compile time does not grow with depth; on CPU it
-    needs a C++ compiler)."""
 
 
 class FSDP2Strategy(ModelParallelStrategy):

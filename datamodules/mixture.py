@@ -1,4 +1,4 @@
-"""A deterministic weighted mixture of sources whose state is a few integers (DESIGN.md §5).
+"""A deterministic weighted mixture of sources whose state is a few integers (docs/ARCHITECTURE.md, "Data").
 
 Sample i of the run (the *global* index, over all ranks) comes from the source that is
 furthest behind its share: argmax_s  w_s * (i - since + 1) - picks_s  (ties go to the name that

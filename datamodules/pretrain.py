@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cpm_lightning.errors import UserError
 from cpm_lightning.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from datamodules.config import DataConfig
 from datamodules.mixture import Mixture
 from datamodules.shards import Shard, build_shard, checked_documents, default_cache_dir, fingerprint
-from datamodules.sources import SourceConfig
 
 
 def window(tokens: np.ndarray, i: int, seq_len: int) -> dict:
@@ -66,49 +66,16 @@ class ValWindows(Dataset):
         return window(self.dm.shards[name].tokens, i, self.dm.seq_len)
 
 
-class PretrainDataModule(L.LightningDataModule):
-    def __init__(
-        self,
-        sources: dict[str, SourceConfig],
-        tokenizer: str | None = None,
-        tokenizer_vocab_size: int = 4096,
-        seq_len: int = 256,
-        batch_size: int = 8,
-        val_windows: int = 32,
-        seed: int = 0,
-        cache_dir: str | None = None,
-    ):
-        """
-        Args:
-            sources: The mixture: {name: {url, weight, format, field}}.
-            tokenizer: Path or fsspec URL of a SentencePiece model. Unset: one is trained on the
-                sources on first use and cached.
-            tokenizer_vocab_size: Vocabulary of the tokenizer trained when `tokenizer` is unset.
-            seq_len: Tokens per training sample (windows of seq_len + 1 are cut from the stream).
-            batch_size: The global batch: samples per optimizer step over all devices. Each
-                device takes batch_size / (devices x nodes x trainer.accumulate_grad_batches)
-                per forward pass, so the optimization, and the samples of each step, do not
-                depend on the world size.
-            val_windows: Windows held out at the end of each source for validation (at most a
-                tenth of the source).
-            seed: Seed of the per-source window order.
-            cache_dir: Where shards and trained tokenizers are cached; unset:
-                $CPM_LIGHTNING_CACHE or ~/.cache/cpm-lightning.
-        """
-        super().__init__()
-        if not sources:
-            raise UserError("data.sources is empty; expected {name: {url: ..., weight: ...}}")
-        for key, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-            if value <= 0:
-                raise UserError(f"data.{key} must be positive, got {value}")
-        self.sources = {n: s if isinstance(s, SourceConfig) else SourceConfig(**s) for n, s in sources.items()}
-        for name, src in self.sources.items():  # here, where the source's name is known
-            if not src.weight > 0:
-                raise UserError(f"data.sources.{name}.weight must be positive, got {src.weight}")
-        self.tokenizer_url = tokenizer
-        self.tokenizer_vocab_size = tokenizer_vocab_size
-        self.seq_len, self.batch_size, self.val_windows, self.seed = seq_len, batch_size, val_windows, seed
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+class PretrainDataModule(DataConfig, L.LightningDataModule):
+    """Sources -> tokenizer -> shards -> mixture -> packed windows.
+
+    Its fields are the run config's `data` group (DataConfig); the loaded tokenizer is
+    `text_tokenizer` (`tokenizer` is the field that says where it comes from)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        L.LightningDataModule.__init__(self)
+        self.cache_path = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         self.weights = {n: s.weight for n, s in self.sources.items()}
         self.start_state: dict | None = None
         self._tokenizer: Tokenizer | None = None
@@ -117,20 +84,20 @@ class PretrainDataModule(L.LightningDataModule):
 
     # -- tokenizer ----------------------------------------------------------------------------
     @property
-    def tokenizer(self) -> Tokenizer:
+    def text_tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.load(self.tokenizer_url) if self.tokenizer_url else self._trained_tokenizer()
+            self._tokenizer = Tokenizer.load(self.tokenizer) if self.tokenizer else self._trained_tokenizer()
         return self._tokenizer
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        return self.text_tokenizer.vocab_size
 
     def _trained_tokenizer(self) -> Tokenizer:
         key = hashlib.sha256(json.dumps(
             [self.tokenizer_vocab_size, *(fingerprint(n, s) for n, s in sorted(self.sources.items()))]
         ).encode()).hexdigest()[:32]
-        path = self.cache_dir / "tokenizers" / f"{key}.model"
+        path = self.cache_path / "tokenizers" / f"{key}.model"
         if not path.exists():
             print(f"training a {self.tokenizer_vocab_size}-piece tokenizer on the sources -> {path}", file=sys.stderr)
             texts = (d for n, s in sorted(self.sources.items()) for d in checked_documents(n, s))
@@ -142,7 +109,7 @@ class PretrainDataModule(L.LightningDataModule):
         """The source's shard, built if needed. Remembered: finding it hashes every file of the
         source, and prepare_data and setup both ask (in one process, unless distributed)."""
         if name not in self._shard_dirs:
-            self._shard_dirs[name] = build_shard(name, self.sources[name], self.tokenizer, self.cache_dir)
+            self._shard_dirs[name] = build_shard(name, self.sources[name], self.text_tokenizer, self.cache_path)
         return self._shard_dirs[name]
 
     def prepare_data(self):

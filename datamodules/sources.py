@@ -1,4 +1,4 @@
-"""Data sources: fsspec URLs or globs of text, JSON-lines or Python files (DESIGN.md §5).
+"""Data sources: fsspec URLs or globs of text, JSON-lines or Python files (docs/ARCHITECTURE.md, "Data").
 
 A source yields documents. Problems that a user can fix are UserErrors naming the source's
 config key; problems with single lines or bytes are counted and reported, not fatal.

@@ -1,5 +1,5 @@
 """Every input a user can get wrong ends in one line `error: WHAT...` on stderr, exit status 2,
-no traceback, and nothing half-written (issue 2, "Bad input"; DESIGN.md §9).
+no traceback, and nothing half-written (issue 2, "Bad input").
 
 The CLI runs in-process through `cpm_lightning.cli.main` (one case runs the installed script).
 Training never starts: each error happens before the first step, and most fit cases load a
@@ -156,12 +156,12 @@ def test_bad_jsonl_lines_are_skipped_and_counted(tmp_path, tokenizer_path, capsy
     tokenizer = Tokenizer.load(str(tokenizer_path))
     shard_dir = build_shard("zh", SourceConfig(url=str(path), format="jsonl"), tokenizer, tmp_path / "cache")
     err = capsys.readouterr().err
-    assert (f"warning: data.sources.zh: skipped 3 JSONL lines that are not JSON or lack a string field 'text'"
+    assert ("warning: data.sources.zh: skipped 3 JSONL lines that are not JSON or lack a string field 'text'"
             in err.splitlines())
     meta = json.loads((shard_dir / "meta.json").read_text())
     assert (meta["documents"], meta["bad_lines"]) == (3, 3)
     tokens, ends = Shard.open(shard_dir).tokens, np.load(shard_dir / "index.npy")
-    docs = [tokenizer.decode(tokens[start:end - 1].tolist()) for start, end in zip([0, *ends[:-1]], ends)]
+    docs = [tokenizer.decode(tokens[start:end - 1].tolist()) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
     assert docs == ZH
 
 

@@ -78,9 +78,9 @@ def test_sources_read_globs_gzip_and_fsspec_memory(tmp_path, corpus):
     dm.setup()
     files = dm.shards["files"].tokens
     assert (files == EOS).sum() == 2  # two documents, each closed by EOS
-    text = dm.tokenizer.decode([int(t) for t in files[: int(np.argmax(files == EOS))]])
+    text = dm.text_tokenizer.decode([int(t) for t in files[: int(np.argmax(files == EOS))]])
     assert text == "first document " * 50
-    assert dm.tokenizer.decode([int(t) for t in dm.shards["mem"].tokens[:-1]]) == "third document " * 50
+    assert dm.text_tokenizer.decode([int(t) for t in dm.shards["mem"].tokens[:-1]]) == "third document " * 50
 
 
 def test_shards_are_tokenized_once_and_redone_when_the_text_changes(tmp_path, corpus, monkeypatch):
@@ -93,14 +93,14 @@ def test_shards_are_tokenized_once_and_redone_when_the_text_changes(tmp_path, co
     dm.prepare_data()
     assert calls == []  # cached: the fingerprint matched
     corpus["en"].write_text(corpus["en"].read_text() + "\n\nOne more paragraph.")
-    PretrainDataModule(src, tokenizer=dm.tokenizer.source).prepare_data()
+    PretrainDataModule(src, tokenizer=dm.text_tokenizer.source).prepare_data()
     assert len(calls) == 1
     assert not list((tmp_path / "cache" / "shards").glob(".*"))  # no temporary directory left
 
 
 def test_prepare_and_setup_read_each_source_once_for_its_fingerprint(corpus, monkeypatch):
     dm = PretrainDataModule({"en": SourceConfig(url=str(corpus["en"]))}, tokenizer=None, tokenizer_vocab_size=300)
-    dm.tokenizer  # trained first: its own fingerprint is not the shard's
+    _ = dm.text_tokenizer  # trained first: its own fingerprint is not the shard's
     hashed = []
     real = shards.fingerprint
     monkeypatch.setattr(shards, "fingerprint", lambda *a, **k: hashed.append(a[0]) or real(*a, **k))
@@ -138,4 +138,4 @@ def test_ranks_split_the_global_sequence(corpus, world):
     single = take(0, 1, 12)
     ranks = [take(r, world, 12 // world) for r in range(world)]
     interleaved = [ranks[i % world][i // world] for i in range(12)]
-    assert all((a == b).all() for a, b in zip(single, interleaved))
+    assert all((a == b).all() for a, b in zip(single, interleaved, strict=True))

@@ -26,12 +26,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import write_config, write_corpus
-
-from cpm_lightning.checkpoint import CheckpointConfig, Checkpoints, read_meta, resolve_ckpt_path
-from cpm_lightning.cli import main
-from cpm_lightning.errors import UserError
-from cpm_lightning.generate import load_for_inference
 from fsdp_probe import PROBE_INPUT
+
+from cpm_lightning.checkpoint import Checkpoints, read_meta, resolve_ckpt_path
+from cpm_lightning.cli import main
+from cpm_lightning.config import CheckpointConfig
+from cpm_lightning.errors import UserError
+from cpm_lightning.loader import load_model
 
 N = 3  # steps before the resume point; runs take 2N
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def preempted(runs):
 
 def assert_same_steps(got: list[dict], want: list[dict]):
     assert [s["step"] for s in got] == [s["step"] for s in want]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g["samples"] == w["samples"], f"step {g['step']}: different samples"
         assert g["loss"] == pytest.approx(w["loss"], abs=LOSS_ATOL), f"step {g['step']}"
 
@@ -202,7 +203,7 @@ def test_f_consolidated_checkpoint_gives_the_same_logits(runs, straight2, tmp_pa
     ckpt = runs.root / "straight2" / "checkpoints" / "last.ckpt"
     main(["checkpoint", "consolidate", str(ckpt), str(tmp_path / "model")])
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
-    model, _ = load_for_inference(str(tmp_path / "model"))
+    model, _ = load_model(str(tmp_path / "model"))
     with torch.no_grad():
         logits = model(PROBE_INPUT)
     assert torch.allclose(logits, torch.load(runs.root / "straight2" / "logits.pt"), rtol=0, atol=1e-5)
@@ -223,7 +224,8 @@ def test_checkpoint_of_another_architecture(runs, straight2, capsys):
     ckpt = runs.root / "straight2" / "checkpoints" / "last.ckpt"
     cfg = runs.config("other_arch", 2, **{"model.arch.ff_dim": 96})
     line = user_error(capsys, ["fit", "--config", str(cfg), "--ckpt_path", str(ckpt)])
-    assert "does not fit" in line and "blocks.0.ffn.w_0.weight" in line and "(128, 64)" in line and "(96, 64)" in line
+    assert line == (f"error: checkpoint {ckpt}: blocks.0.ffn.w_0.weight has shape [128, 64], but this "
+                    "run's model.arch expects [96, 64]")
 
 
 def test_unwritable_checkpoint_directory(runs, straight2, tmp_path, capsys):

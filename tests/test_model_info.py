@@ -1,4 +1,4 @@
-"""`cpm-lightning model info` for every preset: parameters, FLOPs per token by the DESIGN.md §8
+"""`cpm-lightning model info` for every preset: parameters, FLOPs per token by the docs/ARCHITECTURE.md ("MLflow")
 convention (checked against a count made here from the preset's numbers) and memory per device."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def info(capsys, preset: str, devices: int = 1) -> dict:
 def expected_counts(preset: str) -> tuple[int, int, int]:
     """(params, non-embedding params, training FLOPs per token at the preset's maximum length),
     counted from the preset's numbers: CPM-Ant blocks without biases, a tied output projection,
-    32 segments and the relative-position bias of DESIGN.md §4 (512 buckets unless the preset
+    32 segments and the relative-position bias of docs/ARCHITECTURE.md ("The model") (512 buckets unless the preset
     says otherwise); 6·N_matmul + 12·L·d·S with d the attention width (heads × head_dim)."""
     p = PRESETS[preset]
     dim, heads, head_dim, ff = p["dim"], p["num_heads"], p["head_dim"], p["ff_dim"]

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpm_lightning.cli import run_config_classes
 from cpm_lightning.registry.keys import ConfigSchema, check_changes
 from cpm_lightning.registry.resolve import load_registry
 from cpm_lightning.registry.schema import load_proposal
+from cpm_lightning.run_config import GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "proposals"
-SCHEMA = ConfigSchema(run_config_classes())
+SCHEMA = ConfigSchema(GROUPS)
 
 VALID = """\
 id: 7

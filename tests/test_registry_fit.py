@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpm_lightning.cli import main, run_config_classes
+from cpm_lightning.cli import main
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.resolve import load_registry, resolve
+from cpm_lightning.run_config import GROUPS
 
 SEED = Path(__file__).resolve().parents[1] / "proposals"
 
@@ -52,7 +53,7 @@ def test_run_records_exactly_the_applied_proposals(tmp_path):
     config = run_config(tmp_path, {"path": str(registry)})
     main(["fit", "--config", str(config), "--model.arch.max_len=512"])
 
-    expected = resolve(load_registry(registry, ConfigSchema(run_config_classes())))
+    expected = resolve(load_registry(registry, ConfigSchema(GROUPS)))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("registry").experiment_id])
     tags = run.data.tags

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpm_lightning.cli import main, run_config_classes
+from cpm_lightning.cli import main
 from cpm_lightning.errors import UserError
 from cpm_lightning.registry.apply import AppliedRegistry, override_keys
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.resolve import load_registry, resolve
+from cpm_lightning.run_config import GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = ConfigSchema(run_config_classes())
+SCHEMA = ConfigSchema(GROUPS)
 
 
 def write_proposal(directory: Path, pid: int, changes: dict | None = None, status: str = "accepted",

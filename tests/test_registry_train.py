@@ -10,15 +10,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from cpm_lightning.cli import run_config_classes
+from cpm_lightning.config import LossConfig, OptimConfig, ScheduleConfig
 from cpm_lightning.model.config import ArchConfig
-from cpm_lightning.module import CausalLM, LossConfig, OptimConfig, ScheduleConfig
+from cpm_lightning.module import CausalLM
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.resolve import load_registry, resolve, set_key
+from cpm_lightning.run_config import GROUPS
 from datamodules.pretrain import PretrainDataModule
 
 SEED = Path(__file__).resolve().parents[1] / "proposals"
-REGISTRY = load_registry(SEED, ConfigSchema(run_config_classes()))
+REGISTRY = load_registry(SEED, ConfigSchema(GROUPS))
 ACCEPTED = sorted((p for p in REGISTRY.proposals.values() if p.status == "accepted"), key=lambda p: p.id)
 MODEL_PROPOSALS = [p for p in ACCEPTED if p.kind in ("architecture", "training")]
 ALL = resolve(REGISTRY, kinds=["architecture", "training"]).values

@@ -1,4 +1,4 @@
-"""The SentencePiece tokenizer: exact round-trip of mixed Chinese/English text (DESIGN.md §5),
+"""The SentencePiece tokenizer: exact round-trip of mixed Chinese/English text (docs/ARCHITECTURE.md, "Data"),
 and `cpm-lightning tokenizer train` writing a model that loads."""
 
 from __future__ import annotations
@@ -106,12 +106,13 @@ def test_generate_prints_the_prompt_and_continuation_with_the_space_between(toke
     # SentencePiece drops the leading space of a decoded sequence; the continuation of a prompt
     # must keep it ("a truth universally", not "a truthuniversally").
     import cpm_lightning.generate
+    import cpm_lightning.loader
 
     prompt, text = "子曰 a truth", "子曰 a truth universally acknowledged"
     continuation = tokenizer.encode(text)[len(tokenizer.encode(prompt)):]
     assert tokenizer.decode(tokenizer.encode(prompt)) == prompt
     assert tokenizer.sp.id_to_piece(continuation[0]).startswith("▁")
-    monkeypatch.setattr(cpm_lightning.generate, "load_for_inference", lambda source, device: (None, tokenizer))
+    monkeypatch.setattr(cpm_lightning.loader, "load_model", lambda source, device: (None, tokenizer))
     monkeypatch.setattr(cpm_lightning.generate, "sample", lambda model, ids, *args: continuation)
     main(["generate", "model.ckpt", "--prompt", prompt])
     assert capsys.readouterr().out == text + "\n"

@@ -24,9 +24,11 @@ import torch
 from conftest import write_config, write_corpus
 from mlflow import MlflowClient
 
+from cpm_lightning import modeldir
+from cpm_lightning.checkpoint import trained_model
 from cpm_lightning.cli import main
-from cpm_lightning.generate import load_for_inference, sample
-from cpm_lightning.tracking import modeldir
+from cpm_lightning.generate import sample
+from cpm_lightning.loader import load_model
 from cpm_lightning.tracking.logger import START_STEP, Sender
 
 STEP = re.compile(r"step-?(\d+)\.ckpt$")
@@ -80,7 +82,7 @@ def cli_error(capsys, *argv: str) -> str:
 
 
 def greedy(source: str, n: int = 12) -> list[int]:
-    model, tokenizer = load_for_inference(source)
+    model, tokenizer = load_model(source)
     return sample(model, tokenizer.encode(PROMPT), n, temperature=0, eos_id=tokenizer.eos_id)
 
 
@@ -210,7 +212,7 @@ def test_pyfunc_model_loads_by_alias_in_a_fresh_process(released, live):
             f"print(json.dumps(m.predict([{PROMPT!r}], params={{'temperature': 0.0, 'max_new_tokens': 12}})))")
     proc = subprocess.run([sys.executable, "-c", code], env=live.env, capture_output=True, text=True, cwd=live.root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _, tokenizer = load_for_inference(released)
+    _, tokenizer = load_model(released)
     assert json.loads(proc.stdout.splitlines()[-1]) == [tokenizer.decode(greedy(released))]
 
 
@@ -273,7 +275,8 @@ def test_release_or_generate_of_a_checkpoint_without_tokenizer(released, tmp_pat
 @pytest.fixture
 def model_dir(released, tmp_path) -> Path:
     out = tmp_path / "model"
-    modeldir.write_model_dir(out, modeldir.from_checkpoint(released), "# a release")
+    trained = trained_model(released)
+    modeldir.write_model_dir(out, trained.weights, trained.arch, trained.tokenizer, "# a release")
     return out
 
 

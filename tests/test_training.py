@@ -5,15 +5,16 @@ from __future__ import annotations
 import itertools
 import math
 
+import conftest
 import lightning as L
 import pytest
 import torch
 import yaml
 
-import conftest
 from cpm_lightning.cli import main
+from cpm_lightning.config import OptimConfig
 from cpm_lightning.model import COMPONENTS, ArchConfig
-from cpm_lightning.module import CausalLM, OptimConfig
+from cpm_lightning.module import CausalLM
 from datamodules.pretrain import PretrainDataModule
 from datamodules.sources import SourceConfig
 
@@ -101,14 +102,14 @@ def test_resume_continues_with_the_next_batch_and_the_same_loss(tmp_path, corpus
     second = run("resumed", "--ckpt_path=last")
     assert [s for s, _, _ in straight] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _, _ in first + second] == [1, 2, 3, 4, 5, 6]
-    for (_, a, loss_a), (_, b, loss_b) in zip(straight, first + second):
+    for (_, a, loss_a), (_, b, loss_b) in zip(straight, first + second, strict=True):
         assert torch.equal(a, b)
         assert loss_a == pytest.approx(loss_b, abs=1e-6)
 
 
 def test_validation_loss_is_the_log_of_perplexity_even_with_z_loss(corpus):
     """z-loss shapes training only: val/loss stays the cross entropy, exp(val/loss) = val/ppl."""
-    from cpm_lightning.module import LossConfig
+    from cpm_lightning.config import LossConfig
 
     dm = tiny_data(corpus)
     module = CausalLM(ArchConfig(preset="tiny", vocab_size=dm.vocab_size), loss=LossConfig(z_loss=1.0))

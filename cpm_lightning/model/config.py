@@ -1,4 +1,4 @@
-"""Architecture config and the named presets (DESIGN.md §4)."""
+"""Architecture config and the named presets (docs/ARCHITECTURE.md, "The model")."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cpm_lightning.model.layers import COMPONENTS
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, num_heads=4, head_dim=16, ff_dim=128, num_attn_layers=2,
                  num_ffn_layers=2, vocab_size=512, max_len=256, num_buckets=32, max_distance=128),
-    # Wide and shallow: on a CPU, matmuls this wide run near the fp32 peak (DESIGN.md §8 MFU).
+    # Wide and shallow: on a CPU, matmuls this wide run near the fp32 peak (docs/ARCHITECTURE.md, "MLflow": MFU).
     "demo": dict(dim=512, num_heads=8, head_dim=64, ff_dim=1280, num_attn_layers=4,
                  num_ffn_layers=4, vocab_size=4096, max_len=256, num_buckets=32, max_distance=256),
     "cpm-ant-300m": dict(dim=512, num_heads=32, head_dim=64, ff_dim=5120, num_attn_layers=25,

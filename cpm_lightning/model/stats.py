@@ -1,4 +1,4 @@
-"""Parameter, FLOP and memory accounting (DESIGN.md §8), computed on the meta device so that
+"""Parameter, FLOP and memory accounting (docs/ARCHITECTURE.md, "MLflow"), computed on the meta device so that
 the 10B preset costs no memory."""
 
 from __future__ import annotations

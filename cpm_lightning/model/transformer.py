@@ -1,4 +1,4 @@
-"""The CPM-Ant transformer: a decoder stack that works as a prefix LM (DESIGN.md §4)."""
+"""The CPM-Ant transformer: a decoder stack that works as a prefix LM (docs/ARCHITECTURE.md, "The model")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The community proposal registry (DESIGN.md §6): YAML proposals that assemble what is trained.
+"""The community proposal registry (docs/ARCHITECTURE.md, "The registry"): YAML proposals that assemble what is trained.
 
 schema.py reads one proposal file strictly; keys.py checks its `changes` against the run
 config's typed signatures; resolve.py checks proposals against each other and resolves the

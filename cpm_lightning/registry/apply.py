@@ -17,7 +17,7 @@ from cpm_lightning.registry.schema import KINDS, Kind
 
 @dataclass(kw_only=True)
 class RegistryConfig:
-    """Which community proposals the run applies (DESIGN.md §6): accepted ones, effective at
+    """Which community proposals the run applies (docs/ARCHITECTURE.md, "The registry"): accepted ones, effective at
     `at_step`, of `kinds`, minus `exclude`. Command-line overrides of their keys still win and
     are recorded as divergences (MLflow tag cpm.overrides)."""
 

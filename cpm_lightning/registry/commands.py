@@ -17,6 +17,7 @@ from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.resolve import TEMPLATE, load_registry, proposal_files, resolve, set_key
 from cpm_lightning.registry.schema import FILE_NAME, KINDS, Status
 from cpm_lightning.registry.typecheck import mismatch
+from cpm_lightning.run_config import GROUPS
 
 
 def add_commands(sub) -> None:
@@ -53,10 +54,7 @@ def add_commands(sub) -> None:
 
 
 def config_schema() -> ConfigSchema:
-    # cli.py is the one module that wires the trainer to the data package (DESIGN.md §2).
-    from cpm_lightning.cli import run_config_classes
-
-    return ConfigSchema(run_config_classes())
+    return ConfigSchema(GROUPS)
 
 
 def proposals_new(args) -> None:
@@ -74,7 +72,7 @@ def proposals_new(args) -> None:
             "created": date.today().isoformat()}
     text = template.read_text(encoding="utf-8")
     for name, value in fill.items():  # the template's own comments stay
-        text, n = re.subn(rf"^{name}:[^\n]*?(\s+#[^\n]*)?$", lambda m: f"{name}: {value}{m[1] or ''}", text,
+        text, n = re.subn(rf"^{name}:[^\n]*?(\s+#[^\n]*)?$", lambda m, name=name, value=value: f"{name}: {value}{m[1] or ''}", text,
                           count=1, flags=re.M)
         if not n:
             raise UserError(f"{template}: no `{name}:` line to fill in")

@@ -14,20 +14,20 @@ import types
 import typing
 from typing import Any, Union, get_args, get_origin
 
+from cpm_lightning.config import LossConfig, OptimConfig, ScheduleConfig
 from cpm_lightning.errors import UserError, closest, lookup
 from cpm_lightning.model.config import PRESETS, ArchConfig
 from cpm_lightning.model.layers import COMPONENTS
-from cpm_lightning.module import LossConfig, OptimConfig, ScheduleConfig
 from cpm_lightning.registry.schema import Problem, Proposal
 from cpm_lightning.registry.typecheck import mismatch, python_name
 
-# What each kind of proposal may change (DESIGN.md §6).
+# What each kind of proposal may change (docs/ARCHITECTURE.md, "The registry").
 SCOPES: dict[str, tuple[str, ...]] = {
     "architecture": ("model.arch",),
     "training": ("model.optim", "model.schedule", "model.loss"),
     "data": ("data",),
 }
-# Keys that are the operator's, not the community's (DESIGN.md §1: where and how a run runs).
+# Keys that are the operator's, not the community's (docs/ARCHITECTURE.md, "Configuration": where and how a run runs).
 OPERATOR_KEYS = {"data.cache_dir": "where a run caches its shards is the operator's choice"}
 # jsonargparse reads these as instructions to import a class.
 CODE_PARTS = ("class_path", "init_args", "dict_kwargs")

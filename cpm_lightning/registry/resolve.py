@@ -1,5 +1,5 @@
 """The registry as a whole: load a directory, check proposals against each other, and resolve
-the accepted ones at a step into run-config values with provenance (DESIGN.md §1, §6)."""
+the accepted ones at a step into run-config values with provenance (docs/ARCHITECTURE.md, "Configuration", "The registry")."""
 
 from __future__ import annotations
 

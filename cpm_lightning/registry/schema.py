@@ -1,4 +1,4 @@
-"""The proposal file format (DESIGN.md §6): strict YAML into a typed `Proposal`.
+"""The proposal file format (docs/ARCHITECTURE.md, "The registry"): strict YAML into a typed `Proposal`.
 
 Only plain YAML data is accepted: `yaml.SafeLoader` refuses tags that build Python objects, and
 on top of it this loader refuses aliases, duplicate keys, impossible dates, files that are not

@@ -6,8 +6,9 @@ import datetime as dt
 from pathlib import Path
 
 from cpm_lightning.errors import UserError
+from cpm_lightning.tracking.config import DEFAULT_TRACKING_URI, TrackingConfig
 
-URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+URI_HELP = f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})"
 
 
 def add_commands(sub) -> None:
@@ -50,7 +51,6 @@ def add_commands(sub) -> None:
 def _use_tracking_uri(args) -> str:
     import mlflow
 
-    from cpm_lightning.cli import TrackingConfig
     from cpm_lightning.tracking.logger import check_reachable
 
     uri = TrackingConfig(uri=args.tracking_uri).resolved_uri
@@ -60,7 +60,6 @@ def _use_tracking_uri(args) -> str:
 
 
 def report_daily(args) -> None:
-    from cpm_lightning.cli import TrackingConfig
     from cpm_lightning.tracking.report import daily_report
 
     try:
@@ -72,7 +71,7 @@ def report_daily(args) -> None:
 
 
 def release(args) -> None:
-    from cpm_lightning.tracking.models import release as do_release
+    from cpm_lightning.tracking.releases import release as do_release
 
     _use_tracking_uri(args)
     version = do_release(args.checkpoint, args.name, args.alias, args.out, args.proposals)
@@ -80,7 +79,7 @@ def release(args) -> None:
 
 
 def promote(args) -> None:
-    from cpm_lightning.tracking.models import promote as do_promote
+    from cpm_lightning.tracking.releases import promote as do_promote
 
     _use_tracking_uri(args)
     do_promote(args.name, args.version, args.alias)
@@ -88,18 +87,18 @@ def promote(args) -> None:
 
 
 def pull_model(args) -> None:
-    from cpm_lightning.tracking.models import pull
+    from cpm_lightning.tracking.releases import pull
 
     _use_tracking_uri(args)
     print(f"wrote {pull(args.uri, args.dst)} (sha256 verified)")
 
 
 def models_list(args) -> None:
-    from cpm_lightning.tracking.models import list_models
+    from cpm_lightning.tracking.releases import list_models
 
     _use_tracking_uri(args)
     rows = list_models(args.name)
     cols = ("name", "version", "aliases", "step", "tokens", "val_loss", "proposals")
     widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
-    for row in [dict(zip(cols, cols))] + rows:
+    for row in [dict(zip(cols, cols, strict=True))] + rows:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())

@@ -1,5 +1,5 @@
 """The MLflow logger of `fit`: asynchronous, rank 0 only, resumable, and tolerant of a tracking
-server that goes away in the middle of a run (DESIGN.md §8).
+server that goes away in the middle of a run (docs/ARCHITECTURE.md, "MLflow").
 
 Lightning's MLFlowLogger sends each step's metrics from the training loop (MLflow's own async
 queue gives up on a failed batch); here a background thread sends them, keeps what fails queued
@@ -24,12 +24,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from cpm_lightning.checkpoint import RUN_ID_KEY
 from cpm_lightning.errors import UserError
 
 START_STEP = "cpm/start_step"
 """Metric logged at every start of `fit`: its value is the optimizer step training starts from
 (0 for a new run), so restarts can be counted and replayed steps recognized."""
-RUN_ID_KEY = "mlflow_run_id"  # in checkpoint["cpm"]
 PARAM_CHARS = 500  # the longest param value every MLflow server since 1.28 accepts
 # MLflow's per-request limits of log_batch.
 BATCH_ITEMS, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
@@ -279,7 +279,7 @@ class TrackRun(L.Callback):
         tags = {"cpm.tokens_per_step": tokens_per_step}
         if trainer.max_steps > 0:
             tags["cpm.planned_tokens"] = tokens_per_step * trainer.max_steps
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        tokenizer = getattr(trainer.datamodule, "text_tokenizer", None)
         if tokenizer is not None:  # for "GB of text" in the daily log
             text = "".join(tokenizer.decode(row) for row in ids.tolist())
             tags["cpm.bytes_per_token"] = f"{len(text.encode()) / ids.numel():.4f}"

@@ -19,10 +19,10 @@ class CPMGenerator(PythonModel):
     def load_context(self, context):
         import torch
 
-        from cpm_lightning.tracking.modeldir import load_release
+        from cpm_lightning.modeldir import load_model_dir
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_release(context.artifacts["model_dir"], self.device)
+        self.model, self.tokenizer = load_model_dir(context.artifacts["model_dir"], self.device)
 
     def predict(self, context, model_input, params=None):
         import torch

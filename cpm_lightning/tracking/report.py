@@ -1,4 +1,4 @@
-"""The daily training log (DESIGN.md §8), with the fields of CPM-Live's published daily logs:
+"""The daily training log (docs/ARCHITECTURE.md, "MLflow"), with the fields of CPM-Live's published daily logs:
 loss at the start and end of the day, tokens and GB of text seen, average grad norm, progress
 towards the planned tokens, throughput, restarts, non-finite steps, proposals, releases.
 
@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from cpm_lightning.errors import UserError
 from cpm_lightning.tracking.logger import START_STEP
-from cpm_lightning.tracking.models import RUN_TAG, applied_proposals
+from cpm_lightning.tracking.releases import RUN_TAG, applied_proposals
 
 KEYS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_seen", "train/tokens_per_sec")
 DAY_MS = 86_400_000
@@ -122,7 +122,7 @@ def _plot(days: list[RunDay], start_ms: int, path: Path) -> None:
 
     fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
     for key, ax, label in zip(("train/loss", "train/lr", "train/tokens_per_sec"), axes,
-                              ("loss", "learning rate", "tokens/s")):
+                              ("loss", "learning rate", "tokens/s"), strict=True):
         for day in days:
             points = _in_day(day.series[key], start_ms)
             ax.plot([s for s, _, _ in points], [v for _, _, v in points], label=day.name)

@@ -1,4 +1,5 @@
-"""Releases in the MLflow Model Registry: release, promote, pull, list (DESIGN.md §8)."""
+"""Releases in the MLflow Model Registry: release, promote, pull, list (docs/ARCHITECTURE.md,
+"Releases")."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from cpm_lightning import modeldir
+from cpm_lightning.checkpoint import TrainedModel, trained_model
 from cpm_lightning.errors import UserError
-from cpm_lightning.tracking import modeldir
-from cpm_lightning.tracking.modeldir import TrainedModel
+from cpm_lightning.tracking.config import TrackingConfig
 
 RESERVED_ALIASES = ("latest",)  # MLflow resolves models:/NAME@latest itself
 VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
@@ -46,12 +48,12 @@ def _val_metrics(client: MlflowClient, run_id: str | None, step: int) -> dict[st
     return out
 
 
-def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: list[dict], ckpt: str) -> str:
+def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: list[dict]) -> str:
     lines = [f"# {name} at step {trained.step}", "",
              "A CPM-Ant-style base language model trained in public with cpm-lightning: it continues "
              "text, it is not a chat model.", "",
              f"- step: {trained.step}", f"- tokens seen: {trained.tokens_seen:,}",
-             f"- preset: {trained.arch.get('preset')}", f"- checkpoint: {Path(ckpt).name}",
+             f"- preset: {trained.arch.get('preset')}", f"- checkpoint: {trained.path.name}",
              f"- MLflow training run: {trained.run_id or 'not recorded'}", "", "## Validation", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in val.items()] or ["No validation metrics were recorded."]
     lines += ["", "## Applied proposals", ""]
@@ -65,14 +67,16 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     """Checkpoint -> model directory -> pyfunc model from code -> a new registered version with
     tags and `alias` pointing at it. Returns the version."""
     _check_alias(alias)
-    trained = modeldir.from_checkpoint(ckpt)
+    trained = trained_model(ckpt)
+    tokenizer = trained.require_tokenizer()
     client = MlflowClient()
     run_id = trained.run_id if trained.run_id and _run_exists(client, trained.run_id) else None
     val = _val_metrics(client, run_id, trained.step)
     proposals = applied_proposals(client, run_id, registry_dir)
     with tempfile.TemporaryDirectory() as tmp:
         directory = out or Path(tmp) / "model"
-        modeldir.write_model_dir(directory, trained, _card(name, trained, val, proposals, ckpt))
+        modeldir.write_model_dir(directory, trained.weights, trained.arch, tokenizer,
+                                 _card(name, trained, val, proposals))
         version = _log_and_register(client, name, directory, trained, run_id)
     tags = {"step": trained.step, "tokens": trained.tokens_seen, "proposals": ",".join(p["id"] for p in proposals) or "none",
             "val_loss": f"{val['val/loss']:.4f}" if "val/loss" in val else "none", RUN_TAG: run_id or "none"}
@@ -93,10 +97,10 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
 def _log_and_register(client: MlflowClient, name: str, directory: Path, trained: TrainedModel, run_id: str | None) -> int:
     """Log the model from code in a release run (beside the training run, which may still be
     running and must keep its status) and register it under `name`."""
+    from importlib.metadata import version
+
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    from importlib.metadata import version
 
     from cpm_lightning.tracking.mlflow_model import PARAMS
 
@@ -170,11 +174,9 @@ def pull(uri: str, dst: Path) -> Path:
 
 def load_registered(uri: str, device: str = "cpu"):
     """Model and tokenizer of models:/NAME@ALIAS or models:/NAME/VERSION (pulled to a temp dir)."""
-    from cpm_lightning.cli import TrackingConfig
-
     mlflow.set_tracking_uri(TrackingConfig().resolved_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        return modeldir.load_release(str(pull(uri, Path(tmp) / "model")), device)
+        return modeldir.load_model_dir(pull(uri, Path(tmp) / "model"), device)
 
 
 def list_models(name: str | None) -> list[dict]:

@@ -1,0 +1,127 @@
+"""The training configs: the run config's `model` group (architecture, optimizer, schedule,
+loss, execution) and `checkpoint` group.
+
+Plain dataclasses that import neither Lightning nor torch.distributed, so the registry's checks
+and `--help` need no training stack. `CausalLM` (module.py) *is* a `ModelConfig`: LightningCLI
+reads the group's keys from these fields, and so does the proposal registry
+(docs/ARCHITECTURE.md, "Configuration").
+"""
+
+# No `from __future__ import annotations`: jsonargparse resolves the string hints of the
+# dataclass __init__ that CausalLM inherits in the subclass's module, where these names are not.
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cpm_lightning.errors import UserError
+from cpm_lightning.model.config import ArchConfig
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and gradient clipping."""
+
+    lr: float = 0.02
+    """Peak learning rate. CPM-Ant's weights are N(0, 1), so its rates are larger than usual."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW moment decay rates."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay on matrices (CPM-Ant: 0.01); norms are not decayed."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is logged)."""
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule, each with linear warmup."""
+
+    name: Literal["noam", "cosine"] = "cosine"
+    """noam: linear warmup to lr/sqrt(warmup), then lr/sqrt(step) (CPM-Ant's). cosine: linear
+    warmup to lr, then cosine decay to lr x min_lr_ratio at total_steps."""
+    warmup_steps: int = 100
+    """Steps of linear warmup."""
+    total_steps: int | None = None
+    """cosine: the step at which decay ends; unset means trainer.max_steps."""
+    min_lr_ratio: float = 0.1
+    """cosine: final learning rate as a fraction of lr."""
+
+    def factor(self, step: int, total: int) -> float:
+        """Multiplier on optim.lr at optimizer step `step` (0-based)."""
+        step += 1
+        w = max(self.warmup_steps, 1)
+        if self.name == "noam":
+            return step / w**1.5 if step < w else step**-0.5
+        if step < w:
+            return step / w
+        progress = min((step - w) / max(total - w, 1), 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Training objective: next-token cross entropy on target tokens."""
+
+    z_loss: float = 0.0
+    """Weight of the z-loss, mean(logsumexp(logits)^2), which keeps the softmax normalizer near
+    0 (PaLM); 0 turns it off."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Per-block execution switches (sharded or not); neither changes parameter names, so a
+    checkpoint resumes with either setting."""
+
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: about a
+    third more compute for the activation memory of one block (the 10B preset needs it)."""
+    compile: bool = False
+    """torch.compile each block separately (compile time does not grow with depth; on CPU it
+    needs a C++ compiler)."""
+
+
+# eq/repr off: CausalLM inherits this class, and an nn.Module must stay hashable and print as
+# a module. Not kw_only: CausalLM(arch, optim) keeps working positionally.
+@dataclass(eq=False, repr=False)
+class ModelConfig:
+    """The run config's `model` group."""
+
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    """Model shape and components (a preset plus overrides)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer settings."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss settings."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Activation checkpointing and compilation per block (how, not what: no proposal sets these)."""
+
+    def __post_init__(self):
+        # Own copies (defaults and parsed values may be shared instances; the CLI fills in
+        # arch.vocab_size), with the preset's values in the arch fields left unset.
+        self.arch = self.arch.resolved()
+        self.optim, self.schedule, self.loss, self.parallel = map(
+            dataclasses.replace, (self.optim, self.schedule, self.loss, self.parallel))
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When checkpoints are written and kept (in <trainer.default_root_dir>/checkpoints), and
+    whether `fit` resumes by itself."""
+
+    every_n_steps: int = 500
+    """Save every this many optimizer steps (CPM-Ant: 500), at the end of training, and at the
+    next step boundary after SIGTERM, SIGINT or SIGUSR1 (then stop and exit cleanly)."""
+    keep_last: int = 3
+    """Keep this many most recently written checkpoints; older ones are deleted."""
+    resume: Literal["never", "auto"] = "never"
+    """auto: without --ckpt_path, resume from the newest checkpoint if there is one (a job that a
+    scheduler requeues after preemption). never: start fresh unless --ckpt_path names one."""
+
+    def __post_init__(self):
+        for key in ("every_n_steps", "keep_last"):
+            if getattr(self, key) < 1:
+                raise UserError(f"checkpoint.{key} must be at least 1, got {getattr(self, key)}")

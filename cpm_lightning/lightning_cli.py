@@ -1,0 +1,122 @@
+"""`cpm-lightning fit|validate|test`: LightningCLI with the run config's own groups
+(`tracking`, `checkpoint`, `registry`), the registry applied before anything is built, and the
+checkpoint a run starts from resolved once (docs/ARCHITECTURE.md, "Data flow of fit").
+
+Imported only for those verbs: Lightning takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from cpm_lightning.callbacks import CarryTokenizer
+from cpm_lightning.checkpoint import RUN_ID_KEY, Checkpoints, check_architecture, read_meta, resolve_ckpt_path
+from cpm_lightning.config import CheckpointConfig
+from cpm_lightning.errors import UserError
+from cpm_lightning.registry.apply import RegistryConfig, apply_registry
+from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.run_config import GROUPS, VERBS
+from cpm_lightning.sharding import FSDP2Strategy
+from cpm_lightning.tracking.config import TrackingConfig
+from cpm_lightning.tracking.logger import CPMLogger, TrackRun, check_reachable
+
+
+class CPMCLI(LightningCLI):
+    @staticmethod
+    def subcommands():
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in VERBS}
+
+    def add_arguments_to_parser(self, parser):
+        parser.add_class_arguments(TrackingConfig, "tracking")
+        parser.add_class_arguments(CheckpointConfig, "checkpoint")
+        parser.add_class_arguments(RegistryConfig, "registry")
+        parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
+
+    def parse_arguments(self, parser, args):
+        super().parse_arguments(parser, args)
+        # Kept to tell command-line overrides of a proposal's key from config-file values.
+        self.argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list) else []
+
+    def before_instantiate_classes(self):
+        cfg = self.config[self.subcommand]
+        # The checkpoint the run starts from, once: `last` and (fit only) checkpoint.resume=auto
+        # become a path, and its step and MLflow run id are read here.
+        resume = cfg.checkpoint.resume if self.subcommand == "fit" else "never"
+        self.ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints", resume)
+        self.ckpt_meta = read_meta(self.ckpt) if self.ckpt else {}
+        # Accepted proposals go in above the config files and below the command line; a
+        # resumed run applies those in effect at the step it resumes from.
+        if cfg.registry.at_step is None:
+            cfg.registry.at_step = self.ckpt_meta.get("global_step", 0)
+        self.proposals = apply_registry(cfg, self.argv, self.subcommand, ConfigSchema(GROUPS))
+        if cfg.trainer.logger in (None, True):  # fail before any work (tokenizer, shards)
+            check_reachable(TrackingConfig(uri=cfg.tracking.uri).resolved_uri)
+
+    def instantiate_classes(self):
+        super().instantiate_classes()
+        arch, seq_len = self.model.arch, self.datamodule.seq_len
+        if seq_len > arch.max_len:
+            raise UserError(f"data.seq_len={seq_len} is above the model's maximum length "
+                            f"model.arch.max_len={arch.max_len}")
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self.config_init[self.subcommand]
+        root = _root(cfg)
+        cfg["ckpt_path"] = self.ckpt and str(self.ckpt)
+        if cfg.trainer.strategy == "fsdp":  # FSDP2; Lightning's "fsdp" is FSDP1 (sharding.py)
+            kwargs["strategy"] = FSDP2Strategy()
+        callbacks = [Checkpoints(root / "checkpoints", cfg.checkpoint), CarryTokenizer()]
+        if cfg.trainer.logger in (None, True):
+            # A resumed fit continues the MLflow run its checkpoint names.
+            run_id = self.ckpt_meta.get("cpm", {}).get(RUN_ID_KEY) if self.subcommand == "fit" else None
+            kwargs["logger"] = _mlflow_logger(cfg.tracking, root, run_id)
+            callbacks.append(TrackRun(kwargs["logger"]))
+        configured = cfg.trainer.callbacks or []  # instantiated already: keep them
+        configured = configured if isinstance(configured, list) else [configured]
+        return super().instantiate_trainer(callbacks=[*configured, *callbacks], **kwargs)
+
+    def before_fit(self):
+        if self.ckpt:
+            check_architecture(self.ckpt, self.model.arch)
+        # Here, before Lightning launches the other ranks: one error line, not one per rank.
+        t = self.trainer
+        self.datamodule.micro_batch_size(t.num_devices * t.num_nodes, t.accumulate_grad_batches)
+        self._log_config()
+
+    def _log_config(self):
+        logger = self.trainer.logger
+        if self.trainer.is_global_zero and hasattr(logger, "run_id"):
+            text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+            if self.proposals is not None:  # provenance: tags, proposals.lock, commented keys
+                self.proposals.log(logger.experiment, logger.run_id)
+                text = self.proposals.annotate(text)
+            logger.experiment.log_text(logger.run_id, text, "config.yaml")
+
+
+def _root(cfg) -> Path:
+    """trainer.default_root_dir: where checkpoints (and an MLflow fallback) go."""
+    return Path(cfg.trainer.default_root_dir or os.getcwd())
+
+
+def _mlflow_logger(tracking: TrackingConfig, root: Path, run_id: str | None) -> CPMLogger:
+    """The run's MLflow logger: a new run, or the existing run `run_id` continued."""
+    return CPMLogger(tracking_uri=tracking.resolved_uri, experiment_name=tracking.resolved_experiment,
+                     run_name=tracking.run_name, run_id=run_id, fallback_dir=root, flush_timeout=tracking.flush_timeout)
+
+
+def run(argv: list[str] | None) -> None:
+    """argv None: LightningCLI reads sys.argv itself (it warns when given both)."""
+    import jsonargparse
+
+    from cpm_lightning.run_config import training_classes
+
+    # `--help` and `--print_config` show each config dataclass field's docstring.
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # exit_on_error=False: jsonargparse raises ArgumentError instead of printing its usage block,
+    # and cli.main() prints the message as one line.
+    CPMCLI(*training_classes(), args=argv, save_config_callback=None, seed_everything_default=0,
+           parser_kwargs={"exit_on_error": False})

@@ -1,0 +1,31 @@
+"""The run config's `tracking` group: where a run's metrics, config and provenance go."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """Where the run's metrics, config and provenance go (MLflow)."""
+
+    uri: str | None = None
+    """MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    experiment: str | None = None
+    """MLflow experiment; unset: $MLFLOW_EXPERIMENT_NAME, else cpm-lightning."""
+    run_name: str | None = None
+    """MLflow run name; unset: MLflow picks one."""
+    flush_timeout: float = 600.0
+    """Seconds the end of training waits for an unreachable tracking server before it writes the
+    unsent metrics to <trainer.default_root_dir>/mlflow-unsent-RUN.jsonl (sent on resume)."""
+
+    @property
+    def resolved_uri(self) -> str:
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+    @property
+    def resolved_experiment(self) -> str:
+        return self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "cpm-lightning"

@@ -1,0 +1,49 @@
+"""The run config's `data` group. A plain dataclass, without Lightning: the proposal registry
+checks `data.*` keys against its fields, and `PretrainDataModule` *is* a `DataConfig`."""
+
+# No `from __future__ import annotations`: jsonargparse resolves the string hints of the
+# dataclass __init__ that PretrainDataModule inherits in the subclass's module, where these names are not.
+from dataclasses import dataclass
+
+from cpm_lightning.errors import UserError
+from datamodules.sources import SourceConfig
+
+
+# eq/repr off: PretrainDataModule inherits this class and is compared and printed as itself.
+# Not kw_only: PretrainDataModule(sources, ...) keeps working positionally.
+@dataclass(eq=False, repr=False)
+class DataConfig:
+    """The training data: a mixture of sources, its tokenizer, and how it is cut into batches."""
+
+    sources: dict[str, SourceConfig]
+    """The mixture: {name: {url, weight, format, field}}."""
+    tokenizer: str | None = None
+    """Path or fsspec URL of a SentencePiece model. Unset: one is trained on the sources on first
+    use and cached."""
+    tokenizer_vocab_size: int = 4096
+    """Vocabulary of the tokenizer trained when `tokenizer` is unset."""
+    seq_len: int = 256
+    """Tokens per training sample (windows of seq_len + 1 are cut from the stream)."""
+    batch_size: int = 8
+    """The global batch: samples per optimizer step over all devices. Each device takes
+    batch_size / (devices x nodes x trainer.accumulate_grad_batches) per forward pass, so the
+    optimization, and the samples of each step, do not depend on the world size."""
+    val_windows: int = 32
+    """Windows held out at the end of each source for validation (at most a tenth of the
+    source)."""
+    seed: int = 0
+    """Seed of the per-source window order."""
+    cache_dir: str | None = None
+    """Where shards and trained tokenizers are cached; unset: $CPM_LIGHTNING_CACHE or
+    ~/.cache/cpm-lightning."""
+
+    def __post_init__(self):
+        if not self.sources:
+            raise UserError("data.sources is empty; expected {name: {url: ..., weight: ...}}")
+        for key in ("seq_len", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"data.{key} must be positive, got {getattr(self, key)}")
+        self.sources = {n: s if isinstance(s, SourceConfig) else SourceConfig(**s) for n, s in self.sources.items()}
+        for name, src in self.sources.items():  # here, where the source's name is known
+            if not src.weight > 0:
+                raise UserError(f"data.sources.{name}.weight must be positive, got {src.weight}")
