@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test proposals-check clean
+.PHONY: install demo test proposals-check lint clean
 
 install: $(STAMP)
 
@@ -23,8 +23,13 @@ demo: $(STAMP)
 	@echo
 	@echo "Live view of the run: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
 
-test: $(STAMP) proposals-check
+test: $(STAMP) proposals-check lint
 	$(BIN)/python -m pytest -q
+
+# The layering of docs/ARCHITECTURE.md (contracts in setup.cfg) and the linter (pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check
 
 # The CI gate of the community registry: every proposal valid, alone and together.
 proposals-check: $(STAMP)

@@ -131,7 +131,7 @@ class MlflowServer:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}") from None
                 time.sleep(0.5)
 
     def stop(self) -> None:
