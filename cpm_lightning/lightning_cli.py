@@ -41,6 +41,14 @@ class CPMCLI(LightningCLI):
         # Kept to tell command-line overrides of a proposal's key from config-file values.
         self.argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list) else []
 
+    def _parse_ckpt_path(self):
+        # LightningCLI would merge a single-file checkpoint's hyper_parameters over the parsed
+        # config here, so that a resumed run silently trained with the checkpoint's values, not
+        # the config's, the registry's or the command line's. The run config is what trains: the
+        # checkpoint is resolved and read in before_instantiate_classes, and a model that does not
+        # fit it is an error (check_architecture).
+        pass
+
     def before_instantiate_classes(self):
         cfg = self.config[self.subcommand]
         # The checkpoint the run starts from, once: `last` and (fit only) checkpoint.resume=auto

@@ -95,6 +95,20 @@ class CausalLM(ModelConfig, L.LightningModule):
     def on_train_start(self):
         self._peak = peak_flops(self.device)
         self._last_batch_end = None
+        self._train_with_this_config()
+
+    def _train_with_this_config(self):
+        """A resumed run restores AdamW's state and the schedule's position from its checkpoint,
+        and with them the settings they were saved with. This run's resolved config replaces
+        those settings (moments and step counts stay), so a command-line override, or a training
+        proposal that takes effect at the resume, is what trains."""
+        optimizer, scheduler = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
+        for group, settings in zip(optimizer.param_groups, self._group_settings(), strict=True):
+            group.update(settings)
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["lr"] = group["initial_lr"] * lr_lambda(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reads
 
     def _flops_per_token(self, batch) -> int:
         seq_len = batch["input_ids"].shape[1]
@@ -102,14 +116,19 @@ class CausalLM(ModelConfig, L.LightningModule):
             self._flops_for, self._flops = seq_len, model_stats(self.arch, seq_len).flops_per_token
         return self._flops
 
+    def _group_settings(self) -> list[dict]:
+        """AdamW's settings for its two parameter groups, matrices (decayed) then norms, from
+        this run's config."""
+        o = self.optim
+        return [{"initial_lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": decay} for decay in (o.weight_decay, 0.0)]
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.optim.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
+        matrices, vectors = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+        groups = [{"params": ps, "lr": s["initial_lr"], **s}
+                  for ps, s in zip((matrices, vectors), self._group_settings(), strict=True)]
         fused = all(p.device.type in ("cuda", "cpu") for p in params)
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused)
+        optimizer = torch.optim.AdamW(groups, fused=fused)
         total = self.schedule.total_steps or self.trainer.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.schedule.factor(s, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

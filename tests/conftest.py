@@ -149,3 +149,31 @@ def mlflow_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+# A resumed run's overrides of every optimizer and schedule field class, and what AdamW must use.
+RESUME_OVERRIDES = {"model.optim.lr": 0.3, "model.optim.betas": [0.5, 0.6], "model.optim.eps": 2.5e-5,
+                    "model.optim.weight_decay": 0.2, "model.schedule.name": "noam", "model.schedule.warmup_steps": 2}
+
+
+def override_args(overrides: dict) -> list[str]:
+    return [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
+
+
+def assert_optimizer_used(optim_jsonl: Path, resumed_at: int, overrides: dict = RESUME_OVERRIDES):
+    """Every step from `resumed_at` on used the overridden settings (read back from AdamW, as
+    fsdp_probe.RecordOptimizer wrote them), and AdamW's state carried on from the checkpoint."""
+    from cpm_lightning.config import ScheduleConfig
+
+    records = [json.loads(line) for line in optim_jsonl.read_text().splitlines()]
+    resumed = [r for r in records if r["step"] >= resumed_at]
+    assert resumed and resumed[0]["step"] == resumed_at, records
+    schedule = ScheduleConfig(name=overrides["model.schedule.name"], warmup_steps=overrides["model.schedule.warmup_steps"])
+    for r in resumed:
+        lr = overrides["model.optim.lr"] * schedule.factor(r["step"], 0)
+        for group, decay in zip(r["groups"], (overrides["model.optim.weight_decay"], 0.0), strict=True):
+            assert group["lr"] == pytest.approx(lr, rel=1e-6), r
+            assert group["betas"] == overrides["model.optim.betas"], r
+            assert group["eps"] == overrides["model.optim.eps"], r
+            assert group["weight_decay"] == decay, r
+            assert group["adam_step"] == r["step"], r  # the moments came from the checkpoint

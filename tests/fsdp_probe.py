@@ -87,3 +87,21 @@ class KillWhileSaving(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
         model_parallel._distributed_checkpoint_save = write_shards_then_die
+
+
+class RecordOptimizer(L.Callback):
+    """Rank 0 appends, before every optimizer step, what AdamW is about to use: each group's lr,
+    betas, eps and weight decay, and the step count of its state (0 when it has none yet), as
+    one JSON line to `out`/optim.jsonl."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not trainer.is_global_zero:
+            return
+        groups = [{"lr": g["lr"], "betas": list(g["betas"]), "eps": g["eps"], "weight_decay": g["weight_decay"],
+                   "adam_step": float(optimizer.state[g["params"][0]].get("step", 0))}
+                  for g in optimizer.param_groups]
+        with open(os.path.join(self.out, "optim.jsonl"), "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "groups": groups}) + "\n")

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write_config, write_corpus
+from conftest import RESUME_OVERRIDES, assert_optimizer_used, override_args, write_config, write_corpus
 from fsdp_probe import PROBE_INPUT
 
 from cpm_lightning.checkpoint import Checkpoints, read_meta, resolve_ckpt_path
@@ -218,6 +218,16 @@ def user_error(capsys, argv) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) >= 1 and err[-1].startswith("error: "), err
     return err[-1]
+
+
+def test_overrides_of_a_sharded_resume_are_what_trains(runs, straight2):
+    """Every optimizer and schedule field class overridden at a resume of the 2-rank checkpoint,
+    read back from AdamW (the single-file path is in test_resume_config.py)."""
+    ckpt = runs.root / "straight2" / "checkpoints" / "last.ckpt"
+    out = runs.root / "overridden"
+    runs.fit("overridden", 1, "--ckpt_path", str(ckpt), *override_args(RESUME_OVERRIDES),
+             callbacks=[("RecordOptimizer", {"out": str(out)})], **{"trainer.max_steps": 2 * N + 2})
+    assert_optimizer_used(out / "optim.jsonl", 2 * N)
 
 
 def test_checkpoint_of_another_architecture(runs, straight2, capsys):
