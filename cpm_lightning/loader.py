@@ -1,6 +1,7 @@
 """One loader for every place a trained model can be: a checkpoint written by `fit` (sharded
-or one file), a model directory (consolidated or released), or a `models:/` URI of the MLflow
-Model Registry. `generate` uses it; so can any tool that needs (model, tokenizer)."""
+or one file), a model directory (consolidated or released), a release written by `pull`, or a
+`models:/` URI of the MLflow Model Registry. `generate` uses it; so can any tool that needs
+(model, tokenizer)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ def load_model(source: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
         from cpm_lightning.tracking.releases import load_registered
 
         return load_registered(source, device)
-    if (path / WEIGHTS).is_file() or (path / CARD).is_file():  # a release is verified by its card
+    if (path / WEIGHTS).is_file() or (path / CARD).is_file():  # a released one is checked against its card
         return load_model_dir(path, device)
+    if (path / "MLmodel").is_file():  # a release `pull` wrote: the MLflow model around a model directory
+        from cpm_lightning.tracking.integrity import MODEL_DIR
+
+        return load_model_dir(path / MODEL_DIR, device)
     # A checkpoint file, a sharded checkpoint directory (meta.pt is Lightning's name), or a path
     # that does not exist (the checkpoint reader says so).
     if path.is_file() or not path.exists() or (path / "meta.pt").is_file():

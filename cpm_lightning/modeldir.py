@@ -5,7 +5,8 @@
     config.json         the architecture (ArchConfig fields)
     tokenizer.model     the SentencePiece model
     MODEL_CARD.md       releases only: facts about the release, ending with the sha256 of every
-                        other file
+                        other file (for `sha256sum -c` and to catch damage on disk; a pulled
+                        release is trusted for its manifest, cpm_lightning/tracking/integrity.py)
 
 One place for the format: file names, writing, verifying, and the check that weights fit an
 architecture. No Lightning, no MLflow.

@@ -1,5 +1,6 @@
 """MLflow against a real `mlflow server`: live metrics, a server outage, resume into the same
-run, the daily report, release -> pull -> generate, and the bad inputs of issue 5.
+run, the daily report, release -> pull -> generate, releases changed after they were made
+(issue 10), and the bad inputs of issue 5.
 
 One training job (module fixture `live`) is watched while it runs: its server is killed and
 started again mid-run, then the job is resumed from an earlier checkpoint, released, and
@@ -8,9 +9,11 @@ reported on. The later tests build on it, in order.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from cpm_lightning.checkpoint import trained_model
 from cpm_lightning.cli import main
 from cpm_lightning.generate import sample
 from cpm_lightning.loader import load_model
+from cpm_lightning.tracking import integrity
 from cpm_lightning.tracking.logger import START_STEP, Sender
 
 STEP = re.compile(r"step-?(\d+)\.ckpt$")
@@ -198,7 +202,11 @@ def test_release_pull_in_new_process_generates_like_the_checkpoint(released, liv
     assert version.tags["tokens"] == str(ckpt_meta["cpm"]["tokens_seen"])
     assert version.tags["proposals"] == "none" and float(version.tags["val_loss"]) > 0
     cli("pull", "models:/live-lm@candidate", "--dst", str(tmp_path / "pulled"), env=live.env)
-    card = (tmp_path / "pulled" / "MODEL_CARD.md").read_text()
+    files = {p.relative_to(tmp_path / "pulled").as_posix() for p in (tmp_path / "pulled").rglob("*") if p.is_file()}
+    assert files == {"MANIFEST.json", "MLmodel", "mlflow_model.py", "conda.yaml", "python_env.yaml", "requirements.txt",
+                     *(f"artifacts/model/{f}" for f in ("model.safetensors", "config.json", "tokenizer.model",
+                                                        "MODEL_CARD.md"))}
+    card = (tmp_path / "pulled" / "artifacts" / "model" / "MODEL_CARD.md").read_text()
     assert f"- step: {ckpt_meta['global_step']}" in card and "val/loss" in card
     assert len(modeldir.HASH_LINE.findall(card)) == 3
     assert greedy(str(tmp_path / "pulled")) == greedy(released)
@@ -207,8 +215,9 @@ def test_release_pull_in_new_process_generates_like_the_checkpoint(released, liv
     assert listing[1].split()[:3] == ["live-lm", "1", "candidate,stable"]
 
 
-def test_pyfunc_model_loads_by_alias_in_a_fresh_process(released, live):
-    code = ("import json, mlflow; m = mlflow.pyfunc.load_model('models:/live-lm@stable'); "
+def test_pyfunc_model_loads_a_pulled_release_in_a_fresh_process(released, live, mlflow_server, tmp_path):
+    main(["pull", "models:/live-lm@stable", "--dst", str(tmp_path / "pulled"), "--tracking-uri", mlflow_server.uri])
+    code = (f"import json, mlflow; m = mlflow.pyfunc.load_model({str(tmp_path / 'pulled')!r}); "
             f"print(json.dumps(m.predict([{PROMPT!r}], params={{'temperature': 0.0, 'max_new_tokens': 12}})))")
     proc = subprocess.run([sys.executable, "-c", code], env=live.env, capture_output=True, text=True, cwd=live.root)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -297,6 +306,305 @@ def test_weights_whose_shapes_disagree_with_config_json(model_dir, capsys):
     error = cli_error(capsys, "generate", str(model_dir), "--prompt", PROMPT)
     assert re.fullmatch(rf"error: {model_dir}/model.safetensors: \S+ has shape \[\d+, \d+\], but config.json "
                         r"expects \[\d+, \d+\]", error)
+
+
+# -- releases changed after they were made (issue 10, class 7) ---------------------------------
+MODEL = "artifacts/model/"  # where a release keeps its model directory (integrity.MODEL_DIR)
+CHANGED = r"(sha256 [0-9a-f]{16}\.\.\. differs from the manifest's [0-9a-f]{16}\.\.\.|\d+ bytes, the manifest records \d+)"
+
+
+@dataclass
+class Release:
+    name: str
+    key: Path | None
+    """The public key it is verified with; None: unsigned."""
+    store: Path
+    """Its files in the server's artifact store, where someone with write access would change them."""
+    out: Path | None
+    """The model directory `release --out` kept."""
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    """PEM key pairs: `release` (signs signed-lm), `other` (signs nothing), and `ed25519` (a kind
+    model-signing cannot use)."""
+    from cryptography.hazmat.primitives import serialization as pem
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    root = tmp_path_factory.mktemp("keys")
+    for name, key in (("release", ec.generate_private_key(ec.SECP256R1())),
+                      ("other", ec.generate_private_key(ec.SECP256R1())), ("ed25519", ed25519.Ed25519PrivateKey.generate())):
+        (root / f"{name}.pem").write_bytes(key.private_bytes(pem.Encoding.PEM, pem.PrivateFormat.PKCS8, pem.NoEncryption()))
+        (root / f"{name}.pub").write_bytes(key.public_key().public_bytes(pem.Encoding.PEM, pem.PublicFormat.SubjectPublicKeyInfo))
+    return root
+
+
+def stored(server, name: str) -> Path:
+    uri = MlflowClient(server.uri).get_model_version_download_uri(name, "1")
+    path = server.root / "artifacts" / uri.removeprefix("mlflow-artifacts:/")
+    assert (path / "MANIFEST.json").is_file(), uri
+    return path
+
+
+@pytest.fixture(scope="module")
+def releases(released, keys, mlflow_server, tmp_path_factory) -> dict[str, Release]:
+    """live-lm/1 (unsigned) and signed-lm/1: the same checkpoint released with --sign-key."""
+    out = tmp_path_factory.mktemp("release-out") / "signed-lm"
+    main(["release", released, "--name", "signed-lm", "--sign-key", str(keys / "release.pem"), "--out", str(out),
+          "--tracking-uri", mlflow_server.uri])
+    return {"unsigned": Release("live-lm", None, stored(mlflow_server, "live-lm"), None),
+            "signed": Release("signed-lm", keys / "release.pub", stored(mlflow_server, "signed-lm"), out)}
+
+
+@pytest.fixture
+def restore(releases, tmp_path):
+    """Every release's stored files as they were, once the test has changed them."""
+    saved = {kind: shutil.copytree(r.store, tmp_path / "saved" / kind) for kind, r in releases.items()}
+    yield
+    for kind, r in releases.items():
+        shutil.rmtree(r.store)
+        shutil.copytree(saved[kind], r.store)
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+def rerecord(store: Path, name: str) -> None:
+    """The card's hash line of `name` set to the file's sha256, as the sweep's attacker did."""
+    card = store / MODEL / "MODEL_CARD.md"
+    digest = modeldir.sha256(store / MODEL / name)
+    card.write_text(re.sub(rf"^[0-9a-f]{{64}}(?=  {re.escape(name)}$)", digest, card.read_text(), flags=re.M))
+
+
+def add_file(store: Path, card_lists_it: bool) -> None:
+    (store / MODEL / "extra.py").write_text("print('an added file')\n")
+    if card_lists_it:
+        line = f"{modeldir.sha256(store / MODEL / 'extra.py')}  extra.py"
+        edit(store / MODEL / "MODEL_CARD.md", "  tokenizer.model\n", f"  tokenizer.model\n{line}\n")
+
+
+def insert_payload(store: Path, mark: Path) -> None:
+    """Code in the stored model code that creates `mark` when it runs."""
+    edit(store / "mlflow_model.py", "from __future__ import annotations\n",
+         f"from __future__ import annotations\n\nopen({str(mark)!r}, 'w').close()\n")
+
+
+def change_config(store: Path) -> None:
+    config = json.loads((store / MODEL / "config.json").read_text())
+    config["ff_dim"] *= 2
+    (store / MODEL / "config.json").write_text(json.dumps(config))
+
+
+def files_differ(*problems: tuple[str, str]) -> str:
+    """The refusal naming each (file, what is wrong), in the order pull names them."""
+    return "the release does not match its manifest: " + "; ".join(f"{re.escape(f)}: {w}" for f, w in sorted(problems))
+
+
+CARD_CHANGED = (MODEL + "MODEL_CARD.md", CHANGED)
+TAMPERED = {  # case: (change to the stored release, given the payload's mark file; the refusal after the name)
+    "weights": (lambda s, m: flip_byte(s / MODEL / "model.safetensors"),
+                files_differ((MODEL + "model.safetensors", CHANGED))),
+    "weights, card re-recorded": (lambda s, m: (flip_byte(s / MODEL / "model.safetensors"), rerecord(s, "model.safetensors")),
+                                  files_differ((MODEL + "model.safetensors", CHANGED), CARD_CHANGED)),
+    "weights, card line deleted": (lambda s, m: (flip_byte(s / MODEL / "model.safetensors"),
+                                                 edit(s / MODEL / "MODEL_CARD.md", "  model.safetensors\n", "\n")),
+                                   files_differ((MODEL + "model.safetensors", CHANGED), CARD_CHANGED)),
+    "config": (lambda s, m: change_config(s), files_differ((MODEL + "config.json", CHANGED))),
+    "config, card re-recorded": (lambda s, m: (change_config(s), rerecord(s, "config.json")),
+                                 files_differ((MODEL + "config.json", CHANGED), CARD_CHANGED)),
+    "tokenizer": (lambda s, m: flip_byte(s / MODEL / "tokenizer.model"), files_differ((MODEL + "tokenizer.model", CHANGED))),
+    "tokenizer, card re-recorded": (lambda s, m: (flip_byte(s / MODEL / "tokenizer.model"), rerecord(s, "tokenizer.model")),
+                                    files_differ((MODEL + "tokenizer.model", CHANGED), CARD_CHANGED)),
+    "card": (lambda s, m: edit(s / MODEL / "MODEL_CARD.md", "- step: ", "- step: 9"), files_differ(CARD_CHANGED)),
+    "model code": (insert_payload, files_differ(("mlflow_model.py", CHANGED))),
+    "MLmodel": (lambda s, m: edit(s / "MLmodel", "code: null", "code: code"), files_differ(("MLmodel", CHANGED))),
+    "added file": (lambda s, m: add_file(s, card_lists_it=False), files_differ((MODEL + "extra.py", "not in the manifest"))),
+    "added file, card lists it": (lambda s, m: add_file(s, card_lists_it=True),
+                                  files_differ((MODEL + "extra.py", "not in the manifest"), CARD_CHANGED)),
+    "manifest rewritten": (lambda s, m: (flip_byte(s / MODEL / "model.safetensors"), rerecord(s, "model.safetensors"),
+                                         integrity.write_manifest(s)),
+                           r"MANIFEST.json has sha256 [0-9a-f]{16}\.\.\., but the tag cpm.manifest_sha256 records "
+                           r"[0-9a-f]{16}\.\.\.; the release was changed in the artifact store"),
+    "manifest deleted": (lambda s, m: (s / "MANIFEST.json").unlink(),
+                         "the release has no MANIFEST.json; its tag cpm.manifest_sha256 expects one"),
+}
+
+
+@pytest.mark.parametrize("kind", ["unsigned", "signed"])
+@pytest.mark.parametrize("case", TAMPERED)
+def test_a_tampered_release_is_refused_by_pull_and_generate(case, kind, releases, restore, mlflow_server, tmp_path,
+                                                            capsys, monkeypatch):
+    release = releases[kind]
+    change, refusal = TAMPERED[case]
+    mark = tmp_path / "payload-ran"
+    change(release.store, mark)
+    expected = rf"error: models:/{release.name}/1: {refusal}"
+    dst = tmp_path / "pulled"
+    key = ["--verify-key", str(release.key)] if release.key else []
+    error = cli_error(capsys, "pull", f"models:/{release.name}@candidate", "--dst", str(dst), *key,
+                      "--tracking-uri", mlflow_server.uri)
+    assert re.fullmatch(expected, error), error
+    assert not dst.exists() and not list(tmp_path.glob(".pulled.*"))  # nor the download beside it
+    # generate reads models:/ through the same checks (signatures: with the key the environment trusts)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    if release.key:
+        monkeypatch.setenv("CPM_LIGHTNING_TRUSTED_KEY", str(release.key))
+    error = cli_error(capsys, "generate", f"models:/{release.name}@candidate", "--prompt", PROMPT)
+    assert re.fullmatch(expected, error), error
+    assert not mark.exists()
+
+
+def test_the_payload_runs_when_mlflow_loads_the_store_directly(releases, restore, live, tmp_path):
+    """What the README warns about, and proof that the model code case above carries live code."""
+    mark = tmp_path / "payload-ran"
+    insert_payload(releases["unsigned"].store, mark)
+    code = "import mlflow; mlflow.pyfunc.load_model('models:/live-lm@stable')"
+    subprocess.run([sys.executable, "-c", code], env=live.env, capture_output=True, cwd=live.root)
+    assert mark.exists()
+
+
+def test_a_release_rewritten_with_its_tag_is_caught_by_the_signature_alone(releases, restore, mlflow_server,
+                                                                             tmp_path, capsys):
+    """Write access to the tracking database and the store together: a new manifest and its tag."""
+    client = MlflowClient(mlflow_server.uri)
+    for kind, release in releases.items():
+        flip_byte(release.store / MODEL / "model.safetensors")
+        rerecord(release.store, "model.safetensors")
+        tag = client.get_model_version(release.name, "1").tags[integrity.MANIFEST_TAG]
+        client.set_model_version_tag(release.name, "1", integrity.MANIFEST_TAG, integrity.write_manifest(release.store))
+        dst = tmp_path / kind
+        dst.mkdir()  # an empty directory pull may write into
+        try:
+            if release.key is None:  # accepted: without a key, this much access is enough (README)
+                main(["pull", f"models:/{release.name}@candidate", "--dst", str(dst), "--tracking-uri", mlflow_server.uri])
+                assert (dst / MODEL / "model.safetensors").read_bytes() == (release.store / MODEL / "model.safetensors").read_bytes()
+                continue
+            error = cli_error(capsys, "pull", f"models:/{release.name}@candidate", "--dst", str(dst), "--verify-key",
+                              str(release.key), "--tracking-uri", mlflow_server.uri)
+        finally:
+            client.set_model_version_tag(release.name, "1", integrity.MANIFEST_TAG, tag)
+        assert error == (f"error: models:/signed-lm/1: the files differ from those {release.key} signed (Hash mismatch "
+                         f"for 'MANIFEST.json'; Hash mismatch for '{MODEL}MODEL_CARD.md'; Hash mismatch for "
+                         f"'{MODEL}model.safetensors'); the release was changed or re-made after it was signed")
+        assert dst.is_dir() and not any(dst.iterdir())
+
+
+def forge(store: Path) -> None:
+    bundle = json.loads((store / "model.sig").read_text())
+    signature = bundle["dsseEnvelope"]["signatures"][0]
+    signature["sig"] = base64.b64encode(base64.b64decode(signature["sig"])[:-1] + b"\0").decode()
+    (store / "model.sig").write_text(json.dumps(bundle))
+
+
+SIGNATURE_PROBLEMS = {  # case: (release, public key, change to the store, the refusal after the name)
+    "unsigned release": ("unsigned", "release.pub", None,
+                         "the release is not signed (no model.sig); {key} is trusted, so a release must be signed "
+                         "with its private key (`release --sign-key`)"),
+    "signature removed": ("signed", "release.pub", lambda s: (s / "model.sig").unlink(),
+                          "the release is not signed (no model.sig); {key} is trusted, so a release must be signed "
+                          "with its private key (`release --sign-key`)"),
+    "another key": ("signed", "other.pub", None, "model.sig was made with another key than {key}"),
+    "forged": ("signed", "release.pub", forge, "model.sig does not verify with {key}; it was forged or damaged"),
+    "not a signature": ("signed", "release.pub", lambda s: (s / "model.sig").write_text("{}"),
+                        "model.sig is not a signature model-signing can read (KeyError: 'verificationMaterial')"),
+}
+
+
+@pytest.mark.parametrize("case", SIGNATURE_PROBLEMS)
+def test_a_release_without_a_good_signature_is_refused_when_a_key_is_given(case, releases, restore, keys,
+                                                                          mlflow_server, tmp_path, capsys):
+    kind, key, change, refusal = SIGNATURE_PROBLEMS[case]
+    release = releases[kind]
+    if change:
+        change(release.store)
+    error = cli_error(capsys, "pull", f"models:/{release.name}@candidate", "--dst", str(tmp_path / "pulled"),
+                      "--verify-key", str(keys / key), "--tracking-uri", mlflow_server.uri)
+    assert error == f"error: models:/{release.name}/1: {refusal.format(key=keys / key)}"
+    assert not (tmp_path / "pulled").exists()
+
+
+def test_a_trusted_key_in_the_environment_requires_signatures(releases, keys, mlflow_server, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.setenv("CPM_LIGHTNING_TRUSTED_KEY", str(keys / "release.pub"))
+    main(["pull", "models:/signed-lm@candidate", "--dst", str(tmp_path / "signed"), "--tracking-uri", mlflow_server.uri])
+    assert capsys.readouterr().out.rstrip().endswith(f"; signature verified with {keys / 'release.pub'})")
+    kept = releases["signed"].out  # what release --out kept is what was released
+    assert {f.name: f.read_bytes() for f in (tmp_path / "signed" / MODEL).iterdir()} == {
+        f.name: f.read_bytes() for f in kept.iterdir()}
+    unsigned = (f"error: models:/live-lm/1: the release is not signed (no model.sig); {keys / 'release.pub'} is "
+                "trusted, so a release must be signed with its private key (`release --sign-key`)")
+    assert cli_error(capsys, "pull", "models:/live-lm@stable", "--dst", str(tmp_path / "unsigned"),
+                     "--tracking-uri", mlflow_server.uri) == unsigned
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    assert cli_error(capsys, "generate", "models:/live-lm@stable", "--prompt", PROMPT) == unsigned
+
+
+@pytest.mark.parametrize("flag, key, problem", [
+    ("--sign-key", "missing.pem", "No such file or directory"),
+    ("--sign-key", "release.pub", "not an unencrypted PEM private key"),
+    ("--sign-key", "ed25519.pem", "model-signing cannot use this key (Ed25519PublicKey)"),
+    ("--verify-key", "release.pem", "not a PEM public key"),
+    ("--verify-key", "ed25519.pub", "model-signing cannot use this key (Ed25519PublicKey)"),
+    ("$CPM_LIGHTNING_TRUSTED_KEY", "missing.pub", "No such file or directory"),
+], ids=lambda v: str(v))
+def test_an_unusable_key_is_refused_before_any_work(flag, key, problem, released, releases, keys, mlflow_server,
+                                                    tmp_path, capsys, monkeypatch):
+    path = keys / key
+    kind = "an unencrypted PEM private key" if flag == "--sign-key" else "a PEM public key"
+    if flag == "--sign-key":
+        argv = ["release", released, "--name", "never-released", flag, str(path)]
+    else:
+        argv = ["pull", "models:/signed-lm@candidate", "--dst", str(tmp_path / "pulled")]
+        if flag.startswith("$"):
+            monkeypatch.setenv(flag[1:], str(path))
+        else:
+            argv += [flag, str(path)]
+    error = cli_error(capsys, *argv, "--tracking-uri", mlflow_server.uri)
+    assert error == f"error: {flag} {path}: {problem}; expected {kind} on an elliptic curve model-signing uses " \
+                    "(P-256, P-384, P-521)"
+    assert "never-released" not in {m.name for m in MlflowClient(mlflow_server.uri).search_registered_models()}
+    assert not (tmp_path / "pulled").exists()
+
+
+def test_release_out_that_cannot_be_written_registers_nothing(released, mlflow_server, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert cli_error(capsys, "release", released, "--name", "never-released", "--out", str(tmp_path / "file" / "out"),
+                     "--tracking-uri", mlflow_server.uri) == (
+        f"error: --out {tmp_path / 'file' / 'out'}: cannot write the model directory (Not a directory)")
+    assert "never-released" not in {m.name for m in MlflowClient(mlflow_server.uri).search_registered_models()}
+
+
+def test_pull_refuses_a_dst_it_cannot_write_cleanly_and_a_version_without_its_tag(released, mlflow_server, tmp_path,
+                                                                                  capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for dst, problem in ((tmp_path / "full", "not empty"), (tmp_path / "file", "not a directory")):
+        assert cli_error(capsys, "pull", "models:/live-lm@stable", "--dst", str(dst), "--tracking-uri",
+                         mlflow_server.uri) == f"error: --dst {dst}: {problem}; expected a new or empty directory"
+    assert cli_error(capsys, "pull", "models:/live-lm@stable", "--dst", str(tmp_path / "no" / "dst"), "--tracking-uri",
+                     mlflow_server.uri) == f"error: --dst {tmp_path / 'no' / 'dst'}: its parent directory {tmp_path / 'no'} does not exist"
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
+
+    client = MlflowClient(mlflow_server.uri)
+    tag = client.get_model_version("live-lm", "1").tags[integrity.MANIFEST_TAG]
+    client.delete_model_version_tag("live-lm", "1", integrity.MANIFEST_TAG)
+    try:
+        error = cli_error(capsys, "pull", "models:/live-lm@stable", "--dst", str(tmp_path / "pulled"), "--tracking-uri",
+                          mlflow_server.uri)
+    finally:
+        client.set_model_version_tag("live-lm", "1", integrity.MANIFEST_TAG, tag)
+    assert error == ("error: models:/live-lm/1: no tag cpm.manifest_sha256, so its files cannot be verified; expected a "
+                     "version registered by `cpm-lightning release`")
 
 
 # -- the sender on its own ----------------------------------------------------------------------

@@ -26,6 +26,8 @@ def add_commands(sub) -> None:
     rel.add_argument("--alias", default="candidate", help="alias to point at the new version (default: candidate)")
     rel.add_argument("--out", type=Path, help="also keep the model directory here")
     rel.add_argument("--proposals", default="proposals", type=Path, help="the registry directory (default: proposals)")
+    rel.add_argument("--sign-key", type=Path, metavar="KEY",
+                     help="sign the release with this PEM elliptic-curve private key (OpenSSF model-signing)")
     rel.set_defaults(func=release)
 
     pro = sub.add_parser("promote", help="point an alias at a registered version")
@@ -34,9 +36,11 @@ def add_commands(sub) -> None:
     pro.add_argument("--alias", required=True, help="e.g. stable")
     pro.set_defaults(func=promote)
 
-    pull = sub.add_parser("pull", help="download a released model directory and verify its hashes")
+    pull = sub.add_parser("pull", help="download a release, verify every file, then write it")
     pull.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     pull.add_argument("--dst", required=True, type=Path, help="directory to write (new or empty)")
+    pull.add_argument("--verify-key", type=Path, metavar="PUB",
+                      help="require a signature by this PEM public key (default: $CPM_LIGHTNING_TRUSTED_KEY, if set)")
     pull.set_defaults(func=pull_model)
 
     models = sub.add_parser("models", help="the Model Registry").add_subparsers(metavar="ACTION")
@@ -74,8 +78,9 @@ def release(args) -> None:
     from cpm_lightning.tracking.releases import release as do_release
 
     _use_tracking_uri(args)
-    version = do_release(args.checkpoint, args.name, args.alias, args.out, args.proposals)
-    print(f"registered models:/{args.name}/{version}; models:/{args.name}@{args.alias} points at it")
+    version = do_release(args.checkpoint, args.name, args.alias, args.out, args.proposals, args.sign_key)
+    signed = f", signed with {args.sign_key}" if args.sign_key else ""
+    print(f"registered models:/{args.name}/{version}{signed}; models:/{args.name}@{args.alias} points at it")
 
 
 def promote(args) -> None:
@@ -87,10 +92,12 @@ def promote(args) -> None:
 
 
 def pull_model(args) -> None:
-    from cpm_lightning.tracking.releases import pull
+    from cpm_lightning.tracking.releases import pull, trusted_key
 
+    key = trusted_key(args.verify_key)
     _use_tracking_uri(args)
-    print(f"wrote {pull(args.uri, args.dst)} (sha256 verified)")
+    signed = f"; signature verified with {key}" if key else "; no signature checked (no --verify-key)"
+    print(f"wrote {pull(args.uri, args.dst, key)} (every file verified against the release's manifest{signed})")
 
 
 def models_list(args) -> None:

@@ -1,10 +1,16 @@
 """The MLflow pyfunc model of a release, logged as a *model from code*: MLflow stores this file
 (not a pickled object) and the model directory as its artifact `model_dir`.
 
-    mlflow.pyfunc.load_model("models:/NAME@stable").predict(["Once upon a time"])
+    mlflow.pyfunc.load_model("NAME").predict(["Once upon a time"])
 
-returns one continuation per prompt. Params (all optional): max_new_tokens, temperature (0 is
-greedy), top_k, top_p (0 turns each off), seed.
+on a directory `cpm-lightning pull models:/NAME@stable --dst NAME` wrote returns one
+continuation per prompt. Params (all optional): max_new_tokens, temperature (0 is greedy),
+top_k, top_p (0 turns each off), seed.
+
+MLflow runs the copy of this file stored with the release, and `mlflow.pyfunc.load_model` on a
+models:/ URI runs it straight from the artifact store, before anything has checked it; `pull`
+verifies it first (docs/ARCHITECTURE.md, "Releases"). A check in this file could not help: who
+can change the stored copy can change the check.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,12 +15,15 @@ from mlflow.exceptions import MlflowException
 from cpm_lightning import modeldir
 from cpm_lightning.checkpoint import TrainedModel, trained_model
 from cpm_lightning.errors import UserError
+from cpm_lightning.tracking import integrity
 from cpm_lightning.tracking.config import TrackingConfig
+from cpm_lightning.tracking.integrity import MODEL_DIR
 
 RESERVED_ALIASES = ("latest",)  # MLflow resolves models:/NAME@latest itself
 VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 RUN_TAG = "cpm.run_id"  # on a model version: the training run it was released from
+TRUSTED_KEY_ENV = "CPM_LIGHTNING_TRUSTED_KEY"  # a public key: pulls then require its signature
 
 
 def applied_proposals(client: MlflowClient, run_id: str | None, registry_dir: Path) -> list[dict]:
@@ -63,10 +67,13 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: li
     return "\n".join(lines)
 
 
-def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Path) -> int:
-    """Checkpoint -> model directory -> pyfunc model from code -> a new registered version with
-    tags and `alias` pointing at it. Returns the version."""
+def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Path, sign_key: Path | None = None) -> int:
+    """Checkpoint -> model directory -> pyfunc model from code, sealed by its manifest (and
+    signed with `sign_key`) -> a new registered version with tags, the manifest's sha256 among
+    them, and `alias` pointing at it. Returns the version."""
     _check_alias(alias)
+    if sign_key is not None:
+        integrity.check_key(sign_key, "--sign-key", private=True)
     trained = trained_model(ckpt)
     tokenizer = trained.require_tokenizer()
     client = MlflowClient()
@@ -74,12 +81,18 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     val = _val_metrics(client, run_id, trained.step)
     proposals = applied_proposals(client, run_id, registry_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        directory = out or Path(tmp) / "model"
+        directory = Path(tmp) / MODEL_DIR.name  # MLflow names the artifact after it: MODEL_DIR in the release
         modeldir.write_model_dir(directory, trained.weights, trained.arch, tokenizer,
                                  _card(name, trained, val, proposals))
-        version = _log_and_register(client, name, directory, trained, run_id)
+        if out is not None:
+            try:
+                shutil.copytree(directory, out, dirs_exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--out {out}: cannot write the model directory ({e.strerror or e})") from None
+        version, manifest_sha256 = _log_and_register(client, name, directory, trained, run_id, sign_key)
     tags = {"step": trained.step, "tokens": trained.tokens_seen, "proposals": ",".join(p["id"] for p in proposals) or "none",
-            "val_loss": f"{val['val/loss']:.4f}" if "val/loss" in val else "none", RUN_TAG: run_id or "none"}
+            "val_loss": f"{val['val/loss']:.4f}" if "val/loss" in val else "none", RUN_TAG: run_id or "none",
+            integrity.MANIFEST_TAG: manifest_sha256}
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, str(value))
     client.set_registered_model_alias(name, alias, str(version))
@@ -94,12 +107,33 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
         return False
 
 
-def _log_and_register(client: MlflowClient, name: str, directory: Path, trained: TrainedModel, run_id: str | None) -> int:
-    """Log the model from code in a release run (beside the training run, which may still be
-    running and must keep its status) and register it under `name`."""
+class _SealedPyfunc:
+    """mlflow.pyfunc as the flavor `Model.log` saves with, then the manifest (and signature)
+    written into the saved model before MLflow uploads it, so they cover MLflow's own files
+    (MLmodel, the model code, the environment) as well as the model directory."""
+
+    def __init__(self, sign_key: Path | None):
+        self.__name__ = mlflow.pyfunc.__name__  # Model.log records the flavor's name on the logged model
+        self.sign_key, self.manifest_sha256 = sign_key, ""
+
+    def save_model(self, path: str, mlflow_model, **kwargs) -> None:
+        mlflow.pyfunc.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        root = Path(path)
+        for cache in root.rglob("__pycache__"):  # Model.log deletes these before the upload
+            shutil.rmtree(cache)
+        self.manifest_sha256 = integrity.write_manifest(root)
+        if self.sign_key is not None:
+            integrity.sign(root, self.sign_key)
+
+
+def _log_and_register(client: MlflowClient, name: str, directory: Path, trained: TrainedModel, run_id: str | None,
+                      sign_key: Path | None) -> tuple[int, str]:
+    """Log the sealed model from code in a release run (beside the training run, which may
+    still be running and must keep its status) and register it under `name`. Returns the
+    version and the manifest's sha256."""
     from importlib.metadata import version
 
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     from cpm_lightning.tracking.mlflow_model import PARAMS
@@ -108,12 +142,14 @@ def _log_and_register(client: MlflowClient, name: str, directory: Path, trained:
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
                                params=ParamSchema([ParamSpec(k, {int: "long", float: "double"}[type(v)], v)
                                                    for k, v in PARAMS.items()]))
+    flavor = _SealedPyfunc(sign_key)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"release {name} step {trained.step}",
                           tags={RUN_TAG: run_id or "none"}):
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"model_dir": str(directory)},
-                                       signature=signature, pip_requirements=[f"cpm-lightning=={version('cpm-lightning')}"],
-                                       registered_model_name=name)
-    return int(info.registered_model_version)
+        # Model.log is what mlflow.pyfunc.log_model calls, with mlflow.pyfunc as the flavor.
+        info = Model.log(artifact_path=None, name="model", flavor=flavor, python_model=str(MODEL_CODE),
+                         artifacts={"model_dir": str(directory)}, signature=signature,
+                         pip_requirements=[f"cpm-lightning=={version('cpm-lightning')}"], registered_model_name=name)
+    return int(info.registered_model_version), flavor.manifest_sha256
 
 
 def _check_alias(alias: str) -> None:
@@ -156,27 +192,55 @@ def promote(name: str, version: str, alias: str) -> None:
     client.set_registered_model_alias(name, alias, version)
 
 
-def pull(uri: str, dst: Path) -> Path:
-    """Download the model directory of a registered version into `dst` and verify its hashes."""
+def trusted_key(flag: Path | None) -> Path | None:
+    """The public key releases must be signed with: --verify-key, else $CPM_LIGHTNING_TRUSTED_KEY,
+    else none (checked to be a usable key)."""
+    if flag is not None:
+        integrity.check_key(flag, "--verify-key", private=False)
+        return flag
+    env = os.environ.get(TRUSTED_KEY_ENV)
+    if not env:
+        return None
+    integrity.check_key(Path(env), f"${TRUSTED_KEY_ENV}", private=False)
+    return Path(env)
+
+
+def pull(uri: str, dst: Path, verify_key: Path | None = None) -> Path:
+    """Download the MLflow model of a registered version beside `dst`, verify it (the manifest
+    against the version's tag, every file against the manifest, and the signature when
+    `verify_key` is given), then rename it to `dst`. On any failure `dst` is as it was."""
     client = MlflowClient()
     name, version = resolve_version(client, uri)
-    if dst.exists() and any(dst.iterdir()):
-        raise UserError(f"--dst {dst}: not empty; expected a new or empty directory")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        cards = sorted((local / "artifacts").rglob(modeldir.CARD))  # MLflow names the dir after the logged one
-        if not cards:
-            raise UserError(f"models:/{name}/{version} is not a cpm-lightning release (no {modeldir.CARD})")
-        shutil.copytree(cards[0].parent, dst, dirs_exist_ok=True)
-    modeldir.verify_model_dir(dst)
+    where = f"models:/{name}/{version}"
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UserError(f"--dst {dst}: {'not empty' if dst.is_dir() else 'not a directory'}; expected a new or "
+                        "empty directory")
+    if not dst.absolute().parent.is_dir():
+        raise UserError(f"--dst {dst}: its parent directory {dst.absolute().parent} does not exist")
+    expected = client.get_model_version(name, version).tags.get(integrity.MANIFEST_TAG)
+    if not expected:
+        raise UserError(f"{where}: no tag {integrity.MANIFEST_TAG}, so its files cannot be verified; expected a "
+                        "version registered by `cpm-lightning release`")
+    # The download is not a registry one (models:/), which would add a file of MLflow's own.
+    source = client.get_model_version_download_uri(name, version)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.absolute().parent))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging)))
+        integrity.verify_manifest(local, expected, where)
+        if verify_key is not None:
+            integrity.verify_signature(local, verify_key, where)
+        local.replace(dst)  # onto an empty directory, or a new name
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return dst
 
 
 def load_registered(uri: str, device: str = "cpu"):
-    """Model and tokenizer of models:/NAME@ALIAS or models:/NAME/VERSION (pulled to a temp dir)."""
+    """Model and tokenizer of models:/NAME@ALIAS or models:/NAME/VERSION, pulled to a temp dir
+    and verified (with $CPM_LIGHTNING_TRUSTED_KEY when set) before any of it is read."""
     mlflow.set_tracking_uri(TrackingConfig().resolved_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        return modeldir.load_model_dir(pull(uri, Path(tmp) / "model"), device)
+        return modeldir.load_model_dir(pull(uri, Path(tmp) / "release", trusted_key(None)) / MODEL_DIR, device)
 
 
 def list_models(name: str | None) -> list[dict]:
