@@ -35,8 +35,15 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from cpm_lightning.checkpoint_files import (CheckpointReader, PlainDataPlanner, check_file, gather_hashes,
-                                           manifest_path, user_errors, write_checkpoint_manifest)
+from cpm_lightning.checkpoint_files import (
+    CheckpointReader,
+    PlainDataPlanner,
+    check_file,
+    gather_hashes,
+    manifest_path,
+    user_errors,
+    write_checkpoint_manifest,
+)
 from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.model import ArchConfig

@@ -104,7 +104,7 @@ class Manifest:
             if size != recorded["size"]:
                 raise UserError(f"{file} is damaged: {size} bytes, {recorded['size']} when it was written "
                                 f"(recorded in {self.path}); {self.remedy}")
-            for i, (length, digest) in zip(todo, _chunk_digests(file, todo, self.chunk_bytes)):
+            for i, (length, digest) in zip(todo, _chunk_digests(file, todo, self.chunk_bytes), strict=True):
                 if digest != recorded["chunks"][i]:
                     first = i * self.chunk_bytes
                     raise UserError(f"{file} is damaged: bytes {first}-{first + length - 1} do not match the "
