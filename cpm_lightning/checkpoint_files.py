@@ -42,6 +42,7 @@ METADATA_GLOBALS = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
     ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    *(("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)),
 }
 
 
@@ -107,7 +108,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str):
-        if (module, name) in METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in METADATA_GLOBALS:
             return super().find_class(module, name)
         raise UserError(f"{self.path}: refused to unpickle {module}.{name}: DCP metadata holds only DCP's own classes, "
                         "sizes and dtypes (a crafted file runs code this way); not opening this checkpoint")
