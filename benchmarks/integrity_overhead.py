@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cpm_lightning.checkpoint import load_weights  # noqa: E402
-from cpm_lightning.integrity import CHUNK_BYTES, HASH_THREADS, MANIFEST, hash_file, write_manifest  # noqa: E402
+from cpm_lightning.file_hashes import CHUNK_BYTES, HASH_THREADS, HASHES_FILE, hash_file, write_hashes  # noqa: E402
 from cpm_lightning.model import ArchConfig  # noqa: E402
 from cpm_lightning.model.stats import model_stats  # noqa: E402
 from cpm_lightning.module import CausalLM  # noqa: E402
@@ -84,7 +84,7 @@ def sharded_checkpoint(state: dict, arch: ArchConfig, path: Path) -> None:
         dcp.save({"state_dict": {f"model.{k}": v for k, v in state["model"].items()}, "optimizer_0": moments},
                  checkpoint_id=path, no_dist=True)
     torch.save({"cpm": {"arch": arch.to_dict()}}, path / "meta.pt")
-    write_manifest(path / MANIFEST, {p.name: hash_file(p) for p in path.iterdir()})
+    write_hashes(path / HASHES_FILE, {p.name: hash_file(p) for p in path.iterdir()})
 
 
 def token_shard(path: Path, mib: int) -> None:
@@ -94,7 +94,7 @@ def token_shard(path: Path, mib: int) -> None:
     tokens.tofile(path / "tokens.bin")
     np.save(path / "index.npy", np.arange(1000, len(tokens) + 1, 1000, dtype=np.int64))
     (path / "meta.json").write_text(json.dumps({"dtype": "uint16", "tokens": len(tokens)}))
-    write_manifest(path / MANIFEST, {f: hash_file(path / f) for f in FILES})
+    write_hashes(path / HASHES_FILE, {f: hash_file(path / f) for f in FILES})
 
 
 def main() -> None:
@@ -134,7 +134,7 @@ def main() -> None:
         verified, plain = tmp / "sharded", tmp / "unverified"
         sharded_checkpoint(state, arch, verified)
         shutil.copytree(verified, plain)
-        (plain / MANIFEST).unlink()
+        (plain / HASHES_FILE).unlink()
         load_weights(plain)  # its warning (no hashes.json) once, before the timing
         on, off = [], []
         for _ in range(args.rounds):

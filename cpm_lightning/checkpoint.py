@@ -40,9 +40,9 @@ from cpm_lightning.checkpoint_files import (
     PlainDataPlanner,
     check_file,
     gather_hashes,
-    manifest_path,
+    hashes_path,
     user_errors,
-    write_checkpoint_manifest,
+    write_checkpoint_hashes,
 )
 from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
@@ -268,7 +268,7 @@ class Checkpoints(Checkpoint):
         hashes = gather_hashes(trainer, partial)  # each rank hashes what it wrote; rank 0 gets all
         if trainer.is_global_zero:
             _remove(final)  # the same step saved again after resuming from an earlier checkpoint
-            write_checkpoint_manifest(partial, final, hashes)
+            write_checkpoint_hashes(partial, final, hashes)
             os.replace(partial, final)
             link, last = self.dirpath / f".{LAST}.new", self.dirpath / LAST
             link.unlink(missing_ok=True)
@@ -301,7 +301,7 @@ def _remove(path: Path) -> None:
     """Remove a checkpoint (with the hashes beside a single file), a partial one or a link."""
     if path.is_symlink() or path.is_file():
         path.unlink()
-        manifest_path(path).unlink(missing_ok=True)
+        hashes_path(path).unlink(missing_ok=True)
     elif path.exists():
         shutil.rmtree(path)
 

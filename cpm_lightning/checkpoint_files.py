@@ -1,9 +1,9 @@
 """Opening a checkpoint without trusting its bytes: the hashes recorded when it was written are
 checked before they are used, and its pickled parts may hold only data.
 
-- Hashes (integrity.py): `hashes.json` inside a sharded checkpoint, `step-N.ckpt.hashes.json`
+- Hashes (file_hashes.py): `hashes.json` inside a sharded checkpoint, `step-N.ckpt.hashes.json`
   beside a single file. Each rank hashes the files it wrote, so the cost is spread like the
-  write; rank 0 writes the manifest before the commit rename.
+  write; rank 0 writes hashes.json before the commit rename.
 - DCP's `.metadata` is a pickle that FileSystemReader loads with plain `pickle.load`: a crafted
   one runs code wherever the checkpoint is opened. CheckpointReader unpickles it allowing only
   the globals real DCP metadata holds. A checkpoint's non-tensor values (the optimizer's
@@ -26,7 +26,7 @@ from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from cpm_lightning.errors import UserError
-from cpm_lightning.integrity import MANIFEST, Manifest, hash_file, write_manifest
+from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
 
 REMEDY = "restore it from a copy, or resume from an earlier checkpoint"
 DCP_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # DCP names each rank's data files __RANK_N.distcp
@@ -46,31 +46,31 @@ METADATA_GLOBALS = {
 }
 
 
-def manifest_path(ckpt: Path) -> Path:
+def hashes_path(ckpt: Path) -> Path:
     """Where the hashes of checkpoint `ckpt` are: inside a sharded one, beside a single file."""
-    return ckpt / MANIFEST if ckpt.is_dir() else ckpt.with_name(f"{ckpt.name}.{MANIFEST}")
+    return ckpt / HASHES_FILE if ckpt.is_dir() else ckpt.with_name(f"{ckpt.name}.{HASHES_FILE}")
 
 
 _unverified_warned: set[Path] = set()
 
 
-def checkpoint_manifest(ckpt: Path) -> Manifest | None:
+def recorded_hashes(ckpt: Path) -> RecordedHashes | None:
     """The recorded hashes of checkpoint `ckpt` (a directory, a file or a link to either); None,
     with a warning, for a checkpoint written before hashes were recorded."""
     ckpt = Path(ckpt).resolve()
-    found = Manifest.find(manifest_path(ckpt), ckpt if ckpt.is_dir() else ckpt.parent, REMEDY)
+    found = RecordedHashes.find(hashes_path(ckpt), ckpt if ckpt.is_dir() else ckpt.parent, REMEDY)
     if found is None and ckpt not in _unverified_warned:
         _unverified_warned.add(ckpt)
-        print(f"warning: {ckpt} has no {manifest_path(ckpt).name} (written before checkpoints recorded hashes): "
+        print(f"warning: {ckpt} has no {hashes_path(ckpt).name} (written before checkpoints recorded hashes): "
               "its bytes are not verified", file=sys.stderr)
     return found
 
 
 def check_file(ckpt: Path, name: str | None = None) -> None:
     """Check file `name` of a sharded checkpoint, or a single-file checkpoint (name None), whole."""
-    manifest = checkpoint_manifest(ckpt)
-    if manifest is not None:
-        manifest.check(name or Path(ckpt).resolve().name)
+    hashes = recorded_hashes(ckpt)
+    if hashes is not None:
+        hashes.check(name or Path(ckpt).resolve().name)
 
 
 def gather_hashes(trainer, partial: Path) -> dict[str, dict] | None:
@@ -94,12 +94,12 @@ def _writer(name: str) -> int:
     return int(match[1]) if match else 0
 
 
-def write_checkpoint_manifest(partial: Path, final: Path, hashes: dict[str, dict]) -> None:
+def write_checkpoint_hashes(partial: Path, final: Path, hashes: dict[str, dict]) -> None:
     """Record `hashes` (gather_hashes) for the checkpoint at `partial` that becomes `final`."""
     if partial.is_dir():
-        write_manifest(partial / MANIFEST, hashes)
+        write_hashes(partial / HASHES_FILE, hashes)
     else:  # beside the file, under the name it is about to get
-        write_manifest(manifest_path(final), {final.name: hashes[partial.name]})
+        write_hashes(hashes_path(final), {final.name: hashes[partial.name]})
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -121,12 +121,12 @@ class CheckpointReader(FileSystemReader):
 
     def __init__(self, path: Path):
         super().__init__(Path(path).resolve())  # errors name the real files, not a link to them
-        self.manifest = checkpoint_manifest(self.path)
+        self.hashes = recorded_hashes(self.path)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = Path(self._get_metadata_path(kwargs.get("rank")))
-        if self.manifest is not None:
-            self.manifest.check(path.name)
+        if self.hashes is not None:
+            self.hashes.check(path.name)
         try:
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f, path).load()
@@ -148,8 +148,8 @@ class CheckpointReader(FileSystemReader):
             info = self.storage_data[item.storage_index]
             if Path(info.relative_path).name != info.relative_path:
                 raise UserError(f"{self.path}: its metadata names a file outside the checkpoint: {info.relative_path!r}")
-            if self.manifest is not None:
-                self.manifest.check(info.relative_path, info.offset, info.offset + info.length)
+            if self.hashes is not None:
+                self.hashes.check(info.relative_path, info.offset, info.offset + info.length)
         return super().read_data(plan, planner)
 
 

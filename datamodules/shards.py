@@ -4,7 +4,7 @@ A shard is a directory `<cache>/shards/<fingerprint>/` with
   tokens.bin   every document's tokens followed by EOS, back to back (uint16 or uint32)
   index.npy    the end offset of each document in tokens.bin
   meta.json    counts and the source it came from
-  hashes.json  the sha256 of each chunk of the three (cpm_lightning/integrity.py): meta.json and
+  hashes.json  the sha256 of each chunk of the three (cpm_lightning/file_hashes.py): meta.json and
                index.npy are checked when the shard is opened, each chunk of tokens.bin when a
                window is first read from it, so a damaged byte is an error naming the file
 It is written to a temporary directory and renamed into place, so a crash never leaves a
@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cpm_lightning.errors import UserError
-from cpm_lightning.integrity import MANIFEST, Manifest, hash_file, write_manifest
+from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
 from cpm_lightning.tokenizer import Tokenizer
 from datamodules.sources import ReadStats, SourceConfig, check_stats, documents, expand, read_bytes
 
@@ -71,25 +71,25 @@ class Shard:
     path: Path
     tokens: np.ndarray
     """All of tokens.bin, unchecked: read windows with read()."""
-    manifest: Manifest
+    hashes: RecordedHashes
 
     @classmethod
     def open(cls, path: Path) -> "Shard":
         remedy = f"delete {path} (a cache entry): it is rebuilt on the next run"
         try:
-            manifest = Manifest(path / MANIFEST, path, remedy)
+            hashes = RecordedHashes(path / HASHES_FILE, path, remedy)
         except FileNotFoundError:
-            raise UserError(f"{path / MANIFEST} is missing; {remedy}") from None
-        manifest.check("meta.json")
-        manifest.check("index.npy")  # read by no training code, but small: 8 bytes per document
+            raise UserError(f"{path / HASHES_FILE} is missing; {remedy}") from None
+        hashes.check("meta.json")
+        hashes.check("index.npy")  # read by no training code, but small: 8 bytes per document
         meta = json.loads((path / "meta.json").read_text())
-        return cls(path, np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r"), manifest)
+        return cls(path, np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r"), hashes)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """tokens[start:stop], once the chunks of tokens.bin that hold them are checked (each
         chunk once: a run hashes only the chunks its windows touch, in step with training)."""
         itemsize = self.tokens.itemsize
-        self.manifest.check("tokens.bin", start * itemsize, stop * itemsize)
+        self.hashes.check("tokens.bin", start * itemsize, stop * itemsize)
         return self.tokens[start:stop]
 
 
@@ -126,7 +126,7 @@ def build_shard(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir: P
                 "tokens": total, "documents": len(ends), "bad_lines": stats.bad_lines,
                 "replaced_bytes": stats.replaced_bytes}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        write_manifest(tmp / MANIFEST, {f: hash_file(tmp / f) for f in FILES})
+        write_hashes(tmp / HASHES_FILE, {f: hash_file(tmp / f) for f in FILES})
         try:
             tmp.rename(final)
         except OSError:  # another process finished the same shard first

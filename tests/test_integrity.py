@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from cpm_lightning.checkpoint_files import REMEDY, CheckpointReader
 from cpm_lightning.cli import main
 from cpm_lightning.errors import UserError
-from cpm_lightning.integrity import CHUNK_BYTES, MANIFEST, hash_file, write_manifest
+from cpm_lightning.file_hashes import CHUNK_BYTES, HASHES_FILE, hash_file, write_hashes
 from datamodules.shards import Shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
         shutil.copytree(src, dst)
     else:
         shutil.copy(src, dst)
-        shutil.copy(src.with_name(f"{src.name}.{MANIFEST}"), dst.with_name(f"{dst.name}.{MANIFEST}"))
+        shutil.copy(src.with_name(f"{src.name}.{HASHES_FILE}"), dst.with_name(f"{dst.name}.{HASHES_FILE}"))
     return dst
 
 
@@ -134,14 +134,14 @@ def embedding_offset(ckpt: Path) -> int:
 # -- writing ----------------------------------------------------------------------------------
 
 def test_every_file_of_a_checkpoint_is_hashed_when_it_is_written(made):
-    listed = json.loads((made.sharded / MANIFEST).read_text())["files"]
+    listed = json.loads((made.sharded / HASHES_FILE).read_text())["files"]
     assert sorted(listed) == [".metadata", "__0_0.distcp", "meta.pt"] == sorted(
-        p.name for p in made.sharded.iterdir() if p.name != MANIFEST)
+        p.name for p in made.sharded.iterdir() if p.name != HASHES_FILE)
     assert all(listed[name] == hash_file(made.sharded / name) for name in listed)
     # keep_last=1 removed step 1 with the hashes beside it.
     assert sorted(p.name for p in made.single.parent.iterdir()) == [
-        "last.ckpt", "step-00000002.ckpt", f"step-00000002.ckpt.{MANIFEST}"]
-    sidecar = json.loads((made.single.parent / f"step-00000002.ckpt.{MANIFEST}").read_text())
+        "last.ckpt", "step-00000002.ckpt", f"step-00000002.ckpt.{HASHES_FILE}"]
+    sidecar = json.loads((made.single.parent / f"step-00000002.ckpt.{HASHES_FILE}").read_text())
     assert sidecar["files"] == {"step-00000002.ckpt": hash_file(made.single)}
 
 
@@ -164,9 +164,9 @@ def test_a_flipped_byte_in_a_checkpoint_is_named(made, tmp_path, capsys, case, c
     file = ckpt / name if name else ckpt
     offset = embedding_offset(ckpt) if name == "__0_0.distcp" else file.stat().st_size // 2
     flip(file, offset)
-    manifest = ckpt / MANIFEST if name else ckpt.with_name(f"{ckpt.name}.{MANIFEST}")
+    hashes = ckpt / HASHES_FILE if name else ckpt.with_name(f"{ckpt.name}.{HASHES_FILE}")
     expected = (f"{file} is damaged: {chunk_of(offset, file.stat().st_size)} do not match the sha256 recorded in "
-                f"{manifest} when it was written; {REMEDY}")
+                f"{hashes} when it was written; {REMEDY}")
     if command == "generate":
         code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is", "--max-new-tokens", "3")
     else:  # a DCP data file is read by the strategy's load, after Lightning set up FSDP2
@@ -176,21 +176,21 @@ def test_a_flipped_byte_in_a_checkpoint_is_named(made, tmp_path, capsys, case, c
     assert written_checkpoints(tmp_path / "run") == []
 
 
-def test_a_damaged_manifest_is_named(made, tmp_path, capsys):
+def test_damaged_hashes_are_named(made, tmp_path, capsys):
     ckpt = copy_checkpoint(made.sharded, tmp_path / "ckpt")
-    flip(ckpt / MANIFEST, 100)
+    flip(ckpt / HASHES_FILE, 100)
     code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is")
-    assert_error(code, err, f"{ckpt / MANIFEST} is damaged: it does not match the sha256 of its own listing; {REMEDY}")
+    assert_error(code, err, f"{ckpt / HASHES_FILE} is damaged: it does not match the sha256 of its own listing; {REMEDY}")
 
 
 def test_a_checkpoint_written_before_hashes_is_read_with_a_warning(made, tmp_path, capsys):
     ckpt = copy_checkpoint(made.sharded, tmp_path / "ckpt")
-    (ckpt / MANIFEST).unlink()
+    (ckpt / HASHES_FILE).unlink()
     main(["generate", str(ckpt), "--prompt", "It is", "--max-new-tokens", "3"])
     out = capsys.readouterr()
     assert out.out.startswith("It is")
     assert out.err.splitlines() == [
-        f"warning: {ckpt} has no {MANIFEST} (written before checkpoints recorded hashes): its bytes are not verified"]
+        f"warning: {ckpt} has no {HASHES_FILE} (written before checkpoints recorded hashes): its bytes are not verified"]
 
 
 # -- a crafted checkpoint ---------------------------------------------------------------------
@@ -207,7 +207,7 @@ class Payload:
 
 def rehash(ckpt: Path) -> None:
     """A crafter writes hashes that match: the hashes catch damage, not intent."""
-    write_manifest(ckpt / MANIFEST, {p.name: hash_file(p) for p in ckpt.iterdir() if p.name != MANIFEST})
+    write_hashes(ckpt / HASHES_FILE, {p.name: hash_file(p) for p in ckpt.iterdir() if p.name != HASHES_FILE})
 
 
 def test_crafted_metadata_runs_no_code(made, tmp_path, capsys):
@@ -275,7 +275,7 @@ def test_a_flipped_byte_in_a_token_shard_is_named(made, shard_cache, tmp_path, c
     code, err = run_cli(capsys, "fit", "--config", made.single_config, f"--data.cache_dir={cache}",
                         f"--trainer.default_root_dir={tmp_path / 'run'}")
     assert_error(code, err, f"{file} is damaged: {chunk_of(offset, file.stat().st_size)} do not match the sha256 "
-                            f"recorded in {shard / MANIFEST} when it was written; delete {shard} (a cache entry): "
+                            f"recorded in {shard / HASHES_FILE} when it was written; delete {shard} (a cache entry): "
                             "it is rebuilt on the next run")
     assert written_checkpoints(tmp_path / "run") == []
 
@@ -283,7 +283,7 @@ def test_a_flipped_byte_in_a_token_shard_is_named(made, shard_cache, tmp_path, c
 def test_each_chunk_of_tokens_is_checked_when_a_window_first_reads_it(shard_cache):
     _, shard = shard_cache
     chunk = 256
-    write_manifest(shard / MANIFEST, {n: hash_file(shard / n, chunk) for n in ("tokens.bin", "index.npy", "meta.json")},
+    write_hashes(shard / HASHES_FILE, {n: hash_file(shard / n, chunk) for n in ("tokens.bin", "index.npy", "meta.json")},
                    chunk)
     flip(shard / "tokens.bin", 3 * chunk + 7)  # in token 391 (uint16)
     opened = Shard.open(shard)
@@ -299,7 +299,7 @@ def test_a_shard_without_hashes_is_named_and_the_remedy_works(made, shard_cache)
     from datamodules.pretrain import PretrainDataModule
 
     cache, shard = shard_cache
-    (shard / MANIFEST).unlink()
+    (shard / HASHES_FILE).unlink()
 
     def setup() -> PretrainDataModule:
         dm = PretrainDataModule({"en": {"url": str(made.corpus["en"]), "weight": 1.0}}, seq_len=32, cache_dir=str(cache),
@@ -310,7 +310,7 @@ def test_a_shard_without_hashes_is_named_and_the_remedy_works(made, shard_cache)
 
     with pytest.raises(UserError) as error:
         setup()
-    assert str(error.value) == f"{shard / MANIFEST} is missing; delete {shard} (a cache entry): it is rebuilt on the next run"
+    assert str(error.value) == f"{shard / HASHES_FILE} is missing; delete {shard} (a cache entry): it is rebuilt on the next run"
     shutil.rmtree(shard)
     assert len(setup().shards["en"].read(0, 33)) == 33
-    assert (shard / MANIFEST).is_file()
+    assert (shard / HASHES_FILE).is_file()

@@ -2,8 +2,8 @@
 are trusted: a flipped byte on disk becomes one error line naming the file, not a model that
 trains or samples on it.
 
-A manifest (`hashes.json`) lists, for each file, its size and the sha256 of each `chunk_bytes`
-chunk, and carries a sha256 of that listing so that damage to the manifest itself is named as
+A directory's `hashes.json` lists, for each file, its size and the sha256 of each `chunk_bytes`
+chunk, and carries a sha256 of that listing so that damage to the listing itself is named as
 such. A reader checks a file whole before parsing it (meta.pt, DCP's .metadata, a shard's
 meta.json) or only the chunks it reads, each once per open (DCP shard files, tokens.bin): a load
 hashes what it reads and nothing else. sha256 because it is the fastest hashlib hash where CPUs
@@ -21,10 +21,10 @@ from pathlib import Path
 
 from cpm_lightning.errors import UserError
 
-MANIFEST = "hashes.json"
+HASHES_FILE = "hashes.json"
 CHUNK_BYTES = 1 << 20
 """1 MiB: a training window that first touches a chunk of tokens.bin waits for its hash (~1 ms),
-and a manifest holds 64 hex digits per MiB (7 KB for 100 MB)."""
+and hashes.json holds 64 hex digits per MiB (7 KB for 100 MB)."""
 HASH_THREADS = min(8, os.cpu_count() or 1)
 """Chunks hashed at once: reads and sha256 release the GIL, so a checkpoint's rank hashes its
 file in a fraction of the time the write took (spare cores of a GPU node are idle then)."""
@@ -53,18 +53,18 @@ def _listing_digest(chunk_bytes: int, files: dict) -> str:
     return hashlib.sha256(json.dumps([chunk_bytes, files], sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(path: Path, files: dict[str, dict], chunk_bytes: int = CHUNK_BYTES) -> None:
-    """Write the manifest `path` for `files` ({name: hash_file(...)}, names relative to the
+def write_hashes(path: Path, files: dict[str, dict], chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Write the hashes file `path` for `files` ({name: hash_file(...)}, names relative to the
     directory of the files)."""
     Path(path).write_text(json.dumps({"chunk_bytes": chunk_bytes, "files": files,
                                       "sha256": _listing_digest(chunk_bytes, files)}, indent=1))
 
 
-class Manifest:
+class RecordedHashes:
     """The recorded hashes of the files in `root`, checked on demand: each chunk once."""
 
     def __init__(self, path: Path, root: Path, remedy: str):
-        """`path`: the manifest; `remedy`: what the user should do about a damaged file (ends
+        """`path`: the hashes file; `remedy`: what the user should do about a damaged file (ends
         every error message)."""
         self.path, self.root, self.remedy = Path(path), Path(root), remedy
         try:
@@ -80,8 +80,8 @@ class Manifest:
         self._checked: set[tuple[str, int]] = set()
 
     @classmethod
-    def find(cls, path: Path, root: Path, remedy: str) -> "Manifest | None":
-        """The manifest at `path`, or None if there is none."""
+    def find(cls, path: Path, root: Path, remedy: str) -> "RecordedHashes | None":
+        """The hashes recorded at `path`, or None if there is no such file."""
         try:
             return cls(path, root, remedy)
         except FileNotFoundError:
