@@ -4,8 +4,10 @@ resumes, and consolidation of a sharded checkpoint into one safetensors file.
 <trainer.default_root_dir>/checkpoints holds
   step-00000500.ckpt/           sharded (trainer.strategy: fsdp): torch.distributed.checkpoint
                                 shards of model and optimizer, and meta.pt with everything else
-                                (schedule, data position, loops, RNG, the `cpm` section)
-  step-00000500.ckpt            a single file (unsharded strategies)
+                                (schedule, data position, loops, RNG, the `cpm` section), and
+                                hashes.json: the sha256 of each file's chunks (checkpoint_files.py)
+  step-00000500.ckpt            a single file (unsharded strategies), its hashes beside it in
+  step-00000500.ckpt.hashes.json
   last.ckpt                     a symlink to the checkpoint written last
   .step-00000600.ckpt.partial   being written; renamed into place once every rank has finished,
                                 so a checkpoint killed mid-write is never resumed
@@ -31,7 +33,17 @@ import torch.distributed.checkpoint as dcp
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from cpm_lightning.checkpoint_files import (
+    CheckpointReader,
+    PlainDataPlanner,
+    check_file,
+    gather_hashes,
+    hashes_path,
+    user_errors,
+    write_checkpoint_hashes,
+)
 from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.model import ArchConfig
@@ -85,6 +97,8 @@ def read_meta(path: Path) -> dict:
         raise UserError(f"{path}: not a checkpoint (a directory without {_METADATA_FILENAME}: a write that "
                         "did not finish, or not written by fit)")
     file = path / _METADATA_FILENAME if is_sharded(path) else path
+    if file.is_file():
+        check_file(path, _METADATA_FILENAME if is_sharded(path) else None)  # before a byte of it is parsed
     if file.is_file() and not zipfile.is_zipfile(file):  # torch's own error here is about mmap
         raise UserError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
     try:
@@ -98,10 +112,11 @@ def read_meta(path: Path) -> dict:
     return ckpt
 
 
-def _sharded_model_shapes(path: Path) -> dict[str, torch.Size]:
+def _sharded_model_metadata(reader: CheckpointReader) -> dict[str, TensorStorageMetadata]:
+    """DCP's metadata (size, dtype) of each of CPMAnt's weights in a sharded checkpoint."""
     prefix = f"{MODEL_KEY}.model."
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return {k.removeprefix(prefix): m.size for k, m in metadata.items() if k.startswith(prefix)}
+    metadata = reader.read_metadata().state_dict_metadata
+    return {k.removeprefix(prefix): m for k, m in metadata.items() if k.startswith(prefix)}
 
 
 def _file_weights(meta: dict) -> dict[str, torch.Tensor]:
@@ -116,14 +131,15 @@ def load_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = read_meta(path)
     if not is_sharded(path):
         return meta, _file_weights(meta)
-    reader = dcp.FileSystemReader(str(path))
-    metadata = reader.read_metadata().state_dict_metadata
-    weights = {name: torch.empty(shape, dtype=metadata[f"{MODEL_KEY}.model.{name}"].properties.dtype)
-               for name, shape in _sharded_model_shapes(path).items()}
+    reader = CheckpointReader(path)
+    weights = {name: torch.empty(m.size, dtype=m.properties.dtype)
+               for name, m in _sharded_model_metadata(reader).items()}
     # DCP fills the tensors in place and reads only the keys asked for (not the optimizer's).
-    with warnings.catch_warnings():  # "...assuming the intent is to load in a single process": it is
+    with warnings.catch_warnings(), user_errors():
+        # "...assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load({MODEL_KEY: {f"model.{k}": v for k, v in weights.items()}}, storage_reader=reader, no_dist=True)
+        dcp.load({MODEL_KEY: {f"model.{k}": v for k, v in weights.items()}}, storage_reader=reader,
+                 planner=PlainDataPlanner(path), no_dist=True)
     return meta, weights
 
 
@@ -167,7 +183,7 @@ def check_architecture(path: Path, arch: ArchConfig) -> None:
     model `arch` builds (DCP's own error is a multi-rank traceback)."""
     path = Path(path)
     if is_sharded(path):
-        saved = _sharded_model_shapes(path)
+        saved = {name: m.size for name, m in _sharded_model_metadata(CheckpointReader(path)).items()}
     else:
         saved = {k: v.shape for k, v in _file_weights(read_meta(path)).items()}
     check_shapes(saved, arch, f"checkpoint {path}", "this run's model.arch")
@@ -249,8 +265,10 @@ class Checkpoints(Checkpoint):
             _remove(partial)
         trainer.strategy.barrier("cpm-checkpoint-start")
         trainer.save_checkpoint(partial)  # returns on every rank after all have written
+        hashes = gather_hashes(trainer, partial)  # each rank hashes what it wrote; rank 0 gets all
         if trainer.is_global_zero:
             _remove(final)  # the same step saved again after resuming from an earlier checkpoint
+            write_checkpoint_hashes(partial, final, hashes)
             os.replace(partial, final)
             link, last = self.dirpath / f".{LAST}.new", self.dirpath / LAST
             link.unlink(missing_ok=True)
@@ -280,8 +298,10 @@ class Checkpoints(Checkpoint):
 
 
 def _remove(path: Path) -> None:
+    """Remove a checkpoint (with the hashes beside a single file), a partial one or a link."""
     if path.is_symlink() or path.is_file():
         path.unlink()
+        hashes_path(path).unlink(missing_ok=True)
     elif path.exists():
         shutil.rmtree(path)
 

@@ -8,15 +8,25 @@ gloo and on CUDA with NCCL, so the tests exercise the code path the GPUs run.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+from cpm_lightning.checkpoint_files import CheckpointReader, PlainDataPlanner, check_file, user_errors
 from cpm_lightning.config import ParallelConfig
 from cpm_lightning.model import ArchConfig, CPMAnt
 
@@ -32,6 +42,27 @@ class FSDP2Strategy(ModelParallelStrategy):
         # "auto" would make the data-parallel size the number of nodes (one TP group per node).
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """Lightning's sharded resume (model, each optimizer, then meta.pt), through a reader
+        that checks the recorded hashes of what it reads and refuses pickled code
+        (checkpoint_files.py); Lightning's own reads with DCP's default reader."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not (path / _METADATA_FILENAME).is_file():  # a single file: torch.load(weights_only=True)
+            return super().load_checkpoint(path, weights_only)
+        reader = CheckpointReader(path)  # one reader: each chunk is checked once
+        model_state = {"state_dict": get_model_state_dict(self.model)}
+        with user_errors():
+            dcp.load(model_state, storage_reader=reader, planner=PlainDataPlanner(path))
+        self.model.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
+        for i, optimizer in enumerate(self.optimizers):
+            optim_state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            with user_errors():
+                dcp.load(optim_state, storage_reader=reader, planner=PlainDataPlanner(path))
+            set_optimizer_state_dict(self.model, optimizer, optim_state[f"optimizer_{i}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        check_file(path, _METADATA_FILENAME)
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
 
 
 def apply_parallel(model: CPMAnt, parallel: ParallelConfig) -> None:

@@ -19,9 +19,9 @@ from datamodules.mixture import Mixture
 from datamodules.shards import Shard, build_shard, checked_documents, default_cache_dir, fingerprint
 
 
-def window(tokens: np.ndarray, i: int, seq_len: int) -> dict:
-    """Window i of a packed stream: seq_len inputs and the seq_len next tokens as targets."""
-    w = torch.from_numpy(tokens[i * seq_len : (i + 1) * seq_len + 1].astype(np.int64))
+def window(shard: Shard, i: int, seq_len: int) -> dict:
+    """Window i of a shard's packed stream: seq_len inputs and the seq_len next tokens as targets."""
+    w = torch.from_numpy(shard.read(i * seq_len, (i + 1) * seq_len + 1).astype(np.int64))
     return {"input_ids": w[:-1], "targets": w[1:]}
 
 
@@ -44,7 +44,7 @@ class TrainStream(IterableDataset):
                 for r in range(self.world):
                     name, i = mix.next()
                     if r == self.rank:
-                        sample = window(dm.shards[name].tokens, i, dm.seq_len)
+                        sample = window(dm.shards[name], i, dm.seq_len)
                 yield sample
             batch += 1
             self.history[batch] = mix.state.to_dict()
@@ -63,7 +63,7 @@ class ValWindows(Dataset):
 
     def __getitem__(self, k):
         name, i = self.items[k]
-        return window(self.dm.shards[name].tokens, i, self.dm.seq_len)
+        return window(self.dm.shards[name], i, self.dm.seq_len)
 
 
 class PretrainDataModule(DataConfig, L.LightningDataModule):

@@ -4,9 +4,13 @@ A shard is a directory `<cache>/shards/<fingerprint>/` with
   tokens.bin   every document's tokens followed by EOS, back to back (uint16 or uint32)
   index.npy    the end offset of each document in tokens.bin
   meta.json    counts and the source it came from
+  hashes.json  the sha256 of each chunk of the three (cpm_lightning/file_hashes.py): meta.json and
+               index.npy are checked when the shard is opened, each chunk of tokens.bin when a
+               window is first read from it, so a damaged byte is an error naming the file
 It is written to a temporary directory and renamed into place, so a crash never leaves a
 shard that looks complete. The fingerprint covers the bytes of every file, the source's format
-and field, and the tokenizer's model, so any change re-tokenizes and nothing else does.
+and field, the tokenizer's model and the shard format, so any change re-tokenizes and nothing
+else does.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from cpm_lightning.errors import UserError
+from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
 from cpm_lightning.tokenizer import Tokenizer
 from datamodules.sources import ReadStats, SourceConfig, check_stats, documents, expand, read_bytes
 
 ENCODE_BATCH = 256  # documents per SentencePiece call (it parallelizes across a batch)
+SHARD_FORMAT = b"shards with hashes"  # in the cache key: earlier shards had no hashes.json and are rebuilt
+FILES = ("tokens.bin", "index.npy", "meta.json")
 
 
 def default_cache_dir() -> Path:
@@ -58,20 +66,36 @@ def checked_documents(name: str, src: SourceConfig):
 
 @dataclass
 class Shard:
-    """A tokenized source, memory-mapped."""
+    """A tokenized source, memory-mapped, checked against the hashes recorded when it was built."""
 
     path: Path
     tokens: np.ndarray
+    """All of tokens.bin, unchecked: read windows with read()."""
+    hashes: RecordedHashes
 
     @classmethod
     def open(cls, path: Path) -> "Shard":
+        remedy = f"delete {path} (a cache entry): it is rebuilt on the next run"
+        try:
+            hashes = RecordedHashes(path / HASHES_FILE, path, remedy)
+        except FileNotFoundError:
+            raise UserError(f"{path / HASHES_FILE} is missing; {remedy}") from None
+        hashes.check("meta.json")
+        hashes.check("index.npy")  # read by no training code, but small: 8 bytes per document
         meta = json.loads((path / "meta.json").read_text())
-        return cls(path, np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r"))
+        return cls(path, np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r"), hashes)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """tokens[start:stop], once the chunks of tokens.bin that hold them are checked (each
+        chunk once: a run hashes only the chunks its windows touch, in step with training)."""
+        itemsize = self.tokens.itemsize
+        self.hashes.check("tokens.bin", start * itemsize, stop * itemsize)
+        return self.tokens[start:stop]
 
 
 def build_shard(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir: Path) -> Path:
     """The shard directory of `src`, tokenizing it first unless a matching one is cached."""
-    key = fingerprint(name, src, tokenizer.model_bytes)
+    key = fingerprint(name, src, SHARD_FORMAT + tokenizer.model_bytes)
     final = cache_dir / "shards" / key
     if (final / "meta.json").exists():
         return final
@@ -102,6 +126,7 @@ def build_shard(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir: P
                 "tokens": total, "documents": len(ends), "bad_lines": stats.bad_lines,
                 "replaced_bytes": stats.replaced_bytes}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_hashes(tmp / HASHES_FILE, {f: hash_file(tmp / f) for f in FILES})
         try:
             tmp.rename(final)
         except OSError:  # another process finished the same shard first

@@ -116,7 +116,7 @@ def test_windows_are_packed_with_targets_shifted_by_one(corpus):
     stream = dm.shards["en"].tokens
     from datamodules.pretrain import window
 
-    w = window(stream, 3, 16)
+    w = window(dm.shards["en"], 3, 16)
     assert w["input_ids"].tolist() == stream[48:64].tolist()
     assert w["targets"].tolist() == stream[49:65].tolist()
     assert dm.train_windows["en"] + dm.val_windows_of["en"] == (len(stream) - 1) // 16
