@@ -26,6 +26,7 @@ import pytest
 import torch
 from conftest import write_config, write_corpus
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 from cpm_lightning import modeldir
 from cpm_lightning.checkpoint import trained_model
@@ -33,7 +34,7 @@ from cpm_lightning.cli import main
 from cpm_lightning.generate import sample
 from cpm_lightning.loader import load_model
 from cpm_lightning.tracking import integrity
-from cpm_lightning.tracking.logger import START_STEP, Sender
+from cpm_lightning.tracking.logger import INTERVAL_ENV, START_STEP, Sender, journal_path, unsent
 
 STEP = re.compile(r"step-?(\d+)\.ckpt$")
 PROMPT = "It is a truth"
@@ -609,46 +610,141 @@ def test_pull_refuses_a_dst_it_cannot_write_cleanly_and_a_version_without_its_ta
 
 # -- the sender on its own ----------------------------------------------------------------------
 class FlakyClient:
-    """An MLflow client whose log_batch fails while `down`."""
+    """An MLflow client whose log_batch fails while `down`, and calls `in_flight` (if any) once,
+    while it holds its first request: after the store has it and before it answers."""
 
-    def __init__(self, down: bool):
-        self.down, self.requests = down, []
+    def __init__(self, down: bool, in_flight=None):
+        self.down, self.in_flight, self.requests = down, in_flight, []
 
     def log_batch(self, run_id, metrics, params, tags):
         if self.down:
             raise ConnectionError("connection refused")
         self.requests.append(metrics)
+        if self.in_flight is not None:
+            in_flight, self.in_flight = self.in_flight, None
+            in_flight()
 
     @property
     def metrics(self):
         return [m for request in self.requests for m in request]
 
 
-def test_unsent_metrics_go_to_a_local_file_and_are_sent_by_the_next_start(tmp_path, capsys):
-    from mlflow.entities import Metric
+def loss(step: int) -> Metric:
+    return Metric("train/loss", 2.5 - step / 100, 1000 + step, step)
 
-    fallback = tmp_path / "mlflow-unsent-run.jsonl"
-    sender = Sender(FlakyClient(down=True), "run", fallback, retry_s=0.05)
-    sender.put([Metric("train/loss", 2.5, 1000, 7)])
+
+def test_unsent_metrics_stay_in_the_journal_and_are_sent_by_the_next_start(tmp_path, capsys):
+    journal = tmp_path / "mlflow-journal-run.jsonl"
+    sender = Sender(FlakyClient(down=True), "run", journal, retry_s=0.05)
+    sender.put([loss(7)])
     assert not sender.close(timeout=0.2)
-    assert "1 metrics/params/tags written to" in capsys.readouterr().err
+    assert f"1 metrics/params/tags are kept in {journal}" in capsys.readouterr().err
     client = FlakyClient(down=False)
-    assert Sender(client, "run", fallback).close(timeout=HANG_GUARD_S)
-    assert [(m.key, m.value, m.timestamp, m.step) for m in client.metrics] == [("train/loss", 2.5, 1000, 7)]
-    assert not fallback.exists()
+    assert Sender(client, "run", journal).close(timeout=HANG_GUARD_S)
+    assert client.metrics == [loss(7)]
+    assert not journal.exists()
 
 
 def test_the_sender_sends_one_request_per_interval_and_the_rest_on_close(tmp_path):
-    from mlflow.entities import Metric
-
     client = FlakyClient(down=False)
-    sender = Sender(client, "run", tmp_path / "mlflow-unsent-run.jsonl", interval=3600)
-    sender.put([Metric("train/loss", 2.5, 1000, 0)])
+    sender = Sender(client, "run", tmp_path / "mlflow-journal-run.jsonl", interval=3600)
+    sender.put([loss(0)])
     wait_for("the first request", lambda: client.requests)
     for step in (1, 2, 3):  # within the interval: kept for one later request
-        sender.put([Metric("train/loss", 2.5, 1000, step)])
+        sender.put([loss(step)])
     assert sender.close(timeout=HANG_GUARD_S)
     assert [[m.step for m in request] for request in client.requests] == [[0], [1, 2, 3]]
+
+
+def test_the_journal_replays_only_what_the_store_did_not_answer(tmp_path):
+    """What a SIGKILL leaves: step 0 answered, steps 1 and 2 (logged while it was in flight) not."""
+    journal = tmp_path / "mlflow-journal-run.jsonl"
+    sender = Sender(FlakyClient(down=False, in_flight=lambda: sender.put([loss(1), loss(2)])), "run", journal,
+                    interval=3600)
+    sender.put([loss(0)])
+    wait_for("step 0 answered", lambda: unsent(journal) == [loss(1), loss(2)])
+    at_kill = journal.read_bytes()
+    assert sender.close(timeout=HANG_GUARD_S)
+    journal.write_bytes(at_kill)
+    client = FlakyClient(down=False)
+    assert Sender(client, "run", journal).close(timeout=HANG_GUARD_S)
+    assert client.metrics == [loss(1), loss(2)]
+
+
+def test_a_batch_stored_but_not_answered_before_a_kill_is_not_stored_twice(mlflow_server, tmp_path):
+    """The journal cannot tell a request the store took from one it did not, when the process
+    died in between: replay sends it again, and the store must keep one copy (see Sender._settle)."""
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.create_run(client.create_experiment("replay")).info.run_id
+    journal = tmp_path / "mlflow-journal-run.jsonl"
+    at_kill = tmp_path / "at-kill.jsonl"
+
+    class DiesAfterTheStoreTookIt:
+        def log_batch(self, run_id, **batch):
+            client.log_batch(run_id, **batch)
+            shutil.copy(journal, at_kill)
+
+    sender = Sender(DiesAfterTheStoreTookIt(), run_id, journal)
+    sender.put([loss(s) for s in range(3)])
+    assert sender.close(timeout=HANG_GUARD_S)
+    os.replace(at_kill, journal)
+    assert unsent(journal) == [loss(s) for s in range(3)]
+    assert Sender(client, run_id, journal).close(timeout=HANG_GUARD_S)
+    assert steps(client, run_id) == [0, 1, 2]
+
+
+def test_after_a_sigkill_every_logged_step_reaches_mlflow_once(mlflow_server, tmp_path, monkeypatch, capsys):
+    """`fit` logging every step, SIGKILLed while the steps since its first request are unsent,
+    then resumed from its last checkpoint. Exactly once means: each step the killed process
+    logged is in MLflow once (with the time it was logged at), and each step the resumed process
+    trained is in it once more. That the steps after the checkpoint are in it twice is by design
+    (see test_resumed_job_continues_the_same_run; the daily report counts them once); replaying
+    the journal adds no copy of its own."""
+    config = write_config(tmp_path / "config.yaml", write_corpus(tmp_path), **{
+        "trainer.max_steps": 1_000_000, "trainer.limit_val_batches": 0, "checkpoint.every_n_steps": 3,
+        "tracking.experiment": "sigkill"})
+    # One request when fit starts, then none for an hour: the kill finds every step since unsent.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv(INTERVAL_ENV, "3600")
+    client = MlflowClient(mlflow_server.uri)
+
+    def run_id():
+        exp = client.get_experiment_by_name("sigkill")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return runs and runs[0].info.run_id
+
+    def journaled() -> list[int]:
+        return [m.step for m in unsent(journal) if isinstance(m, Metric) and m.key == "train/loss"]
+
+    log = tmp_path / "fit.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cpm_lightning.cli", "fit", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        journal = journal_path(tmp_path / "run", wait_for("the run", run_id, proc, log))
+        wait_for("steps logged after a checkpoint", lambda: checkpoints(tmp_path) and journal.exists()
+                 and max(journaled(), default=-1) > max(checkpoints(tmp_path)), proc, log)
+    finally:
+        proc.kill()
+        proc.wait()
+    at_kill, in_journal = steps(client, run_id()), journaled()
+    last, resumed_from = max(in_journal), max(checkpoints(tmp_path))
+    assert in_journal and sorted(at_kill + in_journal) == list(range(last + 1))
+
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", str(last + 3)])
+    assert "left unsent by the last start" in capsys.readouterr().err
+    starts = sorted(client.get_metric_history(run_id(), START_STEP), key=lambda m: m.timestamp)
+    assert [m.value for m in starts] == [0, resumed_from]
+    history = client.get_metric_history(run_id(), "train/loss")
+    assert sorted(m.step for m in history if m.timestamp < starts[1].timestamp) == list(range(last + 1))
+    assert sorted(m.step for m in history if m.timestamp >= starts[1].timestamp) == list(range(resumed_from, last + 3))
+    assert not journal.exists()
+
+
+def test_a_sending_interval_that_is_not_seconds(tiny_config, capsys, monkeypatch):
+    monkeypatch.setenv(INTERVAL_ENV, "5s")
+    assert cli_error(capsys, "fit", "--config", str(tiny_config)) == (
+        f"error: ${INTERVAL_ENV}='5s': expected a number of seconds, 0 or more")
 
 
 def test_fit_logs_to_the_default_sqlite_store(tiny_config, tmp_path):

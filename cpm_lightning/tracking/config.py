@@ -19,8 +19,8 @@ class TrackingConfig:
     run_name: str | None = None
     """MLflow run name; unset: MLflow picks one."""
     flush_timeout: float = 600.0
-    """Seconds the end of training waits for an unreachable tracking server before it writes the
-    unsent metrics to <trainer.default_root_dir>/mlflow-unsent-RUN.jsonl (sent on resume)."""
+    """Seconds the end of training waits for an unreachable tracking server; what is still unsent
+    stays in <trainer.default_root_dir>/mlflow-journal-RUN.jsonl, and resuming the run sends it."""
 
     @property
     def resolved_uri(self) -> str:

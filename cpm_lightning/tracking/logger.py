@@ -3,13 +3,16 @@ server that goes away in the middle of a run (docs/ARCHITECTURE.md, "MLflow").
 
 Lightning's MLFlowLogger sends each step's metrics from the training loop (MLflow's own async
 queue gives up on a failed batch); here a background thread sends them, keeps what fails queued
-and retries, and what is still unsent when the process ends goes to a local file that the next
-start of the same run sends first.
+and retries. Everything to be sent is first appended to a local journal, which also records what
+the store acknowledged: the next start of the same run sends what a crash, a SIGKILL or an
+unreachable store left unsent.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 import threading
@@ -33,6 +36,9 @@ START_STEP = "cpm/start_step"
 PARAM_CHARS = 500  # the longest param value every MLflow server since 1.28 accepts
 # MLflow's per-request limits of log_batch.
 BATCH_ITEMS, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
+DEFAULT_INTERVAL_S = 5.0
+INTERVAL_ENV = "CPM_LIGHTNING_MLFLOW_INTERVAL"
+"""Environment variable: seconds between the sender's requests, default DEFAULT_INTERVAL_S."""
 
 
 def warn(message: str) -> None:
@@ -55,6 +61,20 @@ def check_reachable(uri: str) -> None:
             raise UserError(f"tracking.uri {uri}: directory {parent} does not exist")
 
 
+def send_interval() -> float:
+    """$CPM_LIGHTNING_MLFLOW_INTERVAL, else DEFAULT_INTERVAL_S (read here only)."""
+    value = os.environ.get(INTERVAL_ENV)
+    if value is None:
+        return DEFAULT_INTERVAL_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise UserError(f"${INTERVAL_ENV}={value!r}: expected a number of seconds, 0 or more")
+    return seconds
+
+
 def _is_rejected(e: Exception) -> bool:
     """True when the store refused the data itself (4xx): retrying cannot help."""
     return isinstance(e, MlflowException) and 400 <= e.get_http_status_code() < 500
@@ -63,34 +83,46 @@ def _is_rejected(e: Exception) -> bool:
 class Sender:
     """Sends metrics, params and tags of one run from a background thread, in order, at most one
     request per `interval` seconds. While the store fails, everything stays queued and is
-    retried every `retry_s` seconds."""
+    retried every `retry_s` seconds.
 
-    def __init__(self, client, run_id: str, fallback: Path, retry_s: float = 2.0, interval: float = 5.0):
+    `journal` is a write-ahead log of the queue: every item is appended to it before it is
+    queued, and every answered request appends how many items it settled. A new Sender on the
+    same journal (the next start of the run, after a clean stop, a crash or a SIGKILL) sends first
+    what no answer settled."""
+
+    def __init__(self, client, run_id: str, journal: Path, retry_s: float = 2.0, interval: float = DEFAULT_INTERVAL_S):
         # One request costs ~10 ms of CPU (MLflow's SQL layer). On a CPU trainer that uses every
         # core, that is step time: a request per step cost 2.5% of a demo step, one per 5 s
         # costs a fraction of that. The live view does not need fresher numbers.
-        self._client, self._run_id, self._fallback = client, run_id, fallback
+        self._client, self._run_id, self._journal = client, run_id, journal
         self._retry_s, self._interval = retry_s, interval
-        self._pending: list[Metric | Param | RunTag] = []
+        self._pending: list[Metric | Param | RunTag] = unsent(journal) if journal.exists() else []
+        self._settled = 0  # items at the head of the journal file that are no longer queued
+        self._file = None  # the journal, open for appending
         self._cond = threading.Condition()
         self._closed = False
         self._closing = False  # close() waits: send without waiting for the interval
         self._failing = False
-        if fallback.exists():
-            self._pending.extend(_read_fallback(fallback))
-            print(f"sending {len(self._pending)} metrics left unsent by the last start from {fallback}",
+        if self._pending:
+            print(f"sending {len(self._pending)} metrics/params/tags left unsent by the last start, from {journal}",
                   file=sys.stderr)
-            fallback.unlink()
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        self._rewrite_journal()
         threading.Thread(target=self._loop, name="cpm-mlflow-sender", daemon=True).start()
 
     def put(self, items: list[Metric | Param | RunTag]) -> None:
         with self._cond:
+            # In the OS's hands before put() returns, so a SIGKILL loses nothing that was logged:
+            # one write() per step, no open() (a metadata request on a network file system). The
+            # fsync against a crash of the machine is the sender thread's, before each request.
+            self._file.write("".join(map(_line, items)))
+            self._file.flush()
             self._pending.extend(items)
             self._cond.notify_all()
 
     def close(self, timeout: float) -> bool:
-        """Wait up to `timeout` s for everything to be sent; write what is not to the fallback
-        file. True when all was sent."""
+        """Wait up to `timeout` s for everything to be sent; what is not stays in the journal for
+        the next start. True when all was sent."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._closing = True
@@ -98,14 +130,14 @@ class Sender:
             while self._pending and time.monotonic() < deadline:
                 self._cond.wait(min(1.0, max(deadline - time.monotonic(), 0.01)))
             self._closed = True
-            left, self._pending = self._pending, []
+            left = len(self._pending)
+            self._file.close()
+            if not left:
+                self._journal.unlink(missing_ok=True)
             self._cond.notify_all()
         if left:
-            self._fallback.parent.mkdir(parents=True, exist_ok=True)
-            with self._fallback.open("a") as f:
-                f.writelines(json.dumps(_to_json(item)) + "\n" for item in left)
-            warn(f"the tracking store stayed unreachable: {len(left)} metrics/params/tags written to "
-                 f"{self._fallback}; the next `fit --ckpt_path` of this run sends them")
+            warn(f"the tracking store stayed unreachable: {left} metrics/params/tags are kept in {self._journal}; "
+                 "the next `fit --ckpt_path` of this run sends them")
         return not left
 
     def _take(self) -> list:
@@ -120,6 +152,37 @@ class Sender:
             n += 1
         return self._pending[:n]
 
+    def _settle(self, n: int) -> None:
+        """The store answered the first `n` queued items: off the queue and, in the journal, settled.
+
+        Exactly once: a replay sends only what no answer settled. A kill after the store took a
+        batch and before its `sent` line reached the journal leaves that one batch to be sent
+        again, which is harmless: each metric keeps the timestamp it was logged with, and MLflow's
+        SQL store (every `sqlite:` URI and `mlflow server` on a database) keys metrics by (key,
+        timestamp, step, value) and skips rows it already has (SqlAlchemyStore._log_metrics); a
+        param with the same value and a tag set again change nothing. Filtering the replay against
+        the run's metric history instead would read every key's whole history at each resume for
+        that one batch. (MLflow's file store, which MLflow 3 refuses unless
+        $MLFLOW_ALLOW_FILE_STORE is set, would show that batch twice.)"""
+        del self._pending[:n]
+        self._settled += n
+        if self._settled >= len(self._pending):  # a rewrite costs no more than what was settled since the last
+            self._rewrite_journal()
+        else:
+            self._file.write(json.dumps({"sent": n}) + "\n")
+            self._file.flush()
+
+    def _rewrite_journal(self) -> None:
+        """The journal becomes the queue: a new file renamed over the old, so that a kill leaves
+        one or the other."""
+        tmp = self._journal.with_name(self._journal.name + ".tmp")
+        tmp.write_text("".join(map(_line, self._pending)))
+        os.replace(tmp, self._journal)
+        if self._file is not None:
+            self._file.close()
+        self._file = self._journal.open("a")
+        self._settled = 0
+
     def _loop(self) -> None:
         sent = -float("inf")  # time.monotonic() of the last request the store answered
         while True:
@@ -132,6 +195,7 @@ class Sender:
                 if self._closed:
                     return
                 batch = self._take()
+            _fsync(self._journal)  # what this request carries, and all before it, survives a crash of the machine
             try:
                 self._client.log_batch(self._run_id, metrics=[m for m in batch if isinstance(m, Metric)],
                                        params=[p for p in batch if isinstance(p, Param)],
@@ -147,29 +211,49 @@ class Sender:
                 warn(f"the tracking store refused {len(batch)} metrics/params/tags: {str(e).splitlines()[0][:200]}")
             sent = time.monotonic()  # not after a failure: that retries every retry_s instead
             with self._cond:
-                if self._pending[:len(batch)] == batch:  # close() may have taken them meanwhile
-                    del self._pending[:len(batch)]
+                if self._closed:  # the journal is closed: replay sends the batch again (see _settle)
+                    return
+                self._settle(len(batch))
                 self._cond.notify_all()
             if self._failing:
                 print("the tracking store is back; queued metrics sent", file=sys.stderr, flush=True)
                 self._failing = False
 
 
-def _to_json(item: Metric | Param | RunTag) -> dict:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _line(item: Metric | Param | RunTag) -> str:
     if isinstance(item, Metric):
-        return {"metric": item.key, "value": item.value, "timestamp": item.timestamp, "step": item.step}
-    return {"param" if isinstance(item, Param) else "tag": item.key, "value": item.value}
+        d = {"metric": item.key, "value": item.value, "timestamp": item.timestamp, "step": item.step}
+    else:
+        d = {"param" if isinstance(item, Param) else "tag": item.key, "value": item.value}
+    return json.dumps(d) + "\n"
 
 
-def _read_fallback(path: Path) -> list[Metric | Param | RunTag]:
-    items = []
-    for line in path.read_text().splitlines():
+def unsent(journal: Path) -> list[Metric | Param | RunTag]:
+    """The items of a Sender's `journal` that no answer of the store settled, in order."""
+    items, settled = [], 0
+    # A line that a kill cut short has no newline: its put() never returned, it was never logged.
+    for line in journal.read_text().split("\n")[:-1]:
         d = json.loads(line)
-        if "metric" in d:
+        if "sent" in d:
+            settled += d["sent"]
+        elif "metric" in d:
             items.append(Metric(d["metric"], d["value"], d["timestamp"], d["step"]))
         else:
             items.append((Param if "param" in d else RunTag)(d.get("param", d.get("tag")), d["value"]))
-    return items
+    return items[settled:]
+
+
+def journal_path(root: Path, run_id: str) -> Path:
+    """The Sender's journal of MLflow run `run_id` under trainer.default_root_dir `root`."""
+    return root / f"mlflow-journal-{run_id}.jsonl"
 
 
 class CPMLogger(MLFlowLogger):
@@ -181,6 +265,7 @@ class CPMLogger(MLFlowLogger):
         super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
                          run_id=run_id, synchronous=True)
         self._fallback_dir, self._flush_timeout = fallback_dir, flush_timeout
+        self._interval = send_interval()
         self.resumed = run_id is not None
         self._sender: Sender | None = None
         self._monitor = None
@@ -201,7 +286,7 @@ class CPMLogger(MLFlowLogger):
         client = super().experiment
         if self.resumed:
             client.update_run(self._run_id, status="RUNNING")
-        self._sender = Sender(client, self._run_id, self._fallback_dir / f"mlflow-unsent-{self._run_id}.jsonl")
+        self._sender = Sender(client, self._run_id, journal_path(self._fallback_dir, self._run_id), interval=self._interval)
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(self._run_id, resume_logging=self.resumed, tracking_uri=self._tracking_uri)
