@@ -14,24 +14,29 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cpm_lightning.errors import UserError
 from cpm_lightning.model.config import ArchConfig
+from cpm_lightning.ranges import check_ranges, ranged
+
+MAX_STEPS = 10**9  # more optimizer steps than any run takes: a larger count is a mistake
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
     """AdamW and gradient clipping."""
 
-    lr: float = 0.02
+    lr: float = ranged(0.02, gt=0)
     """Peak learning rate. CPM-Ant's weights are N(0, 1), so its rates are larger than usual."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = ranged((0.9, 0.95), ge=0, lt=1)
     """AdamW moment decay rates."""
-    eps: float = 1e-8
+    eps: float = ranged(1e-8, gt=0)
     """AdamW epsilon."""
-    weight_decay: float = 0.01
+    weight_decay: float = ranged(0.01, ge=0, le=1)
     """Decoupled weight decay on matrices (CPM-Ant: 0.01); norms are not decayed."""
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, ge=0)
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is logged)."""
+
+    def __post_init__(self):
+        check_ranges(self, "model.optim")
 
 
 @dataclass(kw_only=True)
@@ -41,12 +46,15 @@ class ScheduleConfig:
     name: Literal["noam", "cosine"] = "cosine"
     """noam: linear warmup to lr/sqrt(warmup), then lr/sqrt(step) (CPM-Ant's). cosine: linear
     warmup to lr, then cosine decay to lr x min_lr_ratio at total_steps."""
-    warmup_steps: int = 100
+    warmup_steps: int = ranged(100, ge=0, le=MAX_STEPS)
     """Steps of linear warmup."""
-    total_steps: int | None = None
+    total_steps: int | None = ranged(None, ge=1, le=MAX_STEPS)
     """cosine: the step at which decay ends; unset means trainer.max_steps."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)
     """cosine: final learning rate as a fraction of lr."""
+
+    def __post_init__(self):
+        check_ranges(self, "model.schedule")
 
     def factor(self, step: int, total: int) -> float:
         """Multiplier on optim.lr at optimizer step `step` (0-based)."""
@@ -64,9 +72,12 @@ class ScheduleConfig:
 class LossConfig:
     """Training objective: next-token cross entropy on target tokens."""
 
-    z_loss: float = 0.0
+    z_loss: float = ranged(0.0, ge=0, le=1)
     """Weight of the z-loss, mean(logsumexp(logits)^2), which keeps the softmax normalizer near
     0 (PaLM); 0 turns it off."""
+
+    def __post_init__(self):
+        check_ranges(self, "model.loss")
 
 
 @dataclass(kw_only=True)
@@ -112,16 +123,14 @@ class CheckpointConfig:
     """When checkpoints are written and kept (in <trainer.default_root_dir>/checkpoints), and
     whether `fit` resumes by itself."""
 
-    every_n_steps: int = 500
+    every_n_steps: int = ranged(500, ge=1)
     """Save every this many optimizer steps (CPM-Ant: 500), at the end of training, and at the
     next step boundary after SIGTERM, SIGINT or SIGUSR1 (then stop and exit cleanly)."""
-    keep_last: int = 3
+    keep_last: int = ranged(3, ge=1)
     """Keep this many most recently written checkpoints; older ones are deleted."""
     resume: Literal["never", "auto"] = "never"
     """auto: without --ckpt_path, resume from the newest checkpoint if there is one (a job that a
     scheduler requeues after preemption). never: start fresh unless --ckpt_path names one."""
 
     def __post_init__(self):
-        for key in ("every_n_steps", "keep_last"):
-            if getattr(self, key) < 1:
-                raise UserError(f"checkpoint.{key} must be at least 1, got {getattr(self, key)}")
+        check_ranges(self, "checkpoint")

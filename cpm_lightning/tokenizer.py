@@ -18,6 +18,7 @@ from cpm_lightning.errors import UserError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 BYTE_PIECES = 256
+MIN_VOCAB = BYTE_PIECES + 8  # 256 byte pieces + specials
 # A sentence longer than this is cut for training only (SentencePiece's own limit is 4192 bytes).
 MAX_SENTENCE_BYTES = 1 << 16
 
@@ -71,9 +72,8 @@ def _keep_common_chars(texts: list[str], max_chars: int) -> list[str]:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 20_000_000) -> Tokenizer:
     """Train a unigram SentencePiece model on (up to `sample_chars` characters of) `texts`."""
-    minimum = BYTE_PIECES + 8
-    if vocab_size < minimum:
-        raise UserError(f"--vocab-size must be at least {minimum} (256 byte pieces + specials), got {vocab_size}")
+    if vocab_size < MIN_VOCAB:
+        raise UserError(f"--vocab-size must be at least {MIN_VOCAB} (256 byte pieces + specials), got {vocab_size}")
     sample, n = [], 0
     for text in texts:
         for piece in text.split("\n\n"):  # paragraphs: SentencePiece trains on "sentences"
@@ -87,7 +87,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 2
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_keep_common_chars(sample, max(1, (vocab_size - minimum) // 2))),
+            sentence_iterator=iter(_keep_common_chars(sample, max(1, (vocab_size - MIN_VOCAB) // 2))),
             model_writer=model, vocab_size=vocab_size,
             model_type="unigram", byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,

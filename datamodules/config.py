@@ -6,7 +6,9 @@ checks `data.*` keys against its fields, and `PretrainDataModule` *is* a `DataCo
 from dataclasses import dataclass
 
 from cpm_lightning.errors import UserError
-from datamodules.sources import SourceConfig
+from cpm_lightning.ranges import check_ranges, ranged
+from cpm_lightning.tokenizer import MIN_VOCAB
+from datamodules.sources import SourceConfig, where
 
 
 # eq/repr off: PretrainDataModule inherits this class and is compared and printed as itself.
@@ -20,18 +22,18 @@ class DataConfig:
     tokenizer: str | None = None
     """Path or fsspec URL of a SentencePiece model. Unset: one is trained on the sources on first
     use and cached."""
-    tokenizer_vocab_size: int = 4096
+    tokenizer_vocab_size: int = ranged(4096, ge=MIN_VOCAB, le=1 << 20)
     """Vocabulary of the tokenizer trained when `tokenizer` is unset."""
-    seq_len: int = 256
+    seq_len: int = ranged(256, ge=1)
     """Tokens per training sample (windows of seq_len + 1 are cut from the stream)."""
-    batch_size: int = 8
+    batch_size: int = ranged(8, ge=1)
     """The global batch: samples per optimizer step over all devices. Each device takes
     batch_size / (devices x nodes x trainer.accumulate_grad_batches) per forward pass, so the
     optimization, and the samples of each step, do not depend on the world size."""
-    val_windows: int = 32
+    val_windows: int = ranged(32, ge=0)
     """Windows held out at the end of each source for validation (at most a tenth of the
     source)."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0)
     """Seed of the per-source window order."""
     cache_dir: str | None = None
     """Where shards and trained tokenizers are cached; unset: $CPM_LIGHTNING_CACHE or
@@ -40,10 +42,7 @@ class DataConfig:
     def __post_init__(self):
         if not self.sources:
             raise UserError("data.sources is empty; expected {name: {url: ..., weight: ...}}")
-        for key in ("seq_len", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise UserError(f"data.{key} must be positive, got {getattr(self, key)}")
+        check_ranges(self, "data")
         self.sources = {n: s if isinstance(s, SourceConfig) else SourceConfig(**s) for n, s in self.sources.items()}
         for name, src in self.sources.items():  # here, where the source's name is known
-            if not src.weight > 0:
-                raise UserError(f"data.sources.{name}.weight must be positive, got {src.weight}")
+            check_ranges(src, where(name))

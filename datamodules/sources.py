@@ -18,6 +18,7 @@ from typing import Literal
 import fsspec
 
 from cpm_lightning.errors import UserError
+from cpm_lightning.ranges import ranged
 
 STDLIB = "stdlib://"  # the running Python's standard library: real text on every machine
 
@@ -29,7 +30,7 @@ class SourceConfig:
     url: str
     """fsspec URL or glob (file://, s3://, https://, memory://, a relative path), plain or .gz.
     stdlib://GLOB matches files of the running Python's standard library."""
-    weight: float = 1.0
+    weight: float = ranged(1.0, gt=0, le=1_000_000)
     """Share of training samples drawn from this source, relative to the other weights."""
     format: Literal["text", "jsonl", "python_docstrings"] = "text"
     """text: each file is one document. jsonl: each line is a JSON object, one document.

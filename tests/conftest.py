@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import textwrap
+from datetime import date
 from pathlib import Path
 
 import lightning as L
@@ -83,6 +85,46 @@ def write_config(path: Path, corpus: dict[str, Path], **overrides) -> Path:
         node[leaf] = value
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def write_proposal(directory: Path, pid: int, changes: dict | None = None, status: str = "accepted",
+                   kind: str = "architecture", **fields) -> Path:
+    """Proposal `pid` of `kind` with `changes`, written to `directory` as YAML; `fields`
+    replace the others."""
+    decided = status in ("accepted", "rejected", "superseded", "retired")
+    data = {"id": pid, "title": f"Proposal {pid}", "kind": kind, "status": status, "authors": ["@someone"],
+            "discussion": f"https://github.com/cpm-lightning/cpm-lightning/discussions/{pid}",
+            "created": date(2026, 11, 1), "decided": date(2026, 11, 2) if decided else None,
+            "summary": "What changes.", **fields, "changes": changes or {}}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{pid:04d}-proposal-{pid}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def build_tiny(values: dict, data: dict):
+    """(CausalLM, PretrainDataModule) of the run config {model.arch.preset: tiny, data: `data`}
+    with the proposal `values` set, built as `fit` builds them: the vocabulary is the
+    tokenizer's (the CLI links data.vocab_size to model.arch.vocab_size)."""
+    from cpm_lightning.config import LossConfig, OptimConfig, ScheduleConfig
+    from cpm_lightning.model.config import ArchConfig
+    from cpm_lightning.module import CausalLM
+    from cpm_lightning.registry.keys import ConfigSchema
+    from cpm_lightning.registry.resolve import set_key
+    from cpm_lightning.registry.typecheck import as_hinted
+    from cpm_lightning.run_config import GROUPS
+    from datamodules.pretrain import PretrainDataModule
+
+    schema = ConfigSchema(GROUPS)
+    config = {"model": {"arch": {"preset": "tiny"}, "optim": {}, "schedule": {}, "loss": {}},
+              "data": copy.deepcopy(data)}
+    for key, value in values.items():
+        set_key(config, key, as_hinted(value, schema.lookup(key)[0]))  # as the registry sets it
+    dm = PretrainDataModule(**config["data"])
+    m = config["model"]
+    model = CausalLM(ArchConfig(**{**m["arch"], "vocab_size": dm.vocab_size}), OptimConfig(**m["optim"]),
+                     ScheduleConfig(**m["schedule"]), LossConfig(**m["loss"]))
+    return model, dm
 
 
 @pytest.fixture

@@ -211,7 +211,7 @@ def test_seq_len_above_model_maximum(tmp_path, corpus, tokenizer_path, capsys):
 
 def test_source_weight_not_positive(tmp_path, corpus, tokenizer_path, capsys):
     code, err = fit(capsys, tmp_path, corpus, **{"data.sources.zh.weight": 0, "data.tokenizer": str(tokenizer_path)})
-    assert_user_error(code, err, "data.sources.zh.weight must be positive, got 0.0")
+    assert_user_error(code, err, "data.sources.zh.weight must be in (0, 1000000], got 0.0")
 
 
 def test_tokenizer_path_does_not_exist(tmp_path, corpus, capsys):

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from cpm_lightning.cli import main
-from cpm_lightning.model.config import PRESETS
+from cpm_lightning.model.config import PRESETS, ArchConfig
+from cpm_lightning.model.stats import model_stats, param_count
 
 KEYS = {"params", "non_embedding_params", "flops_per_token", "bytes_per_device"}
 
@@ -68,3 +69,17 @@ def test_text_output_states_the_convention(capsys):
     assert f"parameters             {params:,} ({non_embedding:,} non-embedding)" in out.splitlines()
     assert f"training FLOPs/token   {flops:,} at length 512 (6 x matmul weights + 12 x layers x width x length)" in out
     assert "over 8 device(s)" in out
+
+
+VARIANTS = [{}, {"position": "rotary"}, {"num_kv_heads": 2}, {"norm": "layernorm"}, {"ffn": "swiglu"},
+            {"num_tasks": 3, "prompt_len": 5}, {"num_ffn_layers": 0}, {"num_attn_layers": 3, "num_ffn_layers": 1},
+            {"num_segments": 7, "num_buckets": 16, "vocab_size": 300}]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_param_count_is_what_the_built_model_holds(preset):
+    """The registry sizes models by arithmetic (param_count, cheap for any size); the count
+    must be that of the model built on the meta device, for every preset and component."""
+    for variant in VARIANTS if preset == "tiny" else [{}]:
+        cfg = ArchConfig(preset=preset, **variant)
+        assert param_count(cfg) == model_stats(cfg).params, variant

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from cpm_lightning.registry.keys import ConfigSchema, check_changes
+from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import load_registry
 from cpm_lightning.registry.schema import load_proposal
 from cpm_lightning.run_config import GROUPS
@@ -51,7 +52,7 @@ def problems_of(path: Path) -> list[str]:
     """Every problem of one file, as printed: its own checks, then its changes."""
     proposal, problems = load_proposal(path)
     if proposal is not None and not problems:
-        problems = check_changes(proposal, SCHEMA)
+        problems = check_changes(proposal, SCHEMA, Limits())
     return [str(p) for p in problems]
 
 
@@ -82,7 +83,7 @@ def test_valid_proposal_loads_with_lines_and_hash(tmp_path):
 
     path = write(tmp_path, "0007-rotary.yaml", VALID)
     proposal, problems = load_proposal(path)
-    assert problems == [] and check_changes(proposal, SCHEMA) == []
+    assert problems == [] and check_changes(proposal, SCHEMA, Limits()) == []
     assert (proposal.id, proposal.kind, proposal.changes) == (7, "architecture", {"model.arch.position": "rotary"})
     assert proposal.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert proposal.line("changes.model.arch.position") == 17 and proposal.line("kind") == 3
@@ -233,7 +234,7 @@ BAD_CHANGES = [
      "'os.path' names Python code (module 'os'); a proposal is data"),
     ("architecture", "model.arch.num_kv_heads: 3", "changes:",
      "model.arch.num_kv_heads (3) must divide num_heads (4) (checked on the default preset, tiny)"),
-    ("architecture", "model.arch.dim: -8", "changes:", "model.arch.dim must be positive"),
+    ("architecture", "model.arch.dim: -8", "changes.model.arch.dim:", "model.arch.dim must be >= 1, got -8"),
 ]
 
 
@@ -248,8 +249,9 @@ def test_bad_change_is_reported_with_its_key(tmp_path, kind, change, where, mess
 
 
 @pytest.mark.parametrize("kind, changes", [
-    ("data", {"data.sources.english": {"url": "s3://b/en/*.jsonl.gz", "weight": 0.3, "format": "jsonl"}}),
-    ("data", {"data.seq_len": 64, "data.tokenizer": "https://example.org/spm.model"}),
+    ("data", {"data.sources.english": {"url": "s3://cpm-lightning-data/en/*.jsonl.gz", "weight": 0.3,
+                                       "format": "jsonl"}}),
+    ("data", {"data.seq_len": 64, "data.tokenizer": "s3://cpm-lightning-data/spm.model"}),
     ("training", {"model.optim.betas": [0.9, 0.99], "model.optim.lr": 1, "model.schedule.total_steps": None}),
     ("architecture", {"model.arch.num_kv_heads": 2, "model.arch.norm": "layernorm", "model.arch.rope_base": 5.0e+5}),
 ])

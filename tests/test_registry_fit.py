@@ -13,6 +13,7 @@ import yaml
 
 from cpm_lightning.cli import main
 from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import load_registry, resolve
 from cpm_lightning.run_config import GROUPS
 
@@ -50,10 +51,11 @@ def test_run_records_exactly_the_applied_proposals(tmp_path):
                                                    str(tmp_path / "english.jsonl")))
     (tmp_path / "english.jsonl").write_text("".join(json.dumps({"text": f"An English line, number {i}."}) + "\n"
                                                     for i in range(300)))
-    config = run_config(tmp_path, {"path": str(registry)})
+    # The operator lets proposals read this directory (registry.allowed_sources).
+    config = run_config(tmp_path, {"path": str(registry), "allowed_sources": [f"{tmp_path}/"]})
     main(["fit", "--config", str(config), "--model.arch.max_len=512"])
 
-    expected = resolve(load_registry(registry, ConfigSchema(GROUPS)))
+    expected = resolve(load_registry(registry, ConfigSchema(GROUPS), Limits(allowed_sources=[f"{tmp_path}/"])))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("registry").experiment_id])
     tags = run.data.tags

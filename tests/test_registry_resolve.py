@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_proposal
 
 from cpm_lightning.cli import main
 from cpm_lightning.errors import UserError
@@ -18,19 +19,6 @@ from cpm_lightning.run_config import GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = ConfigSchema(GROUPS)
-
-
-def write_proposal(directory: Path, pid: int, changes: dict | None = None, status: str = "accepted",
-                   kind: str = "architecture", **fields) -> Path:
-    decided = status in ("accepted", "rejected", "superseded", "retired")
-    data = {"id": pid, "title": f"Proposal {pid}", "kind": kind, "status": status, "authors": ["@someone"],
-            "discussion": f"https://github.com/cpm-lightning/cpm-lightning/discussions/{pid}",
-            "created": date(2026, 11, 1), "decided": date(2026, 11, 2) if decided else None,
-            "summary": "What changes.", **fields, "changes": changes or {}}
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{pid:04d}-proposal-{pid}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def problems(directory: Path) -> list[str]:
@@ -110,7 +98,7 @@ def test_references_to_missing_and_superseded_without_successor(tmp_path):
 def test_resolution_filters_kinds_exclude_and_steps(tmp_path):
     write_proposal(tmp_path, 1, FFN)
     write_proposal(tmp_path, 2, {"model.loss.z_loss": 1.0e-4}, kind="training")
-    write_proposal(tmp_path, 3, {"data.sources.en.url": "en.txt"}, kind="data")
+    write_proposal(tmp_path, 3, {"data.sources.en.url": "s3://cpm-lightning-data/en.txt"}, kind="data")
     write_proposal(tmp_path, 4, {"model.arch.max_len": 1024}, effective_from_step=500)
     write_proposal(tmp_path, 5, {"model.arch.dim": 32}, status="rejected")
     reg = load_registry(tmp_path, SCHEMA)
@@ -122,7 +110,7 @@ def test_resolution_filters_kinds_exclude_and_steps(tmp_path):
 
 
 def test_required_proposal_left_out_is_an_error_naming_both(tmp_path):
-    a = write_proposal(tmp_path, 1, {"data.sources.en.url": "en.txt"}, kind="data")
+    a = write_proposal(tmp_path, 1, {"data.sources.en.url": "s3://cpm-lightning-data/en.txt"}, kind="data")
     b = write_proposal(tmp_path, 2, FFN, requires=[1])
     reg = load_registry(tmp_path, SCHEMA)
     with pytest.raises(UserError) as e:
@@ -257,7 +245,7 @@ def test_resolve_prints_the_config_with_provenance(tmp_path, capsys):
     assert "z_loss" not in out  # effective from step 10 only
     config.write_text(yaml.safe_dump({"registry": {"path": str(reg), "kind": ["data"]}}))
     code, _, err = run(capsys, "proposals", "resolve", "--config", str(config))
-    assert code == 2 and "registry.kind: unknown key; expected: path, kinds, exclude, at_step" in err
+    assert code == 2 and "registry.kind: unknown key; expected: allowed_sources, max_params, path, kinds, exclude, at_step" in err
 
 
 def test_check_reports_file_problems_and_cross_problems_at_once(tmp_path):

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import build_tiny
 
-from cpm_lightning.config import LossConfig, OptimConfig, ScheduleConfig
-from cpm_lightning.model.config import ArchConfig
-from cpm_lightning.module import CausalLM
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.resolve import load_registry, resolve, set_key
 from cpm_lightning.run_config import GROUPS
@@ -38,19 +36,6 @@ def data_config(tmp_path_factory) -> dict:
             "seq_len": 32, "batch_size": 4, "val_windows": 2, "cache_dir": str(root / "cache")}
 
 
-def build(values: dict, data_config: dict) -> tuple[CausalLM, PretrainDataModule]:
-    """The run config {model.arch.preset: tiny, data: ...} with `values` set, built as the CLI would."""
-    config = {"model": {"arch": {"preset": "tiny"}, "optim": {}, "schedule": {}, "loss": {}},
-              "data": dict(data_config)}
-    for key, value in values.items():
-        set_key(config, key, tuple(value) if isinstance(value, list) else value)
-    dm = PretrainDataModule(**config["data"])
-    m = config["model"]
-    model = CausalLM(ArchConfig(**m["arch"], vocab_size=dm.vocab_size), OptimConfig(**m["optim"]),
-                     ScheduleConfig(**m["schedule"]), LossConfig(**m["loss"]))
-    return model, dm
-
-
 def test_seed_has_model_proposals_of_both_kinds():
     assert {p.kind for p in MODEL_PROPOSALS} == {"architecture", "training"} and len(CASES) >= 6
 
@@ -58,7 +43,7 @@ def test_seed_has_model_proposals_of_both_kinds():
 @pytest.mark.parametrize("case", list(CASES))
 def test_accepted_proposal_trains_tiny(case, data_config):
     values = CASES[case]
-    model, dm = build(values, data_config)
+    model, dm = build_tiny(values, data_config)
     for key, value in values.items():  # the proposal's values reached the model
         group, name = key.split(".")[1:]
         assert getattr(getattr(model, group), name) == value

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from cpm_lightning.errors import UserError, lookup
 from cpm_lightning.model.layers import COMPONENTS
+from cpm_lightning.ranges import check_ranges, ranged
 
 # Attention layers / FFN layers / dim / heads x head_dim / ff / vocab, as CPM-Ant released them.
 # The smaller CPM-Ant models were pruned from the 10B with BMCook, which removed whole attention
@@ -41,35 +42,35 @@ class ArchConfig:
     preset: str = "tiny"
     """Named starting point: tiny, demo, cpm-ant-300m, cpm-ant-1b, cpm-ant-3b, cpm-ant-7b,
     cpm-ant-10b. Any other field given beside it overrides the preset's value."""
-    vocab_size: int | None = None
+    vocab_size: int | None = ranged(None, ge=1)
     """Vocabulary size. Unset: the tokenizer's size when training, the preset's otherwise."""
-    dim: int | None = None
+    dim: int | None = ranged(None, ge=1)
     """Model (residual stream) width."""
-    num_heads: int | None = None
+    num_heads: int | None = ranged(None, ge=1)
     """Query heads per attention layer."""
-    num_kv_heads: int | None = None
+    num_kv_heads: int | None = ranged(None, ge=1)
     """Key/value heads (grouped-query attention); unset means num_heads (multi-head)."""
-    head_dim: int | None = None
+    head_dim: int | None = ranged(None, ge=1)
     """Width of each head (CPM-Ant decouples it from dim / num_heads)."""
-    ff_dim: int | None = None
+    ff_dim: int | None = ranged(None, ge=1)
     """Hidden width of the feed-forward network."""
-    num_attn_layers: int | None = None
-    """Blocks that have an attention sublayer (the first ones)."""
-    num_ffn_layers: int | None = None
-    """Blocks that have a feed-forward sublayer (the first ones)."""
-    max_len: int | None = None
+    num_attn_layers: int | None = ranged(None, ge=1)
+    """Blocks that have an attention sublayer (the first ones); at least one."""
+    num_ffn_layers: int | None = ranged(None, ge=0)
+    """Blocks that have a feed-forward sublayer (the first ones); 0 makes an attention-only model."""
+    max_len: int | None = ranged(None, ge=1)
     """Longest sequence the model accepts (CPM-Ant: 512, raised to 1024 during the run)."""
     norm: str = "rmsnorm"
     """Normalization: rmsnorm or layernorm (both without bias, pre-norm)."""
-    norm_eps: float = 1e-6
+    norm_eps: float = ranged(1e-6, gt=0, le=1)
     """Epsilon of the normalization layers."""
     position: str = "relative_buckets"
     """Position encoding: relative_buckets (CPM-Ant's T5-style bias) or rotary."""
-    num_buckets: int | None = None
+    num_buckets: int | None = ranged(None, ge=4)
     """relative_buckets: number of log-spaced distance buckets (CPM-Ant: 512)."""
-    max_distance: int | None = None
+    max_distance: int | None = ranged(None, ge=1, le=10**9)
     """relative_buckets: distance at which buckets stop growing (CPM-Ant: 2048)."""
-    rope_base: float = 10000.0
+    rope_base: float = ranged(10000.0, gt=1)
     """rotary: base of the rotation frequencies."""
     ffn: str = "gated_gelu"
     """Feed-forward network: gated_gelu (CPM-Ant) or swiglu."""
@@ -78,17 +79,18 @@ class ArchConfig:
     split_qk_scale: bool = False
     """Scale q and k by head_dim^-1/4 each instead of the scores by head_dim^-1/2: the same
     result, but the fp16 fix CPM-Ant made during its live run (no overflow in q.k)."""
-    num_segments: int = 32
+    num_segments: int = ranged(32, ge=1)
     """Segment ids a token may carry (segment embedding and segment-pair bias)."""
-    num_tasks: int = 0
+    num_tasks: int = ranged(0, ge=0)
     """Tasks with their own prompt embeddings (CPM-Ant: 32); 0 turns prompts off."""
-    prompt_len: int = 32
+    prompt_len: int = ranged(32, ge=1)
     """Prompt tokens per task (CPM-Ant: 32)."""
 
     def __post_init__(self):
         lookup(PRESETS, self.preset, "model.arch.preset")
         for kind, registry in COMPONENTS.items():
             lookup(registry, getattr(self, kind), f"model.arch.{kind}")
+        check_ranges(self, "model.arch")
 
     def resolved(self) -> "ArchConfig":
         """A copy with every unset field taken from the preset (or CPM-Ant's value), checked.
@@ -99,14 +101,16 @@ class ArchConfig:
         cfg = dataclasses.replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
         if cfg.num_kv_heads is None:
             cfg.num_kv_heads = cfg.num_heads
-        for name in ("dim", "num_heads", "num_kv_heads", "head_dim", "ff_dim", "max_len"):
-            if getattr(cfg, name) <= 0:
-                raise UserError(f"model.arch.{name} must be positive, got {getattr(cfg, name)}")
         if cfg.num_heads % cfg.num_kv_heads:
             raise UserError(f"model.arch.num_kv_heads ({cfg.num_kv_heads}) must divide "
                             f"num_heads ({cfg.num_heads})")
         if cfg.position == "rotary" and cfg.head_dim % 2:
             raise UserError(f"model.arch.head_dim must be even for rotary, got {cfg.head_dim}")
+        # Distances below num_buckets // 4 get a bucket each, and the rest are spread
+        # logarithmically up to max_distance (layers.relative_bucket).
+        if cfg.position == "relative_buckets" and cfg.max_distance <= cfg.num_buckets // 4:
+            raise UserError(f"model.arch.max_distance ({cfg.max_distance}) must be above num_buckets // 4 "
+                            f"({cfg.num_buckets // 4}) for relative_buckets")
         return cfg
 
     @property

@@ -41,6 +41,19 @@ def model_stats(cfg: ArchConfig, seq_len: int | None = None) -> ModelStats:
     return ModelStats(params, params - embeddings, matmul, 6 * matmul + attention, seq_len)
 
 
+def param_count(cfg: ArchConfig) -> int:
+    """model_stats(cfg).params by arithmetic, for a model of any size: building 1e8 blocks
+    takes hours even on the meta device, and the registry sizes proposals before anything is
+    built (registry.max_params). tests/test_model_info.py holds it to model_stats."""
+    cfg = cfg.resolved()
+    d = cfg.dim
+    embeddings = (cfg.preset_vocab_size + cfg.num_segments + cfg.num_tasks * cfg.prompt_len) * d
+    position = (cfg.num_buckets + cfg.num_segments**2) * cfg.num_heads if cfg.position == "relative_buckets" else 0
+    attention = d + d * cfg.head_dim * 2 * (cfg.num_heads + cfg.num_kv_heads)  # norm, q, k, v, out
+    ffn = d + 3 * d * cfg.ff_dim  # norm and the three matrices of a gated FFN
+    return embeddings + position + cfg.num_attn_layers * attention + cfg.num_ffn_layers * ffn + d
+
+
 def bytes_per_device(params: int, devices: int) -> dict[str, int]:
     """Bytes each device holds for parameters, gradients and AdamW state when fully sharded."""
     out = {k: -(-params * b // devices) for k, b in BYTES_PER_PARAM.items()}

@@ -5,21 +5,26 @@ records in MLflow. cli.py calls `apply_registry` before the classes are built an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, get_origin
+from typing import Any
 
 import yaml
 
 from cpm_lightning.errors import UserError
+from cpm_lightning.model.config import ArchConfig
+from cpm_lightning.ranges import ranged
 from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.registry.limits import Limits, size_problem
 from cpm_lightning.registry.resolve import Resolution, annotate, load_registry, resolve
-from cpm_lightning.registry.schema import KINDS, Kind
+from cpm_lightning.registry.schema import KINDS, Kind, Proposal
+from cpm_lightning.registry.typecheck import as_hinted
 
 
 @dataclass(kw_only=True)
-class RegistryConfig:
+class RegistryConfig(Limits):
     """Which community proposals the run applies (docs/ARCHITECTURE.md, "The registry"): accepted ones, effective at
-    `at_step`, of `kinds`, minus `exclude`. Command-line overrides of their keys still win and
-    are recorded as divergences (MLflow tag cpm.overrides)."""
+    `at_step`, of `kinds`, minus `exclude`, within the limits `allowed_sources` and
+    `max_params`. Command-line overrides of their keys still win and are recorded as
+    divergences (MLflow tag cpm.overrides)."""
 
     path: str | None = "proposals/"
     """Directory of proposal files (NNNN-slug.yaml); null runs without the registry."""
@@ -28,13 +33,9 @@ class RegistryConfig:
     reach the data proposals' sources."""
     exclude: list[int] = field(default_factory=list)
     """Ids of accepted proposals this run leaves out."""
-    at_step: int | None = None
+    at_step: int | None = ranged(None, ge=0)
     """Apply the proposals effective at this optimizer step; unset: the step a resumed run
     continues from, 0 for a new run."""
-
-    def __post_init__(self):
-        if self.at_step is not None and self.at_step < 0:
-            raise UserError(f"registry.at_step must be >= 0, got {self.at_step}")
 
 
 @dataclass
@@ -114,22 +115,53 @@ def apply_registry(cfg, argv: list[str], subcommand: str, schema: ConfigSchema) 
     """Set the resolved proposals' values into a parsed LightningCLI namespace `cfg`, except
     where the command line set the key. Raises UserError, listing every problem, if the registry
     has any: then nothing is applied and the run does not start."""
-    settings = RegistryConfig(**cfg.registry.as_dict())
+    settings = _group(cfg.registry, RegistryConfig)
     if settings.path is None:
         return None
-    reg = load_registry(settings.path, schema)
+    reg = load_registry(settings.path, schema, settings)
     res = resolve(reg, settings.at_step or 0, settings.kinds, settings.exclude)
     applied = AppliedRegistry(res)
     cli_keys = override_keys(argv, subcommand)
     for key, value in res.values.items():
-        hint, _ = schema.lookup(key)
-        value = tuple(value) if get_origin(hint) is tuple else value  # as jsonargparse holds it
+        value = as_hinted(value, schema.lookup(key)[0])
         if not _covered(key, cli_keys):
             _set(cfg, key.split("."), value)
         elif (given := _get(cfg, key)) != value:
             applied.divergences[key] = given
+    applied_keys = {k: p for k, p in res.provenance.items() if not _covered(k, cli_keys)}
+    _check_new_sources(cfg, applied_keys)
+    _check_size(cfg, applied_keys, settings.max_params)
     _report(applied, settings.path)
     return applied
+
+
+def _check_new_sources(cfg, applied_keys: dict[str, Proposal]) -> None:
+    """A proposal may change a source of the run config (its weight, say) or add one, which
+    needs a url: `proposals check` cannot tell the two apart, the run can."""
+    for key, p in applied_keys.items():
+        name = key.split(".")[2] if key.startswith("data.sources.") else None
+        if name is not None and _get(cfg, f"data.sources.{name}.url") is None:
+            raise UserError(f"data.sources.{name}: proposal {p.label} ({p.path}) sets {key}, but the run config "
+                            f"has no source {name!r} and the proposals give it no url")
+
+
+def _check_size(cfg, applied_keys: dict[str, Proposal], max_params: int) -> None:
+    """Refuse a model above registry.max_params before anything is built. Its vocabulary is
+    the model's own if set, else the size of the tokenizer the run trains, else (a tokenizer
+    file, not read yet) the preset's."""
+    arch = _group(cfg.model.arch, ArchConfig)
+    data = cfg.get("data")
+    if arch.vocab_size is None and data is not None and data.get("tokenizer") is None:
+        arch.vocab_size = data.tokenizer_vocab_size
+    if too_large := size_problem(arch, max_params):
+        by = ", ".join(f"{k} (proposal {p.label})" for k, p in applied_keys.items() if k.startswith("model.arch."))
+        raise UserError(f"the model would have {too_large}; model.arch keys set by proposals: {by or 'none'}")
+
+
+def _group(namespace, cls):
+    """The dataclass `cls` of a parsed group, without the `__path__` jsonargparse adds to a
+    group read from a file of its own (--registry registry.yaml)."""
+    return cls(**{k: v for k, v in namespace.as_dict().items() if k != "__path__"})
 
 
 def _get(node, key: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from datetime import date
@@ -14,6 +15,7 @@ import yaml
 from cpm_lightning.errors import UserError
 from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig
 from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import TEMPLATE, load_registry, proposal_files, resolve, set_key
 from cpm_lightning.registry.schema import FILE_NAME, KINDS, Status
 from cpm_lightning.registry.typecheck import mismatch
@@ -31,9 +33,15 @@ def add_commands(sub) -> None:
     new.add_argument("--dir", **registry)
     new.set_defaults(func=proposals_new)
 
+    limits = Limits()
     check = proposals.add_parser("check", help="validate proposals; exit 2 and list every problem if any")
     check.add_argument("paths", nargs="*", default=["proposals"], metavar="PATH",
                        help="registry directories or proposal files (default: proposals)")
+    check.add_argument("--allowed-sources", nargs="+", default=limits.allowed_sources, metavar="PREFIX",
+                       help="locations proposals may make a run read, as registry.allowed_sources "
+                            f"(default: {' '.join(limits.allowed_sources)})")
+    check.add_argument("--max-params", type=int, default=limits.max_params, metavar="N",
+                       help=f"largest model proposals may make, as registry.max_params (default: {limits.max_params})")
     check.set_defaults(func=proposals_check)
 
     ls = proposals.add_parser("list", help="one line per proposal")
@@ -81,22 +89,24 @@ def proposals_new(args) -> None:
 
 
 def proposals_check(args) -> None:
-    schema = config_schema()
+    if args.max_params < 1:
+        raise UserError(f"--max-params must be at least 1, got {args.max_params}")
+    schema, limits = config_schema(), Limits(allowed_sources=args.allowed_sources, max_params=args.max_params)
     problems, count = [], 0
     for arg in args.paths:
         path = Path(arg)
-        if path.is_file() and path not in proposal_files(path.parent):
-            problems.append(f"{arg}: file: not a proposal; expected NNNN-slug.yaml (not {TEMPLATE})")
-        elif path.is_file():
-            reg = load_registry(path.parent, schema)
-            problems += [p for p in reg.problems if Path(p.path) == path]
-            count += 1
-        elif path.is_dir():
-            reg = load_registry(path, schema)
+        if path.is_dir():
+            reg = load_registry(path, schema, limits)
             problems += reg.problems
             count += len(proposal_files(path))
-        else:
+        elif not os.path.lexists(path):
             problems.append(f"{arg}: path: no such file or directory")
+        elif path not in proposal_files(path.parent):
+            problems.append(f"{arg}: file: not a proposal; expected NNNN-slug.yaml (not {TEMPLATE})")
+        else:  # a file, or a link or special file that load_registry refuses
+            reg = load_registry(path.parent, schema, limits)
+            problems += [p for p in reg.problems if Path(p.path) == path]
+            count += 1
     for problem in problems:
         print(problem)
     if problems:
@@ -138,7 +148,7 @@ def proposals_resolve(args) -> None:
     if settings.path is None:
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return
-    reg = load_registry(settings.path, config_schema())
+    reg = load_registry(settings.path, config_schema(), settings)
     at_step = (settings.at_step or 0) if args.at_step is None else args.at_step
     applied = AppliedRegistry(resolve(reg, at_step, settings.kinds, settings.exclude))
     for key, value in applied.resolution.values.items():

@@ -18,8 +18,10 @@ from cpm_lightning.config import LossConfig, OptimConfig, ScheduleConfig
 from cpm_lightning.errors import UserError, closest, lookup
 from cpm_lightning.model.config import PRESETS, ArchConfig
 from cpm_lightning.model.layers import COMPONENTS
+from cpm_lightning.ranges import Range, out_of_range, range_of
+from cpm_lightning.registry.limits import LOCATION_KEYS, Limits, location_problem, size_problem
 from cpm_lightning.registry.schema import Problem, Proposal
-from cpm_lightning.registry.typecheck import mismatch, python_name
+from cpm_lightning.registry.typecheck import as_hinted, mismatch, python_name
 
 # What each kind of proposal may change (docs/ARCHITECTURE.md, "The registry").
 SCOPES: dict[str, tuple[str, ...]] = {
@@ -58,29 +60,41 @@ class ConfigSchema:
 
     def lookup(self, key: str) -> tuple[Any, str | None]:
         """(type hint of a leaf key, None) or (None, what is wrong with the key)."""
+        hint, _, wrong = self._walk(key)
+        return hint, wrong
+
+    def range(self, key: str) -> Range | None:
+        """The range a valid leaf key's field declares (cpm_lightning.ranges), if any."""
+        _, owner, _ = self._walk(key)
+        name = key.rpartition(".")[2]
+        fields = {f.name: f for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else {}
+        return range_of(fields[name]) if name in fields else None
+
+    def _walk(self, key: str) -> tuple[Any, Any, str | None]:
+        """(type hint, the class whose field the key is, None), or (None, None, what is wrong)."""
         head, *parts = key.split(".")  # head is a root: check_changes has checked the scope
         node: Any = self.roots[head]
-        path = head
+        path, owner = head, None
         for part in parts:
             node = _unwrap_optional(node)
             fields = self._fields(node)
             if fields is None:
-                return None, f"{path} has no field {part!r}; it is a value ({_type_name(node)})"
+                return None, None, f"{path} has no field {part!r}; it is a value ({_type_name(node)})"
             if fields == "NAME":  # a dict[str, X] parameter: any entry name, then X
                 if not _NAME.match(part):
-                    return None, f"{part!r} is not a valid entry name (letters, digits, _ and -)"
+                    return None, None, f"{part!r} is not a valid entry name (letters, digits, _ and -)"
                 node, path = get_args(node)[1], f"{path}.{part}"
                 continue
             if part not in fields:
                 siblings = [f"{path}.{f}" for f in fields]
-                return None, (f"unknown config key {key!r}{closest(f'{path}.{part}', siblings)}; "
-                              f"{path} has: {', '.join(fields)}")
-            node, path = fields[part], f"{path}.{part}"
+                return None, None, (f"unknown config key {key!r}{closest(f'{path}.{part}', siblings)}; "
+                                    f"{path} has: {', '.join(fields)}")
+            owner, node, path = _unwrap_optional(node), fields[part], f"{path}.{part}"
         fields = self._fields(node)
         if fields is not None:
             example = "NAME" if fields == "NAME" else next(iter(fields))
-            return None, f"{key} is a group, not a value; set its keys, e.g. {key}.{example}"
-        return node, None
+            return None, None, f"{key} is a group, not a value; set its keys, e.g. {key}.{example}"
+        return node, owner, None
 
     def _fields(self, node):
         """{name: hint} of a group, "NAME" for a dict of groups, None for a value."""
@@ -106,9 +120,10 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def check_changes(p: Proposal, schema: ConfigSchema) -> list[Problem]:
+def check_changes(p: Proposal, schema: ConfigSchema, limits: Limits) -> list[Problem]:
     """Every key of `p.changes` inside its kind's scope, a real run-config key, with a value of
-    the key's type; then the model groups built from the values on the tiny preset."""
+    the key's type (a location within `limits`); then the model groups built from the values on
+    the tiny preset, within the field ranges and the size limit."""
     problems = []
     scope = SCOPES[p.kind]
     for key, value in p.changes.items():
@@ -127,14 +142,16 @@ def check_changes(p: Proposal, schema: ConfigSchema) -> list[Problem]:
                                              f"({', '.join(s + '.*' for s in scope)})"))
         else:
             hint, wrong = schema.lookup(key)
-            wrong = wrong or _check_value(key, value, hint)
+            wrong = wrong or _check_value(key, value, hint, schema.range(key), limits)
             if wrong:
                 problems.append(p.problem(where, wrong))
-    return problems or _check_groups(p)
+    return problems or _check_groups(p, schema, limits)
 
 
-def _check_value(key: str, value: Any, hint: Any) -> str | None:
+def _check_value(key: str, value: Any, hint: Any, rng: Range | None, limits: Limits) -> str | None:
     if (wrong := mismatch(value, hint)) is not None:
+        return wrong
+    if rng is not None and (wrong := out_of_range(key, value, rng)):
         return wrong
     if isinstance(value, str):
         if key in NAMED:
@@ -144,22 +161,31 @@ def _check_value(key: str, value: Any, hint: Any) -> str | None:
                 return str(e)
         elif module := python_name(value):
             return f"{value!r} names Python code (module {module!r}); a proposal is data"
+        elif LOCATION_KEYS.match(key):
+            return location_problem(value, limits.allowed_sources)
     return None
 
 
-def _check_groups(p: Proposal) -> list[Problem]:
+def _check_groups(p: Proposal, schema: ConfigSchema, limits: Limits) -> list[Problem]:
     """Build each model group from the proposal's values alone: this runs the groups' own
-    validation (e.g. num_kv_heads must divide num_heads) on the default preset, `tiny`."""
+    validation (field ranges; num_kv_heads must divide num_heads) on the default preset, `tiny`,
+    or the preset the proposal sets, and sizes the architecture against `limits.max_params`."""
     problems = []
     for prefix, cls in GROUPS.items():
-        values = {k[len(prefix) + 1:]: v for k, v in p.changes.items() if k.startswith(prefix + ".")}
+        values = {k[len(prefix) + 1:]: as_hinted(v, schema.lookup(k)[0])
+                  for k, v in p.changes.items() if k.startswith(prefix + ".")}
         if not values:
             continue
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        preset = f"preset {values['preset']}" if "preset" in values else "the default preset, tiny"
+        on = f" (checked on {preset})" if cls is ArchConfig else ""
         try:
             group = cls(**values)
-            if isinstance(group, ArchConfig):
-                group.resolved()  # the shape checks run once the preset's values are filled in
+            # The shape checks and the size need the preset's values filled in.
+            too_large = isinstance(group, ArchConfig) and size_problem(group.resolved(), limits.max_params)
         except UserError as e:
-            problems.append(p.problem("changes", f"{e} (checked on the default preset, tiny)"))
+            problems.append(p.problem("changes", f"{e}{on}"))
+            continue
+        if too_large:
+            keys = ", ".join(f"{prefix}.{k}" for k in values)
+            problems.append(p.problem("changes", f"with {keys}, the model has {too_large}{on}"))
     return problems

@@ -4,6 +4,7 @@ the accepted ones at a step into run-config values with provenance (docs/ARCHITE
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import yaml
 
 from cpm_lightning.errors import UserError
 from cpm_lightning.registry.keys import ConfigSchema, check_changes
+from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME, KINDS, Problem, Proposal, load_proposal
 
 TEMPLATE = "TEMPLATE.yaml"
@@ -39,13 +41,25 @@ class Registry:
 
 
 def proposal_files(directory: Path) -> list[Path]:
-    """The proposal files of a registry directory: every .yaml/.yml but the template."""
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and p.suffix in (".yaml", ".yml") and p.name != TEMPLATE)
+    """The proposal files of a registry directory: every .yaml/.yml entry but the template,
+    also those that are not regular files (load_registry refuses them)."""
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.name != TEMPLATE)
 
 
-def load_registry(directory: str | Path, schema: ConfigSchema) -> Registry:
-    """Load and check every proposal of `directory`, and the proposals against each other."""
+def _link_out(path: Path, directory: Path) -> Problem | None:
+    """A proposal that is a symbolic link out of the registry directory, refused unread: the
+    registry is what its pull requests show (one such link pointed at /proc/self/pagemap)."""
+    real = os.path.realpath(path)
+    if path.is_symlink() and not Path(real).is_relative_to(os.path.realpath(directory)):
+        return Problem(str(path), None, "file", f"a symbolic link to {os.readlink(path)}, outside the "
+                                                f"registry {directory}; a proposal is a file in the registry")
+    return None
+
+
+def load_registry(directory: str | Path, schema: ConfigSchema, limits: Limits | None = None) -> Registry:
+    """Load and check every proposal of `directory`, and the proposals against each other;
+    their changes within `limits` (the defaults unless given: a run passes its config's)."""
+    limits = limits or Limits()
     reg = Registry(Path(directory))
     if not reg.path.is_dir():
         reg.problems.append(Problem(str(reg.path), None, "registry", "no such directory; set registry.path "
@@ -57,9 +71,10 @@ def load_registry(directory: str | Path, schema: ConfigSchema) -> Registry:
                                     "no proposals; expected NNNN-slug.yaml files (see TEMPLATE.yaml)"))
     broken = set()  # numbers of the files with problems: references to them are not reported again
     for path in files:
-        proposal, problems = load_proposal(path)
+        link = _link_out(path, reg.path)
+        proposal, problems = (None, [link]) if link else load_proposal(path)
         if proposal is not None and not problems:
-            problems = check_changes(proposal, schema)
+            problems = check_changes(proposal, schema, limits)
         reg.problems += problems
         if proposal is None or problems:
             broken |= {int(m[1])} if (m := FILE_NAME.match(path.name)) else set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import stat
 import typing
 from dataclasses import dataclass, field
 from datetime import date
@@ -112,7 +113,8 @@ _HINTS = typing.get_type_hints(Proposal)
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader whose impossible dates are marked errors instead of ValueErrors."""
+    """SafeLoader whose impossible dates and overlong integers are marked errors instead of
+    ValueErrors."""
 
     def construct_yaml_timestamp(self, node):
         try:
@@ -121,8 +123,16 @@ class _Loader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"impossible date {node.value!r} ({e})",
                                                     node.start_mark) from None
 
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python converts at most 4300 digits
+            raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value)} characters",
+                                                    node.start_mark) from None
+
 
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _walk(node, name: str, lines: dict[str, int], seen: set[int], problems: list[tuple[int, str, str]]):
@@ -153,9 +163,14 @@ def _walk(node, name: str, lines: dict[str, int], seen: set[int], problems: list
 def read_yaml(path: Path) -> tuple[Any, bytes, dict[str, int], list[Problem]]:
     """(data, raw bytes, line of each key, problems) of one YAML file."""
     fail = lambda line, name, msg: (None, b"", {}, [Problem(str(path), line, name, msg)])  # noqa: E731
-    size = path.stat().st_size
-    if size > MAX_BYTES:
-        return fail(None, "file", f"{size} bytes; a proposal is at most {MAX_BYTES} bytes")
+    try:
+        info = path.stat()
+    except OSError as e:  # a dangling or looping symbolic link
+        return fail(None, "file", f"cannot read: {e.strerror}")
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read, a device never end it
+        return fail(None, "file", "not a regular file; a proposal is a plain YAML file")
+    if info.st_size > MAX_BYTES:
+        return fail(None, "file", f"{info.st_size} bytes; a proposal is at most {MAX_BYTES} bytes")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

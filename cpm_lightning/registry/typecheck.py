@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 import types
 from datetime import date, datetime
 from typing import Any, Literal, Union, get_args, get_origin
@@ -51,13 +52,29 @@ def fits(value: Any, hint: Any) -> bool:
         return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # an integer too, if a float can hold it (as_hinted converts it)
+        return isinstance(value, float) or isinstance(value, int) and not isinstance(value, bool) \
+            and abs(value) <= sys.float_info.max
     if hint is str:
         return isinstance(value, str)
     if hint is date:
         return isinstance(value, date) and not isinstance(value, datetime)
     raise TypeError(f"no check for type hint {hint!r}")  # a config field of a new kind of type
+
+
+def as_hinted(value: Any, hint: Any) -> Any:
+    """A value that `fits` the hint as the run holds it (jsonargparse converts on parsing, the
+    registry sets values after it): a tuple for a list, a float for an integer (AdamW takes no
+    integer betas)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return next((as_hinted(value, a) for a in args if fits(value, a)), value)
+    if origin is tuple and isinstance(value, list):
+        args = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args
+        return tuple(as_hinted(v, a) for v, a in zip(value, args, strict=False))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def describe(hint: Any) -> str:
