@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from cpm_lightning.tokenizer import Tokenizer
 from datamodules.sources import ReadStats, SourceConfig, check_stats, documents, expand, read_bytes
 
-ENCODE_BATCH = 256  # documents per SentencePiece call (it parallelizes across a batch)
+ENCODE_BATCH = 256  # documents per tokenizer call (SentencePiece parallelizes across a batch)
 
 
 def default_cache_dir() -> Path:
@@ -87,7 +87,7 @@ def build_shard(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir: P
                 if doc is not None:
                     batch.append(doc)
                 if batch and (doc is None or len(batch) == ENCODE_BATCH):
-                    for ids in tokenizer.sp.encode(batch, num_threads=os.cpu_count()):
+                    for ids in tokenizer.encode_batch(batch):
                         ids.append(tokenizer.eos_id)
                         out.write(np.asarray(ids, dtype=dtype).tobytes())
                         total += len(ids)
