@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -20,6 +23,7 @@ RESERVED_ALIASES = ("latest",)  # MLflow resolves models:/NAME@latest itself
 VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 RUN_TAG = "cpm.run_id"  # on a model version: the training run it was released from
+HF_DIR = "hf"  # in a release: the Hugging Face layout (cpm_lightning.hf)
 
 
 def applied_proposals(client: MlflowClient, run_id: str | None, registry_dir: Path) -> list[dict]:
@@ -48,7 +52,26 @@ def _val_metrics(client: MlflowClient, run_id: str | None, step: int) -> dict[st
     return out
 
 
-def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: list[dict]) -> str:
+def _hf_layout(trained: TrainedModel) -> tuple[Callable[[Path], list[Path]] | None, str]:
+    """(what writes the release's Hugging Face layout into its hf/ folder, or None; the card's
+    line about it)."""
+    from cpm_lightning.hf.convert import hf_target, require_transformers, write_hf
+
+    try:
+        require_transformers()
+        target = hf_target(trained.arch)
+    except UserError as e:
+        print(f"warning: the release has no Hugging Face layout: {e}", file=sys.stderr)
+        return None, f"No Hugging Face layout: {e}."
+
+    def write(directory: Path) -> list[Path]:
+        (directory / HF_DIR).mkdir()
+        return write_hf(trained.model, directory / HF_DIR)
+    return write, (f"`{HF_DIR}/` is the model as `{target.architecture}`: "
+                   f"`transformers.AutoModelForCausalLM.from_pretrained(\"{HF_DIR}\")` and `AutoTokenizer` open it.")
+
+
+def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: list[dict], hf_line: str) -> str:
     lines = [f"# {name} at step {trained.step}", "",
              "A CPM-Ant-style base language model trained in public with cpm-lightning: it continues "
              "text, it is not a chat model.", "",
@@ -59,7 +82,7 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: li
     lines += ["", "## Applied proposals", ""]
     lines += [f"- {p['id']} {p['title']} {p['discussion']}".rstrip() for p in proposals] or ["None."]
     lines += ["", "## Use", "", "```", f"cpm-lightning pull models:/{name}@stable --dst {name}",
-              f"cpm-lightning generate {name} --prompt \"...\"", "```"]
+              f"cpm-lightning generate {name} --prompt \"...\"", "```", "", "## Hugging Face", "", hf_line]
     return "\n".join(lines)
 
 
@@ -68,15 +91,16 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     tags and `alias` pointing at it. Returns the version."""
     _check_alias(alias)
     trained = trained_model(ckpt)
-    tokenizer = trained.require_tokenizer()
+    tokenizer = trained.model.require_tokenizer()
     client = MlflowClient()
     run_id = trained.run_id if trained.run_id and _run_exists(client, trained.run_id) else None
     val = _val_metrics(client, run_id, trained.step)
     proposals = applied_proposals(client, run_id, registry_dir)
+    write_hf_layout, hf_line = _hf_layout(trained)
     with tempfile.TemporaryDirectory() as tmp:
         directory = out or Path(tmp) / "model"
-        modeldir.write_model_dir(directory, trained.weights, trained.arch, tokenizer,
-                                 _card(name, trained, val, proposals))
+        modeldir.write_model_dir(directory, trained.model, trained.arch, tokenizer,
+                                 _card(name, trained, val, proposals, hf_line), write_hf_layout)
         version = _log_and_register(client, name, directory, trained, run_id)
     tags = {"step": trained.step, "tokens": trained.tokens_seen, "proposals": ",".join(p["id"] for p in proposals) or "none",
             "val_loss": f"{val['val/loss']:.4f}" if "val/loss" in val else "none", RUN_TAG: run_id or "none"}
@@ -172,11 +196,13 @@ def pull(uri: str, dst: Path) -> Path:
     return dst
 
 
-def load_registered(uri: str, device: str = "cpu"):
-    """Model and tokenizer of models:/NAME@ALIAS or models:/NAME/VERSION (pulled to a temp dir)."""
+@contextlib.contextmanager
+def pulled(uri: str) -> Iterator[Path]:
+    """The model directory of models:/NAME@ALIAS or models:/NAME/VERSION, pulled to a temporary
+    directory that lasts as long as the context."""
     mlflow.set_tracking_uri(TrackingConfig().resolved_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        return modeldir.load_model_dir(pull(uri, Path(tmp) / "model"), device)
+        yield pull(uri, Path(tmp) / "model")
 
 
 def list_models(name: str | None) -> list[dict]:
