@@ -47,7 +47,8 @@ from cpm_lightning.checkpoint_files import (
 from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.model import ArchConfig
-from cpm_lightning.modeldir import check_shapes, write_model_dir
+from cpm_lightning.modeldir import StoredModel, check_shapes, write_model_dir
+from cpm_lightning.tokenizer import Tokenizer
 
 STEP_NAME = re.compile(r"step-(\d+)\.ckpt")
 LAST = "last.ckpt"
@@ -124,23 +125,35 @@ def _file_weights(meta: dict) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in meta[MODEL_KEY].items() if k.startswith("model.")}
 
 
-def load_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(read_meta's dict, CPMAnt's full weights) of a sharded or single-file checkpoint, in one
-    process, whatever world size saved it."""
+def open_checkpoint(path: str | Path) -> tuple[dict, StoredModel]:
+    """(read_meta's dict, the model) of a sharded or single-file checkpoint, whatever world size
+    saved it; each weight is read when asked for (a single file is memory-mapped)."""
     path = Path(path)
     meta = read_meta(path)
-    if not is_sharded(path):
-        return meta, _file_weights(meta)
-    reader = CheckpointReader(path)
-    weights = {name: torch.empty(m.size, dtype=m.properties.dtype)
-               for name, m in _sharded_model_metadata(reader).items()}
-    # DCP fills the tensors in place and reads only the keys asked for (not the optimizer's).
-    with warnings.catch_warnings(), user_errors():
-        # "...assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load({MODEL_KEY: {f"model.{k}": v for k, v in weights.items()}}, storage_reader=reader,
-                 planner=PlainDataPlanner(path), no_dist=True)
-    return meta, weights
+    if is_sharded(path):
+        reader = CheckpointReader(path)  # one reader: each chunk's recorded hash is checked once
+        metadata = _sharded_model_metadata(reader)
+        shapes = {name: list(m.size) for name, m in metadata.items()}
+        dtypes = {name: m.properties.dtype for name, m in metadata.items()}
+
+        def read(name: str) -> torch.Tensor:
+            t = torch.empty(shapes[name], dtype=dtypes[name])
+            # DCP fills the tensor in place and reads only the key asked for.
+            with warnings.catch_warnings(), user_errors():
+                # "...assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load({MODEL_KEY: {f"model.{name}": t}}, storage_reader=reader, planner=PlainDataPlanner(path),
+                         no_dist=True)
+            return t
+    else:
+        weights = _file_weights(meta)
+        shapes, dtypes = {k: list(v.shape) for k, v in weights.items()}, {k: v.dtype for k, v in weights.items()}
+        read = weights.__getitem__
+    cpm = meta["cpm"]
+    tokenizer = Tokenizer.from_bytes(cpm["tokenizer"], f"{path} (its tokenizer)") if cpm.get("tokenizer") else None
+    return meta, StoredModel(arch=cpm["arch"], shapes=shapes, dtypes=dtypes, read=read, tokenizer=tokenizer,
+                             where=str(path), missing_tokenizer="the checkpoint carries no tokenizer; expected one saved by "
+                             "`fit` (checkpoint['cpm']['tokenizer'])")
 
 
 @dataclass(kw_only=True)
@@ -149,12 +162,8 @@ class TrainedModel:
 
     path: Path
     """The checkpoint."""
-    weights: dict[str, torch.Tensor]
-    """Model weights, keys as in CPMAnt.state_dict()."""
-    arch: dict
-    """ArchConfig fields."""
-    tokenizer: bytes | None
-    """The SentencePiece model `fit` stores in every checkpoint (CarryTokenizer)."""
+    model: StoredModel
+    """Architecture, weights (read when asked for) and tokenizer."""
     step: int
     """Optimizer steps trained."""
     tokens_seen: int
@@ -162,20 +171,17 @@ class TrainedModel:
     run_id: str | None
     """The MLflow run that trained it, when the checkpoint recorded one."""
 
-    def require_tokenizer(self) -> bytes:
-        if self.tokenizer is None:
-            raise UserError(f"{self.path}: the checkpoint carries no tokenizer; expected one saved by `fit` "
-                            "(checkpoint['cpm']['tokenizer'])")
-        return self.tokenizer
+    @property
+    def arch(self) -> dict:
+        return self.model.arch
 
 
 def trained_model(path: str | Path) -> TrainedModel:
     """The model in a checkpoint written by `fit`, sharded or a single file."""
-    meta, weights = load_weights(Path(path))
+    meta, model = open_checkpoint(path)
     cpm = meta["cpm"]
-    return TrainedModel(path=Path(path), weights=weights, arch=cpm["arch"], tokenizer=cpm.get("tokenizer"),
-                        step=meta.get("global_step", 0), tokens_seen=cpm.get("tokens_seen", 0),
-                        run_id=cpm.get(RUN_ID_KEY))
+    return TrainedModel(path=Path(path), model=model, step=meta.get("global_step", 0),
+                        tokens_seen=cpm.get("tokens_seen", 0), run_id=cpm.get(RUN_ID_KEY))
 
 
 def check_architecture(path: Path, arch: ArchConfig) -> None:
@@ -193,7 +199,7 @@ def consolidate(path: Path, out_dir: Path) -> list[Path]:
     """Write the weights of checkpoint `path` (sharded or not) as a model directory: one
     safetensors file, config.json and the tokenizer, if it carries one."""
     trained = trained_model(path)
-    return write_model_dir(Path(out_dir), trained.weights, trained.arch, trained.tokenizer)
+    return write_model_dir(Path(out_dir), trained.model, trained.arch, trained.model.tokenizer)
 
 
 # -- writing ----------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Core verbs: `model info`, `tokenizer train`, `generate`, `checkpoint consolidate`."""
+"""Core verbs: `model info`, `tokenizer train`, `generate`, `checkpoint consolidate`, `convert`."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from cpm_lightning.errors import UserError
 
@@ -34,6 +35,10 @@ def add_commands(sub) -> None:
     gen.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens of mass p")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    gen.add_argument("--prompting", choices=("causal", "cpm-ant"),
+                     help="causal: plain text, as fit trains; cpm-ant: as CPM-Ant generates (task-2 prompt, segment "
+                     "2, the prompt as context), as transformers' CpmAntForCausalLM does. Default: cpm-ant for a model "
+                     "with CPM-Ant's task prompts, causal otherwise")
     gen.set_defaults(func=generate)
 
     ckpt = sub.add_parser("checkpoint", help="work with checkpoints written by fit").add_subparsers(metavar="ACTION")
@@ -42,6 +47,18 @@ def add_commands(sub) -> None:
     cons.add_argument("checkpoint", help="a checkpoint directory or file (e.g. runs/x/checkpoints/last.ckpt)")
     cons.add_argument("out_dir", help="model directory to write; `cpm-lightning generate OUT_DIR` reads it")
     cons.set_defaults(func=consolidate)
+
+    conv = sub.add_parser("convert", help="Hugging Face transformers directories, both ways").add_subparsers(metavar="WAY")
+    to = conv.add_parser("to-hf", help="write a directory that transformers' AutoModelForCausalLM and AutoTokenizer "
+                         "open (CpmAntForCausalLM or LlamaForCausalLM)")
+    to.add_argument("source", help="a checkpoint written by fit, a model directory or a models:/ URI")
+    to.add_argument("out_dir", help="directory to write (new or empty)")
+    frm = conv.add_parser("from-hf", help="read a CpmAntForCausalLM or LlamaForCausalLM directory into a model directory")
+    frm.add_argument("hf_dir", help="a Hugging Face model directory (config.json, weights, tokenizer)")
+    frm.add_argument("out_dir", help="model directory to write (new or empty); fit --checkpoint.init_from reads it")
+    for verb, func in ((to, convert_to_hf), (frm, convert_from_hf)):
+        verb.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+        verb.set_defaults(func=func)
 
 
 def model_info(args) -> None:
@@ -97,7 +114,7 @@ def generate(args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     prompt = tokenizer.encode(args.prompt)
     ids = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                 tokenizer.eos_id, generator)
+                 tokenizer.eos_id, generator, args.prompting)
     # Decoded alone, the continuation would lose a leading space (SentencePiece drops it).
     print(tokenizer.decode(prompt + ids))
 
@@ -107,3 +124,24 @@ def consolidate(args) -> None:
 
     for path in consolidate(args.checkpoint, args.out_dir):
         print(f"wrote {path}")
+
+
+def convert_to_hf(args) -> None:
+    from cpm_lightning.hf.convert import write_hf
+    from cpm_lightning.loader import open_model
+    from cpm_lightning.modeldir import staged_dir
+
+    with open_model(args.source) as stored, staged_dir(Path(args.out_dir), args.force) as tmp:
+        write_hf(stored, tmp)
+    print(f"wrote {args.out_dir}: transformers.AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r}) opens it")
+
+
+def convert_from_hf(args) -> None:
+    from cpm_lightning.hf.convert import read_hf
+    from cpm_lightning.modeldir import staged_dir, write_model_dir
+
+    with staged_dir(Path(args.out_dir), args.force) as tmp:
+        stored = read_hf(Path(args.hf_dir))
+        write_model_dir(tmp, stored, stored.arch, stored.tokenizer)
+    print(f"wrote {args.out_dir} ({stored.arch['preset']}-shaped, {stored.arch['position']}); "
+          f"`cpm-lightning generate {args.out_dir}` or `fit --checkpoint.init_from {args.out_dir}` reads it")

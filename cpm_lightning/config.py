@@ -131,6 +131,12 @@ class CheckpointConfig:
     resume: Literal["never", "auto"] = "never"
     """auto: without --ckpt_path, resume from the newest checkpoint if there is one (a job that a
     scheduler requeues after preemption). never: start fresh unless --ckpt_path names one."""
+    init_from: str | None = None
+    """A model directory (`convert from-hf`, `checkpoint consolidate`, a release) whose weights a
+    new run starts from, with a fresh optimizer, schedule and data position. Its architecture
+    and tokenizer are the run's: a model.arch value or data.tokenizer that differs is an error,
+    except max_len and split_qk_scale, which the run may change. A run that resumes a checkpoint
+    (checkpoint.resume: auto) takes only the architecture; with --ckpt_path it is an error."""
 
     def __post_init__(self):
         check_ranges(self, "checkpoint")

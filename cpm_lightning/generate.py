@@ -1,34 +1,73 @@
-"""Sampling with a KV cache. Loading a model is `cpm_lightning.load`'s job."""
+"""Sampling with a KV cache, and how a prompt is presented to the model. Loading a model is
+`cpm_lightning.loader`'s job."""
 
 from __future__ import annotations
 
 import torch
 
 from cpm_lightning.errors import UserError
-from cpm_lightning.model import CPMAnt, KVCache
+from cpm_lightning.model import ArchConfig, CPMAnt, KVCache
+
+# causal: plain text as `fit` trains on it (segment 0, causal attention, no task prompt).
+# cpm-ant: as CPM-Ant generates, and as transformers' CpmAntForCausalLM reads every input: the
+# prompt of task 2 first (when the model has task prompts), the text in segment 2, and all of
+# the given text context (every position sees it); padding in segment 0.
+PROMPTINGS = ("causal", "cpm-ant")
+CPM_ANT_TASK = CPM_ANT_TEXT_SEGMENT = 2
+
+
+def default_prompting(arch: ArchConfig) -> str:
+    """cpm-ant for a model with CPM-Ant's task prompts (an imported CPM-Ant), causal otherwise."""
+    return "cpm-ant" if arch.position == "relative_buckets" and arch.num_tasks > CPM_ANT_TASK else "causal"
+
+
+def prompt_inputs(model: CPMAnt, input_ids: torch.Tensor, prompting: str, attention_mask: torch.Tensor | None = None,
+                  first: bool = True) -> dict:
+    """The keyword arguments of CPMAnt.forward that present `input_ids` [B, T] as `prompting`
+    says; attention_mask [B, T] is False at (left) padding. `first`: the start of a sequence
+    (later tokens continuing a cache get no prompt)."""
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    if prompting == "causal":
+        return kwargs
+    B, T = input_ids.shape
+    segment = torch.full_like(input_ids, CPM_ANT_TEXT_SEGMENT)
+    if attention_mask is not None:
+        segment = segment.masked_fill(~attention_mask, 0)
+    kwargs.update(segment_ids=segment, context=torch.ones(B, T, dtype=torch.bool, device=input_ids.device))
+    if first and model.cfg.num_tasks:
+        kwargs["task"] = torch.full((B,), CPM_ANT_TASK, device=input_ids.device)
+    return kwargs
 
 
 @torch.inference_mode()
 def sample(model: CPMAnt, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
            top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-           generator: torch.Generator | None = None) -> list[int]:
-    """Continue `prompt` by up to `max_new_tokens` ids; temperature 0 is greedy. Stops at EOS."""
+           generator: torch.Generator | None = None, prompting: str | None = None) -> list[int]:
+    """Continue `prompt` by up to `max_new_tokens` ids; temperature 0 is greedy. Stops at EOS.
+    `prompting`: one of PROMPTINGS; unset, the model's default_prompting."""
     device = model.embedding.device
-    room = model.cfg.max_len - len(prompt)
+    prompting = prompting or default_prompting(model.cfg)
     if not prompt:
         raise UserError("the prompt is empty; expected some text")
+    ids = torch.tensor([prompt], device=device)
+    first = prompt_inputs(model, ids, prompting)
+    used = len(prompt) + (model.cfg.prompt_len if "task" in first else 0)
+    room = model.cfg.max_len - used
     if room <= 0:
         raise UserError(f"the prompt is {len(prompt)} tokens; the model's maximum length is {model.cfg.max_len}")
     max_new_tokens = min(max_new_tokens, room)
-    cache = KVCache(model, 1, len(prompt) + max_new_tokens)
-    logits = model(torch.tensor([prompt], device=device), cache=cache)[0, -1]
+    cache = KVCache(model, 1, used + max_new_tokens)
+    logits = model(ids, **first, cache=cache)[0, -1]
     out: list[int] = []
-    for _ in range(max_new_tokens):
+    while len(out) < max_new_tokens:
         token = _pick(logits.float(), temperature, top_k, top_p, generator)
         if token == eos_id:
             break
         out.append(token)
-        logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+        if len(out) == max_new_tokens:
+            break
+        ids = torch.tensor([[token]], device=device)
+        logits = model(ids, **prompt_inputs(model, ids, prompting, first=False), cache=cache)[0, -1]
     return out
 
 

@@ -7,6 +7,7 @@ Imported only for those verbs: Lightning takes seconds to import.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -61,12 +62,25 @@ class CPMCLI(LightningCLI):
         if cfg.registry.at_step is None:
             cfg.registry.at_step = self.ckpt_meta.get("global_step", 0)
         self.proposals = apply_registry(cfg, self.argv, self.subcommand, ConfigSchema(GROUPS))
+        # A run may start from a model directory: its architecture always, its weights unless
+        # the run resumes a checkpoint (checkpoint.resume=auto after a requeue).
+        self.init_from = cfg.checkpoint.init_from if self.subcommand == "fit" else None
+        if self.init_from:
+            if cfg.get("ckpt_path"):
+                raise UserError("--ckpt_path and checkpoint.init_from both say where the run starts; give one")
+            self.init_arch = take_architecture(cfg, self.init_from)
         if cfg.trainer.logger in (None, True):  # fail before any work (tokenizer, shards)
             check_reachable(TrackingConfig(uri=cfg.tracking.uri).resolved_uri)
 
     def instantiate_classes(self):
         super().instantiate_classes()
         arch, seq_len = self.model.arch, self.datamodule.seq_len
+        if self.init_from:
+            if arch.vocab_size != self.init_arch["vocab_size"]:
+                raise UserError(f"checkpoint.init_from {self.init_from}: its tokenizer has {arch.vocab_size} tokens, "
+                                f"its model's vocab_size is {self.init_arch['vocab_size']}")
+            if not self.ckpt:
+                self.model.init_from = self.init_from
         if seq_len > arch.max_len:
             raise UserError(f"data.seq_len={seq_len} is above the model's maximum length "
                             f"model.arch.max_len={arch.max_len}")
@@ -103,6 +117,43 @@ class CPMCLI(LightningCLI):
                 self.proposals.log(logger.experiment, logger.run_id)
                 text = self.proposals.annotate(text)
             logger.experiment.log_text(logger.run_id, text, "config.yaml")
+
+
+# Fields of model.arch that say how a run computes, not what the weights mean: a run that starts
+# from a model directory may set them (CPM-Ant raised max_len during its live run).
+RUN_OWNED = ("max_len", "split_qk_scale")
+
+
+def take_architecture(cfg, directory: str) -> dict:
+    """Make `directory`'s architecture and tokenizer the run's (checkpoint.init_from): a value
+    the run gives that differs is a UserError. Returns the directory's arch."""
+    from cpm_lightning.model import ArchConfig
+    from cpm_lightning.modeldir import is_model_dir, open_model_dir
+    from cpm_lightning.tokenizer import Tokenizer
+
+    if not is_model_dir(Path(directory)):
+        raise UserError(f"checkpoint.init_from {directory}: not a model directory (no model.safetensors); expected "
+                        "one written by `convert from-hf`, `checkpoint consolidate` or a release")
+    stored = open_model_dir(directory)
+    defaults = {f.name: f.default for f in dataclasses.fields(ArchConfig)}
+    run = cfg.model.arch
+    for key, value in stored.arch.items():
+        given = run.get(key)
+        set_by_run = given is not None and given != defaults[key] and key != "vocab_size"
+        if key in RUN_OWNED and set_by_run:
+            continue
+        if set_by_run and given != value:
+            raise UserError(f"model.arch.{key} is {given!r} in this run, but checkpoint.init_from {directory} holds a "
+                            f"model with {key} {value!r}; leave it unset or give {value!r}")
+        run[key] = value
+    tokenizer = stored.require_tokenizer()
+    path = Path(directory) / tokenizer.file_name
+    if cfg.data.tokenizer is None:
+        cfg.data.tokenizer = str(path)
+    elif Tokenizer.load(cfg.data.tokenizer).model_bytes != tokenizer.model_bytes:
+        raise UserError(f"data.tokenizer {cfg.data.tokenizer} is not the tokenizer of checkpoint.init_from {directory} "
+                        f"({path}); leave data.tokenizer unset to use it")
+    return stored.arch
 
 
 def _root(cfg) -> Path:

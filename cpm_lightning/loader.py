@@ -1,38 +1,47 @@
 """One loader for every place a trained model can be: a checkpoint written by `fit` (sharded
-or one file), a model directory (consolidated or released), a release written by `pull`, or a
-`models:/` URI of the MLflow Model Registry. `generate` uses it; so can any tool that needs
-(model, tokenizer)."""
+or one file), a model directory (consolidated, released or imported), a release written by `pull`,
+or a `models:/` URI of the MLflow Model Registry. `generate` and `convert to-hf` use it; so can
+any tool that needs a model and its tokenizer."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from cpm_lightning.errors import UserError
 from cpm_lightning.model import CPMAnt
-from cpm_lightning.modeldir import CARD, WEIGHTS, load_model_dir, model_from_state
+from cpm_lightning.modeldir import StoredModel, is_model_dir, open_model_dir
 from cpm_lightning.tokenizer import Tokenizer
 
 
-def load_model(source: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
-    """Model (eval mode, on `device`) and tokenizer from `source`. Lightning and MLflow are
-    imported only for the kinds of source that need them."""
+@contextlib.contextmanager
+def open_model(source: str) -> Iterator[StoredModel]:
+    """The model at `source`, its weights read one at a time while the context lasts. Lightning
+    and MLflow are imported only for the kinds of source that need them."""
     path = Path(source)
     if source.startswith("models:/"):
-        from cpm_lightning.tracking.releases import load_registered
+        from cpm_lightning.tracking.releases import pulled
 
-        return load_registered(source, device)
-    if (path / WEIGHTS).is_file() or (path / CARD).is_file():  # a released one is checked against its card
-        return load_model_dir(path, device)
-    if (path / "MLmodel").is_file():  # a release `pull` wrote: the MLflow model around a model directory
+        with pulled(source) as directory:
+            yield open_model_dir(directory)
+    elif is_model_dir(path):
+        yield open_model_dir(path)
+    elif (path / "MLmodel").is_file():  # a release `pull` wrote: the MLflow model around a model directory
         from cpm_lightning.tracking.integrity import MODEL_DIR
 
-        return load_model_dir(path / MODEL_DIR, device)
+        yield open_model_dir(path / MODEL_DIR)
     # A checkpoint file, a sharded checkpoint directory (meta.pt is Lightning's name), or a path
     # that does not exist (the checkpoint reader says so).
-    if path.is_file() or not path.exists() or (path / "meta.pt").is_file():
-        from cpm_lightning.checkpoint import trained_model
+    elif path.is_file() or not path.exists() or (path / "meta.pt").is_file():
+        from cpm_lightning.checkpoint import open_checkpoint
 
-        trained = trained_model(path)
-        tokenizer = Tokenizer(trained.require_tokenizer(), source)
-        return model_from_state(trained.arch, trained.weights, source, device), tokenizer
-    raise UserError(f"{source!r} is not a checkpoint file or model directory")
+        yield open_checkpoint(path)[1]
+    else:
+        raise UserError(f"{source!r} is not a checkpoint file or model directory")
+
+
+def load_model(source: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
+    """Model (eval mode, on `device`) and tokenizer from `source`."""
+    with open_model(source) as stored:
+        return stored.build(device), stored.require_tokenizer()

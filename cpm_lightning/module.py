@@ -15,8 +15,9 @@ from cpm_lightning.config import ModelConfig
 from cpm_lightning.loss import IGNORE, cross_entropy
 from cpm_lightning.model import CPMAnt
 from cpm_lightning.model.stats import model_stats
+from cpm_lightning.modeldir import open_model_dir
 from cpm_lightning.perf import peak_flops
-from cpm_lightning.sharding import apply_parallel, build_sharded
+from cpm_lightning.sharding import apply_parallel, build_sharded, load_full_weights
 
 
 class CausalLM(ModelConfig, L.LightningModule):
@@ -33,6 +34,7 @@ class CausalLM(ModelConfig, L.LightningModule):
         self.save_hyperparameters({"arch": self.arch.to_dict(), **{
             name: dataclasses.asdict(getattr(self, name)) for name in ("optim", "schedule", "loss", "parallel")}})
         self.model: CPMAnt | None = None
+        self.init_from: str | None = None  # a model directory whose weights replace the init (checkpoint.init_from)
         self.tokens_seen = 0
         self._step_time: float | None = None
         self._last_batch_end: float | None = None
@@ -43,12 +45,16 @@ class CausalLM(ModelConfig, L.LightningModule):
             return
         if self.arch.vocab_size is None:
             raise ValueError("model.arch.vocab_size is unset: the CLI sets it from the tokenizer")
+        weights = open_model_dir(self.init_from).read if self.init_from else None
         if self.device_mesh is not None:  # ModelParallelStrategy (trainer.strategy: fsdp)
             self.model = build_sharded(self.arch, self.device_mesh["data_parallel"],
-                                       self.trainer.strategy.root_device, self.parallel)
+                                       self.trainer.strategy.root_device, self.parallel, weights)
         else:
             self.model = CPMAnt(self.arch)
-            self.model.init_weights()
+            if weights is None:
+                self.model.init_weights()
+            else:
+                load_full_weights(self.model, weights)
             apply_parallel(self.model, self.parallel)
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE)

@@ -8,6 +8,7 @@ gloo and on CUDA with NCCL, so the tests exercise the code path the GPUs run.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,9 +77,11 @@ def apply_parallel(model: CPMAnt, parallel: ParallelConfig) -> None:
             block.compile()
 
 
-def build_sharded(arch: ArchConfig, mesh: DeviceMesh, device: torch.device, parallel: ParallelConfig) -> CPMAnt:
+def build_sharded(arch: ArchConfig, mesh: DeviceMesh, device: torch.device, parallel: ParallelConfig,
+                  weights: Callable[[str], torch.Tensor] | None = None) -> CPMAnt:
     """A CPMAnt whose parameters are DTensors sharded over `mesh`, initialized exactly as an
-    unsharded model would be. Built on the meta device: no rank ever holds the whole model."""
+    unsharded model would be, or loaded from `weights` (name -> full tensor, read one at a
+    time). Built on the meta device: no rank ever holds the whole model."""
     with torch.device("meta"):
         model = CPMAnt(arch)
     apply_parallel(model, parallel)
@@ -90,9 +93,24 @@ def build_sharded(arch: ArchConfig, mesh: DeviceMesh, device: torch.device, para
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     model.to_empty(device=device)
+    if weights is not None:
+        load_full_weights(model, weights)
+        return model
     with _FullTensorInit():
         model.init_weights()
     return model
+
+
+@torch.no_grad()
+def load_full_weights(model: CPMAnt, weights: Callable[[str], torch.Tensor]) -> None:
+    """Copy each full tensor `weights(name)` into the parameter of that name, sharded (this rank
+    keeps its shard) or not."""
+    for name, param in model.named_parameters():
+        full = weights(name).to(device=param.device, dtype=param.dtype)
+        if isinstance(param, DTensor):
+            param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
+        else:
+            param.copy_(full)
 
 
 class _FullTensorInit(TorchDispatchMode):

@@ -1,14 +1,23 @@
-"""SentencePiece tokenizers: training on text, loading from a path or fsspec URL.
+"""Tokenizers: one interface, two implementations. Data shards, `generate`, checkpoints and
+releases use only the interface (`Tokenizer`).
 
-Settings chosen so that any text round-trips exactly: no normalization, whitespace kept as it
-is, newlines and tabs as pieces of their own, and byte fallback for characters outside the
-vocabulary (rare CJK characters, emoji).
+- SentencePiece (the default): trained by the project on its sources, with settings chosen so
+  that any text round-trips exactly: no normalization, whitespace kept as it is, newlines and
+  tabs as pieces of their own, and byte fallback for characters outside the vocabulary (rare CJK
+  characters, emoji).
+- CPM-Ant's own (`vocab.txt`): jieba word segmentation, then greedy longest-match word pieces,
+  as `transformers`' CpmAntTokenizer; it comes with an imported CPM-Ant model. Characters
+  outside its vocabulary become <unk>.
+
+A tokenizer is stored as the bytes of its file (checkpoints carry them); `Tokenizer.from_bytes`
+tells the two apart.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import os
 from collections.abc import Iterable
 
 import fsspec
@@ -24,38 +33,127 @@ MAX_SENTENCE_BYTES = 1 << 16
 
 
 class Tokenizer:
-    """A loaded SentencePiece model and its serialized bytes (kept for checkpoints/releases)."""
+    """Text <-> token ids. `model_bytes` is the tokenizer's file, kept for checkpoints and
+    releases, where it is written as `file_name`."""
+
+    file_name: str
 
     def __init__(self, model_bytes: bytes, source: str = "<bytes>"):
         self.model_bytes = model_bytes
         self.source = source
-        try:
-            self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        except RuntimeError:
-            raise UserError(f"{source}: not a SentencePiece model") from None
 
-    @classmethod
-    def load(cls, url: str) -> "Tokenizer":
+    @staticmethod
+    def from_bytes(data: bytes, source: str = "<bytes>") -> "Tokenizer":
+        """The tokenizer whose file is `data`: a SentencePiece model or a CPM-Ant vocab.txt."""
+        if _is_cpm_ant_vocab(data):
+            return CpmAntTokenizer(data, source)
+        return SentencePieceTokenizer(data, source)
+
+    @staticmethod
+    def load(url: str) -> "Tokenizer":
         try:
             with fsspec.open(url, "rb") as f:
-                return cls(f.read(), url)
+                return Tokenizer.from_bytes(f.read(), url)
         except FileNotFoundError:
             raise UserError(f"tokenizer {url!r} does not exist; train one with "
                             "`cpm-lightning tokenizer train` or fix data.tokenizer") from None
 
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.vocab_size()
+    vocab_size: int
+    eos_id: int
+    pad_id: int
 
-    @property
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    file_name = "tokenizer.model"
+
+    def __init__(self, model_bytes: bytes, source: str = "<bytes>"):
+        super().__init__(model_bytes, source)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        except RuntimeError:
+            raise UserError(f"{source}: not a SentencePiece model or a CPM-Ant vocab.txt") from None
+        self.vocab_size, self.eos_id, self.pad_id = self.sp.vocab_size(), self.sp.eos_id(), self.sp.pad_id()
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=os.cpu_count())  # it parallelizes across a batch
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+
+# CPM-Ant's vocab.txt spells these two as tokens of their own.
+CPM_ANT_SPACE, CPM_ANT_NEWLINE = "</_>", "</n>"
+CPM_ANT_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+
+
+def _is_cpm_ant_vocab(data: bytes) -> bool:
+    try:
+        lines = set(data.decode("utf-8").split("\n"))
+    except UnicodeDecodeError:
+        return False
+    return {CPM_ANT_SPACE, CPM_ANT_NEWLINE, *CPM_ANT_SPECIALS} <= lines
+
+
+class CpmAntTokenizer(Tokenizer):
+    """CPM-Ant's vocab.txt tokenizer, id for id as `transformers`' CpmAntTokenizer (whose
+    jieba is rjieba): one token per line, the line number is its id."""
+
+    file_name = "vocab.txt"
+    MAX_WORD_CHARS = 200  # a longer jieba word is one <unk>, as in CPM-Ant
+
+    def __init__(self, model_bytes: bytes, source: str = "<bytes>"):
+        super().__init__(model_bytes, source)
+        tokens = model_bytes.decode("utf-8").split("\n")
+        if tokens[-1] == "":
+            tokens.pop()  # the newline that ends the last line
+        self.ids = {t: i for i, t in enumerate(tokens)}
+        self.ids[" "], self.ids["\n"] = self.ids.pop(CPM_ANT_SPACE), self.ids.pop(CPM_ANT_NEWLINE)
+        self.tokens = {i: t for t, i in self.ids.items()}
+        self.vocab_size, self.eos_id, self.pad_id = len(tokens), self.ids["</s>"], self.ids["<pad>"]
+        self.unk_id, self.bos_id = self.ids["<unk>"], self.ids["<s>"]
+        self.longest = max(map(len, self.ids))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            import rjieba
+        except ImportError:
+            raise UserError(f"{self.source}: CPM-Ant's tokenizer needs rjieba; install cpm-lightning[hf]") from None
+        out = []
+        for word in rjieba.cut(text, False):
+            out.extend(self._word_pieces(word))
+        return out
+
+    def _word_pieces(self, word: str) -> list[int]:
+        """Greedy longest match from the left; a character no token starts with is <unk>."""
+        if len(word) > self.MAX_WORD_CHARS:
+            return [self.unk_id]
+        out, start = [], 0
+        while start < len(word):
+            for end in range(min(len(word), start + self.longest), start, -1):
+                if (i := self.ids.get(word[start:end])) is not None:
+                    out.append(i)
+                    start = end
+                    break
+            else:
+                out.append(self.unk_id)
+                start += 1
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        skip = {self.pad_id, self.eos_id, self.bos_id}
+        return "".join(self.tokens.get(i, "<unk>") for i in ids if i not in skip and i >= 0)
 
 
 def _keep_common_chars(texts: list[str], max_chars: int) -> list[str]:
@@ -70,7 +168,7 @@ def _keep_common_chars(texts: list[str], max_chars: int) -> list[str]:
     return [t.translate(drop) for t in texts]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 20_000_000) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 20_000_000) -> SentencePieceTokenizer:
     """Train a unigram SentencePiece model on (up to `sample_chars` characters of) `texts`."""
     if vocab_size < MIN_VOCAB:
         raise UserError(f"--vocab-size must be at least {MIN_VOCAB} (256 byte pieces + specials), got {vocab_size}")
@@ -97,7 +195,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 2
         )
     except RuntimeError as e:
         raise UserError(f"tokenizer training failed: {str(e).splitlines()[-1]}") from None
-    return Tokenizer(model.getvalue())
+    return SentencePieceTokenizer(model.getvalue())
 
 
 def save_tokenizer(tokenizer: Tokenizer, url: str) -> None:

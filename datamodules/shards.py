@@ -32,7 +32,7 @@ from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes, hash_file, wr
 from cpm_lightning.tokenizer import Tokenizer
 from datamodules.sources import ReadStats, SourceConfig, check_stats, documents, expand, read_bytes
 
-ENCODE_BATCH = 256  # documents per SentencePiece call (it parallelizes across a batch)
+ENCODE_BATCH = 256  # documents per tokenizer call (SentencePiece parallelizes across a batch)
 SHARD_FORMAT = b"shards with hashes"  # in the cache key: earlier shards had no hashes.json and are rebuilt
 FILES = ("tokens.bin", "index.npy", "meta.json")
 
@@ -111,7 +111,7 @@ def build_shard(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir: P
                 if doc is not None:
                     batch.append(doc)
                 if batch and (doc is None or len(batch) == ENCODE_BATCH):
-                    for ids in tokenizer.sp.encode(batch, num_threads=os.cpu_count()):
+                    for ids in tokenizer.encode_batch(batch):
                         ids.append(tokenizer.eos_id)
                         out.write(np.asarray(ids, dtype=dtype).tobytes())
                         total += len(ids)

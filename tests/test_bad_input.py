@@ -224,7 +224,7 @@ def test_tokenizer_path_does_not_exist(tmp_path, corpus, capsys):
 
 def test_tokenizer_that_is_not_a_model(tmp_path, corpus, capsys):
     code, err = fit(capsys, tmp_path, corpus, **{"data.tokenizer": str(corpus["en"])})
-    assert_user_error(code, err, f"{corpus['en']}: not a SentencePiece model")
+    assert_user_error(code, err, f"{corpus['en']}: not a SentencePiece model or a CPM-Ant vocab.txt")
 
 
 # -- checkpoints --------------------------------------------------------------------------------

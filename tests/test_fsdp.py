@@ -212,6 +212,22 @@ def test_f_consolidated_checkpoint_gives_the_same_logits(runs, straight2, tmp_pa
     assert capsys.readouterr().out.startswith("It is a truth")
 
 
+def test_f_sharded_checkpoint_converts_to_hf(runs, straight2, tmp_path):
+    """convert to-hf reads the DCP shards one tensor at a time; transformers computes the same."""
+    from transformers import AutoModelForCausalLM
+
+    from cpm_lightning.generate import prompt_inputs
+
+    ckpt = runs.root / "straight2" / "checkpoints" / "last.ckpt"
+    main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf")])
+    model, _ = load_model(str(ckpt))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = PROBE_INPUT.masked_fill(PROBE_INPUT == 0, 5)  # CpmAnt reads id 0 as padding
+    with torch.no_grad():
+        expected, got = hf(ids).logits, model(ids, **prompt_inputs(model, ids, "cpm-ant"))
+    assert (got - expected).abs().max() <= 1e-4
+
+
 def user_error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -31,7 +31,7 @@ from mlflow.entities import Metric
 from cpm_lightning import modeldir
 from cpm_lightning.checkpoint import trained_model
 from cpm_lightning.cli import main
-from cpm_lightning.generate import sample
+from cpm_lightning.generate import prompt_inputs, sample
 from cpm_lightning.loader import load_model
 from cpm_lightning.tracking import integrity
 from cpm_lightning.tracking.logger import INTERVAL_ENV, START_STEP, Sender, journal_path, unsent
@@ -209,8 +209,21 @@ def test_release_pull_in_new_process_generates_like_the_checkpoint(released, liv
                                                         "MODEL_CARD.md"))}
     card = (tmp_path / "pulled" / "artifacts" / "model" / "MODEL_CARD.md").read_text()
     assert f"- step: {ckpt_meta['global_step']}" in card and "val/loss" in card
-    assert len(modeldir.HASH_LINE.findall(card)) == 3
+    hashed = {name for _, name in modeldir.HASH_LINE.findall(card)}
+    assert {"model.safetensors", "config.json", "tokenizer.model", "hf/model.safetensors", "hf/config.json",
+            "hf/tokenizer.json"} <= hashed
     assert greedy(str(tmp_path / "pulled")) == greedy(released)
+
+    # The release's Hugging Face layout opens in transformers and computes the same logits.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = load_model(str(tmp_path / "pulled"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "pulled" / "hf").eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "pulled" / "hf")(PROMPT).input_ids])
+    assert ids[0].tolist() == tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        expected, got = hf(ids).logits, model(ids, **prompt_inputs(model, ids, "cpm-ant"))
+    assert (got - expected).abs().max() <= 1e-4
 
     listing = cli("models", "list", "live-lm", env=live.env).stdout.splitlines()
     assert listing[1].split()[:3] == ["live-lm", "1", "candidate,stable"]
@@ -286,7 +299,7 @@ def test_release_or_generate_of_a_checkpoint_without_tokenizer(released, tmp_pat
 def model_dir(released, tmp_path) -> Path:
     out = tmp_path / "model"
     trained = trained_model(released)
-    modeldir.write_model_dir(out, trained.weights, trained.arch, trained.tokenizer, "# a release")
+    modeldir.write_model_dir(out, trained.model, trained.arch, trained.model.tokenizer, "# a release")
     return out
 
 

@@ -16,8 +16,7 @@ from torch import nn
 
 class Linear(nn.Module):
     """Bias-free linear layer with CPM-Ant's scaled init: weights N(0, 1), output scaled by
-    gain/sqrt(d_in) in the forward pass. Scaling the weight (not the activations) costs
-    O(params) per step instead of O(tokens x width)."""
+    gain/sqrt(d_in) in the forward pass."""
 
     def __init__(self, d_in: int, d_out: int, gain: float = 1.0):
         super().__init__()
@@ -28,7 +27,15 @@ class Linear(nn.Module):
         nn.init.normal_(self.weight)
 
     def forward(self, x):
-        return F.linear(x, self.weight * self.scale)
+        return scaled_linear(x, self.weight, self.scale)
+
+
+def scaled_linear(x, weight, scale: float):
+    """x @ (weight * scale)^T, scaling whichever is cheaper: the weight when more tokens than
+    input features pass (training), the output otherwise (decoding one token at a time)."""
+    if x.numel() > x.shape[-1] ** 2:  # tokens > d_in
+        return F.linear(x, weight * scale)
+    return F.linear(x, weight) * scale
 
 
 class RMSNorm(nn.Module):
@@ -91,7 +98,7 @@ class RelativeBuckets(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_buckets + cfg.num_segments**2, cfg.num_heads))
 
     def reset_parameters(self):
-        nn.init.normal_(self.weight, std=0.02)
+        nn.init.normal_(self.weight)  # CPM-Ant: N(0, 1), as its linears
 
     def bias(self, q_pos, k_pos, q_seg, k_seg):
         """Additive attention bias [B or 1, H, T, S] from positions [T], [S] and segments
@@ -160,7 +167,8 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)  # [B, K, S, D]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.score_scale, enable_gqa=self.kv != self.h,
-            is_causal=mask is None,  # the model passes no mask only for plain causal text
+            # No mask: plain causal text, or one new token that sees every cached one.
+            is_causal=mask is None and T > 1,
         )
         return self.attention_out(out.transpose(1, 2).reshape(B, T, self.h * self.d))
 

@@ -7,22 +7,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpm_lightning.model.config import ArchConfig
-from cpm_lightning.model.layers import COMPONENTS, Block
+from cpm_lightning.model.layers import COMPONENTS, Block, scaled_linear
 
 
 class KVCache:
-    """Keys and values of earlier positions, one preallocated buffer per attention layer."""
+    """Keys and values of earlier positions, one preallocated buffer per attention layer, and
+    the segment and padding of each position (later queries need them for bias and mask)."""
 
     def __init__(self, model: "CPMAnt", batch: int, max_len: int):
         cfg, p = model.cfg, model.embedding
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in model.blocks]
         self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in model.blocks]
+        self.segment_ids = torch.zeros(batch, max_len, dtype=torch.long, device=p.device)
+        self.attention_mask = torch.ones(batch, max_len, dtype=torch.bool, device=p.device)
+        self.has_segments = self.has_padding = False
         self.length = 0
         self.max_len = max_len
 
     def slot(self, i: int) -> "_Slot":
         return _Slot(self, i)
+
+    def extend(self, segment_ids, attention_mask, T: int):
+        """Record the segments and padding of the T new positions; (segments, mask) of all
+        positions so far, each None while every position had the default (0, not padding)."""
+        start, end = self.length, self.length + T
+        if segment_ids is not None:
+            self.segment_ids[:, start:end] = segment_ids
+            self.has_segments = True
+        if attention_mask is not None:
+            self.attention_mask[:, start:end] = attention_mask
+            self.has_padding = True
+        return (self.segment_ids[:, :end] if self.has_segments else None,
+                self.attention_mask[:, :end] if self.has_padding else None)
 
 
 class _Slot:
@@ -43,7 +60,8 @@ class CPMAnt(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("ArchConfig.vocab_size must be set before building the model")
         self.cfg = cfg
-        # Tied: the input embedding is also the output projection (said to matter for stability).
+        # Tied: one table E is the input embedding and the output projection (said to matter for
+        # stability), used as E[ids] / sqrt(dim) and h / sqrt(dim) @ E^T (CPM-Ant's Embedding).
         self.embedding = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
         self.segment_embedding = nn.Parameter(torch.empty(cfg.num_segments, cfg.dim))
         self.prompt_embedding = (
@@ -57,57 +75,76 @@ class CPMAnt(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """CPM-Ant init: every weight N(0, 1) (linears rescale their output by 1/sqrt(d_in),
-        the output projection by 1/sqrt(dim)). Works on materialized meta/sharded parameters."""
+        """CPM-Ant's init: token, segment and prompt embeddings N(0, 0.02^2); every other weight
+        N(0, 1) (linears rescale their output by 1/sqrt(d_in)); norms 1. Works on materialized
+        meta/sharded parameters."""
         for p in (self.embedding, self.segment_embedding, self.prompt_embedding):
             if p is not None:
-                nn.init.normal_(p)
+                nn.init.normal_(p, std=0.02)
         for m in self.modules():
             if m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
 
-    def forward(self, input_ids, segment_ids=None, context=None, task=None, cache: KVCache | None = None):
+    def forward(self, input_ids, segment_ids=None, context=None, task=None, attention_mask=None,
+                cache: KVCache | None = None):
         """input_ids [B, T] -> logits [B, T, V].
 
-        segment_ids [B, T]: segment of each token (default: one segment). context [B, T] bool:
-        tokens every position may see (the prefix of a prefix LM); others attend causally.
-        task [B]: prepend that task's prompt embeddings as context. cache: continue after the
-        positions it holds (generation)."""
+        segment_ids [B, T]: segment of each token (default: all 0). context [B, T] bool: tokens
+        every position may see (the prefix of a prefix LM); others attend causally. task [B]:
+        prepend that task's prompt embeddings as context, in segment 0. attention_mask [B, T]
+        bool: False at padding, which no other position sees (its own logits are meaningless).
+        cache: continue after the positions it holds (generation)."""
         B, T = input_ids.shape
         x = F.embedding(input_ids, self.embedding)
-        x = x + (self.segment_embedding[0] if segment_ids is None else F.embedding(segment_ids, self.segment_embedding))
         if task is not None:
-            x, segment_ids, context = self._prepend_prompt(x, task, segment_ids, context)
+            x, segment_ids, context, attention_mask = self._prepend_prompt(x, task, segment_ids, context, attention_mask)
+        segment = self.segment_embedding[0] if segment_ids is None else F.embedding(segment_ids, self.segment_embedding)
+        x = (x + segment) * self.cfg.dim**-0.5  # CPM-Ant scales every embedding by 1/sqrt(dim)
         start = cache.length if cache is not None else 0
         pos = torch.arange(start, start + x.shape[1], device=x.device)
-        mask = self._mask(pos, segment_ids, context, cache)
+        mask = self._mask(pos, segment_ids, context, attention_mask, cache)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, self.position, pos, cache.slot(i) if cache is not None else None)
         if cache is not None:
             cache.length += x.shape[1]
         x = self.norm(x[:, -T:])
-        return F.linear(x, self.embedding * self.cfg.dim**-0.5)
+        return scaled_linear(x, self.embedding, self.cfg.dim**-0.5)
 
-    def _prepend_prompt(self, x, task, segment_ids, context):
+    def _prepend_prompt(self, x, task, segment_ids, context, attention_mask):
+        """Prompt positions: the task's prompt embeddings, segment 0, context, never padding."""
         B, L = x.shape[0], self.cfg.prompt_len
         idx = task[:, None] * L + torch.arange(L, device=x.device)  # [B, L]
         x = torch.cat([F.embedding(idx, self.prompt_embedding), x], dim=1)
-        seg = torch.zeros(B, x.shape[1] - L, dtype=torch.long, device=x.device) if segment_ids is None else segment_ids
-        ctx = torch.zeros_like(seg, dtype=torch.bool) if context is None else context
-        seg = torch.cat([seg[:, :1].expand(B, L), seg], dim=1)
+        T = x.shape[1] - L
+        seg = torch.zeros(B, T, dtype=torch.long, device=x.device) if segment_ids is None else segment_ids
+        ctx = torch.zeros(B, T, dtype=torch.bool, device=x.device) if context is None else context
+        seg = torch.cat([torch.zeros(B, L, dtype=seg.dtype, device=x.device), seg], dim=1)
         ctx = torch.cat([torch.ones(B, L, dtype=torch.bool, device=x.device), ctx], dim=1)
-        return x, seg, ctx
+        if attention_mask is not None:
+            attention_mask = torch.cat([torch.ones(B, L, dtype=torch.bool, device=x.device), attention_mask], dim=1)
+        return x, seg, ctx, attention_mask
 
-    def _mask(self, pos, segment_ids, context, cache):
-        """Additive attention mask [B or 1, H or 1, T, S], or None for plain causal attention
-        without a bias (SDPA's is_causal fast path)."""
-        k_pos = torch.arange(0, pos[-1] + 1, device=pos.device)
-        bias = self.position.bias(pos, k_pos, segment_ids, segment_ids)
-        if bias is None and segment_ids is None and context is None and (cache is None or cache.length == 0):
+    def _mask(self, pos, segment_ids, context, attention_mask, cache):
+        """Additive attention mask [B or 1, H or 1, T, S], or None when queries see every key up
+        to their own position without a bias (SDPA's is_causal, or one new token)."""
+        T, S = len(pos), int(pos[-1]) + 1
+        k_seg, k_valid = segment_ids, attention_mask
+        if cache is not None:
+            k_seg, k_valid = cache.extend(segment_ids, attention_mask, T)
+            if k_seg is not None and segment_ids is None:
+                segment_ids = torch.zeros_like(k_seg[:, -T:])
+        k_pos = torch.arange(S, device=pos.device)
+        bias = self.position.bias(pos, k_pos, segment_ids, k_seg)
+        if bias is None and context is None and k_valid is None and (T == S or T == 1):
             return None
         visible = k_pos[None, None, :] <= pos[None, :, None]  # [1, T, S]
         if context is not None:
             # CPM-Ant: every query sees the context; a target token also sees earlier tokens.
-            visible = context[:, None, :] | (~context[:, :, None] & visible)
+            # Earlier (cached) positions precede every query, so they count as context here.
+            k_ctx = torch.cat([context.new_ones(context.shape[0], S - T), context], dim=1)
+            visible = k_ctx[:, None, :] | (~context[:, :, None] & visible)
+        if k_valid is not None:
+            # Nothing sees padding; a padding query sees itself, so that no row is all -inf.
+            visible = (visible & k_valid[:, None, :]) | (k_pos[None, None, :] == pos[None, :, None])
         bias = torch.zeros((), device=pos.device) if bias is None else bias
         return bias.masked_fill(~visible[:, None], float("-inf")).to(self.embedding.dtype)

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -24,6 +27,7 @@ VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 RUN_TAG = "cpm.run_id"  # on a model version: the training run it was released from
 TRUSTED_KEY_ENV = "CPM_LIGHTNING_TRUSTED_KEY"  # a public key: pulls then require its signature
+HF_DIR = "hf"  # in a release: the Hugging Face layout (cpm_lightning.hf)
 
 
 def applied_proposals(client: MlflowClient, run_id: str | None, registry_dir: Path) -> list[dict]:
@@ -52,7 +56,26 @@ def _val_metrics(client: MlflowClient, run_id: str | None, step: int) -> dict[st
     return out
 
 
-def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: list[dict]) -> str:
+def _hf_layout(trained: TrainedModel) -> tuple[Callable[[Path], list[Path]] | None, str]:
+    """(what writes the release's Hugging Face layout into its hf/ folder, or None; the card's
+    line about it)."""
+    from cpm_lightning.hf.convert import hf_target, require_transformers, write_hf
+
+    try:
+        require_transformers()
+        target = hf_target(trained.arch)
+    except UserError as e:
+        print(f"warning: the release has no Hugging Face layout: {e}", file=sys.stderr)
+        return None, f"No Hugging Face layout: {e}."
+
+    def write(directory: Path) -> list[Path]:
+        (directory / HF_DIR).mkdir()
+        return write_hf(trained.model, directory / HF_DIR)
+    return write, (f"`{HF_DIR}/` is the model as `{target.architecture}`: "
+                   f"`transformers.AutoModelForCausalLM.from_pretrained(\"{HF_DIR}\")` and `AutoTokenizer` open it.")
+
+
+def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: list[dict], hf_line: str) -> str:
     lines = [f"# {name} at step {trained.step}", "",
              "A CPM-Ant-style base language model trained in public with cpm-lightning: it continues "
              "text, it is not a chat model.", "",
@@ -63,7 +86,7 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: li
     lines += ["", "## Applied proposals", ""]
     lines += [f"- {p['id']} {p['title']} {p['discussion']}".rstrip() for p in proposals] or ["None."]
     lines += ["", "## Use", "", "```", f"cpm-lightning pull models:/{name}@stable --dst {name}",
-              f"cpm-lightning generate {name} --prompt \"...\"", "```"]
+              f"cpm-lightning generate {name} --prompt \"...\"", "```", "", "## Hugging Face", "", hf_line]
     return "\n".join(lines)
 
 
@@ -75,15 +98,16 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     if sign_key is not None:
         integrity.check_key(sign_key, "--sign-key", private=True)
     trained = trained_model(ckpt)
-    tokenizer = trained.require_tokenizer()
+    tokenizer = trained.model.require_tokenizer()
     client = MlflowClient()
     run_id = trained.run_id if trained.run_id and _run_exists(client, trained.run_id) else None
     val = _val_metrics(client, run_id, trained.step)
     proposals = applied_proposals(client, run_id, registry_dir)
+    write_hf_layout, hf_line = _hf_layout(trained)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / MODEL_DIR.name  # MLflow names the artifact after it: MODEL_DIR in the release
-        modeldir.write_model_dir(directory, trained.weights, trained.arch, tokenizer,
-                                 _card(name, trained, val, proposals))
+        modeldir.write_model_dir(directory, trained.model, trained.arch, tokenizer,
+                                 _card(name, trained, val, proposals, hf_line), write_hf_layout)
         if out is not None:
             try:
                 shutil.copytree(directory, out, dirs_exist_ok=True)
@@ -235,12 +259,14 @@ def pull(uri: str, dst: Path, verify_key: Path | None = None) -> Path:
     return dst
 
 
-def load_registered(uri: str, device: str = "cpu"):
-    """Model and tokenizer of models:/NAME@ALIAS or models:/NAME/VERSION, pulled to a temp dir
-    and verified (with $CPM_LIGHTNING_TRUSTED_KEY when set) before any of it is read."""
+@contextlib.contextmanager
+def pulled(uri: str) -> Iterator[Path]:
+    """The model directory of models:/NAME@ALIAS or models:/NAME/VERSION, pulled to a temporary
+    directory and verified (with $CPM_LIGHTNING_TRUSTED_KEY when set) before any of it is read;
+    it lasts as long as the context."""
     mlflow.set_tracking_uri(TrackingConfig().resolved_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        return modeldir.load_model_dir(pull(uri, Path(tmp) / "release", trusted_key(None)) / MODEL_DIR, device)
+        yield pull(uri, Path(tmp) / "release", trusted_key(None)) / MODEL_DIR
 
 
 def list_models(name: str | None) -> list[dict]:
