@@ -204,9 +204,11 @@ def test_release_pull_in_new_process_generates_like_the_checkpoint(released, liv
     assert version.tags["proposals"] == "none" and float(version.tags["val_loss"]) > 0
     cli("pull", "models:/live-lm@candidate", "--dst", str(tmp_path / "pulled"), env=live.env)
     files = {p.relative_to(tmp_path / "pulled").as_posix() for p in (tmp_path / "pulled").rglob("*") if p.is_file()}
-    assert files == {"MANIFEST.json", "MLmodel", "mlflow_model.py", "conda.yaml", "python_env.yaml", "requirements.txt",
-                     *(f"artifacts/model/{f}" for f in ("model.safetensors", "config.json", "tokenizer.model",
-                                                        "MODEL_CARD.md"))}
+    hf_files = {f for f in files if f.startswith("artifacts/model/hf/")}
+    assert files - hf_files == {"MANIFEST.json", "MLmodel", "mlflow_model.py", "conda.yaml", "python_env.yaml",
+                                "requirements.txt", *(f"artifacts/model/{f}" for f in (
+                                    "model.safetensors", "config.json", "tokenizer.model", "MODEL_CARD.md"))}
+    assert {"artifacts/model/hf/model.safetensors", "artifacts/model/hf/config.json"} <= hf_files
     card = (tmp_path / "pulled" / "artifacts" / "model" / "MODEL_CARD.md").read_text()
     assert f"- step: {ckpt_meta['global_step']}" in card and "val/loss" in card
     hashed = {name for _, name in modeldir.HASH_LINE.findall(card)}
@@ -218,8 +220,8 @@ def test_release_pull_in_new_process_generates_like_the_checkpoint(released, liv
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tokenizer = load_model(str(tmp_path / "pulled"))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "pulled" / "hf").eval()
-    ids = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "pulled" / "hf")(PROMPT).input_ids])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "pulled" / "artifacts" / "model" / "hf").eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "pulled" / "artifacts" / "model" / "hf")(PROMPT).input_ids])
     assert ids[0].tolist() == tokenizer.encode(PROMPT)
     with torch.no_grad():
         expected, got = hf(ids).logits, model(ids, **prompt_inputs(model, ids, "cpm-ant"))
