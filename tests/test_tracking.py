@@ -554,8 +554,10 @@ def test_a_trusted_key_in_the_environment_requires_signatures(releases, keys, ml
     main(["pull", "models:/signed-lm@candidate", "--dst", str(tmp_path / "signed"), "--tracking-uri", mlflow_server.uri])
     assert capsys.readouterr().out.rstrip().endswith(f"; signature verified with {keys / 'release.pub'})")
     kept = releases["signed"].out  # what release --out kept is what was released
-    assert {f.name: f.read_bytes() for f in (tmp_path / "signed" / MODEL).iterdir()} == {
-        f.name: f.read_bytes() for f in kept.iterdir()}
+    def contents(root: Path) -> dict[str, bytes]:  # the release's hf/ folder included
+        return {f.relative_to(root).as_posix(): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+    assert contents(tmp_path / "signed" / MODEL) == contents(kept)
     unsigned = (f"error: models:/live-lm/1: the release is not signed (no model.sig); {keys / 'release.pub'} is "
                 "trusted, so a release must be signed with its private key (`release --sign-key`)")
     assert cli_error(capsys, "pull", "models:/live-lm@stable", "--dst", str(tmp_path / "unsigned"),
