@@ -107,9 +107,10 @@ def tokenizer_train(args) -> None:
 def generate(args) -> None:
     import torch
 
-    from cpm_lightning.generate import sample
+    from cpm_lightning.generate import check_sampling, sample
     from cpm_lightning.loader import load_model
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     model, tokenizer = load_model(args.checkpoint, args.device)
     generator = torch.Generator().manual_seed(args.seed)
     prompt = tokenizer.encode(args.prompt)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from cpm_lightning.errors import UserError
@@ -44,7 +46,8 @@ def sample(model: CPMAnt, prompt: list[int], max_new_tokens: int, temperature: f
            top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
            generator: torch.Generator | None = None, prompting: str | None = None) -> list[int]:
     """Continue `prompt` by up to `max_new_tokens` ids; temperature 0 is greedy. Stops at EOS.
-    `prompting`: one of PROMPTINGS; unset, the model's default_prompting."""
+    `prompting`: one of PROMPTINGS; unset, the model's default_prompting. Callers check
+    user-given settings with `check_sampling` first."""
     device = model.embedding.device
     prompting = prompting or default_prompting(model.cfg)
     if not prompt:
@@ -60,6 +63,8 @@ def sample(model: CPMAnt, prompt: list[int], max_new_tokens: int, temperature: f
     logits = model(ids, **first, cache=cache)[0, -1]
     out: list[int] = []
     while len(out) < max_new_tokens:
+        if not torch.isfinite(logits).all():  # sampling would fail inside torch.multinomial
+            raise UserError("the model's output is not finite (NaN or infinite logits): its weights are damaged")
         token = _pick(logits.float(), temperature, top_k, top_p, generator)
         if token == eos_id:
             break
@@ -71,10 +76,29 @@ def sample(model: CPMAnt, prompt: list[int], max_new_tokens: int, temperature: f
     return out
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   seed: int) -> None:
+    """A UserError for settings `sample` cannot use, checked where they enter, before a model
+    is loaded (torch's own errors come from inside the first sampling step, or never: an
+    infinite temperature samples uniformly)."""
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be at least 1 (or unset), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:  # also refuses NaN
+        raise UserError(f"top_p must be in (0, 1] (or unset), got {top_p}")
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UserError(f"seed must be in [-2**63, 2**64 - 1], got {seed}")
+
+
 def _pick(logits, temperature, top_k, top_p, generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    # In float64 (a tiny temperature is 0 in float32) and shifted so the largest is 0: a tiny
+    # temperature then gives -inf and 0, whose softmax picks the likeliest, instead of NaNs.
+    logits = (logits.double() - logits.max()) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -43,5 +43,24 @@ def open_model(source: str) -> Iterator[StoredModel]:
 
 def load_model(source: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
     """Model (eval mode, on `device`) and tokenizer from `source`."""
+    check_device(device)
     with open_model(source) as stored:
         return stored.build(device), stored.require_tokenizer()
+
+
+def check_device(device: str) -> None:
+    """A UserError unless `device` is the CPU or a CUDA device this machine has (checked before
+    a checkpoint is read; torch's own error comes when the weights are moved)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    count = torch.cuda.device_count()
+    if parsed.type == "cuda" and count == 0:
+        raise UserError(f"device {device!r}: this machine has no CUDA device; use cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= count:
+        raise UserError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ZH, english_text, write_config
+from conftest import ZH, english_text, write_config, write_corpus
 
 from cpm_lightning.cli import main
 from cpm_lightning.errors import UserError
@@ -350,3 +350,75 @@ def test_console_script_reports_a_broken_config_on_one_line(tmp_path):
     done = subprocess.run([str(script), "fit", "--config", "broken.yaml"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: broken.yaml:3:1: not valid YAML: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+# -- issue 10, class 1: what ended in a traceback ends in one line --------------------------------
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer_path) -> Path:
+    """A real single-file checkpoint: one step of `fit` on the tiny config."""
+    root = tmp_path_factory.mktemp("trained")
+    config = write_config(root / "config.yaml", write_corpus(root), **{
+        "trainer.max_steps": 1, "checkpoint.every_n_steps": 1, "trainer.logger": False, "registry.path": None,
+        "data.tokenizer": str(tokenizer_path), "data.cache_dir": str(root / "cache")})
+    with pytest.MonkeyPatch.context() as mp:  # session fixtures run before the autouse ones
+        mp.setattr(sys, "argv", ["cpm-lightning"])
+        main(["fit", "--config", str(config)])
+    return root / "run" / "checkpoints" / "step-00000001.ckpt"
+
+
+def generate(capsys, source, *options) -> str:
+    """stdout of a successful `generate SOURCE --prompt ...`."""
+    main(["generate", str(source), "--prompt", "It is a truth", *map(str, options)])
+    return capsys.readouterr().out
+
+
+# Each is refused before the checkpoint is read: it does not even exist.
+GENERATE_OPTIONS = [
+    (["--max-new-tokens", "-5"], "max_new_tokens must be at least 0, got -5"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0 (0 is greedy), got nan"),
+    (["--temperature=-1"], "temperature must be a finite number >= 0 (0 is greedy), got -1.0"),
+    (["--temperature", "inf"], "temperature must be a finite number >= 0 (0 is greedy), got inf"),
+    (["--top-k", "-3"], "top_k must be at least 1 (or unset), got -3"),
+    (["--top-k", "0"], "top_k must be at least 1 (or unset), got 0"),
+    (["--top-p", "0"], "top_p must be in (0, 1] (or unset), got 0.0"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1] (or unset), got 1.5"),
+    (["--top-p", "nan"], "top_p must be in (0, 1] (or unset), got nan"),
+    (["--seed", str(2**64)], f"seed must be in [-2**63, 2**64 - 1], got {2**64}"),
+    ([f"--seed={-2**63 - 1}"], f"seed must be in [-2**63, 2**64 - 1], got {-2**63 - 1}"),
+    (["--device", "tpu"], "device 'tpu': expected cpu, cuda or cuda:N"),
+    (["--device", ""], "device '': expected cpu, cuda or cuda:N"),
+]
+
+
+@pytest.mark.parametrize("options, expected", GENERATE_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_generate_option_out_of_range(options, expected, capsys):
+    code, _, err = run_cli(capsys, "generate", "missing.ckpt", "--prompt", "hi", *options)
+    assert_user_error(code, err, expected)
+
+
+@pytest.mark.parametrize("count, device, expected", [
+    (0, "cuda", "device 'cuda': this machine has no CUDA device; use cpu"),
+    (0, "cuda:0", "device 'cuda:0': this machine has no CUDA device; use cpu"),
+    (2, "cuda:2", "device 'cuda:2': this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+])
+def test_generate_on_a_cuda_device_the_machine_lacks(count, device, expected, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    code, _, err = run_cli(capsys, "generate", "missing.ckpt", "--prompt", "hi", "--device", device)
+    assert_user_error(code, err, expected)
+
+
+def test_the_served_model_checks_its_params_too():
+    # The pyfunc model of a release takes the same settings as request params.
+    from cpm_lightning.tracking.mlflow_model import CPMGenerator
+
+    with pytest.raises(UserError, match=r"^top_p must be in \(0, 1\] \(or unset\), got 2.0$"):
+        CPMGenerator().predict(None, ["hi"], {"top_p": 2})
+
+
+def test_a_tiny_temperature_is_greedy(checkpoint, capsys):
+    # Dividing the logits by 1e-300 made them inf, then NaN: torch.multinomial failed.
+    greedy = generate(capsys, checkpoint, "--max-new-tokens", 8, "--temperature", 0)
+    assert generate(capsys, checkpoint, "--max-new-tokens", 8, "--temperature", "1e-300") == greedy

@@ -33,16 +33,18 @@ class CPMGenerator(PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
-        from cpm_lightning.generate import sample
+        from cpm_lightning.generate import check_sampling, sample
 
         p = {**PARAMS, **(params or {})}
+        settings = (int(p["max_new_tokens"]), float(p["temperature"]), int(p["top_k"]) or None,
+                    float(p["top_p"]) or None)
+        check_sampling(*settings, int(p["seed"]))
         # A list of strings arrives as a one-column DataFrame once the signature is enforced.
         prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
         out = []
         for prompt in prompts:
             generator = torch.Generator().manual_seed(int(p["seed"]))
-            ids = sample(self.model, self.tokenizer.encode(prompt), int(p["max_new_tokens"]), float(p["temperature"]),
-                         int(p["top_k"]) or None, float(p["top_p"]) or None, self.tokenizer.eos_id, generator)
+            ids = sample(self.model, self.tokenizer.encode(prompt), *settings, self.tokenizer.eos_id, generator)
             out.append(self.tokenizer.decode(ids))
         return out
 
