@@ -47,7 +47,7 @@ from cpm_lightning.checkpoint_files import (
 from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.model import ArchConfig
-from cpm_lightning.modeldir import StoredModel, check_shapes, write_model_dir
+from cpm_lightning.modeldir import StoredModel, check_arch, check_shapes, write_model_dir
 from cpm_lightning.tokenizer import Tokenizer
 
 STEP_NAME = re.compile(r"step-(\d+)\.ckpt")
@@ -108,16 +108,34 @@ def read_meta(path: Path) -> dict:
         raise UserError(f"checkpoint {str(path)!r} does not exist") from None
     except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "arch" not in ckpt.get("cpm", {}):
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("cpm"), dict) or "arch" not in ckpt["cpm"]:
         raise UserError(f"{path}: not a cpm-lightning checkpoint (no 'cpm' section)")
     return ckpt
 
 
 def _sharded_model_metadata(reader: CheckpointReader) -> dict[str, TensorStorageMetadata]:
-    """DCP's metadata (size, dtype) of each of CPMAnt's weights in a sharded checkpoint."""
+    """DCP's metadata (size, dtype) of each of CPMAnt's weights in a sharded checkpoint, read
+    first by both its readers (a resumed fit, open_checkpoint), so its shard files are checked here."""
     prefix = f"{MODEL_KEY}.model."
-    metadata = reader.read_metadata().state_dict_metadata
-    return {k.removeprefix(prefix): m for k, m in metadata.items() if k.startswith(prefix)}
+    metadata = reader.read_metadata()
+    _check_shard_sizes(Path(reader.path), metadata.storage_data)
+    return {k.removeprefix(prefix): m for k, m in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+
+
+def _check_shard_sizes(path: Path, storage: dict) -> None:
+    """A UserError naming a shard file that is missing or shorter than DCP's metadata says (a
+    copy that stopped early, of a checkpoint without recorded hashes or before they are checked);
+    DCP's own error is an EOFError inside a CheckpointException."""
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = path / name
+        size = file.stat().st_size if file.is_file() else None
+        if size is None or size < end:
+            found = "missing" if size is None else f"{size} bytes"
+            raise UserError(f"{file}: {found}; the checkpoint's .metadata expects {end} bytes (a truncated or "
+                            "incomplete copy)")
 
 
 def _file_weights(meta: dict) -> dict[str, torch.Tensor]:
@@ -150,6 +168,7 @@ def open_checkpoint(path: str | Path) -> tuple[dict, StoredModel]:
         shapes, dtypes = {k: list(v.shape) for k, v in weights.items()}, {k: v.dtype for k, v in weights.items()}
         read = weights.__getitem__
     cpm = meta["cpm"]
+    check_arch(cpm["arch"], str(path))
     tokenizer = Tokenizer.from_bytes(cpm["tokenizer"], f"{path} (its tokenizer)") if cpm.get("tokenizer") else None
     return meta, StoredModel(arch=cpm["arch"], shapes=shapes, dtypes=dtypes, read=read, tokenizer=tokenizer,
                              where=str(path), missing_tokenizer="the checkpoint carries no tokenizer; expected one saved by "

@@ -18,6 +18,7 @@ copies in memory). No Lightning, no MLflow.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.errors import UserError, closest
 from cpm_lightning.model import ArchConfig, CPMAnt
 from cpm_lightning.tokenizer import CpmAntTokenizer, SentencePieceTokenizer, Tokenizer
 
@@ -65,12 +66,27 @@ class SafetensorsFile:
         try:
             with self.path.open("rb") as f:
                 size = struct.unpack("<Q", f.read(8))[0]
+                if size > self.path.stat().st_size - 8:  # f.read(size) would first allocate it
+                    raise UserError(f"{path}: not a readable safetensors file (its header length, {size} bytes, is "
+                                    "more than the file holds)")
                 header = json.loads(f.read(size))
         except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         self.start = 8 + size
         self.entries = header
+        for name, e in header.items():
+            if not (isinstance(e, dict) and e.get("dtype") in DTYPES and isinstance(e.get("shape"), list)
+                    and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2):
+                raise UserError(f"{path}: not a readable safetensors file (its entry {name!r} lacks a known dtype, "
+                                "a shape or data offsets)")
+        end = self.start + max((e["data_offsets"][1] for e in header.values()), default=0)
+        actual = self.path.stat().st_size
+        if actual < end:  # read() would fill the missing bytes with zeros
+            raise UserError(f"{path}: not a readable safetensors file (truncated: {actual} bytes, its header "
+                            f"describes {end})")
 
     @property
     def shapes(self) -> dict[str, list[int]]:
@@ -126,6 +142,24 @@ def write_safetensors(path: Path, specs: Sequence[TensorSpec], tensors: Iterable
 
 
 # -- the model directory ------------------------------------------------------------------------
+def check_arch(arch: dict, where: str) -> None:
+    """A UserError naming `where` and the first key or value of an architecture stored as a dict
+    (config.json, a checkpoint's `cpm` section) that ArchConfig cannot take: a file written by
+    another version, or edited."""
+    if not isinstance(arch, dict):
+        raise UserError(f"{where}: the architecture is {type(arch).__name__}; expected a mapping of "
+                        "model.arch fields")
+    known = [f.name for f in dataclasses.fields(ArchConfig)]
+    unknown = sorted(str(k) for k in arch.keys() - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown architecture key {unknown[0]!r}{closest(unknown[0], known)}; "
+                        f"expected: {', '.join(known)}")
+    try:
+        ArchConfig(**arch)
+    except UserError as e:  # an unknown preset or component, a value out of its range
+        raise UserError(f"{where}: {e}") from None
+
+
 def check_shapes(saved: Mapping[str, Sequence[int]], arch: dict | ArchConfig, where: str, expected_by: str) -> None:
     """A UserError naming the first weight that is missing from `saved`, has another shape than
     the model `arch` builds, or is not in that model. `where` names the weights, `expected_by`
@@ -271,7 +305,11 @@ def open_model_dir(path: str | Path) -> StoredModel:
     tokenizers = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
     if not tokenizers:
         raise UserError(f"{path}: the model directory has no {' or '.join(TOKENIZER_FILES)}")
-    arch = json.loads((root / CONFIG).read_text())
+    try:
+        arch = json.loads((root / CONFIG).read_bytes())
+    except ValueError as e:  # not UTF-8 or not JSON
+        raise UserError(f"{root / CONFIG}: not JSON ({e}); expected the architecture as a JSON object") from None
+    check_arch(arch, str(root / CONFIG))
     weights = SafetensorsFile(root / WEIGHTS)  # shapes from the header, before any tensor is read
     check_shapes(weights.shapes, arch, str(root / WEIGHTS), CONFIG)
     tokenizer = Tokenizer.from_bytes(tokenizers[0].read_bytes(), str(tokenizers[0]))

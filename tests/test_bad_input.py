@@ -9,6 +9,7 @@ that are not UTF-8 are not errors: they are skipped or replaced, counted and war
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -422,3 +423,132 @@ def test_a_tiny_temperature_is_greedy(checkpoint, capsys):
     # Dividing the logits by 1e-300 made them inf, then NaN: torch.multinomial failed.
     greedy = generate(capsys, checkpoint, "--max-new-tokens", 8, "--temperature", 0)
     assert generate(capsys, checkpoint, "--max-new-tokens", 8, "--temperature", "1e-300") == greedy
+
+
+def _edited_checkpoint(checkpoint: Path, out: Path, edit) -> Path:
+    import torch
+
+    ckpt = torch.load(checkpoint, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, out)
+    return out
+
+
+def _nan_weights(ckpt: dict) -> None:
+    for tensor in ckpt["state_dict"].values():
+        tensor.fill_(float("nan"))
+
+
+ARCH_FIELDS = ", ".join(f.name for f in dataclasses.fields(ArchConfig))
+DAMAGED_CHECKPOINTS = {
+    "unknown arch key": (lambda c: c["cpm"]["arch"].update(flash=True),
+                         "{path}: unknown architecture key 'flash'; expected: " + ARCH_FIELDS),
+    "arch not a mapping": (lambda c: c["cpm"].update(arch="tiny"),
+                           "{path}: the architecture is str; expected a mapping of model.arch fields"),
+    "unknown component": (lambda c: c["cpm"]["arch"].update(norm="batchnorm"),
+                          "{path}: unknown model.arch.norm 'batchnorm'; expected one of: layernorm, rmsnorm"),
+    "cpm section not a mapping": (lambda c: c.update(cpm=5), "{path}: not a cpm-lightning checkpoint (no 'cpm' section)"),
+    "NaN weights": (_nan_weights, "the model's output is not finite (NaN or infinite logits): its weights are damaged"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_CHECKPOINTS))
+def test_generate_from_a_damaged_checkpoint(case, checkpoint, tmp_path, capsys):
+    edit, expected = DAMAGED_CHECKPOINTS[case]
+    path = _edited_checkpoint(checkpoint, tmp_path / "edited.ckpt", edit)
+    code, _, err = run_cli(capsys, "generate", path, "--prompt", "hi")
+    assert_user_error(code, err, expected.format(path=path))
+
+
+@pytest.fixture
+def model_dir(checkpoint, tmp_path, capsys) -> Path:
+    main(["checkpoint", "consolidate", str(checkpoint), str(tmp_path / "model")])
+    capsys.readouterr()
+    return tmp_path / "model"
+
+
+def _with_config(text: str):
+    return lambda d: (d / "config.json").write_text(text)
+
+
+def _truncated_weights(d: Path) -> None:
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    (d / "size").write_text(str(len(raw)))  # for the message
+
+
+DAMAGED_MODEL_DIRS = {
+    "unknown arch key": (lambda d: (d / "config.json").write_text(
+        json.dumps({**json.loads((d / "config.json").read_text()), "num_head": 4})),
+        "{d}/config.json: unknown architecture key 'num_head' (did you mean 'num_heads'?); expected: " + ARCH_FIELDS),
+    "config not JSON": (_with_config("{preset: tiny"), "{d}/config.json: not JSON (Expecting property name enclosed "
+                        "in double quotes: line 1 column 2 (char 1)); expected the architecture as a JSON object"),
+    "config a list": (_with_config("[1, 2]"), "{d}/config.json: the architecture is list; expected a mapping of "
+                      "model.arch fields"),
+    "weights not safetensors": (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 4096),
+                                "{d}/model.safetensors: not a readable safetensors file (its header length, "
+                                f"{2**64 - 1} bytes, is more than the file holds)"),
+    "truncated weights": (_truncated_weights, "{d}/model.safetensors: not a readable safetensors file (truncated: "
+                          "{half} bytes, its header describes {size})"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_MODEL_DIRS))
+def test_generate_from_a_damaged_model_directory(case, model_dir, capsys):
+    damage, expected = DAMAGED_MODEL_DIRS[case]
+    damage(model_dir)
+    code, _, err = run_cli(capsys, "generate", model_dir, "--prompt", "hi")
+    size = int((model_dir / "size").read_text()) if (model_dir / "size").exists() else 0
+    assert_user_error(code, err, expected.format(d=model_dir, size=size, half=size // 2))
+
+
+def _sharded(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint in the layout trainer.strategy=fsdp writes (ModelParallelStrategy.save_checkpoint):
+    tensors in DCP shards indexed by .metadata, the rest in meta.pt. The optimizer is left out:
+    generate does not read it."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt.pop("optimizer_states")
+    with warnings.catch_warnings():  # "torch.distributed is disabled...": one process, as intended
+        warnings.simplefilter("ignore")
+        dcp.save({"state_dict": ckpt.pop("state_dict")}, checkpoint_id=out)
+    torch.save(ckpt, out / "meta.pt")
+    return out
+
+
+def test_generate_from_a_sharded_checkpoint_with_a_file_missing_or_cut(checkpoint, tmp_path, capsys):
+    sharded = _sharded(checkpoint, tmp_path / "step-00000001.ckpt")
+    assert generate(capsys, sharded, "--max-new-tokens", 3, "--temperature", 0) == \
+        generate(capsys, checkpoint, "--max-new-tokens", 3, "--temperature", 0)
+    [shard] = sharded.glob("*.distcp")
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    code, _, err = run_cli(capsys, "generate", sharded, "--prompt", "hi")
+    assert_user_error(code, err, f"{shard.resolve()}: {size // 2} bytes; the checkpoint's .metadata expects {size} "
+                                 "bytes (a truncated or incomplete copy)")
+    (sharded / ".metadata").unlink()
+    code, _, err = run_cli(capsys, "generate", sharded, "--prompt", "hi")
+    assert_user_error(code, err, f"{sharded.resolve()}: not a sharded checkpoint (no .metadata)")
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "sharded without .metadata"])
+def test_fit_ckpt_path_that_is_not_a_checkpoint(damage, checkpoint, tmp_path, corpus, tokenizer_path, capsys):
+    # Lightning's own --ckpt_path reader (LightningCLI._parse_ckpt_path) ended in a traceback.
+    if damage == "random bytes":
+        path = tmp_path / "random.ckpt"
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif damage == "truncated":
+        path = tmp_path / "cut.ckpt"
+        path.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    else:
+        path = _sharded(checkpoint, tmp_path / "sharded.ckpt")
+        (path / ".metadata").unlink()
+    code, err = fit(capsys, tmp_path, corpus, "--ckpt_path", path.name, **{"data.tokenizer": str(tokenizer_path)})
+    expected = f"{path.resolve()}: not a sharded checkpoint (no .metadata)" if path.is_dir() else \
+        f"{path.name}: not a readable checkpoint (not a file written by torch.save)"
+    assert_user_error(code, err, expected)
+    assert not (tmp_path / "cache").exists()  # refused before the data was read
