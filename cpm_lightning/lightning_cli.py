@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from cpm_lightning.callbacks import CarryTokenizer
@@ -99,7 +100,12 @@ class CPMCLI(LightningCLI):
             callbacks.append(TrackRun(kwargs["logger"]))
         configured = cfg.trainer.callbacks or []  # instantiated already: keep them
         configured = configured if isinstance(configured, list) else [configured]
-        return super().instantiate_trainer(callbacks=[*configured, *callbacks], **kwargs)
+        try:
+            return super().instantiate_trainer(callbacks=[*configured, *callbacks], **kwargs)
+        except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as e:
+            # Lightning checks trainer.accelerator, devices, strategy and their combination here.
+            message = " ".join(str(e).split())
+            raise UserError(f"trainer: {message} (accelerators on this machine: {', '.join(_accelerators())})") from None
 
     def before_fit(self):
         if self.ckpt:
@@ -154,6 +160,19 @@ def take_architecture(cfg, directory: str) -> dict:
         raise UserError(f"data.tokenizer {cfg.data.tokenizer} is not the tokenizer of checkpoint.init_from {directory} "
                         f"({path}); leave data.tokenizer unset to use it")
     return stored.arch
+
+
+def _accelerators() -> list[str]:
+    """The trainer.accelerator values this machine can run, with their device counts (cpu has
+    none: its devices are processes)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    found = []
+    for name in sorted(AcceleratorRegistry.available_accelerators()):
+        accelerator = AcceleratorRegistry[name]["accelerator"]
+        if accelerator.is_available():
+            found.append(name if name == "cpu" else f"{name} ({accelerator.auto_device_count()} devices)")
+    return found
 
 
 def _root(cfg) -> Path:

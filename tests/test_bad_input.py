@@ -552,3 +552,11 @@ def test_fit_ckpt_path_that_is_not_a_checkpoint(damage, checkpoint, tmp_path, co
         f"{path.name}: not a readable checkpoint (not a file written by torch.save)"
     assert_user_error(code, err, expected)
     assert not (tmp_path / "cache").exists()  # refused before the data was read
+
+
+def test_trainer_accelerator_this_machine_lacks(tmp_path, corpus, tokenizer_path, monkeypatch, capsys):
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))  # also on a GPU machine
+    code, err = fit(capsys, tmp_path, corpus, "--trainer.accelerator", "gpu", **{"data.tokenizer": str(tokenizer_path)})
+    assert_user_error(code, err, "trainer: No supported gpu backend found! (accelerators on this machine: cpu)")
