@@ -53,10 +53,14 @@ class Tokenizer:
     def load(url: str) -> "Tokenizer":
         try:
             with fsspec.open(url, "rb") as f:
-                return Tokenizer.from_bytes(f.read(), url)
+                data = f.read()
         except FileNotFoundError:
             raise UserError(f"tokenizer {url!r} does not exist; train one with "
                             "`cpm-lightning tokenizer train` or fix data.tokenizer") from None
+        except (OSError, ValueError) as e:  # a directory, no permission, an unknown URL protocol
+            raise UserError(f"tokenizer {url!r}: cannot read it ({getattr(e, 'strerror', None) or e}); "
+                            "expected a tokenizer file") from None
+        return Tokenizer.from_bytes(data, url)
 
     vocab_size: int
     eos_id: int
@@ -199,12 +203,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 2
 
 
 def save_tokenizer(tokenizer: Tokenizer, url: str) -> None:
-    """Write the model to a path or fsspec URL, atomically where the filesystem allows."""
+    """Write the model to a path or fsspec URL, atomically where the filesystem allows; a
+    UserError, with nothing left behind, when it cannot be written there."""
     fs, path = fsspec.core.url_to_fs(url)
+    if fs.isdir(path):  # fs.mv would move the file into it, under the temporary name
+        raise UserError(f"cannot write the tokenizer to {url!r}: it is a directory; expected a file path")
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    if parent and fs.isfile(parent):
+        raise UserError(f"cannot write the tokenizer to {url!r}: {parent} is a file, not a directory")
     tmp = f"{path}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(tokenizer.model_bytes)
-    fs.mv(tmp, path)
+    try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(tokenizer.model_bytes)
+        fs.mv(tmp, path)
+    except OSError as e:  # a parent that cannot be created, no permission, a full disk
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise UserError(f"cannot write the tokenizer to {url!r}: {e.strerror or e}") from None

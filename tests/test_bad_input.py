@@ -554,9 +554,32 @@ def test_fit_ckpt_path_that_is_not_a_checkpoint(damage, checkpoint, tmp_path, co
     assert not (tmp_path / "cache").exists()  # refused before the data was read
 
 
+@pytest.mark.parametrize("output, expected", [
+    ("a_file/tok.model", "cannot write the tokenizer to 'a_file/tok.model': {tmp}/a_file is a file, not a directory"),
+    ("a_dir", "cannot write the tokenizer to 'a_dir': it is a directory; expected a file path"),
+    ("/proc/cpm-lightning/tok.model", "cannot write the tokenizer to '/proc/cpm-lightning/tok.model': "
+                                      "No such file or directory"),
+])
+def test_tokenizer_train_output_that_cannot_be_written(output, expected, tmp_path, corpus, capsys):
+    (tmp_path / "a_file").write_text("kept\n")
+    (tmp_path / "a_dir").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    code, out, err = run_cli(capsys, "tokenizer", "train", "--source", corpus["zh"], "--vocab-size", 300,
+                             "--output", output)
+    assert_user_error(code, err, expected.format(tmp=tmp_path))
+    assert sorted(tmp_path.rglob("*")) == before and out == ""  # no temporary file either
+
+
 def test_trainer_accelerator_this_machine_lacks(tmp_path, corpus, tokenizer_path, monkeypatch, capsys):
     from lightning.pytorch.accelerators import CUDAAccelerator
 
     monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))  # also on a GPU machine
     code, err = fit(capsys, tmp_path, corpus, "--trainer.accelerator", "gpu", **{"data.tokenizer": str(tokenizer_path)})
     assert_user_error(code, err, "trainer: No supported gpu backend found! (accelerators on this machine: cpu)")
+
+
+def test_fit_tokenizer_that_is_a_directory(tmp_path, corpus, capsys):
+    (tmp_path / "tok").mkdir()
+    code, err = fit(capsys, tmp_path, corpus, **{"data.tokenizer": str(tmp_path / "tok")})
+    assert_user_error(code, err, f"tokenizer {str(tmp_path / 'tok')!r}: cannot read it (Is a directory); expected a "
+                                 "tokenizer file")
