@@ -113,7 +113,9 @@ def _jsonl(field: str, text: str, stats: ReadStats) -> Iterator[str]:
 def _docstrings(text: str) -> Iterator[str]:
     try:
         tree = ast.parse(text)
-    except (SyntaxError, ValueError):  # test fixtures in the stdlib that are not valid Python
+    # Files that are not valid Python (test fixtures in the stdlib), or nested deeper than the
+    # parser goes: CPython raises RecursionError or MemoryError for those, whatever memory is free.
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -578,6 +578,44 @@ def test_trainer_accelerator_this_machine_lacks(tmp_path, corpus, tokenizer_path
     assert_user_error(code, err, "trainer: No supported gpu backend found! (accelerators on this machine: cpu)")
 
 
+# Python that CPython's parser refuses with RecursionError or MemoryError rather than a
+# SyntaxError: nesting deeper than it goes.
+PATHOLOGICAL_PYTHON = {
+    "deep parentheses": "x = " + "(" * 300 + "1" + ")" * 300,
+    "long chain of +": "x = " + "1+" * 200_000 + "1",
+    "long chain of unary -": "x = " + "-" * 200_000 + "1",
+    "long attribute chain": "x = a" + ".b" * 200_000,
+    "nested lambdas": "f = " + "lambda: " * 3000 + "1",
+}
+
+
+@pytest.mark.parametrize("case", list(PATHOLOGICAL_PYTHON))
+def test_python_docstrings_of_a_pathological_module(case):
+    from datamodules.sources import ReadStats, documents
+
+    stats = ReadStats()
+    text = f'"""A module docstring long enough to be kept as a document."""\n{PATHOLOGICAL_PYTHON[case]}\n'
+    assert list(documents("py", SourceConfig(url="x.py", format="python_docstrings"), "x.py", text.encode(),
+                          stats)) == []
+    assert stats.documents == 0
+
+
+@pytest.mark.parametrize("url", ["stdlib://", "stdlib://json", "stdlib://[", "stdlib://a\0b", "stdlib://" + "a/" * 3000])
+def test_python_docstrings_of_a_pathological_module_path(url):
+    from datamodules.sources import expand
+
+    with pytest.raises(UserError) as error:
+        expand("py", SourceConfig(url=url, format="python_docstrings"))
+    assert str(error.value) == f"data.sources.py.url: {url!r} matches no file"
+
+
+def test_fit_on_a_python_source_too_deep_to_parse(tmp_path, corpus, tokenizer_path, capsys):
+    (tmp_path / "deep.py").write_text(f'"""{"A docstring. " * 5}"""\n{PATHOLOGICAL_PYTHON["long chain of +"]}\n')
+    code, err = fit(capsys, tmp_path, corpus, **{"data.tokenizer": str(tokenizer_path), "data.sources.py": {
+        "url": str(tmp_path / "deep.py"), "format": "python_docstrings"}})
+    assert_user_error(code, err, f"data.sources.py: {str(tmp_path / 'deep.py')!r} holds no text (empty source)")
+
+
 def test_fit_tokenizer_that_is_a_directory(tmp_path, corpus, capsys):
     (tmp_path / "tok").mkdir()
     code, err = fit(capsys, tmp_path, corpus, **{"data.tokenizer": str(tmp_path / "tok")})
