@@ -31,19 +31,18 @@ def run_lightning(argv: list[str] | None) -> None:
 
 
 def _check_config_yaml(argv: list[str]) -> None:
-    """A --config file that is not valid YAML, as file:line:column (jsonargparse names neither)."""
-    import yaml
+    """Each config file read strictly first (read_run_config): YAML errors as file:line:column
+    (jsonargparse names neither), and no aliases, duplicate keys or empty files, which
+    jsonargparse would expand, merge or take for an inline config. Config files are the
+    --config values and the YAML files given for a group (`--trainer trainer.yaml`)."""
+    from cpm_lightning.registry.schema import read_run_config
 
     paths = [b for a, b in zip(argv, argv[1:], strict=False) if a in ("--config", "-c")]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for path in paths:
-        try:
-            yaml.safe_load(Path(path).read_text())
-        except (OSError, UnicodeDecodeError):
-            pass  # not a readable file (or an inline YAML string): jsonargparse reports it
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            raise UserError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {e.problem}") from None
+    values = [a.partition("=")[2] if a.startswith("--") else a for a in argv]
+    paths += [v for v in values if v.endswith((".yaml", ".yml"))]
+    for path in dict.fromkeys(paths):
+        if Path(path).is_file():  # else a missing file or an inline YAML string: jsonargparse reports it
+            read_run_config(Path(path))
 
 
 def tools_parser() -> argparse.ArgumentParser:

@@ -616,8 +616,59 @@ def test_fit_on_a_python_source_too_deep_to_parse(tmp_path, corpus, tokenizer_pa
     assert_user_error(code, err, f"data.sources.py: {str(tmp_path / 'deep.py')!r} holds no text (empty source)")
 
 
+def test_proposals_resolve_config_that_is_not_yaml(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("model:\n  arch: {preset: tiny\ndata:\n  seq_len: 32\n")
+    code, out, err = run_cli(capsys, "proposals", "resolve", "--config", "broken.yaml")
+    assert_user_error(code, err, "broken.yaml:3:5: not valid YAML: while parsing a flow mapping expected ',' or '}', "
+                                 "but got ':'")
+    assert out == ""
+
+
 def test_fit_tokenizer_that_is_a_directory(tmp_path, corpus, capsys):
     (tmp_path / "tok").mkdir()
     code, err = fit(capsys, tmp_path, corpus, **{"data.tokenizer": str(tmp_path / "tok")})
     assert_user_error(code, err, f"tokenizer {str(tmp_path / 'tok')!r}: cannot read it (Is a directory); expected a "
                                  "tokenizer file")
+
+
+# -- issue 10, class 9 ------------------------------------------------------------------------------
+
+
+
+BILLION_LAUGHS = "\n".join(
+    ['lol: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    + [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi", strict=True)]
+    + ["trainer: {max_steps: *i}"]) + "\n"
+
+
+@pytest.mark.parametrize("verb", [["fit", "--config"], ["validate", "-c"], ["proposals", "resolve", "--config"]])
+def test_run_config_with_an_alias_bomb(verb, tmp_path, capsys):
+    # Expanded, the last line holds 9**9 strings (gigabytes); composed, it is ten lines.
+    (tmp_path / "bomb.yaml").write_text(BILLION_LAUGHS)
+    code, _, err = run_cli(capsys, *verb, "bomb.yaml")
+    assert_user_error(code, err, "bomb.yaml:1: b.0: YAML aliases (*name) are not allowed")
+
+
+def test_group_file_with_aliases(tmp_path, corpus, capsys):
+    # A group's values can come from a file of their own, read by jsonargparse like --config.
+    config = write_config(tmp_path / "config.yaml", corpus)
+    (tmp_path / "trainer.yaml").write_text("max_steps: &n 3\nval_check_interval: *n\n")
+    code, _, err = run_cli(capsys, "fit", "--config", config, "--trainer=trainer.yaml")
+    assert_user_error(code, err, "trainer.yaml:2: val_check_interval: YAML aliases (*name) are not allowed")
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "empty.yaml: empty; expected a run config: a mapping of config groups (trainer, model, data, ...)"),
+    ("# nothing yet\n", "empty.yaml: empty; expected a run config: a mapping of config groups (trainer, model, data, ...)"),
+    ("- trainer\n", "empty.yaml: expected a run config: a mapping of config groups (trainer, model, data, ...), got list"),
+    ("trainer:\n  max_steps: 1\ntrainer:\n  max_steps: 2\n", "empty.yaml:3: trainer: duplicate key"),
+    ("trainer: !!python/name:os.system\n", "empty.yaml:1:10: not valid YAML: YAML tag !!python/name:os.system is not "
+                                           "allowed: a run config is plain data (strings, numbers, lists, mappings, dates)"),
+    (b"trainer: {max_steps: 1}  # caf\xe9\n", "empty.yaml:1: file: not UTF-8 (byte 0xe9 at offset 30); save it as UTF-8"),
+])
+@pytest.mark.parametrize("verb", [["fit", "--config"], ["proposals", "resolve", "--config"]])
+def test_run_config_that_holds_no_config(verb, content, expected, tmp_path, capsys):
+    path = tmp_path / "empty.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, _, err = run_cli(capsys, *verb, "empty.yaml")
+    assert_user_error(code, err, expected)

@@ -17,7 +17,7 @@ from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import TEMPLATE, load_registry, proposal_files, resolve, set_key
-from cpm_lightning.registry.schema import FILE_NAME, KINDS, Status
+from cpm_lightning.registry.schema import FILE_NAME, KINDS, Status, read_run_config
 from cpm_lightning.registry.typecheck import mismatch
 from cpm_lightning.run_config import GROUPS
 
@@ -138,12 +138,7 @@ def proposals_show(args) -> None:
 
 def proposals_resolve(args) -> None:
     path = Path(args.config)
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"--config: cannot read {path}: {e}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"--config: {path} is not a mapping of config keys")
+    config = read_run_config(path)
     settings = RegistryConfig(**_registry_group(config.get("registry") or {}, path))
     if settings.path is None:
         print(yaml.safe_dump(config, sort_keys=False), end="")

@@ -2,7 +2,8 @@
 
 Only plain YAML data is accepted: `yaml.SafeLoader` refuses tags that build Python objects, and
 on top of it this loader refuses aliases, duplicate keys, impossible dates, files that are not
-UTF-8 or larger than `MAX_BYTES`. Every problem carries the file and line it comes from.
+UTF-8 or larger than `MAX_BYTES`. Every problem carries the file and line it comes from. Run
+config files are read by the same loader (`read_run_config`), without the size limit.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cpm_lightning.errors import closest
+from cpm_lightning.errors import UserError, closest
 from cpm_lightning.registry.typecheck import mismatch, python_name, strings
 
 MAX_BYTES = 1 << 20
@@ -47,6 +48,8 @@ class Problem:
     """The proposal field, dotted into `changes` (changes.model.arch.dim), or `file`/`yaml`."""
     message: str
     """What is wrong and what was expected."""
+    column: int | None = None
+    """1-based column of a YAML syntax error; run config errors show it (read_run_config)."""
 
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line else self.path
@@ -161,7 +164,7 @@ def _walk(node, name: str, lines: dict[str, int], seen: set[int], problems: list
 
 
 def read_yaml(path: Path) -> tuple[Any, bytes, dict[str, int], list[Problem]]:
-    """(data, raw bytes, line of each key, problems) of one YAML file."""
+    """(data, raw bytes, line of each key, problems) of one proposal file."""
     fail = lambda line, name, msg: (None, b"", {}, [Problem(str(path), line, name, msg)])  # noqa: E731
     try:
         info = path.stat()
@@ -175,33 +178,71 @@ def read_yaml(path: Path) -> tuple[Any, bytes, dict[str, int], list[Problem]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        return fail(line, "file", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8")
+        return None, b"", {}, [_not_utf8(str(path), raw, e)]
+    data, lines, problems = parse_yaml(text, str(path), "a proposal")
+    if data is None and not problems:
+        problems = [Problem(str(path), None, "file", "empty; expected a proposal (see proposals/TEMPLATE.yaml)")]
+    return data, raw, lines, problems
+
+
+def parse_yaml(text: str, path: str, what: str) -> tuple[Any, dict[str, int], list[Problem]]:
+    """(data, line of each key, problems) of YAML `text` from `path`, read as this module's
+    docstring says; data is None when the text holds nothing. `what` (a proposal, a run config)
+    is named in the messages. Also used for run config files (read_run_config)."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
-            return fail(None, "file", "empty; expected a proposal (see proposals/TEMPLATE.yaml)")
+            return None, {}, []
         lines: dict[str, int] = {}
         walk_problems: list[tuple[int, str, str]] = []
         _walk(node, "", lines, set(), walk_problems)
         if walk_problems:
-            return None, raw, lines, [Problem(str(path), *p) for p in walk_problems]
-        data = loader.construct_document(node)
+            return None, lines, [Problem(path, *p) for p in walk_problems]
+        return loader.construct_document(node), lines, []
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         message = " ".join(filter(None, (e.context, e.problem)))
         if "could not determine a constructor for the tag" in message:
-            message = (f"YAML tag {mark_tag(e.problem)} is not allowed: a proposal is plain data "
+            message = (f"YAML tag {mark_tag(e.problem)} is not allowed: {what} is plain data "
                        "(strings, numbers, lists, mappings, dates)")
-        return None, raw, {}, [Problem(str(path), mark.line + 1 if mark else None, "yaml", message)]
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        return None, {}, [Problem(path, line, "yaml", message, column)]
     except yaml.YAMLError as e:
-        return fail(None, "yaml", str(e).replace("\n", " "))
+        return None, {}, [Problem(path, None, "yaml", str(e).replace("\n", " "))]
     except RecursionError:  # PyYAML's composer recurses once per level of nesting
-        return fail(None, "yaml", "nested too deeply; a proposal is a flat mapping")
+        return None, {}, [Problem(path, None, "yaml", f"nested too deeply for {what}")]
     finally:
         loader.dispose()
-    return data, raw, lines, []
+
+
+def _not_utf8(path: str, raw: bytes, e: UnicodeDecodeError) -> Problem:
+    line = raw[: e.start].count(b"\n") + 1
+    return Problem(path, line, "file", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8")
+
+
+def read_run_config(path: Path) -> dict:
+    """A run config file (`--config`) as plain data, read as strictly as a proposal: no
+    aliases (a few lines of them expand to gigabytes), no duplicate keys, no tags. A UserError
+    names the file and line (and column, for YAML syntax) of the first problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the run config: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(str(_not_utf8(str(path), raw, e))) from None
+    data, _, problems = parse_yaml(text, str(path), "a run config")
+    if problems:
+        p = problems[0]
+        raise UserError(f"{p.path}:{p.line}:{p.column}: not valid YAML: {p.message}" if p.column else str(p))
+    groups = "a mapping of config groups (trainer, model, data, ...)"
+    if data is None:
+        raise UserError(f"{path}: empty; expected a run config: {groups}")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a run config: {groups}, got {type(data).__name__}")
+    return data
 
 
 def mark_tag(problem: str) -> str:
