@@ -45,8 +45,17 @@ def _check_config_yaml(argv: list[str]) -> None:
             read_run_config(Path(path))
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake (a missing or unknown option, a value of the wrong type) as one line,
+    like every other error, instead of argparse's usage block. Its subparsers are of this
+    class too."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
 def tools_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cpm-lightning",
         description="Train CPM-Ant-style language models in public.\n\n"
         "Training verbs (LightningCLI; `cpm-lightning fit --help` lists every config key):\n"

@@ -624,6 +624,23 @@ def test_proposals_resolve_config_that_is_not_yaml(tmp_path, capsys):
     assert out == ""
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["model", "info", "--preset", "tiny", "--devices", "two"],
+     "cpm-lightning model info: argument --devices: invalid int value: 'two'; see `cpm-lightning model info --help`"),
+    (["generate", "x.ckpt"], "cpm-lightning generate: the following arguments are required: --prompt; "
+                             "see `cpm-lightning generate --help`"),
+    (["generate", "x.ckpt", "--prompt", "hi", "--max-new-tokens", "many"],
+     "cpm-lightning generate: argument --max-new-tokens: invalid int value: 'many'; see `cpm-lightning generate --help`"),
+    (["model", "info", "--preset", "tiny", "--colour"], "cpm-lightning: unrecognized arguments: --colour; "
+                                                         "see `cpm-lightning --help`"),
+    (["proposals", "resolve", "--config", "c.yaml", "--at-step", "-1"], "--at-step must be >= 0, got -1"),
+])
+def test_usage_mistakes_are_one_line(argv, expected, capsys):
+    # argparse printed its usage block above the error.
+    code, _, err = run_cli(capsys, *argv)
+    assert_user_error(code, err, expected)
+
+
 def test_fit_tokenizer_that_is_a_directory(tmp_path, corpus, capsys):
     (tmp_path / "tok").mkdir()
     code, err = fit(capsys, tmp_path, corpus, **{"data.tokenizer": str(tmp_path / "tok")})

@@ -137,6 +137,8 @@ def proposals_show(args) -> None:
 
 
 def proposals_resolve(args) -> None:
+    if args.at_step is not None and args.at_step < 0:
+        raise UserError(f"--at-step must be >= 0, got {args.at_step}")
     path = Path(args.config)
     config = read_run_config(path)
     settings = RegistryConfig(**_registry_group(config.get("registry") or {}, path))
