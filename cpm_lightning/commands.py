@@ -45,8 +45,8 @@ def add_commands(sub) -> None:
     cons = ckpt.add_parser("consolidate", help="write a checkpoint's weights as one safetensors file "
                            "(any world size saved it), with config.json and tokenizer.model")
     cons.add_argument("checkpoint", help="a checkpoint directory or file (e.g. runs/x/checkpoints/last.ckpt)")
-    cons.add_argument("out_dir", help="model directory to write; `cpm-lightning generate OUT_DIR` reads it")
-    cons.set_defaults(func=consolidate)
+    cons.add_argument("out_dir", help="model directory to write (new or empty); `cpm-lightning generate OUT_DIR` "
+                      "reads it")
 
     conv = sub.add_parser("convert", help="Hugging Face transformers directories, both ways").add_subparsers(metavar="WAY")
     to = conv.add_parser("to-hf", help="write a directory that transformers' AutoModelForCausalLM and AutoTokenizer "
@@ -56,7 +56,7 @@ def add_commands(sub) -> None:
     frm = conv.add_parser("from-hf", help="read a CpmAntForCausalLM or LlamaForCausalLM directory into a model directory")
     frm.add_argument("hf_dir", help="a Hugging Face model directory (config.json, weights, tokenizer)")
     frm.add_argument("out_dir", help="model directory to write (new or empty); fit --checkpoint.init_from reads it")
-    for verb, func in ((to, convert_to_hf), (frm, convert_from_hf)):
+    for verb, func in ((cons, consolidate), (to, convert_to_hf), (frm, convert_from_hf)):
         verb.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
         verb.set_defaults(func=func)
 
@@ -122,9 +122,13 @@ def generate(args) -> None:
 
 def consolidate(args) -> None:
     from cpm_lightning.checkpoint import consolidate  # imports torch and Lightning: only when run
+    from cpm_lightning.modeldir import staged_dir
 
-    for path in consolidate(args.checkpoint, args.out_dir):
-        print(f"wrote {path}")
+    out = Path(args.out_dir)
+    with staged_dir(out, args.force) as tmp:
+        written = consolidate(args.checkpoint, tmp)
+    for path in written:
+        print(f"wrote {out / path.relative_to(tmp)}")
 
 
 def convert_to_hf(args) -> None:

@@ -650,6 +650,21 @@ def test_fit_tokenizer_that_is_a_directory(tmp_path, corpus, capsys):
 
 # -- issue 10, class 9 ------------------------------------------------------------------------------
 
+def test_consolidate_into_a_directory_that_is_not_empty(checkpoint, tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"someone else's weights")
+    code, stdout, err = run_cli(capsys, "checkpoint", "consolidate", checkpoint, out)
+    assert_user_error(code, err, f"{out}: exists and is not empty; expected a new or empty directory (--force "
+                                 "replaces it)")
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"] and stdout == ""
+    assert (out / "model.safetensors").read_bytes() == b"someone else's weights"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging directory either
+    main(["checkpoint", "consolidate", str(checkpoint), str(out), "--force"])
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert generate(capsys, out, "--max-new-tokens", 3, "--temperature", 0) == \
+        generate(capsys, checkpoint, "--max-new-tokens", 3, "--temperature", 0)
 
 
 BILLION_LAUGHS = "\n".join(
