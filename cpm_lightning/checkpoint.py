@@ -65,12 +65,15 @@ def complete_checkpoints(dirpath: Path) -> list[Path]:
 
 
 def latest(dirpath: Path) -> Path | None:
-    """The checkpoint `last.ckpt` points to; without the link, the newest one written."""
-    link = dirpath / LAST
-    if link.exists():
-        return link.resolve()
+    """The newest finished checkpoint; `last.ckpt` only when it is all there is (a copy).
+
+    Not the link's target: a checkpoint is renamed into place before the link moves, so a kill
+    between the two leaves a finished checkpoint newer than the one the link names."""
     found = complete_checkpoints(dirpath)
-    return found[-1] if found else None
+    if found:
+        return found[-1]
+    link = dirpath / LAST
+    return link.resolve() if link.exists() else None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, dirpath: Path, resume: str) -> Path | None:

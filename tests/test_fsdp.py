@@ -171,8 +171,15 @@ def test_resume_resolution(tmp_path):
         os.utime(ckpts / f"step-{step:08d}.ckpt", ns=(step, step))
     (ckpts / ".step-00000015.ckpt.partial").mkdir()
     assert resolve_ckpt_path("last", ckpts, "never") == ckpts / "step-00000010.ckpt"  # no link: newest
-    (ckpts / "last.ckpt").symlink_to("step-00000005.ckpt")  # written last, after resuming from step 5
-    assert resolve_ckpt_path(None, ckpts, "auto") == (ckpts / "step-00000005.ckpt").resolve()
+    (ckpts / "last.ckpt").symlink_to("step-00000005.ckpt")  # killed after step 10's rename, before the link's
+    assert resolve_ckpt_path(None, ckpts, "auto") == ckpts / "step-00000010.ckpt"
+    os.utime(ckpts / "step-00000005.ckpt", ns=(20, 20))  # written again, after resuming from step 0
+    assert resolve_ckpt_path(None, ckpts, "auto") == ckpts / "step-00000005.ckpt"
+    for step in (5, 10):
+        (ckpts / f"step-{step:08d}.ckpt").rmdir()
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / "last.ckpt").mkdir()  # a copy that followed the link, all a sync left
+    assert resolve_ckpt_path("last", ckpts, "never") == ckpts / "last.ckpt"
     with pytest.raises(UserError, match="checkpoint 'nope' does not exist"):
         resolve_ckpt_path("nope", ckpts, "auto")
 
