@@ -70,6 +70,20 @@ def test_conflicting_proposals_accepted_together(tmp_path):
     assert problems(tmp_path) == [f"{a}:11: conflicts: proposal 2 ({b}) is accepted too"]
 
 
+def test_a_problem_between_proposals_names_both_and_one_in_a_file_its_own(tmp_path):
+    """What `live` leaves out: both sides of a conflict or of a key set twice, a broken file's own."""
+    write_proposal(tmp_path / "a", 1, FFN, conflicts=[2])
+    write_proposal(tmp_path / "a", 2, {"model.arch.max_len": 1024})
+    write_proposal(tmp_path / "a", 4, {"model.arch.nope": 1})
+    assert sorted(sorted(p.ids) for p in load_registry(tmp_path / "a", SCHEMA).problems) == [[1, 2], [4]]
+    write_proposal(tmp_path / "b", 2, {"model.arch.max_len": 1024})
+    write_proposal(tmp_path / "b", 3, {"model.arch.max_len": 512})
+    assert [p.ids for p in load_registry(tmp_path / "b", SCHEMA).problems] == [{2, 3}]
+    (tmp_path / "b" / "notes.yaml").write_text("id: 5\n")  # a problem of no proposal's file
+    notes = [p.ids for p in load_registry(tmp_path / "b", SCHEMA).problems if "notes" in p.path]
+    assert notes and not any(notes)
+
+
 @pytest.mark.parametrize("relation", ["requires", "supersedes"])
 def test_cycles(tmp_path, relation):
     a = write_proposal(tmp_path, 1, FFN, status="draft", **{relation: [3]})

@@ -111,7 +111,7 @@ def _cross_checks(proposals: dict[int, Proposal], broken: set[int]) -> list[Prob
         for i in p.conflicts:
             # A pair that names each other is reported once, at the smaller id.
             if i in accepted and not (i < p.id and p.id in accepted[i].conflicts):
-                out.append(p.problem("conflicts", f"proposal {i} ({proposals[i].path}) is accepted too"))
+                out.append(p.problem("conflicts", f"proposal {i} ({proposals[i].path}) is accepted too", also=(i,)))
     if not out:
         out += _collisions(list(accepted.values()), proposals)
     return out
@@ -167,7 +167,8 @@ def _collisions(accepted: list[Proposal], proposals: dict[int, Proposal]) -> lis
                 if not (_supersedes(p, q, proposals) or _supersedes(q, p, proposals)):
                     out.append(p.problem(f"changes.{key}", f"also set by accepted proposal {q.id} ({q.path}:"
                                                            f"{q.line('changes.' + key)}) and neither supersedes "
-                                                           f"the other; add `supersedes: [{q.id}]` or drop the key"))
+                                                           f"the other; add `supersedes: [{q.id}]` or drop the key",
+                                              also=(q.id,)))
             setters.setdefault(key, []).append(p)
     return out
 

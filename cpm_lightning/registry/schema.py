@@ -50,6 +50,15 @@ class Problem:
     """What is wrong and what was expected."""
     column: int | None = None
     """1-based column of a YAML syntax error; run config errors show it (read_run_config)."""
+    also: tuple[int, ...] = ()
+    """The other proposals of a problem between proposals (a conflict, a key set twice), whose
+    files may be fine on their own: leaving out either side settles it."""
+
+    @property
+    def ids(self) -> set[int]:
+        """The proposals the problem is about: the one its file holds (by the file's NNNN) and `also`."""
+        m = FILE_NAME.match(Path(self.path).name)
+        return {int(m[1]), *self.also} if m else set(self.also)
 
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line else self.path
@@ -107,8 +116,8 @@ class Proposal:
     def line(self, name: str) -> int | None:
         return _line(self.lines, name)
 
-    def problem(self, name: str, message: str) -> Problem:
-        return Problem(str(self.path), self.line(name), name, message)
+    def problem(self, name: str, message: str, also: tuple[int, ...] = ()) -> Problem:
+        return Problem(str(self.path), self.line(name), name, message, also)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Proposal) if f.init}
