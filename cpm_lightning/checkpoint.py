@@ -1,5 +1,6 @@
-"""Checkpoints (docs/ARCHITECTURE.md, "Checkpoints"): when they are written, their layout on disk, which one a run
-resumes, and consolidation of a sharded checkpoint into one safetensors file.
+"""Checkpoints (docs/ARCHITECTURE.md, "Checkpoints"): when they are written, their layout on disk, what they
+hold, and consolidation of a sharded checkpoint into one safetensors file (ckptdir.py finds them
+on disk: which one a run resumes).
 
 <trainer.default_root_dir>/checkpoints holds
   step-00000500.ckpt/           sharded (trainer.strategy: fsdp): torch.distributed.checkpoint
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
-import shutil
 import signal
 import warnings
 import zipfile
@@ -40,60 +39,26 @@ from cpm_lightning.checkpoint_files import (
     PlainDataPlanner,
     check_file,
     gather_hashes,
-    hashes_path,
     user_errors,
     write_checkpoint_hashes,
 )
+from cpm_lightning.ckptdir import complete_checkpoints, point_last, remove, step_of
 from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.model import ArchConfig
 from cpm_lightning.modeldir import StoredModel, check_arch, check_shapes, write_model_dir
 from cpm_lightning.tokenizer import Tokenizer
 
-STEP_NAME = re.compile(r"step-(\d+)\.ckpt")
-LAST = "last.ckpt"
 RUN_ID_KEY = "mlflow_run_id"  # in checkpoint["cpm"]: the MLflow run a resumed fit continues
 MODEL_KEY = "state_dict"  # where Lightning puts the LightningModule's weights; CPMAnt's are under "model."
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # Kubernetes/SLURM preemption, Ctrl-C, SLURM --signal
 
 
-# -- finding checkpoints ----------------------------------------------------------------------
-def complete_checkpoints(dirpath: Path) -> list[Path]:
-    """The finished checkpoints in `dirpath`, oldest written first."""
-    found = [p for p in dirpath.glob("step-*.ckpt") if STEP_NAME.fullmatch(p.name)] if dirpath.is_dir() else []
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns)
-
-
-def latest(dirpath: Path) -> Path | None:
-    """The newest finished checkpoint; `last.ckpt` only when it is all there is (a copy).
-
-    Not the link's target: a checkpoint is renamed into place before the link moves, so a kill
-    between the two leaves a finished checkpoint newer than the one the link names."""
-    found = complete_checkpoints(dirpath)
-    if found:
-        return found[-1]
-    link = dirpath / LAST
-    return link.resolve() if link.exists() else None
-
-
-def resolve_ckpt_path(ckpt_path: str | None, dirpath: Path, resume: str) -> Path | None:
-    """The checkpoint `fit` starts from: --ckpt_path (a path, or `last`), else with
-    checkpoint.resume=auto the latest in `dirpath` if any, else none."""
-    if ckpt_path == "last" or (ckpt_path is None and resume == "auto"):
-        found = latest(dirpath)
-        if found is None and ckpt_path == "last":
-            raise UserError(f"--ckpt_path last: no checkpoint to resume in {dirpath}")
-        return found
-    if ckpt_path is not None and not Path(ckpt_path).exists():
-        raise UserError(f"--ckpt_path: checkpoint {ckpt_path!r} does not exist")
-    return Path(ckpt_path) if ckpt_path else None
-
-
+# -- reading ----------------------------------------------------------------------------------
 def is_sharded(path: Path) -> bool:
     return (Path(path) / _METADATA_FILENAME).is_file()
 
 
-# -- reading ----------------------------------------------------------------------------------
 def read_meta(path: Path) -> dict:
     """Everything in a checkpoint but the sharded tensors; its `cpm` section says what it is."""
     path = Path(path)
@@ -227,12 +192,16 @@ def consolidate(path: Path, out_dir: Path) -> list[Path]:
 # -- writing ----------------------------------------------------------------------------------
 class Checkpoints(Checkpoint):
     """Writes checkpoints atomically every `every_n_steps` optimizer steps, at the end of
-    training, and after a preemption signal (then stops training); keeps the newest `keep_last`.
-    Also saves and restores each rank's RNG states."""
+    training, and after a preemption signal or a `request_stop` (then stops training); keeps the
+    newest `keep_last`, and those at `keep_steps`. Also saves and restores each rank's RNG states."""
 
     def __init__(self, dirpath: Path, config: CheckpointConfig):
         self.dirpath, self.config = Path(dirpath), config
+        self.keep_steps: set[int] = set()
+        """Steps whose checkpoints outlive keep_last (live: where a rollback may return to)."""
         self._signal: int | None = None
+        self._stop_reason: str | None = None
+        self._discard = False
         self._previous_handlers: dict = {}
         self._seen_step = self._saved_step = -1
 
@@ -248,11 +217,11 @@ class Checkpoints(Checkpoint):
             raise UserError(f"checkpoint directory {self.dirpath} is not writable: {e.strerror or e}") from None
         if trainer.is_global_zero:
             for stale in self.dirpath.glob(".*.partial"):  # left by a run killed while saving
-                _remove(stale)
+                remove(stale)
 
     def on_train_start(self, trainer, pl_module):
         self._seen_step = self._saved_step = trainer.global_step
-        self._signal = None
+        self._signal, self._stop_reason, self._discard = None, None, False
         # Installed after Lightning's own SIGTERM handler (which would stop without a checkpoint).
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
 
@@ -261,23 +230,41 @@ class Checkpoints(Checkpoint):
             raise KeyboardInterrupt  # a second Ctrl-C stops at once, without a checkpoint
         self._signal = signum
 
+    def request_stop(self, reason: str) -> None:
+        """Save at the end of this step and stop, as after a signal; `reason` starts the message.
+        One rank asking is enough: the ranks agree at the step boundary."""
+        self._stop_reason = reason
+
+    def discard(self) -> None:
+        """Stop at the end of this step without saving: the model is not to be kept (live: a
+        divergence). Every rank must call it at the same step."""
+        self._discard = True
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step == self._seen_step:  # inside gradient accumulation
             return
         self._seen_step = step
+        if self._discard:
+            trainer.should_stop = True
+            return
         # One rank signalled is enough (a local launch signals only rank 0's process).
-        stop = trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False)
+        asked = self._signal is not None or self._stop_reason is not None
+        stop = trainer.strategy.reduce_boolean_decision(asked, all=False)
         if stop or step % self.config.every_n_steps == 0 or step == trainer.max_steps:
             path = self.save(trainer)
             if stop:
-                name = signal.Signals(self._signal).name if self._signal else "a signal on another rank"
-                rank_zero_info(f"{name}: saved {path} at step {step} and stopped; resume with "
-                               "`fit --ckpt_path last` or checkpoint.resume: auto")
+                if self._stop_reason is not None:
+                    rank_zero_info(f"{self._stop_reason}: saved {path} at step {step} and stopped")
+                else:
+                    name = signal.Signals(self._signal).name if self._signal else "a signal on another rank"
+                    rank_zero_info(f"{name}: saved {path} at step {step} and stopped; resume with "
+                                   "`fit --ckpt_path last` or checkpoint.resume: auto")
                 trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module):
-        if trainer.global_step != self._saved_step:  # stopped by max_time, early stopping, ...
+        # Stopped by max_time, early stopping, ...: save, unless the model is to be discarded.
+        if trainer.global_step != self._saved_step and not self._discard:
             self.save(trainer)
 
     def teardown(self, trainer, pl_module, stage):
@@ -290,23 +277,18 @@ class Checkpoints(Checkpoint):
         final = self.dirpath / f"step-{trainer.global_step:08d}.ckpt"
         partial = self.dirpath / f".{final.name}.partial"
         if trainer.is_global_zero:
-            _remove(partial)
+            remove(partial)
         trainer.strategy.barrier("cpm-checkpoint-start")
         trainer.save_checkpoint(partial)  # returns on every rank after all have written
         hashes = gather_hashes(trainer, partial)  # each rank hashes what it wrote; rank 0 gets all
         if trainer.is_global_zero:
-            _remove(final)  # the same step saved again after resuming from an earlier checkpoint
+            remove(final)  # the same step saved again after resuming from an earlier checkpoint
             write_checkpoint_hashes(partial, final, hashes)
             os.replace(partial, final)
-            link, last = self.dirpath / f".{LAST}.new", self.dirpath / LAST
-            link.unlink(missing_ok=True)
-            link.symlink_to(final.name)
-            if not last.is_symlink():  # a copy that followed the link (cp -L, object-store sync)
-                _remove(last)
-            os.replace(link, last)
+            point_last(self.dirpath, final)
             for old in complete_checkpoints(self.dirpath)[:-self.config.keep_last]:
-                if old != final:
-                    _remove(old)
+                if old != final and step_of(old) not in self.keep_steps:
+                    remove(old)
         trainer.strategy.barrier("cpm-checkpoint-end")
         self._saved_step = trainer.global_step
         return final
@@ -323,15 +305,6 @@ class Checkpoints(Checkpoint):
         # On a larger world size the new ranks keep their seeded state.
         if trainer.global_rank < len(states):
             _set_rng_state(states[trainer.global_rank])
-
-
-def _remove(path: Path) -> None:
-    """Remove a checkpoint (with the hashes beside a single file), a partial one or a link."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-        hashes_path(path).unlink(missing_ok=True)
-    elif path.exists():
-        shutil.rmtree(path)
 
 
 def _rng_state() -> dict:

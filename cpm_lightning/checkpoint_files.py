@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from cpm_lightning.ckptdir import hashes_path
 from cpm_lightning.errors import UserError
 from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
 
@@ -44,11 +45,6 @@ METADATA_GLOBALS = {
     ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
     *(("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)),
 }
-
-
-def hashes_path(ckpt: Path) -> Path:
-    """Where the hashes of checkpoint `ckpt` are: inside a sharded one, beside a single file."""
-    return ckpt / HASHES_FILE if ckpt.is_dir() else ckpt.with_name(f"{ckpt.name}.{HASHES_FILE}")
 
 
 _unverified_warned: set[Path] = set()

@@ -16,7 +16,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from cpm_lightning.callbacks import CarryTokenizer
-from cpm_lightning.checkpoint import RUN_ID_KEY, Checkpoints, check_architecture, read_meta, resolve_ckpt_path
+from cpm_lightning.checkpoint import RUN_ID_KEY, Checkpoints, check_architecture, read_meta
+from cpm_lightning.ckptdir import resolve_ckpt_path
 from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.registry.apply import RegistryConfig, apply_registry

@@ -28,7 +28,8 @@ import torch
 from conftest import RESUME_OVERRIDES, assert_optimizer_used, override_args, write_config, write_corpus
 from fsdp_probe import PROBE_INPUT
 
-from cpm_lightning.checkpoint import Checkpoints, read_meta, resolve_ckpt_path
+from cpm_lightning.checkpoint import Checkpoints, read_meta
+from cpm_lightning.ckptdir import resolve_ckpt_path, roll_back
 from cpm_lightning.cli import main
 from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
@@ -273,3 +274,27 @@ def test_global_batch_the_world_size_does_not_divide(runs, straight2, capsys):
     line = user_error(capsys, ["fit", "--config", str(cfg)])
     assert line == ("error: data.batch_size=3 (the global batch) does not split over 2 device(s) x "
                     "trainer.accumulate_grad_batches=1; use a multiple of 2")
+
+
+def test_checkpoints_at_keep_steps_outlive_keep_last(tmp_path):
+    """live keeps the checkpoint a proposal took effect at while a suspension may return to it."""
+    saver = Checkpoints(tmp_path, CheckpointConfig(every_n_steps=1, keep_last=1))
+    saver.keep_steps = {2}
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, strategy=SimpleNamespace(barrier=lambda name: None),
+                              save_checkpoint=lambda path: Path(path).write_bytes(b""))
+    for step in (1, 2, 3, 4):
+        trainer.global_step = step
+        saver.save(trainer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step-00000002.ckpt", "step-00000004.ckpt"]
+
+
+def test_a_rollback_removes_the_later_checkpoints(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for step in (2, 4, 6):
+        (ckpts / f"step-{step:08d}.ckpt").write_bytes(b"")
+        os.utime(ckpts / f"step-{step:08d}.ckpt", ns=(step, step))
+    (ckpts / "last.ckpt").symlink_to("step-00000006.ckpt")
+    assert roll_back(ckpts, ckpts / "step-00000002.ckpt") == [ckpts / "step-00000004.ckpt", ckpts / "step-00000006.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-00000002.ckpt"]
+    assert resolve_ckpt_path("last", ckpts, "never") == ckpts / "step-00000002.ckpt"
