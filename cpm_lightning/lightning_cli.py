@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from cpm_lightning.callbacks import CarryTokenizer
+from cpm_lightning.callbacks import CarryTokenizer, LogSamplesPerSource
 from cpm_lightning.checkpoint import RUN_ID_KEY, Checkpoints, check_architecture, read_meta
 from cpm_lightning.ckptdir import resolve_ckpt_path
 from cpm_lightning.config import CheckpointConfig
@@ -93,7 +93,7 @@ class CPMCLI(LightningCLI):
         cfg["ckpt_path"] = self.ckpt and str(self.ckpt)
         if cfg.trainer.strategy == "fsdp":  # FSDP2; Lightning's "fsdp" is FSDP1 (sharding.py)
             kwargs["strategy"] = FSDP2Strategy()
-        callbacks = [Checkpoints(root / "checkpoints", cfg.checkpoint), CarryTokenizer()]
+        callbacks = [Checkpoints(root / "checkpoints", cfg.checkpoint), CarryTokenizer(), LogSamplesPerSource()]
         if cfg.trainer.logger in (None, True):
             # A resumed fit continues the MLflow run its checkpoint names.
             run_id = self.ckpt_meta.get("cpm", {}).get(RUN_ID_KEY) if self.subcommand == "fit" else None

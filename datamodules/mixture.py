@@ -40,9 +40,12 @@ class MixtureState:
 
 class Mixture:
     def __init__(self, weights: dict[str, float], sizes: dict[str, int], seed: int = 0,
-                 state: dict | None = None):
-        """weights and sizes (windows per source) by source name."""
+                 state: dict | None = None, skip: list[tuple[int, int]] = ()):
+        """weights and sizes (windows per source) by source name; `skip`: [start, end) ranges
+        of global indices drawn but never handed out (the data before a loss spike that `live`
+        rolled back from)."""
         self.names = sorted(weights)
+        self.skip = [tuple(w) for w in skip]
         total = sum(weights.values())
         self.shares = np.array([weights[n] / total for n in self.names])
         self.sizes = sizes
@@ -57,7 +60,12 @@ class Mixture:
             s.picks.setdefault(n, 0)
 
     def next(self) -> tuple[str, int]:
-        """(source, window index) of the next global sample; advances the state."""
+        """(source, window index) of the next global sample that is not skipped; advances the state."""
+        while any(start <= self.state.index < end for start, end in self.skip):
+            self._draw()
+        return self._draw()
+
+    def _draw(self) -> tuple[str, int]:
         s = self.state
         picks = np.array([s.picks[n] for n in self.names])
         name = self.names[int(np.argmax(self.shares * (s.index - s.since + 1) - picks))]

@@ -36,7 +36,7 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         dm = self.dm
-        mix = Mixture(dm.weights, dm.train_windows, dm.seed, dm.start_state)
+        mix = Mixture(dm.weights, dm.train_windows, dm.seed, dm.start_state, dm.skip)
         self.history = {0: mix.state.to_dict()}
         batch = 0
         while True:
@@ -78,6 +78,9 @@ class PretrainDataModule(DataConfig, L.LightningDataModule):
         self.cache_path = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         self.weights = {n: s.weight for n, s in self.sources.items()}
         self.start_state: dict | None = None
+        self.skip: list[tuple[int, int]] = []
+        """[start, end) global sample indices the mixture draws past without training on them
+        (set by `live` after a rollback: the window before a loss spike)."""
         self._tokenizer: Tokenizer | None = None
         self._shard_dirs: dict[str, Path] = {}
         self._stream: TrainStream | None = None
@@ -160,3 +163,9 @@ class PretrainDataModule(DataConfig, L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.start_state = state["mixture"]
+
+    def samples_drawn(self) -> dict[str, int]:
+        """Samples drawn from each source over the whole run, up to the last batch the model
+        trained on (all ranks together; a skipped window counts as drawn)."""
+        state = self.state_dict()["mixture"]
+        return dict(state["cursors"]) if state else {}

@@ -64,6 +64,18 @@ def write_gz(path, text):
         f.write(text)
 
 
+def test_a_skipped_window_is_drawn_past_and_never_handed_out():
+    """After a rollback, `live` skips the samples that preceded a loss spike."""
+    weights, sizes = {"a": 2.0, "b": 1.0}, {"a": 9, "b": 4}
+    _, state = state_after(weights, sizes, 8)
+    plain = Mixture(weights, sizes, state=state)
+    every = [plain.next() for _ in range(20)]
+    skipping = Mixture(weights, sizes, state=state, skip=[(8, 12), (20, 22)])
+    assert [skipping.next() for _ in range(14)] == every[4:12] + every[14:20]
+    assert skipping.state.index == 28
+    assert Mixture(weights, sizes, state=state, skip=[(0, 8)]).next() == every[0]  # behind it: no effect
+
+
 def test_sources_read_globs_gzip_and_fsspec_memory(tmp_path, corpus):
     (tmp_path / "parts").mkdir()
     write_gz(tmp_path / "parts" / "a.txt.gz", "first document " * 50)
