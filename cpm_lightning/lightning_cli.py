@@ -22,7 +22,7 @@ from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.registry.apply import RegistryConfig, apply_registry
 from cpm_lightning.registry.keys import ConfigSchema
-from cpm_lightning.run_config import GROUPS, VERBS
+from cpm_lightning.run_config import GROUPS, VERBS, kept_tokenizer
 from cpm_lightning.sharding import FSDP2Strategy
 from cpm_lightning.tracking.config import TrackingConfig
 from cpm_lightning.tracking.logger import CPMLogger, TrackRun, check_reachable
@@ -59,6 +59,10 @@ class CPMCLI(LightningCLI):
         resume = cfg.checkpoint.resume if self.subcommand == "fit" else "never"
         self.ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints", resume)
         self.ckpt_meta = read_meta(self.ckpt) if self.ckpt else {}
+        # A resumed run keeps the tokenizer it was trained with (run_config.kept_tokenizer).
+        tokenizer = self.ckpt_meta.get("cpm", {}).get("tokenizer")
+        if tokenizer is not None and cfg.data.tokenizer is None:
+            cfg.data.tokenizer = kept_tokenizer(cfg.data.cache_dir, tokenizer)
         # Accepted proposals go in above the config files and below the command line; a
         # resumed run applies those in effect at the step it resumes from.
         if cfg.registry.at_step is None:

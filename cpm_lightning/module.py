@@ -36,6 +36,8 @@ class CausalLM(ModelConfig, L.LightningModule):
         self.model: CPMAnt | None = None
         self.init_from: str | None = None  # a model directory whose weights replace the init (checkpoint.init_from)
         self.tokens_seen = 0
+        self.skipped_steps = 0
+        """Optimizer steps skipped for a non-finite loss or gradient, over the whole run."""
         self._step_time: float | None = None
         self._last_batch_end: float | None = None
 
@@ -84,6 +86,14 @@ class CausalLM(ModelConfig, L.LightningModule):
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor reduced over the mesh
             norm = norm.full_tensor()
         self.log("train/grad_norm", norm)
+        if not torch.isfinite(norm):
+            # A non-finite loss or gradient: skip this update. AdamW leaves a parameter without a
+            # gradient alone (its moments and step count too), and the norm, reduced after
+            # clipping, is the same on every rank, so all skip together.
+            for p in self.parameters():
+                p.grad = None
+            self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         now = time.perf_counter()
@@ -157,7 +167,9 @@ class CausalLM(ModelConfig, L.LightningModule):
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):
-        checkpoint.setdefault("cpm", {}).update(arch=self.arch.to_dict(), tokens_seen=self.tokens_seen)
+        checkpoint.setdefault("cpm", {}).update(arch=self.arch.to_dict(), tokens_seen=self.tokens_seen,
+                                                skipped_steps=self.skipped_steps)
 
     def on_load_checkpoint(self, checkpoint):
-        self.tokens_seen = checkpoint.get("cpm", {}).get("tokens_seen", 0)
+        cpm = checkpoint.get("cpm", {})
+        self.tokens_seen, self.skipped_steps = cpm.get("tokens_seen", 0), cpm.get("skipped_steps", 0)

@@ -261,11 +261,15 @@ class CPMLogger(MLFlowLogger):
     docstring), MLflow system metrics, and continuation of an existing run (`run_id`)."""
 
     def __init__(self, *, tracking_uri: str, experiment_name: str, run_name: str | None, run_id: str | None,
-                 fallback_dir: Path, flush_timeout: float):
+                 fallback_dir: Path, flush_timeout: float, logged_through: int = -1):
+        """logged_through: metrics of steps up to this one are dropped, because an earlier start
+        of the run logged them (a `live` restart re-trains the steps after its checkpoint); the
+        START_STEP marker is kept."""
         super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
                          run_id=run_id, synchronous=True)
         self._fallback_dir, self._flush_timeout = fallback_dir, flush_timeout
         self._interval = send_interval()
+        self._logged_through = logged_through
         self.resumed = run_id is not None
         self._sender: Sender | None = None
         self._monitor = None
@@ -296,8 +300,9 @@ class CPMLogger(MLFlowLogger):
     @rank_zero_only
     def log_metrics(self, metrics, step: int | None = None) -> None:
         _ = self.experiment
-        timestamp = int(time.time() * 1000)
-        self._sender.put([Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items()])
+        timestamp, step = int(time.time() * 1000), step or 0
+        self._sender.put([Metric(k, float(v), timestamp, step) for k, v in metrics.items()
+                          if step > self._logged_through or k == START_STEP])
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
