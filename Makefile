@@ -17,8 +17,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The live demo (configs/demo-live.yaml): a fresh run under `live`, following a registry of the
+# seed proposals plus one that takes effect at step 150.
 demo: $(STAMP)
-	$(BIN)/cpm-lightning fit --config configs/demo.yaml
+	rm -rf runs/demo
+	mkdir -p runs/demo/registry
+	cp proposals/*.yaml runs/demo/registry/
+	cp configs/demo-proposal.yaml runs/demo/registry/0010-standard-library-packages-s-to-z.yaml
+	$(BIN)/cpm-lightning live --config configs/demo.yaml --config configs/demo-live.yaml
 	$(BIN)/cpm-lightning generate runs/demo/checkpoints/last.ckpt --prompt "Create a new" --max-new-tokens 80 --top-k 40
 	@echo
 	@echo "Live view of the run: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"

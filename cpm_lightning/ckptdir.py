@@ -1,7 +1,7 @@
 """The checkpoint directory as files (docs/ARCHITECTURE.md, "Checkpoints"): names, which one is
-the latest, `last.ckpt`, and a rollback. Plain file operations without torch or Lightning, so
-the `live` supervisor, which never trains, starts in a second; checkpoint.py writes and reads
-the checkpoints themselves.
+the latest, `last.ckpt`, and a rollback. Plain file operations without Lightning, which the
+`live` supervisor, which never trains, does not import; checkpoint.py writes and reads the
+checkpoints themselves.
 """
 
 from __future__ import annotations

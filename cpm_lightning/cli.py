@@ -1,5 +1,5 @@
-"""`cpm-lightning`: LightningCLI for fit/validate/test (lightning_cli.py), argparse for the other
-verbs. Nothing imports this module; it imports each verb's code only when that verb runs, so
+"""`cpm-lightning`: LightningCLI for fit/validate/test (lightning_cli.py), the `live` supervisor
+(live/commands.py), argparse for the other verbs. Nothing imports this module; it imports each verb's code only when that verb runs, so
 light commands start fast (docs/ARCHITECTURE.md, "Layers").
 """
 
@@ -61,7 +61,9 @@ def tools_parser() -> argparse.ArgumentParser:
         "Training verbs (LightningCLI; `cpm-lightning fit --help` lists every config key):\n"
         "  fit --config FILE        train (resume with --ckpt_path last)\n"
         "  validate --config FILE   validation metrics of a checkpoint\n"
-        "  test --config FILE       test metrics of a checkpoint",
+        "  test --config FILE       test metrics of a checkpoint\n"
+        "  live --config FILE       fit that takes up accepted proposals at their step, restarts\n"
+        "                           after crashes and rolls back from divergence (live --help)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(title="other verbs", metavar="VERB")
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] in VERBS:
             run_lightning(None if from_sys else argv)
+        elif argv and argv[0] == "live":  # its arguments are fit's: passed on as they are
+            from cpm_lightning.live.commands import main as live
+
+            live(argv[1:])
         else:
             args = tools_parser().parse_args(argv)
             if not hasattr(args, "func"):

@@ -20,8 +20,10 @@ from cpm_lightning.checkpoint import RUN_ID_KEY, Checkpoints, check_architecture
 from cpm_lightning.ckptdir import resolve_ckpt_path
 from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
+from cpm_lightning.live.config import LiveConfig
+from cpm_lightning.live.segment import LiveSegment, segment_plan
 from cpm_lightning.registry.apply import RegistryConfig, apply_registry
-from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.registry.keys import OPERATOR_KEYS, ConfigSchema
 from cpm_lightning.run_config import GROUPS, VERBS, kept_tokenizer
 from cpm_lightning.sharding import FSDP2Strategy
 from cpm_lightning.tracking.config import TrackingConfig
@@ -37,6 +39,7 @@ class CPMCLI(LightningCLI):
         parser.add_class_arguments(TrackingConfig, "tracking")
         parser.add_class_arguments(CheckpointConfig, "checkpoint")
         parser.add_class_arguments(RegistryConfig, "registry")
+        parser.add_class_arguments(LiveConfig, "live")  # read by `live`; a plain `fit` ignores it
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
 
     def parse_arguments(self, parser, args):
@@ -59,15 +62,22 @@ class CPMCLI(LightningCLI):
         resume = cfg.checkpoint.resume if self.subcommand == "fit" else "never"
         self.ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints", resume)
         self.ckpt_meta = read_meta(self.ckpt) if self.ckpt else {}
-        # A resumed run keeps the tokenizer it was trained with (run_config.kept_tokenizer).
-        tokenizer = self.ckpt_meta.get("cpm", {}).get("tokenizer")
-        if tokenizer is not None and cfg.data.tokenizer is None:
-            cfg.data.tokenizer = kept_tokenizer(cfg.data.cache_dir, tokenizer)
         # Accepted proposals go in above the config files and below the command line; a
         # resumed run applies those in effect at the step it resumes from.
         if cfg.registry.at_step is None:
             cfg.registry.at_step = self.ckpt_meta.get("global_step", 0)
         self.proposals = apply_registry(cfg, self.argv, self.subcommand, ConfigSchema(GROUPS))
+        # Started by `live` as one segment of a run: what the supervisor said, and the values
+        # of the keys proposals may set as this segment resolved them (the ledger's old -> new).
+        self.plan = segment_plan() if self.subcommand == "fit" else None
+        if self.plan:
+            groups = {f"model.{g}": cfg.model[g].as_dict() for g in ("arch", "optim", "schedule", "loss")}
+            self.resolved = dict(leaf for g, values in {**groups, "data": cfg.data.as_dict()}.items()
+                                 for leaf in _leaves(g, values) if leaf[0] not in OPERATOR_KEYS)
+        # A resumed run keeps the tokenizer it was trained with (run_config.kept_tokenizer).
+        tokenizer = self.ckpt_meta.get("cpm", {}).get("tokenizer")
+        if tokenizer is not None and cfg.data.tokenizer is None:
+            cfg.data.tokenizer = kept_tokenizer(cfg.data.cache_dir, tokenizer)
         # A run may start from a model directory: its architecture always, its weights unless
         # the run resumes a checkpoint (checkpoint.resume=auto after a requeue).
         self.init_from = cfg.checkpoint.init_from if self.subcommand == "fit" else None
@@ -97,11 +107,16 @@ class CPMCLI(LightningCLI):
         cfg["ckpt_path"] = self.ckpt and str(self.ckpt)
         if cfg.trainer.strategy == "fsdp":  # FSDP2; Lightning's "fsdp" is FSDP1 (sharding.py)
             kwargs["strategy"] = FSDP2Strategy()
-        callbacks = [Checkpoints(root / "checkpoints", cfg.checkpoint), CarryTokenizer(), LogSamplesPerSource()]
+        checkpoints = Checkpoints(root / "checkpoints", cfg.checkpoint)
+        callbacks = [checkpoints, CarryTokenizer(), LogSamplesPerSource()]
+        if self.plan:
+            callbacks.append(LiveSegment(self.plan, cfg.live, checkpoints, self.resolved))
         if cfg.trainer.logger in (None, True):
-            # A resumed fit continues the MLflow run its checkpoint names.
+            # A resumed fit continues the MLflow run its checkpoint names (or, under `live`, the
+            # run's before its first checkpoint).
             run_id = self.ckpt_meta.get("cpm", {}).get(RUN_ID_KEY) if self.subcommand == "fit" else None
-            kwargs["logger"] = _mlflow_logger(cfg.tracking, root, run_id)
+            run_id = run_id or (self.plan and self.plan.run_id)
+            kwargs["logger"] = _mlflow_logger(cfg.tracking, root, run_id, self.plan.logged_through if self.plan else -1)
             callbacks.append(TrackRun(kwargs["logger"]))
         configured = cfg.trainer.callbacks or []  # instantiated already: keep them
         configured = configured if isinstance(configured, list) else [configured]
@@ -185,10 +200,18 @@ def _root(cfg) -> Path:
     return Path(cfg.trainer.default_root_dir or os.getcwd())
 
 
-def _mlflow_logger(tracking: TrackingConfig, root: Path, run_id: str | None) -> CPMLogger:
+def _mlflow_logger(tracking: TrackingConfig, root: Path, run_id: str | None, logged_through: int) -> CPMLogger:
     """The run's MLflow logger: a new run, or the existing run `run_id` continued."""
     return CPMLogger(tracking_uri=tracking.resolved_uri, experiment_name=tracking.resolved_experiment,
-                     run_name=tracking.run_name, run_id=run_id, fallback_dir=root, flush_timeout=tracking.flush_timeout)
+                     run_name=tracking.run_name, run_id=run_id, fallback_dir=root, flush_timeout=tracking.flush_timeout,
+                     logged_through=logged_through)
+
+
+def _leaves(prefix: str, value) -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a config group, as JSON data."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{prefix}.{k}", v)]
+    return [(prefix, list(value) if isinstance(value, tuple) else value)]
 
 
 def run(argv: list[str] | None) -> None:

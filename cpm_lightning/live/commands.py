@@ -1,0 +1,102 @@
+"""`cpm-lightning live --config FILE [fit's overrides]` and `cpm-lightning live status --root DIR`
+(docs/ARCHITECTURE.md, "Live training"). cli.py hands `live` its arguments as they are: they are
+`fit`'s, passed on to every segment."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cpm_lightning.errors import UserError
+
+USAGE = """usage: cpm-lightning live --config FILE [fit's --key value overrides]
+       cpm-lightning live status --root DIR
+
+Train through the change ledger: `fit` in segments that take up accepted proposals at their
+step, restart after crashes and roll back from divergence (the run config's `live` group says
+how; `cpm-lightning fit --help` lists it). `live status` prints a run's state from its ledger
+and checkpoints; DIR is the run's trainer.default_root_dir."""
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        raise UserError("live: expected --config FILE [fit's overrides], or `status --root DIR` "
+                        "(see `cpm-lightning live --help`)")
+    if argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    if argv[0] == "status":
+        parser = argparse.ArgumentParser(prog="cpm-lightning live status", exit_on_error=False)
+        parser.add_argument("--root", required=True, help="the run's trainer.default_root_dir")
+        try:
+            args = parser.parse_args(argv[1:])
+        except argparse.ArgumentError as e:
+            raise UserError(f"live status: {e}") from None
+        print(status_text(Path(args.root)))
+        return
+    from cpm_lightning.live.settings import read_settings
+    from cpm_lightning.live.supervisor import LiveStopped, Supervisor
+
+    try:
+        Supervisor(read_settings(argv)).run()
+    except LiveStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def status_text(root: Path) -> str:
+    """The run's state: step, tokens, last loss, proposals in effect, pending, deferred and
+    suspended, the last incident and the last checkpoint."""
+    from cpm_lightning.ckptdir import latest
+    from cpm_lightning.live.ledger import RunState, read_records
+    from cpm_lightning.live.protocol import LiveDir, Status, read_json
+
+    files = LiveDir(root)
+    records = read_records(files.ledger)
+    if not records:
+        raise UserError(f"live status: no change ledger at {files.ledger}; expected the "
+                        "trainer.default_root_dir of a run started with `cpm-lightning live`")
+    state = RunState()
+    for r in records:
+        state.fold(r)
+    status = read_json(files.status, Status)
+    last, ckpt = records[-1], latest(files.checkpoints)
+    labels = lambda ids: ", ".join(f"{i:04d}" for i in sorted(ids)) or "none"  # noqa: E731
+    running = "stopped" if last["kind"] == "stop" else "running (or its supervisor was killed)"
+    lines = [f"run              {root}  ({running}; last record: {last['kind']} at step {last['step']}, {last['time']})",
+             f"step             {status.step if status else last['step']}",
+             f"tokens           {status.tokens if status else 0:,}",
+             f"last loss        {status.loss if status and status.loss is not None else 'none yet'}",
+             f"in effect        {labels(state.in_effect)}",
+             f"pending          {_pending(state, status.step if status else last['step'])}",
+             f"deferred         {labels(state.deferred)}",
+             f"suspended        {labels(state.suspended)}"]
+    i = state.incident
+    lines.append(f"last incident    {i['kind']} at step {i['step']} ({i['time']}): {i['reason']}" if i else
+                 "last incident    none")
+    lines.append(f"last checkpoint  {ckpt if ckpt else 'none'}")
+    return "\n".join(lines)
+
+
+def _pending(state, step: int) -> str:
+    """Accepted proposals of the run's registry that are not in effect yet, with their steps."""
+    from cpm_lightning.registry.keys import ConfigSchema
+    from cpm_lightning.registry.resolve import load_registry
+    from cpm_lightning.registry.schema import ACCEPTED
+    from cpm_lightning.run_config import GROUPS
+
+    start = state.start
+    if not start.get("registry"):
+        return "none (the run has no registry)"
+    reg = load_registry(start["registry"], ConfigSchema(GROUPS))
+    if any(not p.ids for p in reg.problems):
+        return f"unknown (registry {start['registry']} cannot be read)"
+    broken = {i for p in reg.problems for i in p.ids}
+    pending = [p for p in reg.proposals.values()
+               if p.status == ACCEPTED and p.kind in start["kinds"] and p.id not in start["exclude"]
+               and p.id not in state.in_effect and p.id not in state.suspended and p.id not in broken
+               and (p.id, p.sha256) not in state.refused]
+    return ", ".join(f"{p.label} (" + (f"step {p.effective_from_step}" if p.effective_from_step > step
+                                        else "at the next checkpoint") + ")"
+                     for p in sorted(pending, key=lambda p: p.id)) or "none"

@@ -1,0 +1,55 @@
+"""The run config's `live` group. A plain dataclass: `live` reads it without Lightning, and
+`fit` accepts the group (and ignores it) so one run config serves both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cpm_lightning.errors import UserError
+
+
+@dataclass(kw_only=True)
+class LiveConfig:
+    """How `cpm-lightning live` follows the registry and guards the run (docs/ARCHITECTURE.md,
+    "Live training"). `fit` ignores this group."""
+
+    poll_seconds: float = 60.0
+    """Seconds between two reads of registry.path (after `git pull --ff-only` when it is in a git
+    working copy with an upstream)."""
+    max_restarts: int = 3
+    """Restarts from the same checkpoint (after crashes or rollbacks) before `live` stops with a
+    record naming the step and the last error."""
+    restart_backoff: float = 30.0
+    """Seconds before restarting a crashed segment, doubled at each further restart from the
+    same checkpoint."""
+    spike_window: int = 128
+    """Recent losses a spike is measured against (OLMo-core's stability monitor: 128). Checks
+    start once the window is full; it restarts when a data change takes effect, since the loss
+    of a new mixture is not comparable with the old one's."""
+    spike_sigma: float = 6.0
+    """A loss above the window's mean by this many standard deviations is a spike (OLMo-core:
+    6): the run rolls back to the last checkpoint before it and skips the data in between."""
+    max_nonfinite: int = 3
+    """Non-finite steps in a row (each skipped, counted in train/skipped_steps) that count as
+    a divergence and roll the run back."""
+    suspend_window: int = 1000
+    """A divergence within this many steps after a proposal took effect, when the run has rolled
+    back once already since then, suspends that proposal in this run: back to the checkpoint
+    before it, and on without it."""
+    launcher: list[str] | None = None
+    """Command that starts a segment's Python, given `-m cpm_lightning.cli fit ...`: unset runs
+    this interpreter (Lightning launches the local ranks); e.g. [srun, python] inside a SLURM
+    allocation, or [torchrun, --nnodes=2, --nproc-per-node=8, --rdzv-endpoint=HOST:29500]."""
+
+    def __post_init__(self):
+        for key in ("poll_seconds", "spike_sigma"):
+            if not getattr(self, key) > 0:
+                raise UserError(f"live.{key} must be positive, got {getattr(self, key)}")
+        for key in ("spike_window", "max_nonfinite", "suspend_window"):
+            if getattr(self, key) < 1:
+                raise UserError(f"live.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("max_restarts", "restart_backoff"):
+            if getattr(self, key) < 0:
+                raise UserError(f"live.{key} must be 0 or more, got {getattr(self, key)}")
+        if self.launcher is not None and not self.launcher:
+            raise UserError("live.launcher is empty; expected a command such as [srun, python], or null")

@@ -1,0 +1,193 @@
+"""Inside a segment: the callback that `fit` adds when `live` started it (lightning_cli.py reads
+the plan through `segment_plan`). It stops training where the supervisor says the proposals in
+effect change, watches the loss for divergence, and reports through status.json
+(protocol.py). Every decision is the same on every rank: the supervisor's word reaches rank 0
+only and is shared in the one collective per step that also averages the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from cpm_lightning.checkpoint import Checkpoints
+from cpm_lightning.live.config import LiveConfig
+from cpm_lightning.live.ledger import read_records
+from cpm_lightning.live.protocol import (
+    ORPHAN_AFTER_S,
+    SEGMENT_ENV,
+    Control,
+    LiveDir,
+    Plan,
+    Status,
+    lock,
+    read_json,
+    write_json,
+)
+
+NONE = -1  # "no step" in the per-step collective
+
+
+def segment_plan() -> Plan | None:
+    """The plan of the segment this process belongs to, or None outside `live`."""
+    path = os.environ.get(SEGMENT_ENV)
+    return read_json(Path(path), Plan) if path else None
+
+
+class LiveSegment(L.Callback):
+    """The supervisor's agent inside `fit` (see the module docstring)."""
+
+    def __init__(self, plan: Plan, config: LiveConfig, checkpoints: Checkpoints, resolved: dict):
+        self.plan, self.config, self.checkpoints = plan, config, checkpoints
+        self.files = LiveDir(plan.root)
+        self.status = Status(segment=plan.segment, resolved=resolved)
+        self.losses: deque[float] = deque(maxlen=config.spike_window)
+        self.nonfinite = 0  # skipped steps in a row
+        self._seen_step = -1
+        self._skipped = 0
+        self._stop_at: int | None = None  # the supervisor's word, as rank 0 last read it
+        self._stop_now = False
+        self._stop_at_shared: int | None = None  # ... and as every rank last had it
+        self._target: int | None = None  # the step this segment stops at for it
+        self._control_mtime = 0
+        self._last_beat = time.monotonic()
+        self._lock: int | None = None
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage):
+        trainer.datamodule.skip = [tuple(w) for w in self.plan.skip]
+        self.checkpoints.keep_steps = set(self.plan.keep_steps)
+        if trainer.is_global_zero:
+            self._lock = lock(self.files.segment_lock, wait=True)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        live = checkpoint.get("cpm", {}).get("live", {})
+        # The loss of a new mixture is not comparable with the old one's: the window restarts.
+        if live.get("data") == _data_fingerprint(trainer.datamodule):
+            self.losses.extend(live.get("losses", []))
+            self.nonfinite = live.get("nonfinite", 0)
+
+    def on_train_start(self, trainer, pl_module):
+        s = self.status
+        s.start_step = s.step = self._seen_step = trainer.global_step
+        s.tokens, s.run_id = pl_module.tokens_seen, getattr(trainer.logger, "run_id", None)
+        s.checkpoints = {str(s.step): _sample_index(trainer)}
+        self._skipped = pl_module.skipped_steps
+        self._write_status(trainer)
+
+    # -- every step -------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self._seen_step:  # inside gradient accumulation
+            return
+        self._seen_step = step
+        loss, stop_at, stop_now = self._share(trainer, float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        skipped = pl_module.skipped_steps != self._skipped
+        self._skipped = pl_module.skipped_steps
+        self.nonfinite = self.nonfinite + 1 if skipped else 0
+        s = self.status
+        s.step, s.loss, s.tokens = step, loss, pl_module.tokens_seen
+        if self._diverged(step, loss, trainer):
+            self.checkpoints.discard()
+            trainer.should_stop = True
+        elif stop_now:
+            s.state = "orphaned"
+            self.checkpoints.request_stop("live: the supervisor is gone or another took over")
+        elif self._boundary(step, stop_at):
+            s.state = "boundary"
+            self.checkpoints.request_stop(f"live: the proposals in effect change at step {step}")
+        self._write_status(trainer)
+
+    def _share(self, trainer, loss: float) -> tuple[float, int | None, bool]:
+        """(the loss averaged over ranks, the supervisor's stop_at, stop now), the same on every
+        rank: rank 0 reads the control file, and one all_gather carries it."""
+        stop_at, stop_now = self._read_control() if trainer.is_global_zero else (None, False)
+        if trainer.world_size == 1:
+            return loss, stop_at, stop_now
+        mine = torch.tensor([loss, NONE if stop_at is None else stop_at, float(stop_now)], dtype=torch.float64,
+                            device=trainer.strategy.root_device)
+        every = trainer.strategy.all_gather(mine).reshape(-1, 3).cpu()
+        shared = int(every[:, 1].max())
+        return float(every[:, 0].mean()), None if shared == NONE else shared, bool(every[:, 2].max())
+
+    def _read_control(self) -> tuple[int | None, bool]:
+        """The supervisor's last word, and whether its heartbeat stopped (it is gone)."""
+        try:
+            mtime = os.stat(self.files.control).st_mtime_ns
+        except FileNotFoundError:
+            mtime = self._control_mtime
+        if mtime != self._control_mtime:
+            control = read_json(self.files.control, Control)
+            self._control_mtime, self._last_beat = mtime, time.monotonic()
+            self._stop_at, self._stop_now = control.stop_at, control.stop_now
+        orphaned = time.monotonic() - self._last_beat > ORPHAN_AFTER_S
+        return self._stop_at, self._stop_now or orphaned
+
+    def _boundary(self, step: int, stop_at: int | None) -> bool:
+        """Whether to stop here for a change of the proposals in effect: at its step, or at the
+        next checkpoint step when the step had passed when the supervisor said so."""
+        if stop_at != self._stop_at_shared:
+            self._stop_at_shared = stop_at
+            every = self.checkpoints.config.every_n_steps
+            self._target = None if stop_at is None else stop_at if stop_at >= step else -(-step // every) * every
+        return self._target == step
+
+    def _diverged(self, step: int, loss: float, trainer) -> bool:
+        """A spike above the window or max_nonfinite skipped steps in a row; records it."""
+        window = self.losses
+        full = len(window) == window.maxlen
+        mean = sum(window) / len(window) if window else math.nan
+        std = math.sqrt(sum((x - mean) ** 2 for x in window) / len(window)) if window else math.nan
+        spike = math.isfinite(loss) and full and loss > mean + self.config.spike_sigma * std
+        if spike or self.nonfinite >= self.config.max_nonfinite:
+            self.status.state = "diverged"
+            self.status.divergence = {
+                "step": step - 1,  # the step whose metrics show it (the update of index step - 1)
+                "loss": loss, "window_mean": mean, "window_std": std, "nonfinite_in_a_row": self.nonfinite,
+                "end_index": _sample_index(trainer)}
+            return True
+        if math.isfinite(loss):
+            window.append(loss)
+        return False
+
+    # -- checkpoints and the end ----------------------------------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint.setdefault("cpm", {})["live"] = {
+            "losses": list(self.losses), "nonfinite": self.nonfinite, "data": _data_fingerprint(trainer.datamodule)}
+        checkpoint["cpm"]["changes"] = read_records(self.files.ledger)
+        self.status.checkpoints[str(trainer.global_step)] = _sample_index(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        s = self.status
+        if s.state == "running":
+            s.state = "finished" if trainer.global_step >= trainer.max_steps else "stopped"
+        self._write_status(trainer)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _write_status(self, trainer):
+        if trainer.is_global_zero:
+            write_json(self.files.status, self.status)
+
+
+def _sample_index(trainer) -> int:
+    """The mixture's global sample index after the last batch trained on."""
+    state = trainer.datamodule.state_dict()["mixture"]
+    return state["index"] if state else 0
+
+
+def _data_fingerprint(dm) -> str:
+    """The `data` group's values but the operator's cache_dir: a change means a new mixture."""
+    values = {f.name: getattr(dm, f.name) for f in dataclasses.fields(dm) if f.name != "cache_dir"}
+    return json.dumps(values, sort_keys=True, default=lambda o: dataclasses.asdict(o))

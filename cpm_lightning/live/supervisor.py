@@ -1,0 +1,478 @@
+"""The `live` supervisor (docs/ARCHITECTURE.md, "Live training").
+
+It runs the training as consecutive `fit` segments, each a subprocess started exactly as an
+operator would start `fit` (so FSDP2 and multi-process launches are the same code path), from
+the run's last good checkpoint and with the registry applied at the segment's first step. While
+a segment runs, the supervisor reads the registry every live.poll_seconds and tells the segment
+the step at which the proposals in effect change next (control.json); the segment stops there
+with a checkpoint, and the next one starts with the new set. Between segments it restarts after
+a crash (with backoff), rolls back after a divergence (skipping the data that preceded it) and
+suspends a proposal that made the run diverge twice.
+
+Its state is a fold over the ledger (ledger.RunState), so a new supervisor on the same root (after this
+one was killed) carries on where the ledger ends. It does not import Lightning (MLflow only in the
+thread that copies the ledger).
+
+The records it writes, beyond time/step/kind/proposals/changes/reason (ledger.py):
+  start      checkpoint, in_effect (ids), since ({id: step it took effect}), registry, argv
+  applied    in_effect, removed (ids), loss (the last loss before the change), sha256 ({id: sha} of
+             those added)
+  deferred   sha256
+  rejected   sha256 (ids and versions left out; none when the registry itself was unreadable)
+  rollback   resume_step, skipped_samples ([start, end) global indices), divergence, removed
+             (checkpoint names)
+  suspended  resume_step, evidence (loss before the proposal, the divergences after it), removed
+  crash      exit (the segment's exit status), error (its last lines on stderr)
+  restart    resume_step, attempt, backoff_s
+  stop       exit status of `live`: 0 at max_steps or on a signal
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cpm_lightning.ckptdir import complete_checkpoints, latest, roll_back, step_of
+from cpm_lightning.errors import UserError
+from cpm_lightning.live import watch
+from cpm_lightning.live.ledger import Ledger, RunState, Uploader
+from cpm_lightning.live.protocol import SEGMENT_ENV, Control, LiveDir, Plan, Status, holder, lock, read_json, write_json
+from cpm_lightning.live.settings import Settings
+from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.registry.schema import ACCEPTED, Proposal
+from cpm_lightning.run_config import GROUPS
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+ARCH_APPLIED_MID_RUN = {"model.arch.max_len"}  # leaves every parameter as it is
+EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*")  # the last line of a traceback
+
+
+class LiveStopped(Exception):
+    """`live` stopped on an error a human must fix (exit status 1); the ledger's last line says
+    which."""
+
+
+class Supervisor:
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.files = LiveDir(settings.root)
+        self.files.path.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.files.ledger)
+        self.schema = ConfigSchema(GROUPS)
+        self.registry_dir = Path(settings.registry.path).absolute() if settings.registry.path else None
+        self.state = RunState()  # the fold of the ledger
+        # -- this process ----------------------------------------------------------------------------
+        self.reading = watch.Reading()
+        self.registry_error: str | None = None
+        self.first_seen: dict[int, int] = {}  # step at which a proposal was first read
+        self.signal: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.beat = 0
+        self.control = Control()
+        self.current: dict[int, str] = {}  # the running segment's proposals and their sha256
+        last = read_json(self.files.status, Status)
+        self.segment = last.segment if last else 0  # numbers go on: a status names its segment
+        self.step = last.step if last else 0  # where the run is, as far as a status said
+        self.logged_through = last.step - 1 if last else -1
+        self.run_id = last.run_id if last else None
+        self.resolved = last.resolved if last else {}  # the last segment's values of the proposal keys
+        self.uploader = Uploader(self.files.ledger, settings.tracking_uri) if settings.tracking_uri else None
+        self.ledger.uploader = self.uploader
+
+    # -- the ledger ---------------------------------------------------------------------------------
+    def record(self, kind: str, step: int, reason: str, **fields) -> dict:
+        record = self.ledger.append(kind, step, reason, **fields)
+        self.state.fold(record)
+        return record
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        held = lock(self.files.supervisor_lock, wait=False)
+        if held is None:
+            raise UserError(f"another `live` (pid {holder(self.files.supervisor_lock)}) supervises "
+                            f"{self.s.root}; one run has one supervisor")
+        previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
+        try:
+            self._take_over()
+            for r in self.ledger.records:
+                self.state.fold(r)
+            ckpt = latest(self.files.checkpoints)
+            self._start(ckpt)
+            while True:
+                if self.signal is not None:
+                    return self._stop(f"{signal.Signals(self.signal).name} before the next segment started")
+                ckpt = latest(self.files.checkpoints)
+                step = step_of(ckpt) if ckpt else 0
+                if step >= self.s.max_steps:
+                    return self._stop(f"trainer.max_steps={self.s.max_steps} reached", step)
+                if self._segment(step, ckpt):
+                    return
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.uploader is not None:
+                self.uploader.close(timeout=30)
+            os.close(held)
+
+    def _take_over(self) -> None:
+        """Wait for a segment left running by a supervisor that was killed: it is asked to stop
+        with a checkpoint (it would also stop by itself once the heartbeat is missed)."""
+        fd = lock(self.files.segment_lock, wait=False)
+        if fd is None:
+            print(f"live: the segment of the previous supervisor (pid {holder(self.files.segment_lock)}) still "
+                  "runs; asking it to stop with a checkpoint", file=sys.stderr, flush=True)
+            self.control = Control(stop_now=True)
+            self._beat()
+            fd = lock(self.files.segment_lock, wait=True)
+            last = read_json(self.files.status, Status)
+            if last:
+                self.step, self.logged_through, self.run_id = last.step, last.step - 1, last.run_id
+                self.resolved = last.resolved
+        os.close(fd)
+        self.control = Control()
+
+    def _start(self, ckpt: Path | None) -> None:
+        step = step_of(ckpt) if ckpt else 0
+        if self.uploader is not None:
+            self.uploader.set_run(self.run_id)
+        if self.ledger.records and self.ledger.records[-1]["kind"] != "stop":
+            self.record("crash", self.step, "the previous `live` supervisor ended without a stop record "
+                        "(killed, or its machine went down)", exit=None, error=None)
+        self._read_registry(step, first=True)
+        fresh = not self.ledger.records
+        if fresh:  # a new run, or the first `live` of a run `fit` started: as `fit` would resume it
+            eligible = self._eligible(step, arch_ok=True)
+            since = {i: p.effective_from_step for i, p in eligible.items() if p.effective_from_step <= step}
+            in_effect = self._in_effect(eligible, step, since)
+            since = {i: s for i, s in since.items() if i in in_effect}
+        else:
+            in_effect, since = self.state.in_effect, {}
+        self.record("start", step, "a new run" if step == 0 and fresh else f"continues from step {step}",
+                    proposals=in_effect, checkpoint=ckpt and ckpt.name, in_effect=in_effect, since=since,
+                    sha256={i: self.reading.registry.proposals[i].sha256 for i in in_effect
+                            if i in self.reading.registry.proposals},
+                    registry=str(self.registry_dir) if self.registry_dir else None, kinds=list(self.s.registry.kinds),
+                    exclude=self.s.registry.exclude, argv=self.s.argv)
+
+    def _stop(self, reason: str, step: int | None = None, exit_status: int = 0) -> None:
+        self.record("stop", self.step if step is None else step, reason, exit=exit_status)
+
+    # -- the registry -------------------------------------------------------------------------------
+    def _read_registry(self, step: int, first: bool = False) -> None:
+        if self.registry_dir is None:
+            return
+        reading = watch.read(self.registry_dir, self.reading, self.files.registry, self.schema)
+        self._take(reading, step, first)
+
+    def _take(self, reading: watch.Reading, step: int, first: bool = False) -> None:
+        """Take a reading of the registry: record what it refuses, and keep it if it is good."""
+        if reading.warning:
+            print(f"warning: {reading.warning}; reading the working copy as it is", file=sys.stderr, flush=True)
+        if reading.error:
+            if first and not self.reading.files:
+                raise UserError(reading.error)  # as `fit` would: nothing to go on with
+            if reading.error != self.registry_error:
+                self.record("rejected", step, f"{reading.error}; the run goes on with the last good registry "
+                            f"(proposals in effect: {_labels(self.state.in_effect)})")
+            self.registry_error = reading.error
+            return
+        if self.registry_error:
+            print(f"live: registry {self.registry_dir} can be read again", file=sys.stderr, flush=True)
+            self.registry_error = None
+        for r in reading.rejected:
+            if r.shas and not set(r.shas.items()) <= self.state.refused:
+                self.record("rejected", step, f"not applied: {r.reason}", proposals=r.ids, sha256=r.shas)
+        self.reading = reading
+        for i in reading.registry.proposals:
+            self.first_seen.setdefault(i, step)
+
+    def _eligible(self, step: int, arch_ok: bool = False) -> dict[int, Proposal]:
+        """The accepted proposals this run applies when they are due, by id; records those
+        deferred (architecture changes mid-run)."""
+        out = {}
+        for p in self.reading.registry.proposals.values():
+            if (p.status != ACCEPTED or p.kind not in self.s.registry.kinds or p.id in self.s.registry.exclude
+                    or p.id in self.state.suspended or (p.id, p.sha256) in self.state.refused):
+                continue
+            mid_run = p.kind == "architecture" and set(p.changes) - ARCH_APPLIED_MID_RUN
+            if mid_run and not arch_ok and not (p.id in self.state.since and self.state.versions.get(p.id) == p.sha256):
+                self.record("deferred", step, "an architecture change other than model.arch.max_len, mid-run: "
+                            "not applied (function-preserving migrations are a later issue)",
+                            proposals=[p.id], sha256={p.id: p.sha256})
+                continue
+            out[p.id] = p
+        return out
+
+    def _due(self, eligible: dict[int, Proposal], since: dict[int, int] | None = None) -> dict[int, int]:
+        """The step each eligible proposal takes effect at in this run: its own (the step it
+        was applied at before, else effective_from_step), and not before those it requires."""
+        since = self.state.since if since is None else since
+        due: dict[int, int | None] = {}
+
+        def of(i: int) -> int | None:
+            if i not in due:
+                due[i] = None  # a requires cycle cannot reach here (the registry refuses it)
+                p = eligible.get(i)
+                needs = [of(r) for r in p.requires] if p else [None]
+                due[i] = None if None in needs else max([since.get(i, p.effective_from_step), *needs])
+            return due[i]
+
+        return {i: d for i in eligible if (d := of(i)) is not None}
+
+    def _in_effect(self, eligible: dict[int, Proposal], step: int, since: dict[int, int] | None = None) -> list[int]:
+        return sorted(i for i, d in self._due(eligible, since).items() if d <= step)
+
+    def _next_change(self, eligible: dict[int, Proposal], step: int) -> int | None:
+        """The step from which the proposals in effect differ from the running segment's (a
+        step already passed means: at its next checkpoint)."""
+        changes = [d for i, d in self._due(eligible).items() if i not in self.current]
+        changed = [i for i, sha in self.current.items() if i not in eligible or eligible[i].sha256 != sha]
+        return min(changes + ([step] if changed else []), default=None)
+
+    # -- one segment ----------------------------------------------------------------------------------
+    def _segment(self, step: int, ckpt: Path | None) -> bool:
+        """Run one segment from `step`; True when `live` is done."""
+        self.segment += 1
+        eligible = self._eligible(step)
+        in_effect = self._in_effect(eligible, step)
+        added = [i for i in in_effect if i not in self.state.in_effect or eligible[i].sha256 != self.state.versions.get(i)]
+        removed = [i for i in self.state.in_effect if i not in in_effect]
+        accepted = [i for i, p in self.reading.registry.proposals.items() if p.status == ACCEPTED]
+        plan = Plan(root=str(self.s.root), segment=self.segment, skip=self.state.skip, logged_through=self.logged_through,
+                    keep_steps=sorted({self.state.since.get(i, step) for i in in_effect
+                                       if self.state.since.get(i, step) + self.s.live.suspend_window >= step}),
+                    run_id=self.run_id)
+        write_json(self.files.plan, plan)
+        self.current = {i: eligible[i].sha256 for i in in_effect}
+        self.control = Control(stop_at=self._next_change(eligible, step))
+        self._beat()
+        watch.prune_snapshots(self.files.registry, self.reading.snapshot)
+        argv = [*(self.s.live.launcher or [sys.executable]), "-m", "cpm_lightning.cli", "fit", *self.s.argv,
+                "--registry.path", str(self.reading.snapshot) if self.reading.snapshot else "null",
+                "--registry.exclude", str(sorted(set(accepted) - set(in_effect) | set(self.s.registry.exclude))),
+                *(["--ckpt_path", str(ckpt)] if ckpt else [])]
+        errors: collections.deque[str] = collections.deque(maxlen=20)
+        # The segment's stderr goes to a file that is passed on here: a pipe would break, and
+        # the segment with it, if this process were killed.
+        log = self.files.path / f"segment-{self.segment:04d}.log"
+        for old in sorted(self.files.path.glob("segment-*.log"))[:-4]:
+            old.unlink()
+        with log.open("w") as stderr:
+            self.proc = subprocess.Popen(argv, env={**os.environ, SEGMENT_ENV: str(self.files.plan)}, stderr=stderr)
+        tee = _Tee(log, errors, self.proc)
+        status = self._wait(step, in_effect, added, removed, eligible)
+        tee.join()
+        rc, self.proc = self.proc.returncode, None
+        started = status is not None
+        if started:
+            self.step, self.logged_through = status.step, max(self.logged_through, status.step - 1)
+            self.last_loss = status.loss if status.state != "diverged" else None
+        error = next((line for line in reversed(errors) if line.startswith("error: ")), None)
+        if self.signal is not None:
+            name = signal.Signals(self.signal).name
+            self._stop(f"{name}: the segment saved a checkpoint at step {self.step}" if rc == 0 else
+                       f"{name}: the segment ended ({_how(rc)}) before it could save a checkpoint")
+            return True
+        if rc == 0 and status.state == "finished":
+            self._stop(f"trainer.max_steps={self.s.max_steps} reached")
+            return True
+        if rc == 0 and status.state == "stopped":
+            self._stop(f"the segment was stopped by a signal at step {self.step} (checkpoint saved)")
+            return True
+        if rc == 0 and status.state == "diverged":
+            self._diverged(status)
+            return False
+        if rc == 0:  # boundary, or a takeover's stop: the next segment goes on
+            return False
+        if rc == 2 and error and not started:  # fit refused its input, and said why in one line
+            if not added:
+                self._stop(error.removeprefix("error: "), step, exit_status=2)
+                raise UserError(error.removeprefix("error: "))
+            self.record("rejected", step, f"the segment could not start with it: {error.removeprefix('error: ')}",
+                        proposals=added, sha256={i: eligible[i].sha256 for i in added})
+            return False
+        return self._crashed(rc, error or next((line for line in reversed(errors) if EXCEPTION.match(line)), None))
+
+    def _wait(self, step, in_effect, added, removed, eligible) -> Status | None:
+        """Beat, follow the registry and record the change once the segment trains, until it
+        ends; its last status (None when it never started training)."""
+        tick = min(1.0, self.s.live.poll_seconds)
+        next_poll, poll, started = time.monotonic() + self.s.live.poll_seconds, None, None
+        while True:
+            done = self.proc.poll() is not None
+            status = read_json(self.files.status, Status)
+            status = status if status and status.segment == self.segment else None
+            if status and not started:
+                started = status
+                self._applied(status, step, in_effect, added, removed, eligible)
+            if done:
+                return status
+            if poll and not poll.is_alive():
+                self._take(poll.reading, status.step if status else step)
+                self.control.stop_at = self._next_change(self._eligible(step), step)
+                poll = None
+            if poll is None and time.monotonic() >= next_poll and self.registry_dir is not None:
+                poll = _Poll(self.registry_dir, self.reading, self.files.registry, self.schema)
+                next_poll = time.monotonic() + self.s.live.poll_seconds
+            self._beat()
+            time.sleep(tick)
+
+    def _applied(self, status: Status, step, in_effect, added, removed, eligible) -> None:
+        if status.run_id and status.run_id != self.run_id:
+            self.run_id = status.run_id
+        if self.uploader is not None:
+            self.uploader.set_run(self.run_id)
+        if added or removed:
+            old = self.resolved
+            changes = {k: {"old": old.get(k), "new": status.resolved.get(k)}
+                       for k in sorted(set(old) | set(status.resolved)) if old.get(k) != status.resolved.get(k)}
+            reasons = [f"{eligible[i].label} {self._why(eligible[i], step)}" for i in added]
+            reasons += [f"{i:04d} {self._why_not(i, step)}" for i in removed]
+            self.record("applied", step, "; ".join(reasons), proposals=added, removed=removed, in_effect=in_effect,
+                        changes=changes, loss=self.last_loss, sha256={i: eligible[i].sha256 for i in added})
+        self.resolved = status.resolved
+
+    def _why(self, p: Proposal, step: int) -> str:
+        if p.id in self.state.in_effect:
+            return "its file changed; the new version applies from this checkpoint boundary"
+        if p.id in self.state.since:
+            return f"applies again from step {step}, where it took effect before the rollback"
+        if p.effective_from_step == step:
+            return f"effective from step {step}"
+        seen = self.first_seen.get(p.id, step)
+        return (f"effective_from_step {p.effective_from_step} had passed when the run read it (step {seen}); "
+                f"applied at the checkpoint boundary {step}")
+
+    def _why_not(self, pid: int, step: int) -> str:
+        if pid in self.state.suspended:
+            return "suspended in this run"
+        if pid in self.state.since and self.state.since[pid] > step:
+            return f"the run rolled back to step {step}, before it took effect (step {self.state.since[pid]})"
+        return "no longer accepted in the registry, or left out with a proposal it requires"
+
+    # -- crashes, divergence ----------------------------------------------------------------------------
+    def _crashed(self, rc: int, error: str | None) -> bool:
+        self.record("crash", self.step, f"the segment died ({_how(rc)})", exit=rc, error=error)
+        ckpt = latest(self.files.checkpoints)
+        resume = step_of(ckpt) if ckpt else 0
+        attempt = self.state.resumes[resume] + 1
+        if attempt > self.s.live.max_restarts:
+            self._stop(f"{attempt - 1} restarts from step {resume} did not get past it; last error: {error}",
+                       exit_status=1)
+            raise LiveStopped(f"the run stopped after {attempt - 1} restarts from step {resume}; last error: {error}")
+        backoff = self.s.live.restart_backoff * 2 ** (attempt - 1)
+        self.record("restart", resume, f"restart {attempt} from the checkpoint of step {resume} in {backoff:g} s",
+                    resume_step=resume, attempt=attempt, backoff_s=backoff)
+        deadline = time.monotonic() + backoff
+        while time.monotonic() < deadline and self.signal is None:
+            time.sleep(min(0.5, deadline - time.monotonic()))
+        return False
+
+    def _diverged(self, status: Status) -> None:
+        d = status.divergence
+        k = d["step"]
+        first_bad = k - d["nonfinite_in_a_row"] + 1 if d["nonfinite_in_a_row"] else k
+        # A proposal that took effect shortly before, when the run diverged since and was rolled back once.
+        blamed = [i for i in self.state.in_effect if self.state.since.get(i, -1) <= k <= self.state.since.get(i, -1) + self.s.live.suspend_window
+                  and any(self.state.since[i] <= r["step"] <= k for r in self.state.rollbacks)]
+        if blamed:
+            pid = max(blamed, key=lambda i: self.state.since[i])
+            target = self._checkpoint_at_or_before(self.state.since[pid], d)
+            evidence = {"loss_before": self.state.loss_at.get(self.state.since[pid]), "took_effect": self.state.since[pid],
+                        "divergences": [r for r in self.state.rollbacks if r["step"] >= self.state.since[pid]] + [d]}
+            self._resume_check(step_of(target), d)
+            removed = roll_back(self.files.checkpoints, target)
+            self.record("suspended", k, f"the run diverged again (loss {d['loss']:.4g} at step {k}) within "
+                        f"live.suspend_window={self.s.live.suspend_window} steps of proposal {pid:04d} taking effect "
+                        f"at step {self.state.since[pid]}, after a rollback; suspended in this run (the registry is "
+                        f"unchanged) and back to step {step_of(target)}",
+                        proposals=[pid], resume_step=step_of(target), evidence=evidence,
+                        removed=[p.name for p in removed])
+            return
+        target = self._checkpoint_at_or_before(first_bad - 1, d)
+        self._resume_check(step_of(target), d)
+        start = status.checkpoints.get(str(step_of(target)), status.checkpoints[str(status.start_step)])
+        removed = roll_back(self.files.checkpoints, target)
+        what = (f"{d['nonfinite_in_a_row']} non-finite steps in a row" if d["nonfinite_in_a_row"] >= self.s.live.max_nonfinite
+                else f"loss {d['loss']:.4g} above the window's mean {d['window_mean']:.4g} by more than "
+                     f"{self.s.live.spike_sigma:g} sd ({d['window_std']:.3g})")
+        self.record("rollback", k, f"{what} at step {k}: back to the checkpoint of step {step_of(target)}, "
+                    f"skipping the {d['end_index'] - start} samples trained on since",
+                    resume_step=step_of(target), skipped_samples=[start, d["end_index"]], divergence=d,
+                    removed=[p.name for p in removed])
+
+    def _checkpoint_at_or_before(self, step: int, d: dict) -> Path:
+        found = [p for p in complete_checkpoints(self.files.checkpoints) if step_of(p) <= step]
+        if not found:
+            self._stop(f"diverged at step {d['step']} with no checkpoint at step {step} or before to roll back to",
+                       exit_status=1)
+            raise LiveStopped(f"diverged at step {d['step']}, and no checkpoint at or before step {step} is left")
+        return max(found, key=step_of)
+
+    def _resume_check(self, resume: int, d: dict) -> None:
+        if self.state.resumes[resume] + 1 > self.s.live.max_restarts:
+            self._stop(f"{self.state.resumes[resume]} restarts from step {resume} did not get past it; last: diverged at "
+                       f"step {d['step']} (loss {d['loss']})", exit_status=1)
+            raise LiveStopped(f"the run stopped after {self.state.resumes[resume]} restarts from step {resume}; "
+                              f"it diverged again at step {d['step']}")
+
+    # -- signals and the heartbeat ------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self.signal = signum
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)  # the segment saves a checkpoint and stops
+
+    def _beat(self) -> None:
+        self.beat += 1
+        self.control.beat = self.beat
+        write_json(self.files.control, self.control)
+
+
+class _Poll(threading.Thread):
+    """One read of the registry off the supervisor's loop (git pull may take a while)."""
+
+    def __init__(self, *args):
+        super().__init__(daemon=True, name="cpm-live-registry")
+        self.args, self.reading = args, None
+        self.start()
+
+    def run(self):
+        self.reading = watch.read(*self.args)
+
+
+class _Tee(threading.Thread):
+    """Passes a segment's stderr log on to this process's stderr as it grows, keeping its last
+    lines; the segment's one-line `error:` is kept back (live reports it, once)."""
+
+    def __init__(self, path: Path, errors: collections.deque, proc: subprocess.Popen):
+        super().__init__(daemon=True, name="cpm-live-stderr")
+        self.path, self.errors, self.proc = path, errors, proc
+        self.start()
+
+    def run(self):
+        with self.path.open(errors="replace") as f:
+            while True:
+                ended = self.proc.poll() is not None  # before reading: nothing written after is missed
+                for line in iter(f.readline, ""):
+                    self.errors.append(line.rstrip("\n"))
+                    if not line.startswith("error: "):
+                        sys.stderr.write(line)
+                sys.stderr.flush()
+                if ended:
+                    return
+                time.sleep(0.2)
+
+
+def _how(rc: int) -> str:
+    return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+
+
+def _labels(ids) -> str:
+    return ", ".join(f"{i:04d}" for i in ids) or "none"

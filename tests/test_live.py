@@ -1,0 +1,414 @@
+"""`cpm-lightning live` (issue 12): real `fit` segments on the tiny preset, a git registry that
+the community (the probes of live_probe.py) merges into while the run goes on, a real MLflow
+store. Each segment is a subprocess that imports Lightning, so two live runs carry most tests:
+
+`journey` (one process, 24 steps, a checkpoint every 2):
+  step 3   proposal 0008 (data: a new source) is merged, effective at step 18
+  step 5   the segment is SIGKILLed: restart from step 4
+  step 7   a NaN gradient: skipped and counted
+  step 9   the weights are spiked: rollback to step 8, the samples of steps 8-9 skipped
+  step 11  0003 (training, effective_from_step 2: passed) is merged, with a conflicting pair
+           0004/0005 and an invalid 0007: 0003 applies at the checkpoint boundary 12
+  step 13  the registry directory disappears for a while
+  step 14  0002 (training, a far too large learning rate) takes effect: the run diverges,
+           rolls back, diverges again: 0002 is suspended, back to step 14 without it
+  step 18  0008 takes effect; architecture proposal 0006 was deferred from the start
+`fleet` (two gloo processes, 8 steps): 0009 (data) merged at step 1, effective at step 4; at
+  step 6 the supervisor is SIGKILLed and `live` started again, which takes over and finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_config, write_corpus
+from mlflow import MlflowClient
+
+from cpm_lightning.checkpoint import read_meta
+from cpm_lightning.ckptdir import latest, step_of
+from cpm_lightning.cli import main
+from cpm_lightning.config import ScheduleConfig
+from cpm_lightning.live.commands import status_text
+from cpm_lightning.live.ledger import read_records
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 600
+BAD_LR = 30.0  # inside what the registry accepts (any positive number), far too large for the model
+
+
+def proposal(pid: int, kind: str, changes: dict, step: int = 0, **fields) -> tuple[str, str]:
+    """(file name, text) of an accepted proposal."""
+    data = {"id": pid, "title": f"Proposal {pid}", "kind": kind, "status": "accepted", "authors": ["@someone"],
+            "discussion": f"https://github.com/cpm-lightning/cpm-lightning/discussions/{pid}",
+            "created": date(2026, 11, 1), "decided": date(2026, 11, 2), "effective_from_step": step,
+            "summary": "A test.", "changes": changes, **fields}
+    return f"{pid:04d}-proposal-{pid}.yaml", yaml.safe_dump(data, sort_keys=False)
+
+
+def git(*args, cwd: Path) -> None:
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args], cwd=cwd,
+                   check=True, capture_output=True)
+
+
+def git_registry(root: Path, files: dict[str, str]) -> tuple[Path, Path]:
+    """A bare upstream holding `files`, the run's clone of it (registry.path) and the clone the
+    community merges through; returns (run's clone, community clone)."""
+    upstream, community, run = root / "upstream.git", root / "community", root / "registry"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(upstream)], check=True)
+    subprocess.run(["git", "clone", "-q", str(upstream), str(community)], check=True, capture_output=True)
+    for name, text in files.items():
+        (community / name).write_text(text)
+    git("add", "-A", cwd=community)
+    git("commit", "-qm", "seed", cwd=community)
+    git("push", "-q", "origin", "HEAD:main", cwd=community)
+    subprocess.run(["git", "clone", "-q", str(upstream), str(run)], check=True, capture_output=True)
+    return run, community
+
+
+def probe(cls: str, **init) -> dict:
+    module = "fsdp_probe" if cls in ("Record", "RecordOptimizer") else "live_probe"
+    return {"class_path": f"{module}.{cls}", "init_args": init}
+
+
+def live_config(root: Path, corpus: dict, callbacks: list[dict], **overrides) -> Path:
+    return write_config(root / "run.yaml", corpus, **{
+        "trainer.default_root_dir": str(root / "run"), "trainer.val_check_interval": 1000,
+        "trainer.callbacks": callbacks, "checkpoint.every_n_steps": 2, "checkpoint.keep_last": 2,
+        "model.schedule.warmup_steps": 2, "data.cache_dir": str(root / "cache"),
+        "tracking.uri": f"sqlite:///{root}/mlflow.db", "tracking.experiment": "live",
+        "live.poll_seconds": 0.2, "live.restart_backoff": 0.0, "live.spike_window": 4, **overrides})
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Segments find the probes, and run with one thread each (the machine has two cores)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{REPO / 'tests'}")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield mp
+
+
+def extra_source(root: Path) -> Path:
+    path = root / "numbers.txt"
+    path.write_text("\n".join(f"{i} plus {i} makes {2 * i}; {i} times {i} makes {i * i}." for i in range(800)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def journey(tmp_path_factory, env):
+    root = tmp_path_factory.mktemp("journey")
+    env.chdir(root)
+    corpus, out, run = write_corpus(root), str(root), str(root / "run")
+    registry, community = git_registry(root, dict([
+        proposal(1, "training", {"model.loss.z_loss": 0.0}),
+        proposal(2, "training", {"model.optim.lr": BAD_LR}, step=14),
+        proposal(6, "architecture", {"model.arch.ff_dim": 96}, step=20),
+    ]))
+    data = dict([proposal(8, "data", {"data.sources.numbers": {"url": str(extra_source(root)), "weight": 1.0}},
+                          step=18)])
+    late = dict([proposal(3, "training", {"model.optim.weight_decay": 0.02}, step=2),
+                 proposal(4, "training", {"model.loss.z_loss": 1e-4}, step=2, conflicts=[5], supersedes=[1]),
+                 proposal(5, "training", {"model.schedule.min_lr_ratio": 0.2}, step=2, conflicts=[4]),
+                 proposal(7, "training", {"model.optim.lrr": 0.1}, step=2)])
+    cfg = live_config(root, corpus, [
+        probe("Record", out=out), probe("RecordOptimizer", out=out),
+        probe("InjectNaN", step=7, out=out),
+        probe("Publish", step=3, out=out, root=run, files=data, clone=str(community)),
+        probe("KillAt", step=5, out=out),
+        probe("InjectSpike", step=9, out=out),
+        probe("Publish", step=11, out=out, root=run, files=late, clone=str(community), stop_at=2),
+        probe("HideRegistry", step=13, out=out, root=run, registry=str(registry)),
+    ], **{"trainer.max_steps": 24, "registry.path": str(registry), "live.max_restarts": 2,
+          "live.suspend_window": 6})
+    started = time.monotonic()
+    main(["live", "--config", str(cfg)])
+    print(f"journey: {time.monotonic() - started:.0f} s")
+    return root
+
+
+def records(root: Path) -> list[dict]:
+    return read_records(root / "run" / "live" / "changes.jsonl")
+
+
+def one(recs: list[dict], kind: str, **match) -> dict:
+    found = [r for r in recs if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())]
+    assert len(found) == 1, (kind, match, [(r["kind"], r["step"], r["proposals"]) for r in recs])
+    return found[0]
+
+
+def history(root: Path, key: str) -> list:
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("live").experiment_id])
+    return sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+
+
+def last_per_step(path: Path) -> dict[int, dict]:
+    """The last record of each step in a probe's JSON lines: the timeline that survived."""
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_the_ledger_tells_the_story(journey):
+    recs = records(journey)
+    kinds = [r["kind"] for r in recs]
+    assert kinds[0] == "start" and kinds[-1] == "stop" and recs[-1]["step"] == 24 and recs[-1]["exit"] == 0
+    assert recs[0]["in_effect"] == [1] and recs[0]["step"] == 0
+    one(recs, "deferred", proposals=[6])
+    crash = one(recs, "crash")
+    # Killed after the update of step 4, before its status (and its metrics) were written.
+    assert crash["step"] == 4 and crash["exit"] == -signal.SIGKILL and crash["error"] is None
+    assert one(recs, "restart")["resume_step"] == 4
+    late = one(recs, "applied", proposals=[3])
+    assert late["reason"] == ("0003 effective_from_step 2 had passed when the run read it (step 10); applied at "
+                              "the checkpoint boundary 12")  # merged after step 11, before its status was written
+    assert late["step"] == 12 and late["changes"] == {"model.optim.weight_decay": {"old": 0.01, "new": 0.02}}
+    conflict = one(recs, "rejected", proposals=[4, 5])
+    assert "accepted too" in conflict["reason"]
+    assert "model.optim.lrr" in one(recs, "rejected", proposals=[7])["reason"]
+    vanished = [r for r in recs if r["kind"] == "rejected" and "no such directory" in r["reason"]]
+    assert len(vanished) == 1 and "the run goes on with the last good registry" in vanished[0]["reason"]
+    data = one(recs, "applied", proposals=[8])
+    assert data["step"] == 18 and data["reason"] == "0008 effective from step 18"
+    assert data["changes"]["data.sources.numbers.weight"] == {"old": None, "new": 1.0}
+    assert set(recs[-1]) >= {"time", "step", "kind", "proposals", "changes", "reason"}
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["time"]) for r in recs)
+
+
+def test_a_spike_rolls_back_and_skips_the_data_window(journey):
+    spike = [r for r in records(journey) if r["kind"] == "rollback"][0]
+    assert spike["step"] == 9 and spike["resume_step"] == 8
+    assert spike["skipped_samples"] == [8 * 4, 10 * 4]  # the global batches of steps 8 and 9
+    d = spike["divergence"]
+    assert d["loss"] > d["window_mean"] + 6 * d["window_std"]
+    # Record's "step" is the global step after the update: the update of step 8 is its step 9.
+    trained = [json.loads(line) for line in (journey / "steps.jsonl").read_text().splitlines()]
+    before, after = [r["samples"] for r in trained if r["step"] == 9][:2]
+    assert before != after
+
+
+def test_a_diverging_proposal_is_suspended_and_the_run_finishes(journey):
+    recs = records(journey)
+    applied = one(recs, "applied", proposals=[2])
+    assert applied["step"] == 14 and applied["changes"]["model.optim.lr"] == {"old": 0.02, "new": BAD_LR}
+    rollback = [r for r in recs if r["kind"] == "rollback"][1]
+    suspended = one(recs, "suspended", proposals=[2])
+    assert rollback["step"] >= 14 and rollback["resume_step"] == 14
+    assert suspended["resume_step"] == 14 and suspended["step"] >= 14
+    evidence = suspended["evidence"]
+    assert evidence["took_effect"] == 14 and math.isfinite(evidence["loss_before"])
+    assert [d["step"] for d in evidence["divergences"]] == [rollback["step"], suspended["step"]]
+    assert all(d["loss"] > evidence["loss_before"] for d in evidence["divergences"])
+    without = [r for r in recs if r["kind"] == "applied" and r["removed"] == [2]]
+    assert without and without[0]["step"] == 14 and "suspended" in without[0]["reason"]
+    assert (journey / "registry" / "0002-proposal-2.yaml").exists()  # the registry is the community's
+    loss = history(journey, "train/loss")
+    assert loss[-1].step == 23 and math.isfinite(loss[-1].value)
+
+
+def test_the_optimizer_used_what_each_segment_resolved(journey):
+    """Read back from AdamW before every update: the base settings, 0003's weight decay from
+    step 12 on, 0002's learning rate in the segments that diverged, and not after."""
+    schedule = ScheduleConfig(warmup_steps=2)
+    used = last_per_step(journey / "optim.jsonl")  # the last timeline: 0002 suspended
+    assert sorted(used) == list(range(24))
+    for step, r in used.items():
+        matrices = r["groups"][0]
+        assert matrices["weight_decay"] == (0.02 if step >= 12 else 0.01), r
+        assert matrices["lr"] == pytest.approx(0.02 * schedule.factor(step, 24), rel=1e-6), r
+        # The NaN update of step 7 left AdamW's state alone: one update fewer from then on.
+        assert matrices["adam_step"] == (step if step <= 7 else step - 1), r
+    records_14 = [json.loads(line) for line in (journey / "optim.jsonl").read_text().splitlines()
+                  if json.loads(line)["step"] == 14]
+    assert [r["groups"][0]["lr"] for r in records_14][:2] == pytest.approx([BAD_LR * schedule.factor(14, 24)] * 2)
+
+
+def test_one_mlflow_run_without_a_step_twice_and_the_mixture_change_at_its_step(journey):
+    # Crash, rollbacks and restarts: each step once. The metrics the SIGKILLed segment had not sent
+    # yet (its sender sends every 5 s) are lost without a write-ahead journal of the sender.
+    steps = [m.step for m in history(journey, "train/loss")]
+    assert len(steps) == len(set(steps)) and set(range(4, 24)) <= set(steps) <= set(range(24))
+    skipped = {m.step: m.value for m in history(journey, "train/skipped_steps")}
+    assert skipped[6] == 0 and skipped[7] == 1 and skipped[23] == 1
+    numbers = {m.step: m.value for m in history(journey, "data/samples/numbers")}
+    english = {m.step: m.value for m in history(journey, "data/samples/en")}
+    assert min(numbers) == 18 and numbers[18] > 0 and numbers[23] > numbers[18]
+    assert 17 in english and english[23] > english[17]
+    client = MlflowClient(f"sqlite:///{journey}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("live").experiment_id])
+    copy = Path(client.download_artifacts(run.info.run_id, "changes.jsonl", str(journey)))
+    assert read_records(copy) == records(journey)
+
+
+def test_checkpoints_carry_the_ledger_and_status_prints_the_run(journey):
+    ckpt = latest(journey / "run" / "checkpoints")
+    assert step_of(ckpt) == 24
+    cpm = read_meta(ckpt)["cpm"]
+    assert cpm["changes"] == records(journey)[:-1]  # all but the stop that followed it
+    assert cpm["skipped_steps"] >= 1
+    text = status_text(journey / "run")
+    assert re.search(r"^step +24$", text, re.M) and re.search(r"^suspended +0002$", text, re.M)
+    assert re.search(r"^in effect +0001, 0003, 0008$", text, re.M)
+    assert re.search(r"^deferred +0006$", text, re.M) and re.search(r"^pending +none$", text, re.M)
+    assert re.search(r"^last incident +suspended at step", text, re.M)
+    assert re.search(r"^tokens +3,072$", text, re.M)  # 24 steps x 4 samples x 32 tokens
+
+
+# -- two processes, and the supervisor killed -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, env):
+    root = tmp_path_factory.mktemp("fleet")
+    env.chdir(root)
+    corpus, out, run = write_corpus(root), str(root), str(root / "run")
+    registry, community = git_registry(root, dict([proposal(1, "training", {"model.loss.z_loss": 0.0})]))
+    data = dict([proposal(9, "data", {"data.sources.numbers": {"url": str(extra_source(root)), "weight": 1.0}},
+                          step=4)])
+    cfg = live_config(root, corpus, [
+        probe("Publish", step=1, out=out, root=run, files=data, clone=str(community), stop_at=4),
+        probe("WaitForTakeOver", step=6, out=out, root=run),
+    ], **{"trainer.max_steps": 8, "trainer.devices": 2, "trainer.strategy": "fsdp", "trainer.accelerator": "cpu",
+          "registry.path": str(registry)})
+    log = (root / "supervisor.log").open("w")
+    first = subprocess.Popen([sys.executable, "-m", "cpm_lightning.cli", "live", "--config", str(cfg)],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (root / "waiting").exists():
+            assert first.poll() is None and time.monotonic() < deadline, (root / "supervisor.log").read_text()[-3000:]
+            time.sleep(0.2)
+        first.kill()  # SIGKILL: its segment goes on, waiting
+        first.wait()
+        main(["live", "--config", str(cfg)])  # takes over from the running segment
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return root
+
+
+def test_two_processes_apply_a_data_proposal_at_its_step(fleet):
+    recs = records(fleet)
+    applied = one(recs, "applied", proposals=[9])
+    assert applied["step"] == 4 and applied["reason"] == "0009 effective from step 4"
+    numbers = {m.step: m.value for m in history(fleet, "data/samples/numbers")}
+    assert min(numbers) == 4 and numbers[4] > 0
+
+
+def test_live_again_after_the_supervisor_was_killed_continues_the_run_and_the_ledger(fleet):
+    recs = records(fleet)
+    assert [r["kind"] for r in recs].count("start") == 2
+    crash = one(recs, "crash")
+    assert "ended without a stop record" in crash["reason"] and crash["step"] == 6
+    again = [r for r in recs if r["kind"] == "start"][1]
+    assert again["step"] == 6 and again["reason"] == "continues from step 6" and again["checkpoint"] == "step-00000006.ckpt"
+    assert recs[-1]["kind"] == "stop" and recs[-1]["step"] == 8
+    assert [m.step for m in history(fleet, "train/loss")] == list(range(8))
+
+
+def test_another_architecture_s_checkpoints_are_one_error(fleet, capsys):
+    cfg = fleet / "run.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        main(["live", "--config", str(cfg), "--trainer.max_steps=10", "--model.arch.ff_dim=96"])
+    ckpt = (fleet / "run" / "checkpoints" / "step-00000008.ckpt").resolve()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert re.fullmatch(rf"error: checkpoint {ckpt}: \S+ has shape \[.*\], but this run's model.arch expects \[.*\]",
+                        err[-1])
+    assert records(fleet)[-1]["kind"] == "stop" and records(fleet)[-1]["exit"] == 2
+
+
+# -- without training -------------------------------------------------------------------------------------
+def quick_config(tmp_path, corpus, **overrides) -> Path:
+    return live_config(tmp_path, corpus, [], **{"trainer.max_steps": 4, "registry.path": None, **overrides})
+
+
+def test_crashes_at_one_step_stop_after_max_restarts_with_the_last_error(tmp_path, corpus, capsys):
+    dies = ("import sys; sys.stderr.write('Traceback (most recent call last):\\n"
+            "torch.OutOfMemoryError: CUDA out of memory\\n'); sys.exit(1)")
+    launcher = [sys.executable, "-c", dies]  # instead of the segment's python
+    cfg = quick_config(tmp_path, corpus, **{"live.launcher": launcher, "live.max_restarts": 2})
+    with pytest.raises(SystemExit) as exit_:
+        main(["live", "--config", str(cfg)])
+    recs = records(tmp_path)
+    assert exit_.value.code == 1
+    assert [r["kind"] for r in recs] == ["start", "crash", "restart", "crash", "restart", "crash", "stop"]
+    assert [r["resume_step"] for r in recs if r["kind"] == "restart"] == [0, 0]
+    assert recs[-1]["reason"] == ("2 restarts from step 0 did not get past it; last error: "
+                                  "torch.OutOfMemoryError: CUDA out of memory")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the run stopped after 2 restarts from step 0; last error: torch.OutOfMemoryError: CUDA out of memory")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ckpt_path", "last"], "live: --ckpt_path is not an option of live: live resumes each segment from the "
+                              "run's own checkpoints"),
+    (["--registry.at_step=3"], "registry.at_step=3: live applies the proposals in effect at the step each segment "
+                               "starts from; leave it unset"),
+    (["--trainer.max_steps=-1"], "trainer.max_steps: live needs the run's length (a positive integer), got -1"),
+    (["--live.poll_seconds=0"], "live.poll_seconds must be positive, got 0"),
+    (["--live.spike_sigma=high"], "live.spike_sigma: expected a number, got 'high' (a string)"),
+])
+def test_bad_input_is_one_line(tmp_path, corpus, capsys, args, message):
+    cfg = quick_config(tmp_path, corpus)
+    with pytest.raises(SystemExit) as exit_:
+        main(["live", "--config", str(cfg), *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "run" / "live" / "changes.jsonl").exists()
+
+
+def test_a_registry_that_cannot_be_read_at_the_start_is_one_error(tmp_path, corpus, capsys):
+    cfg = quick_config(tmp_path, corpus, **{"registry.path": str(tmp_path / "nowhere")})
+    with pytest.raises(SystemExit) as exit_:
+        main(["live", "--config", str(cfg)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nowhere'}: registry: no such directory; set "
+        "registry.path to the proposal registry, or null to run without one")
+
+
+def test_two_supervisors_on_one_run_is_one_error(tmp_path, corpus, capsys):
+    from cpm_lightning.live.protocol import LiveDir, lock
+
+    files = LiveDir(tmp_path / "run")
+    files.path.mkdir(parents=True)
+    held = subprocess.Popen([sys.executable, "-c", f"import fcntl, time; f = open({str(files.supervisor_lock)!r}, 'w'); "
+                             "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('held', flush=True); "
+                             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as exit_:
+            main(["live", "--config", str(quick_config(tmp_path, corpus))])
+    finally:
+        held.kill()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: another `live` (pid 4242) supervises {tmp_path / 'run'}; one run has one supervisor")
+    assert lock(files.supervisor_lock, wait=False) is not None  # released with its holder
+
+
+def test_live_status_without_a_ledger_is_one_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["live", "status", "--root", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: live status: no change ledger at {tmp_path / 'live' / 'changes.jsonl'}; expected the "
+        "trainer.default_root_dir of a run started with `cpm-lightning live`"]
+
+
+def test_live_without_arguments_is_one_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["live"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: live: expected --config FILE [fit's overrides], or `status --root DIR` (see `cpm-lightning live --help`)"]
