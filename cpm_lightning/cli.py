@@ -1,6 +1,7 @@
 """`cpm-lightning`: LightningCLI for fit/validate/test (lightning_cli.py), the `live` supervisor
-(live/commands.py), argparse for the other verbs. Nothing imports this module; it imports each verb's code only when that verb runs, so
-light commands start fast (docs/ARCHITECTURE.md, "Layers").
+(live/commands.py), argparse for the other verbs. Nothing imports this module; it imports each
+verb's code only when that verb runs, so light commands start fast (docs/ARCHITECTURE.md,
+"Layers").
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ class HideRegistry(L.Callback):
         before = _ledger(self.root).count("no such directory")
         os.rename(self.registry, hidden)
         try:
-            _wait("a ledger record of the vanished registry", lambda: _ledger(self.root).count("no such directory") > before)
+            _wait("a ledger record of the vanished registry",
+                  lambda: _ledger(self.root).count("no such directory") > before)
         finally:
             os.rename(hidden, self.registry)
 

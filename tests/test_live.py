@@ -26,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -310,7 +311,7 @@ def test_live_again_after_the_supervisor_was_killed_continues_the_run_and_the_le
     crash = one(recs, "crash")
     assert "ended without a stop record" in crash["reason"] and crash["step"] == 6
     again = [r for r in recs if r["kind"] == "start"][1]
-    assert again["step"] == 6 and again["reason"] == "continues from step 6" and again["checkpoint"] == "step-00000006.ckpt"
+    assert (again["step"], again["reason"], again["checkpoint"]) == (6, "continues from step 6", "step-00000006.ckpt")
     assert recs[-1]["kind"] == "stop" and recs[-1]["step"] == 8
     assert [m.step for m in history(fleet, "train/loss")] == list(range(8))
 
@@ -349,6 +350,25 @@ def test_crashes_at_one_step_stop_after_max_restarts_with_the_last_error(tmp_pat
         "error: the run stopped after 2 restarts from step 0; last error: torch.OutOfMemoryError: CUDA out of memory")
 
 
+def test_sigterm_reaches_the_segment_and_live_stops_with_a_record(tmp_path, corpus):
+    """The segment here stands in for `fit`, which saves a checkpoint on SIGTERM (test_fsdp.py)."""
+    segment = (f"import pathlib, signal, time; got = []; signal.signal(signal.SIGTERM, lambda *a: got.append(1)); "
+               f"pathlib.Path({str(tmp_path / 'started')!r}).touch()\nwhile not got: time.sleep(0.05)\n"
+               f"pathlib.Path({str(tmp_path / 'got-sigterm')!r}).touch()")
+    cfg = quick_config(tmp_path, corpus, **{"live.launcher": [sys.executable, "-c", segment]})
+
+    def terminate():
+        while not (tmp_path / "started").exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # to `live`, running here
+
+    threading.Thread(target=terminate, daemon=True).start()
+    main(["live", "--config", str(cfg)])  # returns: exit status 0
+    assert (tmp_path / "got-sigterm").exists()
+    last = records(tmp_path)[-1]
+    assert last["kind"] == "stop" and last["exit"] == 0 and last["reason"].startswith("SIGTERM: ")
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--ckpt_path", "last"], "live: --ckpt_path is not an option of live: live resumes each segment from the "
                               "run's own checkpoints"),
@@ -382,9 +402,9 @@ def test_two_supervisors_on_one_run_is_one_error(tmp_path, corpus, capsys):
 
     files = LiveDir(tmp_path / "run")
     files.path.mkdir(parents=True)
-    held = subprocess.Popen([sys.executable, "-c", f"import fcntl, time; f = open({str(files.supervisor_lock)!r}, 'w'); "
-                             "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('held', flush=True); "
-                             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holds = (f"import fcntl, time; f = open({str(files.supervisor_lock)!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+             "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)")
+    held = subprocess.Popen([sys.executable, "-c", holds], stdout=subprocess.PIPE, text=True)
     try:
         assert held.stdout.readline() == "held\n"
         with pytest.raises(SystemExit) as exit_:
@@ -410,5 +430,5 @@ def test_live_without_arguments_is_one_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["live"])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: live: expected --config FILE [fit's overrides], or `status --root DIR` (see `cpm-lightning live --help`)"]
+    assert capsys.readouterr().err.strip().splitlines() == ["error: live: expected --config FILE [fit's overrides], "
+                                                            "or `status --root DIR` (see `cpm-lightning live --help`)"]

@@ -64,7 +64,8 @@ def status_text(root: Path) -> str:
     last, ckpt = records[-1], latest(files.checkpoints)
     labels = lambda ids: ", ".join(f"{i:04d}" for i in sorted(ids)) or "none"  # noqa: E731
     running = "stopped" if last["kind"] == "stop" else "running (or its supervisor was killed)"
-    lines = [f"run              {root}  ({running}; last record: {last['kind']} at step {last['step']}, {last['time']})",
+    lines = [f"run              {root}  ({running}; last record: {last['kind']} at step {last['step']}, "
+             f"{last['time']})",
              f"step             {status.step if status else last['step']}",
              f"tokens           {status.tokens if status else 0:,}",
              f"last loss        {status.loss if status and status.loss is not None else 'none yet'}",

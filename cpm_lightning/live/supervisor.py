@@ -242,13 +242,15 @@ class Supervisor:
         self.segment += 1
         eligible = self._eligible(step)
         in_effect = self._in_effect(eligible, step)
-        added = [i for i in in_effect if i not in self.state.in_effect or eligible[i].sha256 != self.state.versions.get(i)]
+        added = [i for i in in_effect
+                 if i not in self.state.in_effect or eligible[i].sha256 != self.state.versions.get(i)]
         removed = [i for i in self.state.in_effect if i not in in_effect]
         accepted = [i for i, p in self.reading.registry.proposals.items() if p.status == ACCEPTED]
-        plan = Plan(root=str(self.s.root), segment=self.segment, skip=self.state.skip, logged_through=self.logged_through,
-                    keep_steps=sorted({self.state.since.get(i, step) for i in in_effect
-                                       if self.state.since.get(i, step) + self.s.live.suspend_window >= step}),
-                    run_id=self.run_id)
+        # A suspension returns to the checkpoint a proposal took effect at: keep it while one may.
+        keep = {self.state.since.get(i, step) for i in in_effect}
+        plan = Plan(root=str(self.s.root), segment=self.segment, skip=self.state.skip, run_id=self.run_id,
+                    logged_through=self.logged_through,
+                    keep_steps=sorted(s for s in keep if s + self.s.live.suspend_window >= step))
         write_json(self.files.plan, plan)
         self.current = {i: eligible[i].sha256 for i in in_effect}
         self.control = Control(stop_at=self._next_change(eligible, step))
@@ -377,32 +379,33 @@ class Supervisor:
 
     def _diverged(self, status: Status) -> None:
         d = status.divergence
-        k = d["step"]
-        first_bad = k - d["nonfinite_in_a_row"] + 1 if d["nonfinite_in_a_row"] else k
-        # A proposal that took effect shortly before, when the run diverged since and was rolled back once.
-        blamed = [i for i in self.state.in_effect if self.state.since.get(i, -1) <= k <= self.state.since.get(i, -1) + self.s.live.suspend_window
-                  and any(self.state.since[i] <= r["step"] <= k for r in self.state.rollbacks)]
+        k, since, window = d["step"], self.state.since, self.s.live.suspend_window
+        # A proposal that took effect shortly before, when the run has been rolled back since.
+        blamed = [i for i in self.state.in_effect if since[i] <= k <= since[i] + window
+                  and any(since[i] <= r["step"] <= k for r in self.state.rollbacks)]
         if blamed:
-            pid = max(blamed, key=lambda i: self.state.since[i])
-            target = self._checkpoint_at_or_before(self.state.since[pid], d)
-            evidence = {"loss_before": self.state.loss_at.get(self.state.since[pid]), "took_effect": self.state.since[pid],
-                        "divergences": [r for r in self.state.rollbacks if r["step"] >= self.state.since[pid]] + [d]}
+            pid = max(blamed, key=lambda i: since[i])  # the most recent
+            target = self._checkpoint_at_or_before(since[pid], d)
+            evidence = {"loss_before": self.state.loss_at.get(since[pid]), "took_effect": since[pid],
+                        "divergences": [r for r in self.state.rollbacks if r["step"] >= since[pid]] + [d]}
             self._resume_check(step_of(target), d)
             removed = roll_back(self.files.checkpoints, target)
             self.record("suspended", k, f"the run diverged again (loss {d['loss']:.4g} at step {k}) within "
-                        f"live.suspend_window={self.s.live.suspend_window} steps of proposal {pid:04d} taking effect "
-                        f"at step {self.state.since[pid]}, after a rollback; suspended in this run (the registry is "
-                        f"unchanged) and back to step {step_of(target)}",
-                        proposals=[pid], resume_step=step_of(target), evidence=evidence,
+                        f"live.suspend_window={window} steps of proposal {pid:04d} taking effect at step {since[pid]}, "
+                        f"after a rollback; suspended in this run (the registry is unchanged) and back to step "
+                        f"{step_of(target)}", proposals=[pid], resume_step=step_of(target), evidence=evidence,
                         removed=[p.name for p in removed])
             return
+        # Back to before the first bad step: the weights that gave it may be the trouble.
+        nonfinite = d["nonfinite_in_a_row"] >= self.s.live.max_nonfinite
+        first_bad = k - d["nonfinite_in_a_row"] + 1 if nonfinite else k
         target = self._checkpoint_at_or_before(first_bad - 1, d)
         self._resume_check(step_of(target), d)
         start = status.checkpoints.get(str(step_of(target)), status.checkpoints[str(status.start_step)])
         removed = roll_back(self.files.checkpoints, target)
-        what = (f"{d['nonfinite_in_a_row']} non-finite steps in a row" if d["nonfinite_in_a_row"] >= self.s.live.max_nonfinite
-                else f"loss {d['loss']:.4g} above the window's mean {d['window_mean']:.4g} by more than "
-                     f"{self.s.live.spike_sigma:g} sd ({d['window_std']:.3g})")
+        what = (f"{d['nonfinite_in_a_row']} non-finite steps in a row" if nonfinite else
+                f"loss {d['loss']:.4g} above the window's mean {d['window_mean']:.4g} by more than "
+                f"{self.s.live.spike_sigma:g} sd ({d['window_std']:.3g})")
         self.record("rollback", k, f"{what} at step {k}: back to the checkpoint of step {step_of(target)}, "
                     f"skipping the {d['end_index'] - start} samples trained on since",
                     resume_step=step_of(target), skipped_samples=[start, d["end_index"]], divergence=d,
@@ -418,8 +421,8 @@ class Supervisor:
 
     def _resume_check(self, resume: int, d: dict) -> None:
         if self.state.resumes[resume] + 1 > self.s.live.max_restarts:
-            self._stop(f"{self.state.resumes[resume]} restarts from step {resume} did not get past it; last: diverged at "
-                       f"step {d['step']} (loss {d['loss']})", exit_status=1)
+            self._stop(f"{self.state.resumes[resume]} restarts from step {resume} did not get past it; last: "
+                       f"diverged at step {d['step']} (loss {d['loss']})", exit_status=1)
             raise LiveStopped(f"the run stopped after {self.state.resumes[resume]} restarts from step {resume}; "
                               f"it diverged again at step {d['step']}")
 

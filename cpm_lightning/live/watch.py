@@ -66,15 +66,19 @@ class Reading:
 
 
 def git_pull(directory: Path) -> str | None:
-    """`git pull --ff-only` when `directory` is in a git working copy whose branch has an
-    upstream; an error message when that fails, else None."""
+    """`git pull --ff-only` when `directory` holds files of a git working copy whose branch has an
+    upstream; an error message when that fails, else None. The whole working copy is pulled: a
+    registry followed this way is best a clone of its own (in a checkout of the project, the
+    code would be updated too). A directory inside a working copy but not in it (under runs/,
+    ignored) is read as it is."""
     def git(*args):
         return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True,
                               timeout=GIT_TIMEOUT_S)
 
     try:
-        if git("rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}").returncode:
-            return None  # not a working copy, or no upstream: the directory is read as it is
+        upstream = git("rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}")
+        if upstream.returncode or not git("ls-files", "--", ".").stdout:
+            return None  # not in a working copy, not tracked by one, or no upstream
         pulled = git("pull", "--ff-only", "--quiet")
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"git pull in {directory}: {e}"
