@@ -369,6 +369,32 @@ def test_sigterm_reaches_the_segment_and_live_stops_with_a_record(tmp_path, corp
     assert last["kind"] == "stop" and last["exit"] == 0 and last["reason"].startswith("SIGTERM: ")
 
 
+def test_a_registry_gone_when_live_starts_again_leaves_the_last_good_set_in_force(tmp_path, corpus):
+    """The segment here stands in for `fit`: it records its arguments and reports the run done."""
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    for name, text in [proposal(1, "training", {"model.loss.z_loss": 0.0}), proposal(2, "training", {"x.y": 1})]:
+        (registry / name).write_text(text)
+    segment = ("import json, os, sys; from cpm_lightning.live.protocol import *; "
+               "plan = read_json(pathlib.Path(os.environ[SEGMENT_ENV]), Plan); "
+               f"open({str(tmp_path / 'argv.jsonl')!r}, 'a').write(json.dumps(sys.argv[1:]) + chr(10)); "
+               "write_json(LiveDir(plan.root).status, Status(segment=plan.segment, state='finished', step=4))")
+    cfg = quick_config(tmp_path, corpus, **{"registry.path": str(registry),
+                                            "live.launcher": [sys.executable, "-c", f"import pathlib; {segment}"]})
+    main(["live", "--config", str(cfg)])
+    registry.rename(tmp_path / "gone")
+    main(["live", "--config", str(cfg)])
+    recs = records(tmp_path)
+    assert [r["kind"] for r in recs] == ["start", "rejected", "stop", "start", "rejected", "stop"]
+    assert recs[1]["proposals"] == [2] and "x.y" in recs[1]["reason"]
+    assert recs[3]["in_effect"] == [1] and recs[4]["proposals"] == [] and "no such directory" in recs[4]["reason"]
+    first, again = (json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines())
+    assert first == again  # the same snapshot of the registry, and the same proposals left out
+    snapshot = Path(first[first.index("--registry.path") + 1])
+    assert sorted(p.name for p in snapshot.iterdir()) == ["0001-proposal-1.yaml"]
+    assert first[first.index("--registry.exclude") + 1] == "[]"
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--ckpt_path", "last"], "live: --ckpt_path is not an option of live: live resumes each segment from the "
                               "run's own checkpoints"),

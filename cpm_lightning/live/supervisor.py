@@ -69,9 +69,10 @@ class Supervisor:
         self.registry_dir = Path(settings.registry.path).absolute() if settings.registry.path else None
         self.state = RunState()  # the fold of the ledger
         # -- this process ----------------------------------------------------------------------------
-        self.reading = watch.Reading()
+        self.reading = watch.last_snapshot(self.files.registry, self.schema) if self.registry_dir else watch.Reading()
         self.registry_error: str | None = None
         self.first_seen: dict[int, int] = {}  # step at which a proposal was first read
+        self.last_loss: float | None = None  # of the last segment that ended well
         self.signal: int | None = None
         self.proc: subprocess.Popen | None = None
         self.beat = 0
@@ -142,11 +143,15 @@ class Supervisor:
         step = step_of(ckpt) if ckpt else 0
         if self.uploader is not None:
             self.uploader.set_run(self.run_id)
-        if self.ledger.records and self.ledger.records[-1]["kind"] != "stop":
+        fresh = not self.ledger.records
+        if not fresh and self.ledger.records[-1]["kind"] != "stop":
             self.record("crash", self.step, "the previous `live` supervisor ended without a stop record "
                         "(killed, or its machine went down)", exit=None, error=None)
-        self._read_registry(step, first=True)
-        fresh = not self.ledger.records
+        reading = self._read_registry()
+        if reading and reading.error and not self.reading.files:
+            raise UserError(reading.error)  # as `fit` would: there is nothing to go on with
+        if reading and not reading.error:
+            self.reading = reading
         if fresh:  # a new run, or the first `live` of a run `fit` started: as `fit` would resume it
             eligible = self._eligible(step, arch_ok=True)
             since = {i: p.effective_from_step for i, p in eligible.items() if p.effective_from_step <= step}
@@ -160,24 +165,23 @@ class Supervisor:
                             if i in self.reading.registry.proposals},
                     registry=str(self.registry_dir) if self.registry_dir else None, kinds=list(self.s.registry.kinds),
                     exclude=self.s.registry.exclude, argv=self.s.argv)
+        if reading:
+            self._take(reading, step)  # what the registry holds that is not applied
 
     def _stop(self, reason: str, step: int | None = None, exit_status: int = 0) -> None:
         self.record("stop", self.step if step is None else step, reason, exit=exit_status)
 
     # -- the registry -------------------------------------------------------------------------------
-    def _read_registry(self, step: int, first: bool = False) -> None:
+    def _read_registry(self) -> watch.Reading | None:
         if self.registry_dir is None:
-            return
-        reading = watch.read(self.registry_dir, self.reading, self.files.registry, self.schema)
-        self._take(reading, step, first)
+            return None
+        return watch.read(self.registry_dir, self.reading, self.files.registry, self.schema)
 
-    def _take(self, reading: watch.Reading, step: int, first: bool = False) -> None:
+    def _take(self, reading: watch.Reading, step: int) -> None:
         """Take a reading of the registry: record what it refuses, and keep it if it is good."""
         if reading.warning:
             print(f"warning: {reading.warning}; reading the working copy as it is", file=sys.stderr, flush=True)
         if reading.error:
-            if first and not self.reading.files:
-                raise UserError(reading.error)  # as `fit` would: nothing to go on with
             if reading.error != self.registry_error:
                 self.record("rejected", step, f"{reading.error}; the run goes on with the last good registry "
                             f"(proposals in effect: {_labels(self.state.in_effect)})")

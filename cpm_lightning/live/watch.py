@@ -154,6 +154,17 @@ def _snapshot(files: dict[int, File], snapshots: Path) -> Path:
     return path
 
 
+def last_snapshot(snapshots: Path, schema: ConfigSchema) -> Reading:
+    """The snapshot the last segment applied, as the last good reading: what a new supervisor
+    goes on with while the registry cannot be read."""
+    found = sorted((p for p in snapshots.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                   key=lambda p: p.stat().st_mtime_ns) if snapshots.is_dir() else []
+    if not found:
+        return Reading()
+    files = {int(m[1]): File(p.name, p.read_bytes()) for p in found[-1].iterdir() if (m := FILE_NAME.match(p.name))}
+    return Reading(files=files, registry=load_registry(found[-1], schema), snapshot=found[-1])
+
+
 def prune_snapshots(snapshots: Path, keep: Path | None) -> None:
     """Remove every snapshot but `keep` (between segments: no segment reads them)."""
     for path in snapshots.iterdir() if snapshots.is_dir() else []:
