@@ -15,6 +15,8 @@ store. Each segment is a subprocess that imports Lightning, so two live runs car
   step 18  0008 takes effect; architecture proposal 0006 was deferred from the start
 `fleet` (two gloo processes, 8 steps): 0009 (data) merged at step 1, effective at step 4; at
   step 6 the supervisor is SIGKILLed and `live` started again, which takes over and finishes.
+The other tests start no training: a one-line stand-in for the segment (live.launcher), or an
+error before a segment starts.
 """
 
 from __future__ import annotations
