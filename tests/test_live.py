@@ -90,6 +90,7 @@ def live_config(root: Path, corpus: dict, callbacks: list[dict], **overrides) ->
         "trainer.callbacks": callbacks, "checkpoint.every_n_steps": 2, "checkpoint.keep_last": 2,
         "model.schedule.warmup_steps": 2, "data.cache_dir": str(root / "cache"),
         "tracking.uri": f"sqlite:///{root}/mlflow.db", "tracking.experiment": "live",
+        "registry.allowed_sources": [f"{root}/"],  # the data proposals' sources are test files
         "live.poll_seconds": 0.2, "live.restart_backoff": 0.0, "live.spike_window": 4, **overrides})
 
 
@@ -439,6 +440,7 @@ def test_two_supervisors_on_one_run_is_one_error(tmp_path, corpus, capsys):
             main(["live", "--config", str(quick_config(tmp_path, corpus))])
     finally:
         held.kill()
+        held.wait()
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: another `live` (pid 4242) supervises {tmp_path / 'run'}; one run has one supervisor")

@@ -83,6 +83,7 @@ def status_text(root: Path) -> str:
 def _pending(state, step: int) -> str:
     """Accepted proposals of the run's registry that are not in effect yet, with their steps."""
     from cpm_lightning.registry.keys import ConfigSchema
+    from cpm_lightning.registry.limits import Limits
     from cpm_lightning.registry.resolve import load_registry
     from cpm_lightning.registry.schema import ACCEPTED
     from cpm_lightning.run_config import GROUPS
@@ -90,7 +91,8 @@ def _pending(state, step: int) -> str:
     start = state.start
     if not start.get("registry"):
         return "none (the run has no registry)"
-    reg = load_registry(start["registry"], ConfigSchema(GROUPS))
+    limits = Limits(allowed_sources=start["allowed_sources"], max_params=start["max_params"])
+    reg = load_registry(start["registry"], ConfigSchema(GROUPS), limits)
     if any(not p.ids for p in reg.problems):
         return f"unknown (registry {start['registry']} cannot be read)"
     broken = {i for p in reg.problems for i in p.ids}

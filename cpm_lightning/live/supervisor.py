@@ -14,7 +14,8 @@ one was killed) carries on where the ledger ends. It does not import Lightning (
 thread that copies the ledger).
 
 The records it writes, beyond time/step/kind/proposals/changes/reason (ledger.py):
-  start      checkpoint, in_effect (ids), since ({id: step it took effect}), registry, argv
+  start      checkpoint, in_effect (ids), since ({id: step it took effect}), registry, kinds,
+             exclude, allowed_sources, max_params (the registry group), argv
   applied    in_effect, removed (ids), loss (the last loss before the change), sha256 ({id: sha} of
              those added)
   deferred   sha256
@@ -69,7 +70,7 @@ class Supervisor:
         self.registry_dir = Path(settings.registry.path).absolute() if settings.registry.path else None
         self.state = RunState()  # the fold of the ledger
         # -- this process ----------------------------------------------------------------------------
-        self.reading = watch.last_snapshot(self.files.registry, self.schema) if self.registry_dir else watch.Reading()
+        self.reading = watch.last_snapshot(self.files.registry, self.schema, settings.registry) if self.registry_dir else watch.Reading()
         self.registry_error: str | None = None
         self.first_seen: dict[int, int] = {}  # step at which a proposal was first read
         self.last_loss: float | None = None  # of the last segment that ended well
@@ -164,7 +165,8 @@ class Supervisor:
                     sha256={i: self.reading.registry.proposals[i].sha256 for i in in_effect
                             if i in self.reading.registry.proposals},
                     registry=str(self.registry_dir) if self.registry_dir else None, kinds=list(self.s.registry.kinds),
-                    exclude=self.s.registry.exclude, argv=self.s.argv)
+                    exclude=self.s.registry.exclude, allowed_sources=self.s.registry.allowed_sources,
+                    max_params=self.s.registry.max_params, argv=self.s.argv)
         if reading:
             self._take(reading, step)  # what the registry holds that is not applied
 
@@ -175,7 +177,7 @@ class Supervisor:
     def _read_registry(self) -> watch.Reading | None:
         if self.registry_dir is None:
             return None
-        return watch.read(self.registry_dir, self.reading, self.files.registry, self.schema)
+        return watch.read(self.registry_dir, self.reading, self.files.registry, self.schema, self.s.registry)
 
     def _take(self, reading: watch.Reading, step: int) -> None:
         """Take a reading of the registry: record what it refuses, and keep it if it is good."""
@@ -325,7 +327,7 @@ class Supervisor:
                 self.control.stop_at = self._next_change(self._eligible(step), step)
                 poll = None
             if poll is None and time.monotonic() >= next_poll and self.registry_dir is not None:
-                poll = _Poll(self.registry_dir, self.reading, self.files.registry, self.schema)
+                poll = _Poll(self.registry_dir, self.reading, self.files.registry, self.schema, self.s.registry)
                 next_poll = time.monotonic() + self.s.live.poll_seconds
             self._beat()
             time.sleep(tick)

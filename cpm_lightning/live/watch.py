@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import Registry, load_registry
 from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME
 
@@ -87,15 +88,15 @@ def git_pull(directory: Path) -> str | None:
     return None
 
 
-def read(directory: Path, last: Reading, snapshots: Path, schema: ConfigSchema) -> Reading:
-    """Read the registry at `directory`; `last` is the last good reading."""
+def read(directory: Path, last: Reading, snapshots: Path, schema: ConfigSchema, limits: Limits) -> Reading:
+    """Read the registry at `directory` within the run's `limits`; `last` is the last good reading."""
     warning = git_pull(directory)
     try:
         raw = {int(m[1]): File(p.name, p.read_bytes()) for p in sorted(directory.iterdir())
                if (m := FILE_NAME.match(p.name))} if directory.is_dir() else None
         if raw is not None and raw == last.raw:  # nothing changed since
             return dataclasses.replace(last, rejected=[], warning=warning)
-        reg = load_registry(directory, schema)
+        reg = load_registry(directory, schema, limits)
     except OSError as e:
         return Reading(error=f"{directory}: registry: cannot be read ({e.strerror or e})")
     out, files, good = Reading(raw=raw or {}, warning=warning), dict(raw or {}), last.files
@@ -120,7 +121,7 @@ def read(directory: Path, last: Reading, snapshots: Path, schema: ConfigSchema) 
                     files[i] = good[i]
                 else:
                     files.pop(i, None)
-        reg = load_registry(_snapshot(files, snapshots), schema) if files else Registry(directory)
+        reg = load_registry(_snapshot(files, snapshots), schema, limits) if files else Registry(directory)
     out.rejected = list(rejected.values())
     out.files = files
     if files:
@@ -154,7 +155,7 @@ def _snapshot(files: dict[int, File], snapshots: Path) -> Path:
     return path
 
 
-def last_snapshot(snapshots: Path, schema: ConfigSchema) -> Reading:
+def last_snapshot(snapshots: Path, schema: ConfigSchema, limits: Limits) -> Reading:
     """The snapshot the last segment applied, as the last good reading: what a new supervisor
     goes on with while the registry cannot be read."""
     found = sorted((p for p in snapshots.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -162,7 +163,7 @@ def last_snapshot(snapshots: Path, schema: ConfigSchema) -> Reading:
     if not found:
         return Reading()
     files = {int(m[1]): File(p.name, p.read_bytes()) for p in found[-1].iterdir() if (m := FILE_NAME.match(p.name))}
-    return Reading(files=files, registry=load_registry(found[-1], schema), snapshot=found[-1])
+    return Reading(files=files, registry=load_registry(found[-1], schema, limits), snapshot=found[-1])
 
 
 def prune_snapshots(snapshots: Path, keep: Path | None) -> None:

@@ -117,7 +117,7 @@ class Proposal:
         return _line(self.lines, name)
 
     def problem(self, name: str, message: str, also: tuple[int, ...] = ()) -> Problem:
-        return Problem(str(self.path), self.line(name), name, message, also)
+        return Problem(str(self.path), self.line(name), name, message, also=also)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Proposal) if f.init}
