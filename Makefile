@@ -30,9 +30,11 @@ demo: $(STAMP)
 	@echo "Live view of the run: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
 
 # MLflow's usage telemetry off: it cannot reach anything from a test machine, and its thread
-# changing the environment mid-test once broke a request's setup.
+# changing the environment mid-test once broke a request's setup. One test worker per core
+# (pytest-xdist), a test file to a worker: most of the suite's time is subprocesses starting
+# (fit, live segments, mlflow server) and waiting on each other, which the workers overlap.
 test: $(STAMP) proposals-check lint
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The layering of docs/ARCHITECTURE.md (contracts in setup.cfg) and the linter (pyproject.toml).
 lint: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import textwrap
 from datetime import date
 from pathlib import Path
@@ -219,3 +220,13 @@ def assert_optimizer_used(optim_jsonl: Path, resumed_at: int, overrides: dict = 
             assert group["eps"] == overrides["model.optim.eps"], r
             assert group["weight_decay"] == decay, r
             assert group["adam_step"] == r["step"], r  # the moments came from the checkpoint
+
+
+@pytest.fixture(scope="module")
+def live_env():
+    """`live` segments find the probes (tests/), and run with one thread each (the machine has two cores)."""
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", f"{repo}{os.pathsep}{repo / 'tests'}")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield mp

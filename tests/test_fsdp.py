@@ -285,7 +285,8 @@ def test_checkpoints_at_keep_steps_outlive_keep_last(tmp_path):
     for step in (1, 2, 3, 4):
         trainer.global_step = step
         saver.save(trainer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step-00000002.ckpt", "step-00000004.ckpt"]
+    kept = ["step-00000002.ckpt", "step-00000004.ckpt"]  # with their hashes; those of 1 and 3 went with them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", *sorted(kept + [f"{k}.hashes.json" for k in kept])]
 
 
 def test_a_rollback_removes_the_later_checkpoints(tmp_path):

@@ -1,8 +1,7 @@
 """`cpm-lightning live` (issue 12): real `fit` segments on the tiny preset, a git registry that
 the community (the probes of live_probe.py) merges into while the run goes on, a real MLflow
-store. Each segment is a subprocess that imports Lightning, so two live runs carry most tests:
-
-`journey` (one process, 24 steps, a checkpoint every 2):
+store. Each segment is a subprocess that imports Lightning, so one live run, `journey` (one
+process, 24 steps, a checkpoint every 2), carries most tests:
   step 3   proposal 0008 (data: a new source) is merged, effective at step 18
   step 5   the segment is SIGKILLed: restart from step 4
   step 7   a NaN gradient: skipped and counted
@@ -13,10 +12,9 @@ store. Each segment is a subprocess that imports Lightning, so two live runs car
   step 14  0002 (training, a far too large learning rate) takes effect: the run diverges,
            rolls back, diverges again: 0002 is suspended, back to step 14 without it
   step 18  0008 takes effect; architecture proposal 0006 was deferred from the start
-`fleet` (two gloo processes, 8 steps): 0009 (data) merged at step 1, effective at step 4; at
-  step 6 the supervisor is SIGKILLed and `live` started again, which takes over and finishes.
-The other tests start no training: a one-line stand-in for the segment (live.launcher), or an
-error before a segment starts.
+Two processes and a killed supervisor: test_live_fleet.py. The other tests here start no
+training: a one-line stand-in for the segment (live.launcher), or an error before a segment
+starts.
 """
 
 from __future__ import annotations
@@ -30,12 +28,11 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import date
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import write_config, write_corpus
+from conftest import write_corpus
+from live_support import extra_source, git_registry, history, live_config, one, probe, proposal, records
 from mlflow import MlflowClient
 
 from cpm_lightning.checkpoint import read_meta
@@ -45,74 +42,13 @@ from cpm_lightning.config import ScheduleConfig
 from cpm_lightning.live.commands import status_text
 from cpm_lightning.live.ledger import read_records
 
-REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 600
 BAD_LR = 30.0  # inside what the registry accepts (any positive number), far too large for the model
 
 
-def proposal(pid: int, kind: str, changes: dict, step: int = 0, **fields) -> tuple[str, str]:
-    """(file name, text) of an accepted proposal."""
-    data = {"id": pid, "title": f"Proposal {pid}", "kind": kind, "status": "accepted", "authors": ["@someone"],
-            "discussion": f"https://github.com/cpm-lightning/cpm-lightning/discussions/{pid}",
-            "created": date(2026, 11, 1), "decided": date(2026, 11, 2), "effective_from_step": step,
-            "summary": "A test.", "changes": changes, **fields}
-    return f"{pid:04d}-proposal-{pid}.yaml", yaml.safe_dump(data, sort_keys=False)
-
-
-def git(*args, cwd: Path) -> None:
-    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args], cwd=cwd,
-                   check=True, capture_output=True)
-
-
-def git_registry(root: Path, files: dict[str, str]) -> tuple[Path, Path]:
-    """A bare upstream holding `files`, the run's clone of it (registry.path) and the clone the
-    community merges through; returns (run's clone, community clone)."""
-    upstream, community, run = root / "upstream.git", root / "community", root / "registry"
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(upstream)], check=True)
-    subprocess.run(["git", "clone", "-q", str(upstream), str(community)], check=True, capture_output=True)
-    for name, text in files.items():
-        (community / name).write_text(text)
-    git("add", "-A", cwd=community)
-    git("commit", "-qm", "seed", cwd=community)
-    git("push", "-q", "origin", "HEAD:main", cwd=community)
-    subprocess.run(["git", "clone", "-q", str(upstream), str(run)], check=True, capture_output=True)
-    return run, community
-
-
-def probe(cls: str, **init) -> dict:
-    module = "fsdp_probe" if cls in ("Record", "RecordOptimizer") else "live_probe"
-    return {"class_path": f"{module}.{cls}", "init_args": init}
-
-
-def live_config(root: Path, corpus: dict, callbacks: list[dict], **overrides) -> Path:
-    return write_config(root / "run.yaml", corpus, **{
-        "trainer.default_root_dir": str(root / "run"), "trainer.val_check_interval": 1000,
-        "trainer.callbacks": callbacks, "checkpoint.every_n_steps": 2, "checkpoint.keep_last": 2,
-        "model.schedule.warmup_steps": 2, "data.cache_dir": str(root / "cache"),
-        "tracking.uri": f"sqlite:///{root}/mlflow.db", "tracking.experiment": "live",
-        "registry.allowed_sources": [f"{root}/"],  # the data proposals' sources are test files
-        "live.poll_seconds": 0.2, "live.restart_backoff": 0.0, "live.spike_window": 4, **overrides})
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Segments find the probes, and run with one thread each (the machine has two cores)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{REPO / 'tests'}")
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield mp
-
-
-def extra_source(root: Path) -> Path:
-    path = root / "numbers.txt"
-    path.write_text("\n".join(f"{i} plus {i} makes {2 * i}; {i} times {i} makes {i * i}." for i in range(800)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def journey(tmp_path_factory, env):
+def journey(tmp_path_factory, live_env):
     root = tmp_path_factory.mktemp("journey")
-    env.chdir(root)
+    live_env.chdir(root)
     corpus, out, run = write_corpus(root), str(root), str(root / "run")
     registry, community = git_registry(root, dict([
         proposal(1, "training", {"model.loss.z_loss": 0.0}),
@@ -140,27 +76,9 @@ def journey(tmp_path_factory, env):
     print(f"journey: {time.monotonic() - started:.0f} s")
     return root
 
-
-def records(root: Path) -> list[dict]:
-    return read_records(root / "run" / "live" / "changes.jsonl")
-
-
-def one(recs: list[dict], kind: str, **match) -> dict:
-    found = [r for r in recs if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())]
-    assert len(found) == 1, (kind, match, [(r["kind"], r["step"], r["proposals"]) for r in recs])
-    return found[0]
-
-
-def history(root: Path, key: str) -> list:
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("live").experiment_id])
-    return sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
-
-
 def last_per_step(path: Path) -> dict[int, dict]:
     """The last record of each step in a probe's JSON lines: the timeline that survived."""
     return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
-
 
 def test_the_ledger_tells_the_story(journey):
     recs = records(journey)
@@ -265,70 +183,6 @@ def test_checkpoints_carry_the_ledger_and_status_prints_the_run(journey):
     assert re.search(r"^deferred +0006$", text, re.M) and re.search(r"^pending +none$", text, re.M)
     assert re.search(r"^last incident +suspended at step", text, re.M)
     assert re.search(r"^tokens +3,072$", text, re.M)  # 24 steps x 4 samples x 32 tokens
-
-
-# -- two processes, and the supervisor killed -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory, env):
-    root = tmp_path_factory.mktemp("fleet")
-    env.chdir(root)
-    corpus, out, run = write_corpus(root), str(root), str(root / "run")
-    registry, community = git_registry(root, dict([proposal(1, "training", {"model.loss.z_loss": 0.0})]))
-    data = dict([proposal(9, "data", {"data.sources.numbers": {"url": str(extra_source(root)), "weight": 1.0}},
-                          step=4)])
-    cfg = live_config(root, corpus, [
-        probe("Publish", step=1, out=out, root=run, files=data, clone=str(community), stop_at=4),
-        probe("WaitForTakeOver", step=6, out=out, root=run),
-    ], **{"trainer.max_steps": 8, "trainer.devices": 2, "trainer.strategy": "fsdp", "trainer.accelerator": "cpu",
-          "registry.path": str(registry)})
-    log = (root / "supervisor.log").open("w")
-    first = subprocess.Popen([sys.executable, "-m", "cpm_lightning.cli", "live", "--config", str(cfg)],
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (root / "waiting").exists():
-            assert first.poll() is None and time.monotonic() < deadline, (root / "supervisor.log").read_text()[-3000:]
-            time.sleep(0.2)
-        first.kill()  # SIGKILL: its segment goes on, waiting
-        first.wait()
-        main(["live", "--config", str(cfg)])  # takes over from the running segment
-    finally:
-        try:
-            os.killpg(first.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return root
-
-
-def test_two_processes_apply_a_data_proposal_at_its_step(fleet):
-    recs = records(fleet)
-    applied = one(recs, "applied", proposals=[9])
-    assert applied["step"] == 4 and applied["reason"] == "0009 effective from step 4"
-    numbers = {m.step: m.value for m in history(fleet, "data/samples/numbers")}
-    assert min(numbers) == 4 and numbers[4] > 0
-
-
-def test_live_again_after_the_supervisor_was_killed_continues_the_run_and_the_ledger(fleet):
-    recs = records(fleet)
-    assert [r["kind"] for r in recs].count("start") == 2
-    crash = one(recs, "crash")
-    assert "ended without a stop record" in crash["reason"] and crash["step"] == 6
-    again = [r for r in recs if r["kind"] == "start"][1]
-    assert (again["step"], again["reason"], again["checkpoint"]) == (6, "continues from step 6", "step-00000006.ckpt")
-    assert recs[-1]["kind"] == "stop" and recs[-1]["step"] == 8
-    assert [m.step for m in history(fleet, "train/loss")] == list(range(8))
-
-
-def test_another_architecture_s_checkpoints_are_one_error(fleet, capsys):
-    cfg = fleet / "run.yaml"
-    with pytest.raises(SystemExit) as exit_:
-        main(["live", "--config", str(cfg), "--trainer.max_steps=10", "--model.arch.ff_dim=96"])
-    ckpt = (fleet / "run" / "checkpoints" / "step-00000008.ckpt").resolve()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2
-    assert re.fullmatch(rf"error: checkpoint {ckpt}: \S+ has shape \[.*\], but this run's model.arch expects \[.*\]",
-                        err[-1])
-    assert records(fleet)[-1]["kind"] == "stop" and records(fleet)[-1]["exit"] == 2
 
 
 # -- without training -------------------------------------------------------------------------------------
