@@ -230,13 +230,17 @@ def test_a_registry_gone_when_live_starts_again_leaves_the_last_good_set_in_forc
     """The segment here stands in for `fit`: it records its arguments and reports the run done."""
     registry = tmp_path / "registry"
     registry.mkdir()
-    for name, text in [proposal(1, "training", {"model.loss.z_loss": 0.0}), proposal(2, "training", {"x.y": 1})]:
+    # 0003 names a source outside registry.allowed_sources, and the run excludes it: left out
+    # of the snapshot like 0002, but without a record, and not passed on as an exclusion.
+    outside = {"data.sources.elsewhere": {"url": "s3://elsewhere/a.txt", "weight": 1.0}}
+    for name, text in [proposal(1, "training", {"model.loss.z_loss": 0.0}), proposal(2, "training", {"x.y": 1}),
+                       proposal(3, "data", outside)]:
         (registry / name).write_text(text)
     segment = ("import json, os, sys; from cpm_lightning.live.protocol import *; "
                "plan = read_json(pathlib.Path(os.environ[SEGMENT_ENV]), Plan); "
                f"open({str(tmp_path / 'argv.jsonl')!r}, 'a').write(json.dumps(sys.argv[1:]) + chr(10)); "
                "write_json(LiveDir(plan.root).status, Status(segment=plan.segment, state='finished', step=4))")
-    cfg = quick_config(tmp_path, corpus, **{"registry.path": str(registry),
+    cfg = quick_config(tmp_path, corpus, **{"registry.path": str(registry), "registry.exclude": [3],
                                             "live.launcher": [sys.executable, "-c", f"import pathlib; {segment}"]})
     main(["live", "--config", str(cfg)])
     registry.rename(tmp_path / "gone")

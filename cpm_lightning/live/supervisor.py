@@ -193,7 +193,8 @@ class Supervisor:
             print(f"live: registry {self.registry_dir} can be read again", file=sys.stderr, flush=True)
             self.registry_error = None
         for r in reading.rejected:
-            if r.shas and not set(r.shas.items()) <= self.state.refused:
+            # A proposal the run excludes is left out of the snapshot like a rejected one, unrecorded.
+            if r.shas and not set(r.shas.items()) <= self.state.refused and not set(r.ids) <= set(self.s.registry.exclude):
                 self.record("rejected", step, f"not applied: {r.reason}", proposals=r.ids, sha256=r.shas)
         self.reading = reading
         for i in reading.registry.proposals:
@@ -264,7 +265,7 @@ class Supervisor:
         watch.prune_snapshots(self.files.registry, self.reading.snapshot)
         argv = [*(self.s.live.launcher or [sys.executable]), "-m", "cpm_lightning.cli", "fit", *self.s.argv,
                 "--registry.path", str(self.reading.snapshot) if self.reading.snapshot else "null",
-                "--registry.exclude", str(sorted(set(accepted) - set(in_effect) | set(self.s.registry.exclude))),
+                "--registry.exclude", str(sorted(set(accepted) - set(in_effect))),  # registry.exclude among them
                 *(["--ckpt_path", str(ckpt)] if ckpt else [])]
         errors: collections.deque[str] = collections.deque(maxlen=20)
         # The segment's stderr goes to a file that is passed on here: a pipe would break, and
@@ -282,7 +283,7 @@ class Supervisor:
         if started:
             self.step, self.logged_through = status.step, max(self.logged_through, status.step - 1)
             self.last_loss = status.loss if status.state != "diverged" else None
-        error = next((line for line in reversed(errors) if line.startswith("error: ")), None)
+        error = _error(list(errors))
         if self.signal is not None:
             name = signal.Signals(self.signal).name
             self._stop(f"{name}: the segment saved a checkpoint at step {self.step}" if rc == 0 else
@@ -477,6 +478,14 @@ class _Tee(threading.Thread):
                 if ended:
                     return
                 time.sleep(0.2)
+
+
+def _error(lines: list[str]) -> str | None:
+    """The segment's `error:` line, with the lines that list its problems when it ends in ':'."""
+    at = next((i for i in reversed(range(len(lines))) if lines[i].startswith("error: ")), None)
+    if at is None:
+        return None
+    return " ".join([lines[at], *(line.strip() for line in lines[at + 1:])]) if lines[at].endswith(":") else lines[at]
 
 
 def _how(rc: int) -> str:
