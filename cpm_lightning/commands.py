@@ -1,4 +1,4 @@
-"""Core verbs: `model info`, `tokenizer train`, `generate`, `checkpoint consolidate`, `convert`."""
+"""Core verbs: `model info`, `tokenizer train`, `data prepare`, `generate`, `checkpoint consolidate`, `convert`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,15 @@ def add_commands(sub) -> None:
     train.add_argument("--vocab-size", type=int, required=True, help="number of pieces")
     train.add_argument("--output", required=True, help="path or URL of the .model file to write")
     train.set_defaults(func=tokenizer_train)
+
+    data = sub.add_parser("data", help="token shards in the data cache").add_subparsers(metavar="ACTION")
+    prep = data.add_parser("prepare", help="tokenize the sources of a run config and of its accepted data proposals "
+                           "into the data cache ahead of training, one part of the work per machine")
+    prep.add_argument("--config", required=True, help="the run config that fit will read")
+    prep.add_argument("--part", default="0/1", metavar="I/N",
+                      help="prepare part I (from 0) of N, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT "
+                      "(default 0/1: everything)")
+    prep.set_defaults(func=data_prepare)
 
     gen = sub.add_parser("generate", help="sample text from a checkpoint or model")
     gen.add_argument("checkpoint", help="a checkpoint written by fit, or a model directory or models:/ URI")
@@ -102,6 +111,15 @@ def tokenizer_train(args) -> None:
     tokenizer = train_tokenizer(texts, args.vocab_size)
     save_tokenizer(tokenizer, args.output)
     print(f"wrote {args.output} ({tokenizer.vocab_size} pieces)")
+
+
+def data_prepare(args) -> None:
+    from cpm_lightning.registry.commands import data_configs
+    from datamodules.prepare import parse_part, prepare
+
+    part, parts = parse_part(args.part)
+    for line in prepare(data_configs(Path(args.config)), part, parts):
+        print(line)
 
 
 def generate(args) -> None:

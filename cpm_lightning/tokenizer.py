@@ -69,7 +69,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], continued: bool = False) -> list[list[int]]:
+        """The tokens of each text; `continued`: each text goes on a document just after a
+        place where words start (datamodules/sources.py SAFE_CUT), so that the tokens of a
+        document's segments, joined, equal those of the whole document."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
@@ -86,12 +89,26 @@ class SentencePieceTokenizer(Tokenizer):
         except RuntimeError:
             raise UserError(f"{source}: not a SentencePiece model or a CPM-Ant vocab.txt") from None
         self.vocab_size, self.eos_id, self.pad_id = self.sp.vocab_size(), self.sp.eos_id(), self.sp.pad_id()
+        self._continuing: spm.SentencePieceProcessor | None = None
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=os.cpu_count())  # it parallelizes across a batch
+    def encode_batch(self, texts: list[str], continued: bool = False) -> list[list[int]]:
+        sp = self.continuing() if continued else self.sp
+        return sp.encode(texts, num_threads=os.cpu_count())  # it parallelizes across a batch
+
+    def continuing(self) -> spm.SentencePieceProcessor:
+        """The model without its dummy prefix: SentencePiece puts a word boundary ("▁")
+        before the first word of every text it encodes, which the middle of a document has not."""
+        if self._continuing is None:
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self.model_bytes)
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._continuing = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return self._continuing
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)

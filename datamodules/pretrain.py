@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import sys
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cpm_lightning.errors import UserError
-from cpm_lightning.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from cpm_lightning.tokenizer import Tokenizer
 from datamodules.config import DataConfig
 from datamodules.mixture import Mixture
-from datamodules.shards import Shard, build_shard, checked_documents, default_cache_dir, fingerprint
+from datamodules.prepare import PreparedData
+from datamodules.shards import SourceTokens, open_source
 
 
-def window(shard: Shard, i: int, seq_len: int) -> dict:
-    """Window i of a shard's packed stream: seq_len inputs and the seq_len next tokens as targets."""
+def window(shard: SourceTokens, i: int, seq_len: int) -> dict:
+    """Window i of a source's packed stream: seq_len inputs and the seq_len next tokens as targets."""
     w = torch.from_numpy(shard.read(i * seq_len, (i + 1) * seq_len + 1).astype(np.int64))
     return {"input_ids": w[:-1], "targets": w[1:]}
 
@@ -75,58 +71,39 @@ class PretrainDataModule(DataConfig, L.LightningDataModule):
     def __post_init__(self):
         super().__post_init__()
         L.LightningDataModule.__init__(self)
-        self.cache_path = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        self.prepared = PreparedData(self)
+        """The sources' files, tokenizer and shards: each source is listed once per process
+        (prepare_data and setup both ask)."""
+        self.cache_path = self.prepared.cache_path
         self.weights = {n: s.weight for n, s in self.sources.items()}
         self.start_state: dict | None = None
         self.skip: list[tuple[int, int]] = []
         """[start, end) global sample indices the mixture draws past without training on them
         (set by `live` after a rollback: the window before a loss spike)."""
-        self._tokenizer: Tokenizer | None = None
-        self._shard_dirs: dict[str, Path] = {}
         self._stream: TrainStream | None = None
 
     # -- tokenizer ----------------------------------------------------------------------------
     @property
     def text_tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer.load(self.tokenizer) if self.tokenizer else self._trained_tokenizer()
-        return self._tokenizer
+        return self.prepared.tokenizer
 
     @property
     def vocab_size(self) -> int:
         return self.text_tokenizer.vocab_size
 
-    def _trained_tokenizer(self) -> Tokenizer:
-        key = hashlib.sha256(json.dumps(
-            [self.tokenizer_vocab_size, *(fingerprint(n, s) for n, s in sorted(self.sources.items()))]
-        ).encode()).hexdigest()[:32]
-        path = self.cache_path / "tokenizers" / f"{key}.model"
-        if not path.exists():
-            print(f"training a {self.tokenizer_vocab_size}-piece tokenizer on the sources -> {path}", file=sys.stderr)
-            texts = (d for n, s in sorted(self.sources.items()) for d in checked_documents(n, s))
-            save_tokenizer(train_tokenizer(texts, self.tokenizer_vocab_size), str(path))
-        return Tokenizer.load(str(path))
-
     # -- data ---------------------------------------------------------------------------------
-    def _shard_dir(self, name: str) -> Path:
-        """The source's shard, built if needed. Remembered: finding it hashes every file of the
-        source, and prepare_data and setup both ask (in one process, unless distributed)."""
-        if name not in self._shard_dirs:
-            self._shard_dirs[name] = build_shard(name, self.sources[name], self.text_tokenizer, self.cache_path)
-        return self._shard_dirs[name]
-
     def prepare_data(self):
         for name in self.sources:
-            self._shard_dir(name)
+            self.prepared.manifest(name)
 
     def setup(self, stage: str | None = None):
         self.shards, self.train_windows, self.val_windows_of = {}, {}, {}
         for name in self.sources:
-            shard = Shard.open(self._shard_dir(name))
-            n = (len(shard.tokens) - 1) // self.seq_len
+            shard = open_source(self.prepared.manifest(name), self.cache_path)
+            n = (len(shard) - 1) // self.seq_len
             held_out = min(self.val_windows, max(1, n // 10))
             if n - held_out < 1:
-                raise UserError(f"data.sources.{name}: {len(shard.tokens)} tokens make fewer than 2 windows "
+                raise UserError(f"data.sources.{name}: {len(shard)} tokens make fewer than 2 windows "
                                 f"of data.seq_len={self.seq_len}; add text or lower seq_len")
             self.shards[name], self.train_windows[name], self.val_windows_of[name] = shard, n - held_out, held_out
 

@@ -1,16 +1,25 @@
-"""Tokenize each source once into a memmap token shard, cached under a content fingerprint.
+"""Tokenize each source once into memmap token shards, piece by piece, cached under keys made
+from what the store reports about the files (docs/ARCHITECTURE.md, "Data").
 
-A shard is a directory `<cache>/shards/<fingerprint>/` with
+A source's files, sorted, are grouped into *pieces* of about PIECE_BYTES (a larger file is a
+piece of its own). Each piece is a directory `<cache>/shards/<key>/` with
   tokens.bin   every document's tokens followed by EOS, back to back (uint16 or uint32)
   index.npy    the end offset of each document in tokens.bin
-  meta.json    counts and the source it came from
+  meta.json    counts, the source it came from, and each file's metadata and sha256 (hashed
+               while it was tokenized)
   hashes.json  the sha256 of each chunk of the three (cpm_lightning/file_hashes.py): meta.json and
-               index.npy are checked when the shard is opened, each chunk of tokens.bin when a
+               index.npy are checked when the piece is opened, each chunk of tokens.bin when a
                window is first read from it, so a damaged byte is an error naming the file
-It is written to a temporary directory and renamed into place, so a crash never leaves a
-shard that looks complete. The fingerprint covers the bytes of every file, the source's format
-and field, the tokenizer's model and the shard format, so any change re-tokenizes and nothing
-else does.
+A piece is written to a temporary directory and renamed into place, so a killed build keeps the
+pieces it finished and never leaves one that looks complete; two builders of the same piece
+both finish and the second drops its copy. A piece's key covers its files' paths and metadata
+(size plus modification time, ETag or checksum: no contents are read), the source's format and
+field, the tokenizer and the shard format, so any change re-tokenizes that piece and nothing
+else. A source's stream of tokens is its pieces' streams in order, the same tokens, in the same
+order, as one shard of the whole source: the mixture draws the same windows.
+
+`<cache>/manifests/<key>.json` lists the pieces of a source and its counts, written once all
+are there.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -30,43 +40,104 @@ from tqdm.auto import tqdm
 from cpm_lightning.errors import UserError
 from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
 from cpm_lightning.tokenizer import Tokenizer
-from datamodules.sources import ReadStats, SourceConfig, check_stats, documents, expand, read_bytes
+from datamodules.sources import (
+    ReadStats,
+    SourceConfig,
+    SourceFile,
+    check_stats,
+    documents,
+    expand,
+    read_text,
+    segments,
+    where,
+)
 
-ENCODE_BATCH = 256  # documents per tokenizer call (SentencePiece parallelizes across a batch)
-SHARD_FORMAT = b"shards with hashes"  # in the cache key: earlier shards had no hashes.json and are rebuilt
+SHARD_FORMAT = "pieces v1"  # in every key: shards of an earlier format are rebuilt
 FILES = ("tokens.bin", "index.npy", "meta.json")
+PIECE_BYTES = 64 << 20
+"""Files are grouped into pieces of about this many bytes (64 MiB): the unit of work of
+`data prepare --part` and of a resumed build."""
+ENCODE_CHARS = 1 << 23
+"""Characters per tokenizer call (8 Mi): SentencePiece spreads a call's segments over the cores;
+the token lists it returns (~36 bytes a token) are most of the memory a build takes."""
+CHANGE_RETRIES = 3
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CPM_LIGHTNING_CACHE", Path.home() / ".cache" / "cpm-lightning"))
 
 
-def fingerprint(name: str, src: SourceConfig, extra: bytes = b"") -> str:
-    """sha256 over the source's format/field, each file's path and bytes, and `extra`."""
-    h = hashlib.sha256(json.dumps([src.format, src.field]).encode() + extra)
-    for f in expand(name, src):
-        h.update(f.path.encode())
-        h.update(hashlib.sha256(read_bytes(name, f)).digest())
-    return h.hexdigest()[:32]
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 
-def iter_documents(name: str, src: SourceConfig, stats: ReadStats, progress: bool = True):
-    files = expand(name, src)
+def _content_hash(name: str, src: SourceConfig, f: SourceFile) -> str:
+    h = hashlib.sha256()
+    for _ in read_text(name, src, f, ReadStats(), h):
+        pass
+    return h.hexdigest()
+
+
+def identities(name: str, src: SourceConfig, files: list[SourceFile]) -> list[tuple[str, dict]]:
+    """(path, metadata) of each file: what its store reports, or, from a store that reports no
+    modification time, ETag or checksum, the sha256 of its contents (with a warning: that
+    reads the whole file at every start)."""
+    unstable = [f for f in files if f.metadata() is None]
+    if unstable:
+        print(f"warning: {where(name)}: the store of {src.url!r} reports no modification time, ETag or "
+              f"checksum for {len(unstable)} file(s); their {sum(f.size for f in unstable):,} bytes are read "
+              "and hashed at every start to tell whether the cache holds them", file=sys.stderr)
+    return [(f.path, f.metadata() or {"size": f.size, "sha256": _content_hash(name, src, f)}) for f in files]
+
+
+def fingerprint(name: str, src: SourceConfig, files: list[SourceFile]) -> str:
+    """The key of a source's files as listed, its format and field (no tokenizer)."""
+    return _key(SHARD_FORMAT, src.format, src.field, identities(name, src, files))
+
+
+@dataclass
+class Piece:
+    """Consecutive files of a source, tokenized together into one shard directory."""
+
+    key: str
+    files: list[SourceFile]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def plan(name: str, src: SourceConfig, files: list[SourceFile], tokenizer: Tokenizer) -> list[Piece]:
+    """The pieces of a source, in file order, with their keys; reads no contents (but see
+    `identities`)."""
+    groups: list[list[int]] = [[]]
+    for i, f in enumerate(files):
+        if groups[-1] and sum(files[j].size for j in groups[-1]) + f.size > PIECE_BYTES:
+            groups.append([])
+        groups[-1].append(i)
+    ids = identities(name, src, files)
+    tok = hashlib.sha256(tokenizer.model_bytes).hexdigest()
+    return [Piece(_key(SHARD_FORMAT, src.format, src.field, tok, [ids[i] for i in g]), [files[i] for i in g])
+            for g in groups]
+
+
+def iter_documents(name: str, src: SourceConfig, stats: ReadStats, progress: bool = True, files=None):
+    files = expand(name, src) if files is None else files
     for f in tqdm(files, desc=f"reading {name}", unit="file", disable=not progress or len(files) < 2, file=sys.stderr):
-        yield from documents(name, src, f.path, read_bytes(name, f), stats)
+        yield from documents(name, src, f, stats)
 
 
-def checked_documents(name: str, src: SourceConfig):
+def checked_documents(name: str, src: SourceConfig, files=None):
     """The documents of a source, then a UserError naming it if it held none (warnings about
-    skipped lines are left to build_shard, which reads the source again)."""
+    skipped lines are left to the build, which reads the source again)."""
     stats = ReadStats()
-    yield from iter_documents(name, src, stats)
+    yield from iter_documents(name, src, stats, files=files)
     check_stats(name, src, stats)
 
 
 @dataclass
 class Shard:
-    """A tokenized source, memory-mapped, checked against the hashes recorded when it was built."""
+    """A tokenized piece, memory-mapped, checked against the hashes recorded when it was built."""
 
     path: Path
     tokens: np.ndarray
@@ -83,7 +154,9 @@ class Shard:
         hashes.check("meta.json")
         hashes.check("index.npy")  # read by no training code, but small: 8 bytes per document
         meta = json.loads((path / "meta.json").read_text())
-        return cls(path, np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r"), hashes)
+        tokens = (np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r") if meta["tokens"]
+                  else np.empty(0, meta["dtype"]))  # numpy cannot map an empty file
+        return cls(path, tokens, hashes)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """tokens[start:stop], once the chunks of tokens.bin that hold them are checked (each
@@ -93,45 +166,168 @@ class Shard:
         return self.tokens[start:stop]
 
 
-def build_shard(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir: Path) -> Path:
-    """The shard directory of `src`, tokenizing it first unless a matching one is cached."""
-    key = fingerprint(name, src, SHARD_FORMAT + tokenizer.model_bytes)
-    final = cache_dir / "shards" / key
+class SourceTokens:
+    """A source's token stream: its pieces' tokens, back to back."""
+
+    def __init__(self, pieces: list[Shard]):
+        self.pieces = pieces
+        self.starts = np.cumsum([0, *(len(p.tokens) for p in pieces)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """The stream's tokens [start, stop), checked (Shard.read), across pieces if need be."""
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts, i = [], first
+        while i < len(self.pieces) and self.starts[i] < stop:
+            base = int(self.starts[i])
+            parts.append(self.pieces[i].read(max(start - base, 0), min(stop, int(self.starts[i + 1])) - base))
+            i += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class _Changed(Exception):
+    """A file's metadata changed while it was being tokenized."""
+
+
+def _writable(cache_dir: Path) -> Path:
+    shards = cache_dir / "shards"
+    try:
+        shards.mkdir(parents=True, exist_ok=True)
+        (cache_dir / "manifests").mkdir(exist_ok=True)
+    except OSError as e:
+        raise UserError(f"data.cache_dir: cannot write the data cache {cache_dir} ({e.strerror or e}); "
+                        "expected a writable directory (or set $CPM_LIGHTNING_CACHE)") from None
+    return shards
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")  # "-" separates the parts of a temporary name
+
+
+def _drop_dead_builds(parent: Path, key: str) -> None:
+    """Remove the temporary directories of builds of `key` that were killed on this machine:
+    their names carry the host and process id (a live build, here or elsewhere, is left alone)."""
+    for tmp in parent.glob(f".{key}-{_host()}-*-*"):
+        pid = int(tmp.name.split("-")[-2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def build_piece(name: str, src: SourceConfig, piece: Piece, tokenizer: Tokenizer, cache_dir: Path,
+                alone: bool = False) -> Path:
+    """The shard directory of `piece`, tokenized first unless it is in the cache. Raises
+    _Changed if a file's metadata changed while it was read. `alone`: the piece is the whole
+    source, so a source without text is an error before anything is written."""
+    parent = _writable(cache_dir)
+    final = parent / piece.key
     if (final / "meta.json").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+    _drop_dead_builds(parent, piece.key)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{piece.key}-{_host()}-{os.getpid()}-", dir=parent))
     try:
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-        stats, ends, total = ReadStats(), [], 0
-        bar = tqdm(desc=f"tokenizing {name}", unit="tok", unit_scale=True, file=sys.stderr)
+        stats, ends, total, files = ReadStats(), [], 0, []
+        bar = tqdm(desc=f"tokenizing {name}", unit="B", unit_scale=True, total=piece.size, file=sys.stderr,
+                   disable=piece.size < PIECE_BYTES // 4)
         with open(tmp / "tokens.bin", "wb") as out:
-            batch = []
-            for doc in [*iter_documents(name, src, stats), None]:
-                if doc is not None:
-                    batch.append(doc)
-                if batch and (doc is None or len(batch) == ENCODE_BATCH):
-                    for ids in tokenizer.encode_batch(batch):
+            batch, chars = [], 0
+
+            def flush():
+                nonlocal total, batch, chars
+                firsts = iter(tokenizer.encode_batch([s for s, first, _ in batch if first]))
+                rest = iter(tokenizer.encode_batch([s for s, first, _ in batch if not first], continued=True))
+                for _, first, last in batch:
+                    ids = next(firsts) if first else next(rest)
+                    if last:
                         ids.append(tokenizer.eos_id)
-                        out.write(np.asarray(ids, dtype=dtype).tobytes())
-                        total += len(ids)
+                    out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    total += len(ids)
+                    if last:
                         ends.append(total)
-                    bar.update(total - bar.n)
-                    batch = []
+                batch, chars = [], 0
+
+            for f in piece.files:
+                h = hashlib.sha256()
+                for segment in segments(name, src, f, stats, h):
+                    batch.append(segment)
+                    chars += len(segment[0])
+                    if chars >= ENCODE_CHARS:
+                        flush()
+                if not f.still_the_same():
+                    raise _Changed(f.path)
+                files.append({"path": f.path, "metadata": f.metadata(), "sha256": h.hexdigest()})
+                bar.update(f.size)
+            flush()
         bar.close()
-        for warning in check_stats(name, src, stats):
-            print(f"warning: {warning}", file=sys.stderr)
+        if alone:
+            check_stats(name, src, stats)
         np.save(tmp / "index.npy", np.asarray(ends, dtype=np.int64))
         meta = {"source": name, "url": src.url, "format": src.format, "dtype": np.dtype(dtype).name,
-                "tokens": total, "documents": len(ends), "bad_lines": stats.bad_lines,
-                "replaced_bytes": stats.replaced_bytes}
+                "tokens": total, "documents": stats.documents, "bad_lines": stats.bad_lines,
+                "replaced_bytes": stats.replaced_bytes, "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         write_hashes(tmp / HASHES_FILE, {f: hash_file(tmp / f) for f in FILES})
         try:
             tmp.rename(final)
-        except OSError:  # another process finished the same shard first
+        except OSError:  # another process finished the same piece first
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def prepare_source(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir: Path,
+                   files: list[SourceFile] | None = None, only: set[str] | None = None) -> Path | None:
+    """Build the pieces of a source that the cache lacks (of them, those whose keys are in
+    `only`, when given), and return its manifest once every piece is there (None before).
+    A file that changes while it is read is listed again and its piece redone."""
+    for attempt in range(CHANGE_RETRIES):
+        pieces = plan(name, src, expand(name, src) if files is None or attempt else files, tokenizer)
+        try:
+            for piece in pieces:
+                if only is None or piece.key in only:
+                    build_piece(name, src, piece, tokenizer, cache_dir, alone=len(pieces) == 1)
+            break
+        except _Changed as changed:
+            print(f"warning: {where(name)}: {changed} changed while it was tokenized; preparing it again",
+                  file=sys.stderr)
+    else:
+        raise UserError(f"{where(name)}: files of {src.url!r} kept changing while they were tokenized "
+                        f"({CHANGE_RETRIES} tries); prepare the data once they are written")
+    return write_manifest(name, src, pieces, cache_dir)
+
+
+def write_manifest(name: str, src: SourceConfig, pieces: list[Piece], cache_dir: Path) -> Path | None:
+    """The manifest of a source whose pieces are all in the cache (written the first time, with
+    the warnings about what was skipped), or None while some are missing."""
+    parent = _writable(cache_dir)
+    path = cache_dir / "manifests" / f"{_key(SHARD_FORMAT, [p.key for p in pieces])}.json"
+    if path.exists():
+        return path
+    if not all((parent / p.key / "meta.json").exists() for p in pieces):
+        return None
+    metas = [json.loads((parent / p.key / "meta.json").read_text()) for p in pieces]
+    stats = ReadStats(*(sum(m[k] for m in metas) for k in ("bad_lines", "replaced_bytes", "documents")))
+    for warning in check_stats(name, src, stats):
+        print(f"warning: {warning}", file=sys.stderr)
+    manifest = {"source": name, "url": src.url, "format": src.format, "field": src.field,
+                "tokens": sum(m["tokens"] for m in metas), "documents": stats.documents,
+                "bad_lines": stats.bad_lines, "replaced_bytes": stats.replaced_bytes,
+                "pieces": [{"key": p.key, "tokens": m["tokens"], "files": [f["path"] for f in m["files"]]}
+                           for p, m in zip(pieces, metas, strict=True)]}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def open_source(manifest: Path, cache_dir: Path) -> SourceTokens:
+    pieces = json.loads(manifest.read_text())["pieces"]
+    return SourceTokens([Shard.open(cache_dir / "shards" / p["key"]) for p in pieces])

@@ -7,11 +7,13 @@ config key; problems with single lines or bytes are counted and reported, not fa
 from __future__ import annotations
 
 import ast
+import codecs
 import json
 import lzma
+import re
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,8 +50,55 @@ class ReadStats:
     documents: int = 0
 
 
-def expand(name: str, src: SourceConfig) -> list[fsspec.core.OpenFile]:
-    """The files a source's URL names, sorted, or a UserError if it names none."""
+# What a store reports that changes when a file's contents change: local and NFS files (mtime),
+# HTTP servers (ETag, Last-Modified), S3 (ETag, LastModified), GCS (md5Hash, generation),
+# memory:// (created). Size alone is not enough: an edit can keep it.
+STABLE_KEYS = ("mtime", "ETag", "Content-MD5", "Digest", "Last-Modified", "LastModified", "last_modified",
+               "md5Hash", "crc32c", "generation", "updated", "created")
+READ_BYTES = 1 << 22
+"""Bytes read from a file at a time (4 MiB): preparing a source holds a few of these, not its files."""
+SEGMENT_CHARS = 1 << 18
+"""A longer document reaches the tokenizer in segments of about this many characters (256 Ki),
+cut where no token crosses (SAFE_CUT), so that its tokens equal those of the whole."""
+SAFE_CUT = re.compile(r"(?<=\S)(?= )|(?<=\n)(?=\S)")
+"""Where a document may be cut: before a space that follows a non-space, or after a newline
+that a non-space follows. Both tokenizers start a new word there: SentencePiece splits words
+at whitespace ("\\n" is a piece of its own), jieba yields each whitespace character alone."""
+REPLACEMENT = "\ufffd".encode()
+
+
+@dataclass
+class SourceFile:
+    """A file of a source, with what its store reported about it when it was listed."""
+
+    file: fsspec.core.OpenFile
+    info: dict
+
+    @property
+    def path(self) -> str:
+        return self.file.path
+
+    @property
+    def size(self) -> int:
+        return int(self.info.get("size") or 0)
+
+    def metadata(self) -> dict | None:
+        """Size and the stable keys of the store's report (json-able), or None if it has none of them."""
+        stable = {k: str(self.info[k]) for k in STABLE_KEYS if self.info.get(k) is not None}
+        return {"size": self.size, **stable} if stable else None
+
+    def still_the_same(self) -> bool:
+        """Whether the store reports the same metadata as when the file was listed."""
+        try:
+            now = SourceFile(self.file, self.file.fs.info(self.file.path))
+        except OSError:
+            return False
+        return now.metadata() == self.metadata()
+
+
+def expand(name: str, src: SourceConfig) -> list[SourceFile]:
+    """The files a source's URL names, sorted, each with its store's report (one request per
+    file for a remote store, no contents read), or a UserError if it names none."""
     url = src.url
     if url.startswith(STDLIB):
         url = f"{sysconfig.get_paths()['stdlib']}/{url[len(STDLIB):]}"
@@ -57,10 +106,17 @@ def expand(name: str, src: SourceConfig) -> list[fsspec.core.OpenFile]:
         files = fsspec.open_files(url, mode="rb", compression="infer")
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"{where(name, 'url')}: cannot open {src.url!r}: {e}") from None
-    files = [f for f in files if f.fs.isfile(f.path)]  # a plain path that does not exist too
-    if not files:
+    listed = []
+    for f in files:  # a plain path that does not exist is listed too
+        try:
+            info = f.fs.info(f.path)
+        except OSError:
+            continue
+        if info.get("type") == "file":
+            listed.append(SourceFile(f, info))
+    if not listed:
         raise UserError(f"{where(name, 'url')}: {src.url!r} matches no file")
-    return sorted(files, key=lambda f: f.path)
+    return sorted(listed, key=lambda f: f.path)
 
 
 def where(name: str, field: str = "") -> str:
@@ -71,32 +127,95 @@ def where(name: str, field: str = "") -> str:
     return f"data.sources.{name}" + (f".{field}" if field else "")
 
 
-def read_bytes(name: str, f: fsspec.core.OpenFile) -> bytes:
+def read_text(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, hasher=None) -> Iterator[str]:
+    """The text of a file, decoded as UTF-8 (invalid bytes replaced and counted) READ_BYTES at a
+    time; `hasher` (a hashlib object) is updated with its bytes as they are read."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    tail, first = b"", True
     try:
-        with f as fh:
-            return fh.read()
+        with f.file as fh:
+            while True:
+                data = fh.read(READ_BYTES)
+                if first and b"\0" in data[:8192]:
+                    raise UserError(f"{where(name)}: {f.path} is not text (binary data); expected UTF-8 {src.format}")
+                first = False
+                if hasher is not None:
+                    hasher.update(data)
+                literal = (tail + data).count(REPLACEMENT)  # U+FFFD in the file itself, also across reads
+                tail = data[-2:]
+                text = decoder.decode(data, final=not data)
+                stats.replaced_bytes += text.count("\ufffd") - literal
+                if text:
+                    yield text
+                if not data:
+                    return
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # e.g. a .gz file that is not gzip
         raise UserError(f"{where(name)}: cannot read {f.path} ({type(e).__name__}: {e})") from None
 
 
-def documents(name: str, src: SourceConfig, path: str, data: bytes, stats: ReadStats) -> Iterator[str]:
-    """Documents in one file's bytes."""
-    if b"\0" in data[:8192]:
-        raise UserError(f"{where(name)}: {path} is not text (binary data); expected UTF-8 {src.format}")
-    text = data.decode("utf-8", errors="replace")
-    stats.replaced_bytes += text.count("\ufffd") - data.count("\ufffd".encode())  # new ones only
-    if src.format == "text":
-        docs = [text] if text.strip() else []
-    elif src.format == "jsonl":
-        docs = list(_jsonl(src.field, text, stats))
+def cut(pieces: Iterable[str], max_chars: int = SEGMENT_CHARS) -> Iterator[tuple[str, bool, bool]]:
+    """One document, given as consecutive pieces of text, as (segment, first, last) of at most
+    about `max_chars` characters each, cut at SAFE_CUT (a document with no such place is one
+    segment)."""
+    buf, first, scanned = "", True, 0
+    for piece in pieces:
+        buf += piece
+        while len(buf) > max_chars:
+            at = None
+            for m in SAFE_CUT.finditer(buf, max(1, scanned), max_chars + 1):
+                at = m.start()
+            if at is None and (m := SAFE_CUT.search(buf, max(max_chars, scanned))):
+                at = m.start()
+            if at is None:  # no place to cut yet: read on, without scanning this text again
+                scanned = max(len(buf) - 1, 1)
+                break
+            yield buf[:at], first, False
+            buf, first, scanned = buf[at:], False, 0
+    yield buf, first, True
+
+
+def segments(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, hasher=None,
+             max_chars: int = SEGMENT_CHARS) -> Iterator[tuple[str, bool, bool]]:
+    """The documents of a file as (segment, first, last) in order (see `cut`); holds one read,
+    one document of jsonl, or a whole Python file (parsed for its docstrings) at a time."""
+    text = read_text(name, src, f, stats, hasher)
+    if src.format == "text":  # the file is one document, unless it is blank
+        out = cut(text, max_chars)
+        head = next(out)
+        if head[2] and not head[0].strip():  # one segment, all whitespace: no document
+            return
+        stats.documents += 1
+        yield head
+        yield from out
     else:
-        docs = list(_docstrings(text))
-    stats.documents += len(docs)
-    yield from docs
+        docs = _jsonl(src.field, _lines(text), stats) if src.format == "jsonl" else _docstrings("".join(text))
+        for doc in docs:
+            stats.documents += 1
+            yield from cut([doc], max_chars)
 
 
-def _jsonl(field: str, text: str, stats: ReadStats) -> Iterator[str]:
-    for line in text.splitlines():
+def documents(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats) -> Iterator[str]:
+    """The documents of one file, each whole."""
+    parts = []
+    for segment, _, last in segments(name, src, f, stats):
+        parts.append(segment)
+        if last:
+            yield "".join(parts)
+            parts = []
+
+
+def _lines(text: Iterable[str]) -> Iterator[str]:
+    """The lines of text given in pieces, as str.splitlines() would split the whole."""
+    rest = ""
+    for piece in text:
+        *done, rest = (rest + piece).split("\n")
+        for line in done:
+            yield from line.splitlines()
+    yield from rest.splitlines()
+
+
+def _jsonl(field: str, lines: Iterable[str], stats: ReadStats) -> Iterator[str]:
+    for line in lines:
         if not line.strip():
             continue
         try:

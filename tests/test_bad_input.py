@@ -24,7 +24,7 @@ from cpm_lightning.errors import UserError
 from cpm_lightning.model.config import PRESETS, ArchConfig
 from cpm_lightning.model.layers import COMPONENTS
 from cpm_lightning.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
-from datamodules.shards import Shard, build_shard
+from datamodules.shards import Shard, open_source, prepare_source
 from datamodules.sources import SourceConfig
 
 
@@ -150,12 +150,18 @@ def test_bad_source_in_fit(fault, given_tokenizer, tmp_path, corpus, tokenizer_p
         assert not list((tmp_path / "cache").glob("tokenizers/*")), "a tokenizer was written"
 
 
+def built(name: str, src: SourceConfig, tokenizer: Tokenizer, cache: Path) -> Path:
+    """The shard directory of a one-file source, built."""
+    [piece] = open_source(prepare_source(name, src, tokenizer, cache), cache).pieces
+    return piece.path
+
+
 def test_bad_jsonl_lines_are_skipped_and_counted(tmp_path, tokenizer_path, capsys):
     path = tmp_path / "mixed.jsonl"
     good = [json.dumps({"text": t}, ensure_ascii=False) for t in ZH]
     path.write_text("\n".join([good[0], "{not json", good[1], '{"body": "x"}', good[2], '{"text": null}']) + "\n")
     tokenizer = Tokenizer.load(str(tokenizer_path))
-    shard_dir = build_shard("zh", SourceConfig(url=str(path), format="jsonl"), tokenizer, tmp_path / "cache")
+    shard_dir = built("zh", SourceConfig(url=str(path), format="jsonl"), tokenizer, tmp_path / "cache")
     err = capsys.readouterr().err
     assert ("warning: data.sources.zh: skipped 3 JSONL lines that are not JSON or lack a string field 'text'"
             in err.splitlines())
@@ -172,7 +178,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer_path, capsys):
     path.write_bytes(text.encode() + "\nCafé naïve, 學而時習之".encode("latin-1", errors="replace")
                      + b" \xe5\xad" + "子曰".encode())  # 2 latin-1 bytes, a truncated CJK char
     tokenizer = Tokenizer.load(str(tokenizer_path))
-    shard_dir = build_shard("en", SourceConfig(url=str(path)), tokenizer, tmp_path / "cache")
+    shard_dir = built("en", SourceConfig(url=str(path)), tokenizer, tmp_path / "cache")
     err = capsys.readouterr().err
     assert "warning: data.sources.en: replaced 3 invalid UTF-8 sequences with U+FFFD" in err.splitlines(), err
     assert "Traceback" not in err

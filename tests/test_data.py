@@ -59,6 +59,11 @@ def test_changed_weights_continue_from_the_cursors_without_a_burst():
     assert changed.state.cursors == {"a": 10 + 30, "b": 10 + 10}
 
 
+def stream(dm: PretrainDataModule, name: str) -> np.ndarray:
+    """All tokens of a source, its pieces back to back."""
+    return dm.shards[name].read(0, len(dm.shards[name]))
+
+
 def write_gz(path, text):
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write(text)
@@ -88,19 +93,19 @@ def test_sources_read_globs_gzip_and_fsspec_memory(tmp_path, corpus):
         tokenizer_vocab_size=300, seq_len=16)
     dm.prepare_data()
     dm.setup()
-    files = dm.shards["files"].tokens
+    files = stream(dm, "files")
     assert (files == EOS).sum() == 2  # two documents, each closed by EOS
     text = dm.text_tokenizer.decode([int(t) for t in files[: int(np.argmax(files == EOS))]])
     assert text == "first document " * 50
-    assert dm.text_tokenizer.decode([int(t) for t in dm.shards["mem"].tokens[:-1]]) == "third document " * 50
+    assert dm.text_tokenizer.decode([int(t) for t in stream(dm, "mem")[:-1]]) == "third document " * 50
 
 
 def test_shards_are_tokenized_once_and_redone_when_the_text_changes(tmp_path, corpus, monkeypatch):
     src = {"en": SourceConfig(url=str(corpus["en"]))}
     PretrainDataModule(src, tokenizer_vocab_size=300).prepare_data()
     calls = []
-    real = shards.iter_documents
-    monkeypatch.setattr(shards, "iter_documents", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = shards.segments
+    monkeypatch.setattr(shards, "segments", lambda *a, **k: calls.append(a) or real(*a, **k))
     dm = PretrainDataModule(src, tokenizer_vocab_size=300)
     dm.prepare_data()
     assert calls == []  # cached: the fingerprint matched
@@ -110,28 +115,29 @@ def test_shards_are_tokenized_once_and_redone_when_the_text_changes(tmp_path, co
     assert not list((tmp_path / "cache" / "shards").glob(".*"))  # no temporary directory left
 
 
-def test_prepare_and_setup_read_each_source_once_for_its_fingerprint(corpus, monkeypatch):
+def test_prepare_and_setup_list_each_source_once(corpus, monkeypatch):
+    from datamodules import prepare
+
+    listed = []
+    real = prepare.expand
+    monkeypatch.setattr(prepare, "expand", lambda *a, **k: listed.append(a[0]) or real(*a, **k))
     dm = PretrainDataModule({"en": SourceConfig(url=str(corpus["en"]))}, tokenizer=None, tokenizer_vocab_size=300)
-    _ = dm.text_tokenizer  # trained first: its own fingerprint is not the shard's
-    hashed = []
-    real = shards.fingerprint
-    monkeypatch.setattr(shards, "fingerprint", lambda *a, **k: hashed.append(a[0]) or real(*a, **k))
     dm.prepare_data()
     dm.setup()
-    assert hashed == ["en"]
+    assert listed == ["en"]  # the tokenizer's key, the pieces' keys and setup share one listing
 
 
 def test_windows_are_packed_with_targets_shifted_by_one(corpus):
     dm = PretrainDataModule({"en": SourceConfig(url=str(corpus["en"]))}, tokenizer_vocab_size=300, seq_len=16)
     dm.prepare_data()
     dm.setup()
-    stream = dm.shards["en"].tokens
+    tokens = stream(dm, "en")
     from datamodules.pretrain import window
 
     w = window(dm.shards["en"], 3, 16)
-    assert w["input_ids"].tolist() == stream[48:64].tolist()
-    assert w["targets"].tolist() == stream[49:65].tolist()
-    assert dm.train_windows["en"] + dm.val_windows_of["en"] == (len(stream) - 1) // 16
+    assert w["input_ids"].tolist() == tokens[48:64].tolist()
+    assert w["targets"].tolist() == tokens[49:65].tolist()
+    assert dm.train_windows["en"] + dm.val_windows_of["en"] == (len(tokens) - 1) // 16
 
 
 @pytest.mark.parametrize("world", [2, 3])

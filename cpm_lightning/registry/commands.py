@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -17,9 +18,11 @@ from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import TEMPLATE, load_registry, proposal_files, resolve, set_key
-from cpm_lightning.registry.schema import FILE_NAME, KINDS, Status, read_run_config
+from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME, KINDS, Status, read_run_config
 from cpm_lightning.registry.typecheck import mismatch
 from cpm_lightning.run_config import GROUPS
+from datamodules.config import DataConfig
+from datamodules.sources import SourceConfig
 
 
 def add_commands(sub) -> None:
@@ -141,25 +144,64 @@ def proposals_resolve(args) -> None:
         raise UserError(f"--at-step must be >= 0, got {args.at_step}")
     path = Path(args.config)
     config = read_run_config(path)
-    settings = RegistryConfig(**_registry_group(config.get("registry") or {}, path))
+    settings = RegistryConfig(**_checked_group(config.get("registry") or {}, RegistryConfig, "registry", path))
     if settings.path is None:
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return
     reg = load_registry(settings.path, config_schema(), settings)
     at_step = (settings.at_step or 0) if args.at_step is None else args.at_step
-    applied = AppliedRegistry(resolve(reg, at_step, settings.kinds, settings.exclude))
-    for key, value in applied.resolution.values.items():
-        set_key(config, key, value)
+    applied = _resolved(config, reg, settings, at_step)
     print(f"# {path} with the proposals of {settings.path} effective at step {at_step}: "
           f"{applied.resolution.ids or 'none'}")
     print(applied.annotate(yaml.safe_dump(config, sort_keys=False)), end="")
 
 
-def _registry_group(group: dict, path: Path) -> dict:
-    """The run config's `registry` group, type-checked as LightningCLI would."""
-    hints = get_type_hints(RegistryConfig)
+def _resolved(config: dict, reg, settings: RegistryConfig, at_step: int) -> AppliedRegistry:
+    """Set the values of the proposals effective at `at_step` into `config`."""
+    applied = AppliedRegistry(resolve(reg, at_step, settings.kinds, settings.exclude))
+    for key, value in applied.resolution.values.items():
+        set_key(config, key, value)
+    return applied
+
+
+def _checked_group(group: dict, cls: type, name: str, path: Path) -> dict:
+    """A group of the run config (`registry`, `data`, a source of `data.sources`), its keys and
+    their types checked as LightningCLI would."""
+    if not isinstance(group, dict):
+        raise UserError(f"{path}: {name}: expected a mapping of {cls.__name__} fields, got {group!r}")
+    hints = get_type_hints(cls)
     for key, value in group.items():
-        wrong = f"unknown key; expected: {', '.join(hints)}" if key not in hints else mismatch(value, hints[key])
+        if key not in hints:
+            wrong = f"unknown key; expected: {', '.join(hints)}"
+        elif cls is DataConfig and key == "sources" and isinstance(value, dict):
+            for source, fields in value.items():
+                _checked_group(fields, SourceConfig, f"data.sources.{source}", path)
+            continue
+        else:
+            wrong = mismatch(value, hints[key])
         if wrong:
-            raise UserError(f"{path}: registry.{key}: {wrong}")
+            raise UserError(f"{path}: {name}.{key}: {wrong}")
     return group
+
+
+def data_configs(path: Path) -> list[DataConfig]:
+    """The `data` group of a run config as `fit` builds it at its first step and at each later
+    step where an accepted data proposal of the registry it follows takes effect (the sources a
+    live run will read), each distinct one once."""
+    config = read_run_config(path)
+    settings = RegistryConfig(**_checked_group(config.get("registry") or {}, RegistryConfig, "registry", path))
+    start = settings.at_step or 0
+    steps = [start]
+    if settings.path is not None:
+        reg = load_registry(settings.path, config_schema(), settings)
+        steps += sorted({p.effective_from_step for p in reg.proposals.values()
+                         if p.status == ACCEPTED and p.kind == "data" and "data" in settings.kinds
+                         and p.id not in settings.exclude and p.effective_from_step > start})
+    found = {}
+    for step in steps:
+        resolved = copy.deepcopy(config)
+        if settings.path is not None:
+            _resolved(resolved, reg, settings, step)
+        data = _checked_group(resolved.get("data") or {}, DataConfig, "data", path)
+        found.setdefault(json.dumps(data, sort_keys=True, default=str), data)
+    return [DataConfig(**data) for data in found.values()]
