@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import fsspec
+from fsspec.utils import infer_compression
 
 from cpm_lightning.errors import UserError
 from cpm_lightning.ranges import ranged
@@ -103,20 +104,23 @@ def expand(name: str, src: SourceConfig) -> list[SourceFile]:
     if url.startswith(STDLIB):
         url = f"{sysconfig.get_paths()['stdlib']}/{url[len(STDLIB):]}"
     try:
-        files = fsspec.open_files(url, mode="rb", compression="infer")
+        fs, path = fsspec.core.url_to_fs(url)
+        # Not fsspec.open_files: it asks isdir() of every match, which over HTTP downloads each file.
+        found = fs.glob(path, detail=True) if fsspec.core.has_magic(path) else {path: {}}
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"{where(name, 'url')}: cannot open {src.url!r}: {e}") from None
     listed = []
-    for f in files:  # a plain path that does not exist is listed too
-        try:
-            info = f.fs.info(f.path)
-        except OSError:
-            continue
+    for p, info in sorted(found.items()):
+        if info.get("size") is None or SourceFile(None, info).metadata() is None:  # HTTP listings: names only
+            try:
+                info = fs.info(p)
+            except OSError:  # a plain path that does not exist
+                continue
         if info.get("type") == "file":
-            listed.append(SourceFile(f, info))
+            listed.append(SourceFile(fsspec.core.OpenFile(fs, p, "rb", compression=infer_compression(p)), info))
     if not listed:
         raise UserError(f"{where(name, 'url')}: {src.url!r} matches no file")
-    return sorted(listed, key=lambda f: f.path)
+    return listed
 
 
 def where(name: str, field: str = "") -> str:
@@ -153,11 +157,11 @@ def read_text(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, has
         raise UserError(f"{where(name)}: cannot read {f.path} ({type(e).__name__}: {e})") from None
 
 
-def cut(pieces: Iterable[str], max_chars: int = SEGMENT_CHARS) -> Iterator[tuple[str, bool, bool]]:
+def cut(pieces: Iterable[str]) -> Iterator[tuple[str, bool, bool]]:
     """One document, given as consecutive pieces of text, as (segment, first, last) of at most
-    about `max_chars` characters each, cut at SAFE_CUT (a document with no such place is one
+    about SEGMENT_CHARS characters each, cut at SAFE_CUT (a document with no such place is one
     segment)."""
-    buf, first, scanned = "", True, 0
+    buf, first, scanned, max_chars = "", True, 0, SEGMENT_CHARS
     for piece in pieces:
         buf += piece
         while len(buf) > max_chars:
@@ -174,13 +178,12 @@ def cut(pieces: Iterable[str], max_chars: int = SEGMENT_CHARS) -> Iterator[tuple
     yield buf, first, True
 
 
-def segments(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, hasher=None,
-             max_chars: int = SEGMENT_CHARS) -> Iterator[tuple[str, bool, bool]]:
+def segments(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, hasher=None) -> Iterator[tuple[str, bool, bool]]:
     """The documents of a file as (segment, first, last) in order (see `cut`); holds one read,
     one document of jsonl, or a whole Python file (parsed for its docstrings) at a time."""
     text = read_text(name, src, f, stats, hasher)
     if src.format == "text":  # the file is one document, unless it is blank
-        out = cut(text, max_chars)
+        out = cut(text)
         head = next(out)
         if head[2] and not head[0].strip():  # one segment, all whitespace: no document
             return
@@ -191,7 +194,7 @@ def segments(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, hash
         docs = _jsonl(src.field, _lines(text), stats) if src.format == "jsonl" else _docstrings("".join(text))
         for doc in docs:
             stats.documents += 1
-            yield from cut([doc], max_chars)
+            yield from cut([doc])
 
 
 def documents(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats) -> Iterator[str]:
