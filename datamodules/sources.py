@@ -68,6 +68,13 @@ at whitespace ("\\n" is a piece of its own), jieba yields each whitespace charac
 REPLACEMENT = "\ufffd".encode()
 
 
+def stable_metadata(info: dict) -> dict | None:
+    """Size and the STABLE_KEYS of a store's report on a file (json-able), or None if it has none
+    of them."""
+    stable = {k: str(info[k]) for k in STABLE_KEYS if info.get(k) is not None}
+    return {"size": int(info.get("size") or 0), **stable} if stable else None
+
+
 @dataclass
 class SourceFile:
     """A file of a source, with what its store reported about it when it was listed."""
@@ -84,17 +91,14 @@ class SourceFile:
         return int(self.info.get("size") or 0)
 
     def metadata(self) -> dict | None:
-        """Size and the stable keys of the store's report (json-able), or None if it has none of them."""
-        stable = {k: str(self.info[k]) for k in STABLE_KEYS if self.info.get(k) is not None}
-        return {"size": self.size, **stable} if stable else None
+        return stable_metadata(self.info)
 
     def still_the_same(self) -> bool:
         """Whether the store reports the same metadata as when the file was listed."""
         try:
-            now = SourceFile(self.file, self.file.fs.info(self.file.path))
-        except OSError:
+            return stable_metadata(self.file.fs.info(self.file.path)) == self.metadata()
+        except OSError:  # gone
             return False
-        return now.metadata() == self.metadata()
 
 
 def expand(name: str, src: SourceConfig) -> list[SourceFile]:
@@ -111,10 +115,10 @@ def expand(name: str, src: SourceConfig) -> list[SourceFile]:
         raise UserError(f"{where(name, 'url')}: cannot open {src.url!r}: {e}") from None
     listed = []
     for p, info in sorted(found.items()):
-        if info.get("size") is None or SourceFile(None, info).metadata() is None:  # HTTP listings: names only
+        if info.get("size") is None or stable_metadata(info) is None:  # HTTP listings: names only
             try:
                 info = fs.info(p)
-            except OSError:  # a plain path that does not exist
+            except (OSError, ValueError):  # a plain path that does not exist, or cannot (a NUL byte)
                 continue
         if info.get("type") == "file":
             listed.append(SourceFile(fsspec.core.OpenFile(fs, p, "rb", compression=infer_compression(p)), info))

@@ -596,13 +596,14 @@ PATHOLOGICAL_PYTHON = {
 
 
 @pytest.mark.parametrize("case", list(PATHOLOGICAL_PYTHON))
-def test_python_docstrings_of_a_pathological_module(case):
-    from datamodules.sources import ReadStats, documents
+def test_python_docstrings_of_a_pathological_module(case, tmp_path):
+    from datamodules.sources import ReadStats, documents, expand
 
     stats = ReadStats()
-    text = f'"""A module docstring long enough to be kept as a document."""\n{PATHOLOGICAL_PYTHON[case]}\n'
-    assert list(documents("py", SourceConfig(url="x.py", format="python_docstrings"), "x.py", text.encode(),
-                          stats)) == []
+    (tmp_path / "x.py").write_text(f'"""A module docstring long enough to be kept as a document."""\n'
+                                   f'{PATHOLOGICAL_PYTHON[case]}\n')
+    src = SourceConfig(url=str(tmp_path / "x.py"), format="python_docstrings")
+    assert list(documents("py", src, expand("py", src)[0], stats)) == []
     assert stats.documents == 0
 
 
