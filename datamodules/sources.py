@@ -170,8 +170,11 @@ def cut(pieces: Iterable[str]) -> Iterator[tuple[str, bool, bool]]:
         buf += piece
         while len(buf) > max_chars:
             at = None
-            for m in SAFE_CUT.finditer(buf, max(1, scanned), max_chars + 1):
-                at = m.start()
+            for lo in (max_chars - 4096, 1):  # the last place to cut is nearly always near the end
+                for m in SAFE_CUT.finditer(buf, max(lo, scanned, 1), max_chars + 1):
+                    at = m.start()
+                if at is not None:
+                    break
             if at is None and (m := SAFE_CUT.search(buf, max(max_chars, scanned))):
                 at = m.start()
             if at is None:  # no place to cut yet: read on, without scanning this text again
