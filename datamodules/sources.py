@@ -110,16 +110,15 @@ def expand(name: str, src: SourceConfig) -> list[SourceFile]:
     try:
         fs, path = fsspec.core.url_to_fs(url)
         # Not fsspec.open_files: it asks isdir() of every match, which over HTTP downloads each file.
-        found = fs.glob(path, detail=True) if fsspec.core.has_magic(path) else {path: {}}
+        found = fs.glob(path) if fsspec.core.has_magic(path) else [path]
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"{where(name, 'url')}: cannot open {src.url!r}: {e}") from None
     listed = []
-    for p, info in sorted(found.items()):
-        if info.get("size") is None or stable_metadata(info) is None:  # HTTP listings: names only
-            try:
-                info = fs.info(p)
-            except (OSError, ValueError):  # a plain path that does not exist, or cannot (a NUL byte)
-                continue
+    for p in sorted(found):
+        try:  # info() as still_the_same() asks it (a listing may word it otherwise); s3fs answers from its listing
+            info = fs.info(p)
+        except (OSError, ValueError):  # a plain path that does not exist, or cannot (a NUL byte)
+            continue
         if info.get("type") == "file":
             listed.append(SourceFile(fsspec.core.OpenFile(fs, p, "rb", compression=infer_compression(p)), info))
     if not listed:
