@@ -111,10 +111,13 @@ def plan(name: str, src: SourceConfig, files: list[SourceFile], tokenizer: Token
     """The pieces of a source, in file order, with their keys; reads no contents (but see
     `identities`)."""
     groups: list[list[int]] = [[]]
+    size = 0
     for i, f in enumerate(files):
-        if groups[-1] and sum(files[j].size for j in groups[-1]) + f.size > PIECE_BYTES:
+        if groups[-1] and size + f.size > PIECE_BYTES:
             groups.append([])
+            size = 0
         groups[-1].append(i)
+        size += f.size
     ids = identities(name, src, files)
     tok = hashlib.sha256(tokenizer.model_bytes).hexdigest()
     return [Piece(_key(SHARD_FORMAT, src.format, src.field, tok, [ids[i] for i in g]), [files[i] for i in g])

@@ -297,3 +297,18 @@ def test_data_prepare_names_an_unknown_key_of_a_source(tmp_path, corpus, capsys)
     code, _, err = run_cli(capsys, "data", "prepare", "--config", config)
     assert code == 2 and err.strip() == (f"error: {config}: data.sources.en.wieght: unknown key; expected: "
                                          "url, weight, format, field")
+
+
+def test_data_prepare_covers_the_sources_that_accepted_data_proposals_add_later(tmp_path, corpus):
+    from conftest import write_proposal
+
+    from cpm_lightning.registry.commands import data_configs
+
+    extra = tmp_path / "extra.txt"
+    extra.write_text(english_text(5))
+    write_proposal(tmp_path / "registry", 1, {"data.sources.extra": {"url": str(extra), "weight": 0.5}}, kind="data",
+                   effective_from_step=10)
+    write_proposal(tmp_path / "registry", 2, {"data.sources.more": {"url": str(extra)}}, kind="data", status="draft")
+    config = write_config(tmp_path / "config.yaml", corpus, **{"registry.path": str(tmp_path / "registry"),
+                                                             "registry.allowed_sources": [str(tmp_path)]})
+    assert [sorted(d.sources) for d in data_configs(config)] == [["en", "zh"], ["en", "extra", "zh"]]
