@@ -16,7 +16,7 @@ import pytest
 from conftest import EN, ZH, english_text, write_config
 
 from cpm_lightning.cli import main
-from cpm_lightning.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from cpm_lightning.tokenizer import CpmAntTokenizer, Tokenizer, save_tokenizer, train_tokenizer
 from datamodules import shards, sources
 from datamodules.pretrain import PretrainDataModule, TrainStream
 from datamodules.shards import open_source, prepare_source
@@ -102,11 +102,13 @@ def test_a_long_document_cut_into_segments_has_the_tokens_of_the_whole(tokenizer
     monkeypatch.setattr(sources, "SEGMENT_CHARS", 50)
     cuts = list(sources.cut(iter(text[i:i + 333] for i in range(0, len(text), 333))))
     assert len(cuts) > 100 and "".join(s for s, _, _ in cuts) == text
-    tok = Tokenizer.load(str(tokenizer))
-    ids = []
-    for segment, first, _ in cuts:
-        ids += tok.encode_batch([segment], continued=not first)[0]
-    assert ids == tok.encode(text)
+    words = ["<pad>", "<unk>", "<s>", "</s>", "</_>", "</n>", *sorted(set(text) - {" ", "\n"}), "It", "is", "子曰", "學而"]
+    cpm_ant = CpmAntTokenizer("\n".join(words).encode() + b"\n")  # CPM-Ant's vocab.txt kind, with jieba
+    for tok in (Tokenizer.load(str(tokenizer)), cpm_ant):
+        ids = []
+        for segment, first, _ in cuts:
+            ids += tok.encode_batch([segment], continued=not first)[0]
+        assert ids == tok.encode(text)
 
 
 class CountingHandler(http.server.SimpleHTTPRequestHandler):
