@@ -77,7 +77,7 @@ class CPMCLI(LightningCLI):
         # A resumed run keeps the tokenizer it was trained with (run_config.kept_tokenizer).
         tokenizer = self.ckpt_meta.get("cpm", {}).get("tokenizer")
         if tokenizer is not None and cfg.data.tokenizer is None:
-            cfg.data.tokenizer = kept_tokenizer(cfg.data.cache_dir, tokenizer)
+            cfg.data.tokenizer = kept_tokenizer(cfg.data, tokenizer)
         # A run may start from a model directory: its architecture always, its weights unless
         # the run resumes a checkpoint (checkpoint.resume=auto after a requeue).
         self.init_from = cfg.checkpoint.init_from if self.subcommand == "fit" else None

@@ -9,12 +9,11 @@ into a LightningModule and a LightningDataModule.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from cpm_lightning.config import ModelConfig
 from cpm_lightning.tokenizer import Tokenizer, save_tokenizer
 from datamodules.config import DataConfig
-from datamodules.shards import default_cache_dir
+from datamodules.remote import cached_file, locations
 
 GROUPS: dict[str, type] = {"model": ModelConfig, "data": DataConfig}
 VERBS = ("fit", "validate", "test")  # the verbs that train or evaluate from a run config
@@ -29,13 +28,11 @@ def training_classes() -> tuple[type, type]:
     return CausalLM, PretrainDataModule
 
 
-def kept_tokenizer(cache_dir: str | None, model_bytes: bytes) -> str:
+def kept_tokenizer(data: DataConfig, model_bytes: bytes) -> str:
     """The path of a checkpoint's tokenizer, written into the data cache: a resumed run without
     data.tokenizer keeps the tokenizer it was trained with, although one trained on today's
     sources (a data proposal added one) would differ."""
     tokenizer = Tokenizer.from_bytes(model_bytes, "the checkpoint's tokenizer")
-    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "tokenizers" / (
-        f"{hashlib.sha256(model_bytes).hexdigest()[:32]}-{tokenizer.file_name}")
-    if not path.exists():
-        save_tokenizer(tokenizer, str(path))
-    return str(path)
+    local, remote = locations(data.cache_dir, data.local_cache)
+    return str(cached_file(local, f"tokenizers/{hashlib.sha256(model_bytes).hexdigest()[:32]}-{tokenizer.file_name}",
+                           remote, lambda path: save_tokenizer(tokenizer, str(path))))

@@ -36,8 +36,12 @@ class DataConfig:
     seed: int = ranged(0, ge=0)
     """Seed of the per-source window order."""
     cache_dir: str | None = None
-    """Where shards and trained tokenizers are cached; unset: $CPM_LIGHTNING_CACHE or
-    ~/.cache/cpm-lightning."""
+    """Where shards and trained tokenizers are cached: a local directory, or an fsspec URL
+    (s3://, gs://, file://...) shared by machines, mirrored in `local_cache`; unset:
+    $CPM_LIGHTNING_CACHE (a directory or a URL) or ~/.cache/cpm-lightning."""
+    local_cache: str | None = None
+    """With a URL as cache: the local directory its pieces, manifests and tokenizers are
+    downloaded into and memory-mapped from; unset: ~/.cache/cpm-lightning."""
 
     def __post_init__(self):
         if not self.sources:

@@ -12,7 +12,8 @@ from pathlib import Path
 from cpm_lightning.errors import UserError
 from cpm_lightning.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
 from datamodules.config import DataConfig
-from datamodules.shards import Piece, checked_documents, default_cache_dir, fingerprint, plan, prepare_source
+from datamodules.remote import cached_file, locations
+from datamodules.shards import Piece, checked_documents, fingerprint, plan, prepare_source
 from datamodules.sources import SourceFile, expand
 
 
@@ -22,7 +23,8 @@ class PreparedData:
 
     def __init__(self, data: DataConfig):
         self.data = data
-        self.cache_path = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+        self.cache_path, self.remote = locations(data.cache_dir, data.local_cache)
+        """The local cache (with a remote cache_dir: its local mirror), and the remote cache or None."""
         self._files: dict[str, list[SourceFile]] = {}
         self._tokenizer: Tokenizer | None = None
         self._manifests: dict[str, Path] = {}
@@ -43,12 +45,13 @@ class PreparedData:
         key = hashlib.sha256(json.dumps(
             [self.data.tokenizer_vocab_size, *(fingerprint(n, s, self.files(n)) for n, s in sources)]
         ).encode()).hexdigest()[:32]
-        path = self.cache_path / "tokenizers" / f"{key}.model"
-        if not path.exists():
+
+        def train(path: Path) -> None:
             print(f"training a {self.data.tokenizer_vocab_size}-piece tokenizer on the sources -> {path}", file=sys.stderr)
             texts = (d for n, s in sources for d in checked_documents(n, s, self.files(n)))
             save_tokenizer(train_tokenizer(texts, self.data.tokenizer_vocab_size), str(path))
-        return Tokenizer.load(str(path))
+
+        return Tokenizer.load(str(cached_file(self.cache_path, f"tokenizers/{key}.model", self.remote, train)))
 
     def pieces(self, name: str) -> list[Piece]:
         return plan(name, self.data.sources[name], self.files(name), self.tokenizer)
@@ -58,7 +61,7 @@ class PreparedData:
         given; then None until every piece is there). Remembered once complete."""
         if name not in self._manifests:
             found = prepare_source(name, self.data.sources[name], self.tokenizer, self.cache_path,
-                                   self.files(name), only)
+                                   self.files(name), only, self.remote)
             if found is None:
                 return None
             self._manifests[name] = found

@@ -19,7 +19,8 @@ else. A source's stream of tokens is its pieces' streams in order, the same toke
 order, as one shard of the whole source: the mixture draws the same windows.
 
 `<cache>/manifests/<key>.json` lists the pieces of a source and its counts, written once all
-are there.
+are there. A cache at an fsspec URL is mirrored in a local cache (datamodules/remote.py): the
+functions here take the local one and the remote one, if any.
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from cpm_lightning.errors import UserError
 from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
 from cpm_lightning.tokenizer import Tokenizer
+from datamodules.remote import RemoteCache, cached_file, host, temporary_piece
 from datamodules.sources import (
     ReadStats,
     SourceConfig,
@@ -61,10 +61,6 @@ ENCODE_CHARS = 1 << 23
 """Characters per tokenizer call (8 Mi): SentencePiece spreads a call's segments over the cores;
 the token lists it returns (~36 bytes a token) are most of the memory a build takes."""
 CHANGE_RETRIES = 3
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CPM_LIGHTNING_CACHE", Path.home() / ".cache" / "cpm-lightning"))
 
 
 def _key(*parts) -> str:
@@ -205,14 +201,10 @@ def _writable(cache_dir: Path) -> Path:
     return shards
 
 
-def _host() -> str:
-    return socket.gethostname().replace("-", "_")  # "-" separates the parts of a temporary name
-
-
 def _drop_dead_builds(parent: Path, key: str) -> None:
     """Remove the temporary directories of builds of `key` that were killed on this machine:
     their names carry the host and process id (a live build, here or elsewhere, is left alone)."""
-    for tmp in parent.glob(f".{key}-{_host()}-*-*"):
+    for tmp in parent.glob(f".{key}-{host()}-*-*"):
         pid = int(tmp.name.split("-")[-2])
         try:
             os.kill(pid, 0)
@@ -223,16 +215,21 @@ def _drop_dead_builds(parent: Path, key: str) -> None:
 
 
 def build_piece(name: str, src: SourceConfig, piece: Piece, tokenizer: Tokenizer, cache_dir: Path,
-                alone: bool = False) -> Path:
-    """The shard directory of `piece`, tokenized first unless it is in the cache. Raises
-    _Changed if a file's metadata changed while it was read. `alone`: the piece is the whole
-    source, so a source without text is an error before anything is written."""
+                alone: bool = False, remote: RemoteCache | None = None) -> Path:
+    """The shard directory of `piece` in the local cache: found there, else downloaded from the
+    remote cache, else tokenized (and uploaded). Raises _Changed if a file's metadata changed
+    while it was read. `alone`: the piece is the whole source, so a source without text is an
+    error before anything is written."""
     parent = _writable(cache_dir)
     final = parent / piece.key
     if (final / "meta.json").exists():
+        if remote is not None:  # built before this cache was shared
+            remote.publish_piece(final, piece.key)
         return final
     _drop_dead_builds(parent, piece.key)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{piece.key}-{_host()}-{os.getpid()}-", dir=parent))
+    if remote is not None and remote.fetch_piece(piece.key, final):
+        return final
+    tmp = temporary_piece(parent, piece.key)
     try:
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
         stats, ends, total, files = ReadStats(), [], 0, []
@@ -283,20 +280,24 @@ def build_piece(name: str, src: SourceConfig, piece: Piece, tokenizer: Tokenizer
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if remote is not None:
+        remote.publish_piece(final, piece.key)
     return final
 
 
 def prepare_source(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir: Path,
-                   files: list[SourceFile] | None = None, only: set[str] | None = None) -> Path | None:
+                   files: list[SourceFile] | None = None, only: set[str] | None = None,
+                   remote: RemoteCache | None = None) -> Path | None:
     """Build the pieces of a source that the cache lacks (of them, those whose keys are in
     `only`, when given), and return its manifest once every piece is there (None before).
+    `cache_dir` is the local cache, or the local mirror of `remote`.
     A file that changes while it is read is listed again and its piece redone."""
     for attempt in range(CHANGE_RETRIES):
         pieces = plan(name, src, expand(name, src) if files is None or attempt else files, tokenizer)
         try:
             for piece in pieces:
                 if only is None or piece.key in only:
-                    build_piece(name, src, piece, tokenizer, cache_dir, alone=len(pieces) == 1)
+                    build_piece(name, src, piece, tokenizer, cache_dir, len(pieces) == 1, remote)
             break
         except _Changed as changed:
             print(f"warning: {where(name)}: {changed} changed while it was tokenized; preparing it again",
@@ -304,19 +305,29 @@ def prepare_source(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir
     else:
         raise UserError(f"{where(name)}: files of {src.url!r} kept changing while they were tokenized "
                         f"({CHANGE_RETRIES} tries); prepare the data once they are written")
-    return write_manifest(name, src, pieces, cache_dir)
+    _writable(cache_dir)
+    path = cached_file(cache_dir, f"manifests/{_key(SHARD_FORMAT, [p.key for p in pieces])}.json", remote,
+                       lambda path: write_manifest(name, src, pieces, path, remote))
+    return path if path.exists() else None
 
 
-def write_manifest(name: str, src: SourceConfig, pieces: list[Piece], cache_dir: Path) -> Path | None:
-    """The manifest of a source whose pieces are all in the cache (written the first time, with
-    the warnings about what was skipped), or None while some are missing."""
-    parent = _writable(cache_dir)
-    path = cache_dir / "manifests" / f"{_key(SHARD_FORMAT, [p.key for p in pieces])}.json"
-    if path.exists():
-        return path
-    if not all((parent / p.key / "meta.json").exists() for p in pieces):
-        return None
-    metas = [json.loads((parent / p.key / "meta.json").read_text()) for p in pieces]
+def _piece_meta(parent: Path, key: str, remote: RemoteCache | None) -> dict | None:
+    """meta.json of piece `key`, from the local cache or the remote one; None if neither has it."""
+    local = parent / key / "meta.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    return None if remote is None else remote.piece_meta(key)
+
+
+def write_manifest(name: str, src: SourceConfig, pieces: list[Piece], path: Path,
+                   remote: RemoteCache | None = None) -> None:
+    """Write the manifest `path` of a source whose pieces are all in the cache (local, or remote
+    too), with the warnings about what was skipped; nothing while some are missing."""
+    metas = []
+    for p in pieces:
+        metas.append(_piece_meta(path.parent.parent / "shards", p.key, remote))
+        if metas[-1] is None:
+            return
     stats = ReadStats(*(sum(m[k] for m in metas) for k in ("bad_lines", "replaced_bytes", "documents")))
     for warning in check_stats(name, src, stats):
         print(f"warning: {warning}", file=sys.stderr)
@@ -328,7 +339,6 @@ def write_manifest(name: str, src: SourceConfig, pieces: list[Piece], cache_dir:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path)
-    return path
 
 
 def open_source(manifest: Path, cache_dir: Path) -> SourceTokens:

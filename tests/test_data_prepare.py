@@ -19,6 +19,7 @@ from cpm_lightning.cli import main
 from cpm_lightning.tokenizer import CpmAntTokenizer, Tokenizer, save_tokenizer, train_tokenizer
 from datamodules import shards, sources
 from datamodules.pretrain import PretrainDataModule, TrainStream
+from datamodules.remote import RemoteCache
 from datamodules.shards import open_source, prepare_source
 from datamodules.sources import SourceConfig
 
@@ -314,3 +315,82 @@ def test_data_prepare_covers_the_sources_that_accepted_data_proposals_add_later(
     config = write_config(tmp_path / "config.yaml", corpus, **{"registry.path": str(tmp_path / "registry"),
                                                              "registry.allowed_sources": [str(tmp_path)]})
     assert [sorted(d.sources) for d in data_configs(config)] == [["en", "zh"], ["en", "extra", "zh"]]
+
+
+def test_part_workers_fill_a_url_cache_that_fit_uses_from_an_empty_mirror(tmp_path, corpus, small_pieces, monkeypatch,
+                                                                          capsys):
+    """`file://` goes through fsspec's generic code, as s3:// or gs:// would. Each machine has
+    a local mirror of its own."""
+    corpus["en"] = write_files(tmp_path / "text") / "*.txt"
+    remote = tmp_path / "remote"
+
+    def config(mirror: str) -> Path:
+        return write_config(tmp_path / f"{mirror}.yaml", corpus, **{
+            "trainer.max_steps": 1, "trainer.limit_val_batches": 0, "data.cache_dir": f"file://{remote}",
+            "data.local_cache": str(tmp_path / mirror)})
+
+    for part in ("0/2", "1/2"):
+        code, out, err = run_cli(capsys, "data", "prepare", "--config", config(f"mirror-{part[0]}"), "--part", part)
+        assert code == 0, err
+    assert all("; complete (" in line for line in out.splitlines()), out
+    keys = {p.name for p in (remote / "shards").iterdir()}
+    assert len(keys) > 2 and all((remote / "shards" / k / "complete").exists() for k in keys)
+    assert list((remote / "tokenizers").glob("*.model")) and len(list((remote / "manifests").glob("*.json"))) == 2
+    read = count_reads(monkeypatch)
+    code, _, err = run_cli(capsys, "fit", "--config", config("fit-mirror"))
+    assert code == 0, err
+    assert read == [] and "training a" not in err
+    assert {p.name for p in (tmp_path / "fit-mirror" / "shards").iterdir()} == keys  # downloaded, none built
+
+
+def test_a_piece_without_its_marker_in_a_url_cache_is_built_again(tmp_path, tokenizer, small_pieces, monkeypatch):
+    """An uploader killed before it wrote a piece's marker leaves a piece no reader takes."""
+    files, url = write_files(tmp_path / "text"), f"file://{tmp_path / 'remote'}"
+    src, tok = SourceConfig(url=str(files / "*.txt")), Tokenizer.load(str(tokenizer))
+    manifest = prepare_source("s", src, tok, tmp_path / "mirror-a", remote=RemoteCache(url))
+    pieces = json.loads(manifest.read_text())["pieces"]
+    half = tmp_path / "remote" / "shards" / pieces[1]["key"]
+    (half / "complete").unlink()
+    for tokens in half.glob("*/tokens.bin"):
+        tokens.write_bytes(tokens.read_bytes()[:10])  # and its upload cut short
+    read = count_reads(monkeypatch)
+    manifest = prepare_source("s", src, tok, tmp_path / "mirror-b", remote=RemoteCache(url))
+    assert read == [Path(f).name for f in pieces[1]["files"]]
+    assert stream(tmp_path / "mirror-b", manifest) == whole_stream(src, tok)
+    assert (half / "complete").exists()  # uploaded again, whole
+
+
+def test_two_uploaders_of_one_piece_to_a_url_cache_one_wins_and_the_other_drops_its_copy(tmp_path, tokenizer,
+                                                                                         monkeypatch):
+    path = tmp_path / "a.txt"
+    path.write_text(english_text(10))
+    tok, src, url = Tokenizer.load(str(tokenizer)), SourceConfig(url=str(path)), f"file://{tmp_path / 'remote'}"
+    real, other = RemoteCache._put, []
+
+    def put(self, local, rel):
+        if not other:  # another machine completes its upload of the same piece while this one uploads
+            other.append(True)
+            other.append(prepare_source("a", src, tok, tmp_path / "mirror-b", remote=RemoteCache(url)))
+        real(self, local, rel)
+
+    monkeypatch.setattr(RemoteCache, "_put", put)
+    manifest = prepare_source("a", src, tok, tmp_path / "mirror-a", remote=RemoteCache(url))
+    [piece] = (tmp_path / "remote" / "shards").iterdir()
+    upload = (piece / "complete").read_text()
+    assert sorted(p.name for p in piece.iterdir()) == sorted(["complete", upload])  # the loser's copy is gone
+    assert stream(tmp_path / "mirror-a", manifest) == stream(tmp_path / "mirror-b", other[1])
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("nosuchproto://x", "error: data.cache_dir: cannot read and write the data cache nosuchproto://x (ValueError: "
+                        "Protocol not known: nosuchproto); expected a local directory or an fsspec URL of a store "
+                        "this machine can read and write (or set $CPM_LIGHTNING_CACHE)"),
+    ("file://{tmp}/file/cache", "error: data.cache_dir: cannot read and write the data cache file://{tmp}/file/cache ("),
+])
+def test_data_prepare_into_a_url_cache_that_cannot_be_used(url, expected, tmp_path, corpus, tokenizer, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    url, expected = url.format(tmp=tmp_path), expected.format(tmp=tmp_path)
+    config = write_config(tmp_path / "config.yaml", corpus, **{"data.cache_dir": url, "data.tokenizer": str(tokenizer)})
+    code, out, err = run_cli(capsys, "data", "prepare", "--config", config)
+    assert code == 2 and err.startswith(expected) and err.count("\n") == 1 and not out, err
+    assert (tmp_path / "file").read_text() == "not a directory"

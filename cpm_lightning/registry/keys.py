@@ -30,7 +30,8 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "data": ("data",),
 }
 # Keys that are the operator's, not the community's (docs/ARCHITECTURE.md, "Configuration": where and how a run runs).
-OPERATOR_KEYS = {"data.cache_dir": "where a run caches its shards is the operator's choice"}
+OPERATOR_KEYS = {"data.cache_dir": "where a run caches its shards is the operator's choice",
+                 "data.local_cache": "where a machine mirrors a shared data cache is the operator's choice"}
 # jsonargparse reads these as instructions to import a class.
 CODE_PARTS = ("class_path", "init_args", "dict_kwargs")
 # String fields whose values are names in a registry; a bad name lists the valid ones.
