@@ -32,6 +32,7 @@ from cpm_lightning.live.protocol import (
     read_json,
     write_json,
 )
+from cpm_lightning.registry.keys import OPERATOR_KEYS
 
 NONE = -1  # "no step" in the per-step collective
 
@@ -188,6 +189,6 @@ def _sample_index(trainer) -> int:
 
 
 def _data_fingerprint(dm) -> str:
-    """The `data` group's values but the operator's cache_dir: a change means a new mixture."""
-    values = {f.name: getattr(dm, f.name) for f in dataclasses.fields(dm) if f.name != "cache_dir"}
+    """The `data` group's values but the operator's (where the caches are): a change means a new mixture."""
+    values = {f.name: getattr(dm, f.name) for f in dataclasses.fields(dm) if f"data.{f.name}" not in OPERATOR_KEYS}
     return json.dumps(values, sort_keys=True, default=lambda o: dataclasses.asdict(o))
