@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # The live demo (configs/demo-live.yaml): a fresh run under `live`, following a registry of the
-# seed proposals plus one that takes effect at step 150.
+# seed proposals plus one that takes effect at step 100.
 demo: $(STAMP)
 	rm -rf runs/demo
 	mkdir -p runs/demo/registry
