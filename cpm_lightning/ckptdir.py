@@ -61,10 +61,11 @@ def hashes_path(ckpt: Path) -> Path:
 
 def remove(path: Path) -> None:
     """A checkpoint (file with its hashes beside it, or directory), a partial one or a link, if it is there."""
-    if path.is_symlink() or path.is_file():
+    if path.is_symlink():  # last.ckpt: the checkpoint it names keeps its hashes
         path.unlink()
-        if not path.name == LAST:
-            hashes_path(path).unlink(missing_ok=True)
+    elif path.is_file():
+        path.unlink()
+        hashes_path(path).unlink(missing_ok=True)
     elif path.exists():
         shutil.rmtree(path)
 
