@@ -230,14 +230,3 @@ def live_env():
         mp.setenv("PYTHONPATH", f"{repo}{os.pathsep}{repo / 'tests'}")
         mp.setenv("OMP_NUM_THREADS", "1")
         yield mp
-
-
-# The longest test files first: `make test` gives each pytest-xdist worker a file at a time, in
-# this order, so the long ones start at once and the short ones fill in around them (longest
-# first keeps the last worker's tail short).
-LONGEST_FIRST = ("test_live.py", "test_live_fleet.py", "test_fsdp.py", "test_tracking.py", "test_integrity.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
