@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from cpm_lightning.callbacks import CarryTokenizer, LogSamplesPerSource
 from cpm_lightning.checkpoint import RUN_ID_KEY, Checkpoints, check_architecture, read_meta
@@ -22,6 +23,8 @@ from cpm_lightning.config import CheckpointConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.segment import LiveSegment, segment_plan
+from cpm_lightning.migration import plan_from
+from cpm_lightning.model.migrate import NoMigration
 from cpm_lightning.registry.apply import RegistryConfig, apply_registry
 from cpm_lightning.registry.keys import OPERATOR_KEYS, ConfigSchema
 from cpm_lightning.run_config import GROUPS, VERBS, kept_tokenizer
@@ -129,11 +132,24 @@ class CPMCLI(LightningCLI):
 
     def before_fit(self):
         if self.ckpt:
-            check_architecture(self.ckpt, self.model.arch)
+            self._plan_migration()
         # Here, before Lightning launches the other ranks: one error line, not one per rank.
         t = self.trainer
         self.datamodule.micro_batch_size(t.num_devices * t.num_nodes, t.accumulate_grad_batches)
         self._log_config()
+
+    def _plan_migration(self):
+        """A checkpoint of another model.arch resumes through migrations when some take it to this
+        run's (migration.py); otherwise its shapes must be this run's."""
+        try:
+            steps = plan_from(self.ckpt_meta["cpm"]["arch"], self.model.arch)
+        except NoMigration as e:
+            raise UserError(f"checkpoint {self.ckpt} cannot resume with this run's model.arch: {e}") from None
+        if not steps:
+            check_architecture(self.ckpt, self.model.arch)
+            return
+        self.model.migration = steps
+        rank_zero_info(f"{self.ckpt}: migrating to this run's model.arch: {'; '.join(map(str, steps))}")
 
     def _log_config(self):
         logger = self.trainer.logger

@@ -13,7 +13,9 @@ from torchmetrics.text import Perplexity
 
 from cpm_lightning.config import ModelConfig
 from cpm_lightning.loss import IGNORE, cross_entropy
+from cpm_lightning.migration import MODEL_KEY, migrate_file_checkpoint
 from cpm_lightning.model import CPMAnt
+from cpm_lightning.model.migrate import Step
 from cpm_lightning.model.stats import model_stats
 from cpm_lightning.modeldir import open_model_dir
 from cpm_lightning.perf import peak_flops
@@ -38,6 +40,11 @@ class CausalLM(ModelConfig, L.LightningModule):
         self.tokens_seen = 0
         self.skipped_steps = 0
         """Optimizer steps skipped for a non-finite loss or gradient, over the whole run."""
+        self.migration: list[Step] = []
+        """Set by fit when its checkpoint holds another model.arch: the migrations that take the
+        checkpoint's weights and AdamW state to this model as they are loaded (migration.py)."""
+        self.migrations: list[dict] = []
+        """Every migration this run's model went through, with the step it was applied at."""
         self._step_time: float | None = None
         self._last_batch_end: float | None = None
 
@@ -168,8 +175,14 @@ class CausalLM(ModelConfig, L.LightningModule):
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):
         checkpoint.setdefault("cpm", {}).update(arch=self.arch.to_dict(), tokens_seen=self.tokens_seen,
-                                                skipped_steps=self.skipped_steps)
+                                                skipped_steps=self.skipped_steps, migrations=self.migrations)
 
     def on_load_checkpoint(self, checkpoint):
         cpm = checkpoint.get("cpm", {})
         self.tokens_seen, self.skipped_steps = cpm.get("tokens_seen", 0), cpm.get("skipped_steps", 0)
+        self.migrations = list(cpm.get("migrations", []))
+        if self.migration:
+            if MODEL_KEY in checkpoint:  # a single file, which Lightning loads after this hook (FSDP2: loaded)
+                migrate_file_checkpoint(checkpoint, self.migration)
+            step = checkpoint.get("global_step", 0)
+            self.migrations += [{**s.as_dict(), "step": step} for s in self.migration]

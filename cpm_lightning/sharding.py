@@ -29,7 +29,9 @@ from torch.utils.checkpoint import checkpoint
 
 from cpm_lightning.checkpoint_files import CheckpointReader, PlainDataPlanner, check_file, user_errors
 from cpm_lightning.config import ParallelConfig
+from cpm_lightning.migration import MODEL_KEY, PREFIX, file_state, sharded_state
 from cpm_lightning.model import ArchConfig, CPMAnt
+from cpm_lightning.model.migrate import Step, migrate
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -49,6 +51,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         that checks the recorded hashes of what it reads and refuses pickled code
         (checkpoint_files.py); Lightning's own reads with DCP's default reader."""
         path = Path(self.broadcast(checkpoint_path))
+        if self.lightning_module.migration:
+            return self._load_migrated(path, self.lightning_module.migration)
         if not (path / _METADATA_FILENAME).is_file():  # a single file: torch.load(weights_only=True)
             return super().load_checkpoint(path, weights_only)
         reader = CheckpointReader(path)  # one reader: each chunk is checked once
@@ -64,6 +68,24 @@ class FSDP2Strategy(ModelParallelStrategy):
                                      options=StateDictOptions(cpu_offload=True))
         check_file(path, _METADATA_FILENAME)
         return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+
+    def _load_migrated(self, path: Path, steps: list[Step]) -> dict:
+        """A checkpoint of another architecture (migration.py): every rank reads its full tensors,
+        migrates them and keeps its shards of the result. Holds the whole model and its AdamW
+        state in each rank's CPU memory for the while."""
+        sharded = (path / _METADATA_FILENAME).is_file()
+        check_file(path, _METADATA_FILENAME if sharded else None)
+        meta = torch.load(path / _METADATA_FILENAME if sharded else path, map_location="cpu", weights_only=True)
+        state = sharded_state(path, meta) if sharded else file_state(meta)
+        migrate(state, steps)
+        load_full_weights(self.lightning_module.model, state.weights.__getitem__)
+        for optimizer in self.optimizers:
+            groups = get_optimizer_state_dict(self.model, optimizer)["param_groups"]  # the run's settings
+            full = {"state": {PREFIX + n: m for n, m in state.moments.items()}, "param_groups": groups}
+            set_optimizer_state_dict(self.model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+        meta.pop(MODEL_KEY, None)
+        meta.pop("optimizer_states", None)
+        return meta
 
 
 def apply_parallel(model: CPMAnt, parallel: ParallelConfig) -> None:

@@ -23,7 +23,8 @@ def _local_bytes(t: torch.Tensor) -> int:
 class Record(L.Callback):
     """Rank 0 appends one JSON line per step to `out`/steps.jsonl: the global batch's loss and
     its samples in global order. After the last step it writes each rank's parameter and
-    optimizer bytes (bytes.json), at the end the logits of PROBE_INPUT (logits.pt)."""
+    optimizer bytes (bytes.json); the logits of PROBE_INPUT when training starts (logits-start.pt)
+    and ends (logits.pt)."""
 
     def __init__(self, out: str):
         self.out = out
@@ -51,11 +52,17 @@ class Record(L.Callback):
             with open(os.path.join(self.out, "bytes.json"), "w") as f:
                 json.dump({"full_params": full, "per_rank": per_rank.reshape(-1, 2).tolist()}, f)
 
+    def on_train_start(self, trainer, pl_module):
+        self._write_logits(trainer, pl_module, "logits-start.pt")
+
     def on_train_end(self, trainer, pl_module):
-        with torch.no_grad():
+        self._write_logits(trainer, pl_module, "logits.pt")
+
+    def _write_logits(self, trainer, pl_module, name: str):
+        with torch.no_grad():  # every rank: a sharded forward gathers the weights
             logits = pl_module.model(PROBE_INPUT.to(pl_module.device))
         if trainer.is_global_zero:
-            torch.save(logits.cpu(), os.path.join(self.out, "logits.pt"))
+            torch.save(logits.cpu(), os.path.join(self.out, name))
 
 
 class SignalAt(L.Callback):

@@ -8,6 +8,9 @@ slow to start, so a few of them serve several tests:
   killed      2 ranks, resumes by itself (checkpoint.resume=auto) from the SIGTERM checkpoint,
               SIGKILLed while writing the checkpoint of step 2N    (b) (e)
   resumed1    1 process, --ckpt_path last: the step-N checkpoint   (b) (e)
+  grown2      2 ranks, straight2's last checkpoint with ff_dim grown (a migration, issue 13),
+              to step 4N, checkpoints at 3N and 4N
+  grown1      1 process, grown2's checkpoint of step 3N, to step 4N
 The probes are in fsdp_probe.py. benchmarks/gpu_check.sh runs the resume test on GPU through
 the CPM_FSDP_TEST_* variables below (bf16 compute: losses agree to a looser tolerance there).
 """
@@ -15,6 +18,7 @@ the CPM_FSDP_TEST_* variables below (bf16 compute: losses agree to a looser tole
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -118,6 +122,17 @@ def preempted(runs):
     _, resumed1 = runs.fit("resumed1", 1, "--ckpt_path", "last", **{"model.parallel.activation_checkpointing": True})
     return {"sigterm": sigterm, "sigterm_out": sigterm_out, "killed": killed, "killed_out": killed_out,
             "resumed1": resumed1}
+
+
+@pytest.fixture(scope="module")
+def grown(runs, straight2):
+    grow = {"model.arch.ff_dim": 192, "trainer.max_steps": 4 * N, "checkpoint.keep_last": 2}
+    shutil.copytree(runs.root / "straight2" / "checkpoints", runs.root / "grown2" / "checkpoints", symlinks=True)
+    out, grown2 = runs.fit("grown2", WORLD, "--ckpt_path", "last", **grow)
+    shutil.copytree(runs.root / "grown2" / "checkpoints", runs.root / "grown1" / "checkpoints", symlinks=True)
+    _, grown1 = runs.fit("grown1", 1, "--ckpt_path", str(runs.root / "grown1" / "checkpoints" / f"step-{3 * N:08d}.ckpt"),
+                         **grow)
+    return SimpleNamespace(out=out, grown2=grown2, grown1=grown1)
 
 
 def assert_same_steps(got: list[dict], want: list[dict]):
@@ -254,12 +269,28 @@ def test_overrides_of_a_sharded_resume_are_what_trains(runs, straight2):
     assert_optimizer_used(out / "optim.jsonl", 2 * N)
 
 
+def test_a_sharded_run_grows_ff_dim_and_a_resume_on_one_process_is_exact(runs, straight2, grown):
+    assert "migrating to this run's model.arch: grow_ff_dim (model.arch.ff_dim 128 -> 192)" in grown.out
+    # The migrated, resharded model computes what the checkpoint's did.
+    before = torch.load(runs.root / "straight2" / "logits.pt")
+    after = torch.load(runs.root / "grown2" / "logits-start.pt")
+    assert (after - before).abs().max() <= 1e-5
+    assert [s["step"] for s in grown.grown2] == list(range(2 * N + 1, 4 * N + 1))
+    assert all(math.isfinite(s["loss"]) for s in grown.grown2)
+    assert_same_steps(grown.grown1, grown.grown2[N:])
+    ckpt = runs.root / "grown2" / "checkpoints" / f"step-{4 * N:08d}.ckpt"
+    meta = read_meta(ckpt)
+    assert meta["cpm"]["arch"]["ff_dim"] == 192
+    assert meta["cpm"]["migrations"] == [{"name": "grow_ff_dim", "key": "ff_dim", "old": 128, "new": 192,
+                                          "exact": True, "step": 2 * N}]
+
+
 def test_checkpoint_of_another_architecture(runs, straight2, capsys):
     ckpt = runs.root / "straight2" / "checkpoints" / "last.ckpt"
     cfg = runs.config("other_arch", 2, **{"model.arch.ff_dim": 96})
     line = user_error(capsys, ["fit", "--config", str(cfg), "--ckpt_path", str(ckpt)])
-    assert line == (f"error: checkpoint {ckpt}: blocks.0.ffn.w_0.weight has shape [128, 64], but this "
-                    "run's model.arch expects [96, 64]")
+    assert line == (f"error: checkpoint {ckpt} cannot resume with this run's model.arch: model.arch.ff_dim 128 -> 96: "
+                    "a migration only grows it (128 -> 96 would drop what the model learned)")
 
 
 def test_unwritable_checkpoint_directory(runs, straight2, tmp_path, capsys):

@@ -80,6 +80,8 @@ class Status:
     checkpoints: dict[str, int] = field(default_factory=dict)
     """Step -> global sample index (the mixture's position) of the checkpoint this segment
     started from and of those it wrote."""
+    migrations: list[dict] = field(default_factory=list)
+    """The migrations its model went through as it loaded its checkpoint (model/migrate.Step.as_dict)."""
     divergence: dict | None = None
     """When it diverged: step, loss, the window's mean and std, non-finite steps in a row, and
     the sample index after the step (end of the window to skip)."""

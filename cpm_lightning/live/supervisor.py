@@ -17,7 +17,7 @@ The records it writes, beyond time/step/kind/proposals/changes/reason (ledger.py
   start      checkpoint, in_effect (ids), since ({id: step it took effect}), registry, kinds,
              exclude, allowed_sources, max_params (the registry group), argv
   applied    in_effect, removed (ids), loss (the last loss before the change), sha256 ({id: sha} of
-             those added)
+             those added), migrations (those the model went through: name, key, old, new, exact)
   deferred   sha256
   rejected   sha256 (ids and versions left out; none when the registry itself was unreadable)
   rollback   resume_step, skipped_samples ([start, end) global indices), divergence, removed
@@ -46,12 +46,13 @@ from cpm_lightning.live import watch
 from cpm_lightning.live.ledger import Ledger, RunState, Uploader
 from cpm_lightning.live.protocol import SEGMENT_ENV, Control, LiveDir, Plan, Status, holder, lock, read_json, write_json
 from cpm_lightning.live.settings import Settings
+from cpm_lightning.model.migrate import Step, why_none
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.schema import ACCEPTED, Proposal
 from cpm_lightning.run_config import GROUPS
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-ARCH_APPLIED_MID_RUN = {"model.arch.max_len"}  # leaves every parameter as it is
+ARCH = "model.arch."
 EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*")  # the last line of a traceback
 
 
@@ -202,16 +203,18 @@ class Supervisor:
 
     def _eligible(self, step: int, arch_ok: bool = False) -> dict[int, Proposal]:
         """The accepted proposals this run applies when they are due, by id; records those
-        deferred (architecture changes mid-run)."""
+        deferred (architecture changes mid-run that no migration folds in)."""
         out = {}
         for p in self.reading.registry.proposals.values():
             if (p.status != ACCEPTED or p.kind not in self.s.registry.kinds or p.id in self.s.registry.exclude
                     or p.id in self.state.suspended or (p.id, p.sha256) in self.state.refused):
                 continue
-            mid_run = p.kind == "architecture" and set(p.changes) - ARCH_APPLIED_MID_RUN
-            if mid_run and not arch_ok and not (p.id in self.state.since and self.state.versions.get(p.id) == p.sha256):
-                self.record("deferred", step, "an architecture change other than model.arch.max_len, mid-run: "
-                            "not applied (function-preserving migrations are a later issue)",
+            # Whether the values allow a migration (ff_dim grows, ...) the segment finds out: it
+            # refuses one that does not with a line, recorded as `rejected`.
+            unfoldable = [f"{k}: {why}" for k in sorted(p.changes) if k.startswith(ARCH)
+                          and (why := why_none(k.removeprefix(ARCH)))]
+            if unfoldable and not arch_ok and not (p.id in self.state.since and self.state.versions.get(p.id) == p.sha256):
+                self.record("deferred", step, f"no migration folds it into the running model ({'; '.join(unfoldable)})",
                             proposals=[p.id], sha256={p.id: p.sha256})
                 continue
             out[p.id] = p
@@ -344,8 +347,11 @@ class Supervisor:
                        for k in sorted(set(old) | set(status.resolved)) if old.get(k) != status.resolved.get(k)}
             reasons = [f"{eligible[i].label} {self._why(eligible[i], step)}" for i in added]
             reasons += [f"{i:04d} {self._why_not(i, step)}" for i in removed]
+            if status.migrations:
+                reasons.append(f"the model migrated: {', '.join(str(Step(**m)) for m in status.migrations)}")
             self.record("applied", step, "; ".join(reasons), proposals=added, removed=removed, in_effect=in_effect,
-                        changes=changes, loss=self.last_loss, sha256={i: eligible[i].sha256 for i in added})
+                        changes=changes, loss=self.last_loss, sha256={i: eligible[i].sha256 for i in added},
+                        migrations=status.migrations)
         self.resolved = status.resolved
 
     def _why(self, p: Proposal, step: int) -> str:

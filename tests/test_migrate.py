@@ -1,0 +1,176 @@
+"""Migrations (issue 13): a trained model grown into a new architecture computes the same function,
+and its AdamW state goes on training it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import EN, ZH
+
+from cpm_lightning.model import ArchConfig, CPMAnt
+from cpm_lightning.model.migrate import MIGRATIONS, NoMigration, TrainState, migrate, plan
+
+TEXT = (" ".join(EN) + " " + " ".join(ZH)).encode()  # real text, as bytes: every id < 256 < vocab 512
+GROWTH = {  # one exact migration each, from the tiny preset (ff_dim 128, 2 + 2 layers, 4 heads)
+    "grow_ff_dim": {"ff_dim": 192},
+    "add_attention_layers": {"num_attn_layers": 3},  # a new block on top, attention only
+    "add_ffn_layers": {"num_ffn_layers": 3},
+    "attention_into_ffn_blocks": {"num_attn_layers": 3, "num_ffn_layers": 4},  # block 2 gets one, block 3 is new
+    "max_len": {"max_len": 512},
+    "split_qk_scale": {"split_qk_scale": True},
+    "all_at_once": {"ff_dim": 256, "num_ffn_layers": 4, "num_attn_layers": 3, "max_len": 512},
+}
+
+
+def _batch(seq_len: int = 48, batch: int = 4) -> torch.Tensor:
+    ids = torch.tensor(list(TEXT[: seq_len * batch + 1]))
+    return ids
+
+
+def _loss(model: CPMAnt, ids: torch.Tensor, seq_len: int = 48) -> torch.Tensor:
+    x, y = ids[:-1].view(-1, seq_len), ids[1:].view(-1, seq_len)
+    return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def _optimizer(model: CPMAnt) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def trained(arch: ArchConfig, steps: int = 4) -> tuple[CPMAnt, torch.optim.AdamW]:
+    """A tiny model trained a few steps on real text: zero-initialised parts are no longer zero."""
+    torch.manual_seed(0)
+    model = CPMAnt(arch)
+    model.init_weights()
+    opt = _optimizer(model)
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(model, _batch()).backward()
+        opt.step()
+    return model, opt
+
+
+def state_of(model: CPMAnt, opt: torch.optim.AdamW) -> TrainState:
+    names = {p: n for n, p in model.named_parameters()}
+    return TrainState(arch=model.cfg.to_dict(), weights={n: p.detach().clone() for n, p in model.named_parameters()},
+                      moments={names[p]: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}, step=4)
+
+
+def grown(state: TrainState) -> tuple[CPMAnt, torch.optim.AdamW]:
+    model = CPMAnt(ArchConfig(**state.arch))
+    model.load_state_dict(state.weights, strict=True)
+    opt = _optimizer(model)
+    params = dict(model.named_parameters())
+    for name, moments in state.moments.items():
+        opt.state[params[name]] = moments
+    return model, opt
+
+
+@pytest.mark.parametrize("ffn", ["gated_gelu", "swiglu"])
+@pytest.mark.parametrize("position", ["relative_buckets", "rotary"])
+@pytest.mark.parametrize("growth", list(GROWTH))
+def test_exact_migrations_keep_the_function_and_training_goes_on(growth, position, ffn):
+    old = ArchConfig(preset="tiny", vocab_size=512, position=position, ffn=ffn).resolved()
+    new = dataclasses.replace(old, **GROWTH[growth]).resolved()
+    model, opt = trained(old)
+    ids = _batch()
+    with torch.no_grad():
+        logits_before, loss_before = model(ids[:-1].view(-1, 48)), _loss(model, ids)
+    state = state_of(model, opt)
+    steps = plan(old.to_dict(), new.to_dict())
+    assert {s.key for s in steps} == set(GROWTH[growth]) and all(s.exact for s in steps)
+    migrate(state, steps)
+    assert state.arch == new.to_dict()
+    bigger, opt2 = grown(state)  # load_state_dict(strict=True): every tensor has the new shape
+    with torch.no_grad():
+        logits_after, loss_after = bigger(ids[:-1].view(-1, 48)), _loss(bigger, ids)
+    assert (logits_after - logits_before).abs().max() <= 1e-5
+    assert abs(float(loss_after) - float(loss_before)) <= 1e-4
+    # Training goes on from the carried state: the loss on the batch keeps falling.
+    for _ in range(3):
+        opt2.zero_grad()
+        _loss(bigger, ids).backward()
+        opt2.step()
+    with torch.no_grad():
+        assert float(_loss(bigger, ids)) < float(loss_after)
+    names = {p: n for n, p in bigger.named_parameters()}
+    steps_done = {float(s["step"]) for p, s in opt2.state.items() if names[p] in model.state_dict()}
+    assert steps_done == {7.0}  # AdamW's step count carried on from 4
+
+
+def test_adamw_state_is_carried_extended_and_fresh(capsys):
+    old = ArchConfig(preset="tiny", vocab_size=512).resolved()
+    new = dataclasses.replace(old, ff_dim=192, num_ffn_layers=3).resolved()
+    model, opt = trained(old)
+    state = state_of(model, opt)
+    before = {n: {k: v.clone() for k, v in m.items()} for n, m in state.moments.items()}
+    migrate(state, plan(old.to_dict(), new.to_dict()))
+    m = state.moments
+    # Unchanged tensors: carried as they were, step count included.
+    for name in ("embedding", "blocks.0.attn.project_q.weight", "norm.weight"):
+        assert all(torch.equal(m[name][k], before[name][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    # Grown rows: the old ones carried, the new ones zero, the step count carried.
+    w0 = m["blocks.1.ffn.w_0.weight"]
+    assert torch.equal(w0["exp_avg"][:128], before["blocks.1.ffn.w_0.weight"]["exp_avg"])
+    assert not w0["exp_avg"][128:].any() and float(w0["step"]) == 4
+    # w_out: rescaled by sqrt(192/128) against the 1/sqrt(ff_dim) of its forward; moments alike.
+    c = (192 / 128) ** 0.5
+    out, out_before = m["blocks.1.ffn.w_out.weight"], before["blocks.1.ffn.w_out.weight"]
+    torch.testing.assert_close(out["exp_avg"][:, :128], out_before["exp_avg"] / c)
+    torch.testing.assert_close(out["exp_avg_sq"][:, :128], out_before["exp_avg_sq"] / c**2)
+    torch.testing.assert_close(state.weights["blocks.1.ffn.w_out.weight"][:, 128:], torch.zeros(64, 64))
+    # A new sublayer: fresh moments with a step count of 0; its output projection zero, norm one.
+    new_out = m["blocks.2.ffn.w_out.weight"]
+    assert not new_out["exp_avg"].any() and float(new_out["step"]) == 0
+    assert not state.weights["blocks.2.ffn.w_out.weight"].any()
+    assert torch.equal(state.weights["blocks.2.ffn_norm.weight"], torch.ones(64))
+    # New weights are drawn the same wherever they are drawn (every rank, a redone migration).
+    again = state_of(model, opt)
+    migrate(again, plan(old.to_dict(), new.to_dict()))
+    assert all(torch.equal(again.weights[n], state.weights[n]) for n in state.weights)
+
+
+@pytest.mark.parametrize("position", ["relative_buckets", "rotary"])
+def test_pooling_key_value_heads_is_not_exact_and_its_jump_is_measured(position, record_property):
+    old = ArchConfig(preset="tiny", vocab_size=512, position=position).resolved()  # 4 heads
+    new = dataclasses.replace(old, num_kv_heads=2).resolved()
+    model, opt = trained(old, steps=8)
+    ids = _batch()
+    with torch.no_grad():
+        loss_before = float(_loss(model, ids))
+    state = state_of(model, opt)
+    steps = plan(old.to_dict(), new.to_dict())
+    assert [(s.name, s.exact) for s in steps] == [("pool_kv_heads", False)]
+    migrate(state, steps)
+    pooled, _ = grown(state)
+    k = state.weights["blocks.0.attn.project_k.weight"].view(2, 16, 64)
+    k_old = model.blocks[0].attn.project_k.weight.detach().view(2, 2, 16, 64)
+    torch.testing.assert_close(k, k_old.mean(1))  # new head j: the mean of old heads 2j, 2j + 1
+    with torch.no_grad():
+        jump = float(_loss(pooled, ids)) - loss_before
+    record_property("gqa_pooling_loss_jump", jump)
+    print(f"pool_kv_heads 4 -> 2 ({position}): loss {loss_before:.4f} -> {loss_before + jump:.4f} ({jump:+.4f})")
+    assert jump == jump and abs(jump) < 10  # finite: a model, not noise; not asserted to be zero
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"position": "rotary"}, "model.arch.position 'relative_buckets' -> 'rotary': it changes what every layer "
+                             "computes and belongs to the next model generation"),
+    ({"ffn": "swiglu"}, "model.arch.ffn 'gated_gelu' -> 'swiglu': it changes what every layer computes"),
+    ({"ff_dim": 64}, "model.arch.ff_dim 128 -> 64: a migration only grows it (128 -> 64 would drop what the "
+                     "model learned)"),
+    ({"num_kv_heads": 3, "num_heads": 6}, "model.arch.num_heads 4 -> 6: no migration changes it"),
+    ({"dim": 128}, "model.arch.dim 64 -> 128: no migration changes it; it waits for the next model generation"),
+    ({"num_kv_heads": 8, "num_heads": 8}, "model.arch.num_heads 4 -> 8"),
+])
+def test_a_change_without_a_migration_says_why(change, reason):
+    old = ArchConfig(preset="tiny", vocab_size=512).resolved().to_dict()
+    with pytest.raises(NoMigration) as e:
+        plan(old, {**old, **change})
+    assert str(e.value).startswith(reason)
+
+
+def test_every_migration_has_a_test():
+    tested = {s for growth in GROWTH.values() for s in (m for m, v in MIGRATIONS.items() if v.key in growth)}
+    assert tested | {"pool_kv_heads"} == set(MIGRATIONS)
