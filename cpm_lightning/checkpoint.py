@@ -140,7 +140,7 @@ def open_checkpoint(path: str | Path) -> tuple[dict, StoredModel]:
     tokenizer = Tokenizer.from_bytes(cpm["tokenizer"], f"{path} (its tokenizer)") if cpm.get("tokenizer") else None
     return meta, StoredModel(arch=cpm["arch"], shapes=shapes, dtypes=dtypes, read=read, tokenizer=tokenizer,
                              where=str(path), missing_tokenizer="the checkpoint carries no tokenizer; expected one saved by "
-                             "`fit` (checkpoint['cpm']['tokenizer'])")
+                             "`fit` (checkpoint['cpm']['tokenizer'])", migrations=cpm.get("migrations", []))
 
 
 @dataclass(kw_only=True)

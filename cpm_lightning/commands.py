@@ -11,8 +11,11 @@ from cpm_lightning.errors import UserError
 
 def add_commands(sub) -> None:
     model = sub.add_parser("model", help="facts about the model presets").add_subparsers(metavar="ACTION")
-    info = model.add_parser("info", help="parameters, FLOPs per token and memory per device of a preset")
-    info.add_argument("--preset", required=True, help="preset name, e.g. cpm-ant-10b")
+    info = model.add_parser("info", help="shape, parameters, FLOPs per token and memory per device of a preset or "
+                            "of a trained model")
+    info.add_argument("source", nargs="?", help="a checkpoint written by fit, a model directory or a models:/ URI "
+                      "(instead of --preset): its shape as trained, grown by the migrations it lists")
+    info.add_argument("--preset", help="preset name, e.g. cpm-ant-10b")
     info.add_argument("--devices", type=int, default=1, help="devices the model is sharded over (FSDP)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=model_info)
@@ -76,16 +79,40 @@ def model_info(args) -> None:
 
     if args.devices < 1:
         raise UserError(f"--devices must be at least 1, got {args.devices}")
-    stats = model_stats(ArchConfig(preset=args.preset))
+    if (args.source is None) == (args.preset is None):
+        raise UserError("model info: give a preset (--preset NAME) or a trained model (a checkpoint, model directory "
+                        "or models:/ URI), one of them")
+    migrations = []
+    if args.source:
+        from cpm_lightning.loader import open_model
+
+        with open_model(args.source) as stored:
+            arch, migrations = ArchConfig(**stored.arch), stored.migrations
+    else:
+        arch = ArchConfig(preset=args.preset)
+    stats = model_stats(arch)
     memory = bytes_per_device(stats.params, args.devices)
+    shape = arch.resolved()
     if args.json:
-        print(json.dumps({"preset": args.preset, "devices": args.devices, "params": stats.params,
+        print(json.dumps({"preset": shape.preset, "source": args.source, "arch": shape.to_dict(), "migrations": migrations,
+                          "devices": args.devices, "params": stats.params,
                           "non_embedding_params": stats.non_embedding_params,
                           "flops_per_token": stats.flops_per_token, "seq_len": stats.seq_len,
                           "bytes_per_device": memory}))
         return
     gib = 1 << 30
-    print(f"preset                 {args.preset}")
+    if args.source:
+        print(f"model                  {args.source} ({shape.preset}-based)")
+    else:
+        print(f"preset                 {args.preset}")
+    print(f"shape                  dim {shape.dim}, {shape.num_heads} heads x {shape.head_dim} ({shape.num_kv_heads} "
+          f"key/value), ff_dim {shape.ff_dim}, {shape.num_attn_layers} attention + {shape.num_ffn_layers} FFN layers, "
+          f"max_len {shape.max_len}, {shape.position}, {shape.ffn}")
+    if args.source:
+        from cpm_lightning.model.migrate import migration_text
+
+        for i, m in enumerate(migrations):
+            print(f"{'migrations' if i == 0 else '':<22} step {m['step']}: {migration_text(m)}")
     print(f"parameters             {stats.params:,} ({stats.non_embedding_params:,} non-embedding)")
     print(f"training FLOPs/token   {stats.flops_per_token:,} at length {stats.seq_len} "
           f"(6 x matmul weights + 12 x layers x width x length)")

@@ -208,6 +208,9 @@ class StoredModel:
     """What the model was read from, for messages."""
     missing_tokenizer: str = "no tokenizer"
     """What the message says when there is no tokenizer, after `where`."""
+    migrations: list[dict] = dataclasses.field(default_factory=list)
+    """The migrations the model went through, with their steps (a checkpoint's cpm.migrations;
+    model/migrate.py)."""
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

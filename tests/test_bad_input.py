@@ -261,6 +261,22 @@ def test_generate_from_a_directory_that_is_not_a_model(tmp_path, capsys):
     assert_user_error(code, err, "'somedir' is not a checkpoint file or model directory")
 
 
+ONE_OF = ("model info: give a preset (--preset NAME) or a trained model (a checkpoint, model directory or models:/ "
+          "URI), one of them")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model", "info"], ONE_OF),
+    (["model", "info", "run.ckpt", "--preset", "tiny"], ONE_OF),
+    (["model", "info", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
+    (["proposals", "check", "--against", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
+])
+def test_what_a_model_is_measured_against_must_exist(args, message, capsys):
+    code, out, err = run_cli(capsys, *args)
+    assert_user_error(code, err, message)
+    assert "OK" not in out  # --against is read before the proposals
+
+
 # -- the config file itself ---------------------------------------------------------------------
 
 def test_config_file_does_not_exist(tmp_path, capsys):

@@ -285,6 +285,31 @@ def test_a_sharded_run_grows_ff_dim_and_a_resume_on_one_process_is_exact(runs, s
                                           "exact": True, "step": 2 * N}]
 
 
+def test_a_grown_checkpoint_tells_its_shape_its_migrations_and_what_else_folds_in(runs, grown, capsys):
+    from cpm_lightning.checkpoint import trained_model
+    from cpm_lightning.tracking.releases import _card
+
+    ckpt = runs.root / "grown2" / "checkpoints" / f"step-{4 * N:08d}.ckpt"
+    main(["model", "info", str(ckpt)])
+    out = capsys.readouterr().out
+    assert "ff_dim 192, 2 attention + 2 FFN layers" in out
+    assert f"step {2 * N}: grow_ff_dim (model.arch.ff_dim 128 -> 192)" in out
+    card = _card("cpm-demo", trained_model(ckpt), {}, [], "")
+    assert "## Migrations\n\nArchitecture changes folded" in card and f"- step {2 * N}: grow_ff_dim" in card
+    # The seed registry against it: the migration, or why none, for each architecture proposal.
+    main(["proposals", "check", str(REPO / "proposals"), "--against", str(ckpt)])
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines()[2:])
+    assert lines["0001"].endswith("training: no migration needed")
+    assert lines["0002"].endswith("folds in by max_len (model.arch.max_len 256 -> 1024)")
+    assert lines["0004"].endswith("folds in by split_qk_scale (model.arch.split_qk_scale False -> True)")
+    assert lines["0005"].endswith("cannot be folded in: model.arch.position 'relative_buckets' -> 'rotary': it changes "
+                                  "what every layer computes and belongs to the next model generation")
+    assert lines["0006"].endswith("cannot be folded in: model.arch.ffn 'gated_gelu' -> 'swiglu': it changes what every "
+                                  "layer computes and belongs to the next model generation")
+    assert lines["0009"].endswith("folds in by pool_kv_heads (model.arch.num_kv_heads 4 -> 2, not exact)")
+    assert len(lines) == len(list((REPO / "proposals").glob("[0-9]*.yaml")))
+
+
 def test_checkpoint_of_another_architecture(runs, straight2, capsys):
     ckpt = runs.root / "straight2" / "checkpoints" / "last.ckpt"
     cfg = runs.config("other_arch", 2, **{"model.arch.ff_dim": 96})

@@ -11,7 +11,8 @@ process, 24 steps, a checkpoint every 2), carries most tests:
   step 13  the registry directory disappears for a while
   step 14  0002 (training, a far too large learning rate) takes effect: the run diverges,
            rolls back, diverges again: 0002 is suspended, back to step 14 without it
-  step 18  0008 takes effect; architecture proposal 0006 was deferred from the start
+  step 18  0008 takes effect, and architecture proposal 0006 (ff_dim and FFN layers grown): the
+           model migrates; 0009 (rotary) has no migration and was deferred from the start
 Two processes and a killed supervisor: test_live_fleet.py. The other tests here start no
 training: a one-line stand-in for the segment (live.launcher), or an error before a segment
 starts.
@@ -53,7 +54,8 @@ def journey(tmp_path_factory, live_env):
     registry, community = git_registry(root, dict([
         proposal(1, "training", {"model.loss.z_loss": 0.0}),
         proposal(2, "training", {"model.optim.lr": BAD_LR}, step=14),
-        proposal(6, "architecture", {"model.arch.ff_dim": 96}, step=20),
+        proposal(6, "architecture", {"model.arch.ff_dim": 160, "model.arch.num_ffn_layers": 3}, step=18),
+        proposal(9, "architecture", {"model.arch.position": "rotary"}, step=20),
     ]))
     data = dict([proposal(8, "data", {"data.sources.numbers": {"url": str(extra_source(root)), "weight": 1.0}},
                           step=18)])
@@ -85,7 +87,9 @@ def test_the_ledger_tells_the_story(journey):
     kinds = [r["kind"] for r in recs]
     assert kinds[0] == "start" and kinds[-1] == "stop" and recs[-1]["step"] == 24 and recs[-1]["exit"] == 0
     assert recs[0]["in_effect"] == [1] and recs[0]["step"] == 0
-    one(recs, "deferred", proposals=[6])
+    assert one(recs, "deferred", proposals=[9])["reason"] == (
+        "no migration folds it into the running model (model.arch.position: it changes what every layer computes "
+        "and belongs to the next model generation)")
     crash = one(recs, "crash")
     # Killed after the update of step 4, before its status (and its metrics) were written.
     assert crash["step"] == 4 and crash["exit"] == -signal.SIGKILL and crash["error"] is None
@@ -99,8 +103,12 @@ def test_the_ledger_tells_the_story(journey):
     assert "model.optim.lrr" in one(recs, "rejected", proposals=[7])["reason"]
     vanished = [r for r in recs if r["kind"] == "rejected" and "no such directory" in r["reason"]]
     assert len(vanished) == 1 and "the run goes on with the last good registry" in vanished[0]["reason"]
-    data = one(recs, "applied", proposals=[8])
-    assert data["step"] == 18 and data["reason"] == "0008 effective from step 18"
+    data = one(recs, "applied", proposals=[6, 8])
+    assert data["step"] == 18 and data["reason"] == (
+        "0006 effective from step 18; 0008 effective from step 18; the model migrated: grow_ff_dim (model.arch.ff_dim "
+        "128 -> 160), add_ffn_layers (model.arch.num_ffn_layers 2 -> 3)")
+    assert [m["name"] for m in data["migrations"]] == ["grow_ff_dim", "add_ffn_layers"]
+    assert data["changes"]["model.arch.ff_dim"] == {"old": None, "new": 160}
     assert data["changes"]["data.sources.numbers.weight"] == {"old": None, "new": 1.0}
     assert set(recs[-1]) >= {"time", "step", "kind", "proposals", "changes", "reason"}
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["time"]) for r in recs)
@@ -179,8 +187,10 @@ def test_checkpoints_carry_the_ledger_and_status_prints_the_run(journey):
     assert cpm["skipped_steps"] >= 1
     text = status_text(journey / "run")
     assert re.search(r"^step +24$", text, re.M) and re.search(r"^suspended +0002$", text, re.M)
-    assert re.search(r"^in effect +0001, 0003, 0008$", text, re.M)
-    assert re.search(r"^deferred +0006$", text, re.M) and re.search(r"^pending +none$", text, re.M)
+    assert re.search(r"^in effect +0001, 0003, 0006, 0008$", text, re.M)
+    assert re.search(r"^deferred +0009$", text, re.M) and re.search(r"^pending +none$", text, re.M)
+    assert cpm["arch"]["ff_dim"] == 160 and cpm["arch"]["num_ffn_layers"] == 3
+    assert [(m["name"], m["step"]) for m in cpm["migrations"]] == [("grow_ff_dim", 18), ("add_ffn_layers", 18)]
     assert re.search(r"^last incident +suspended at step", text, re.M)
     assert re.search(r"^tokens +3,072$", text, re.M)  # 24 steps x 4 samples x 32 tokens
 

@@ -46,7 +46,7 @@ from cpm_lightning.live import watch
 from cpm_lightning.live.ledger import Ledger, RunState, Uploader
 from cpm_lightning.live.protocol import SEGMENT_ENV, Control, LiveDir, Plan, Status, holder, lock, read_json, write_json
 from cpm_lightning.live.settings import Settings
-from cpm_lightning.model.migrate import Step, why_none
+from cpm_lightning.model.migrate import migration_text, why_none
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.schema import ACCEPTED, Proposal
 from cpm_lightning.run_config import GROUPS
@@ -348,7 +348,7 @@ class Supervisor:
             reasons = [f"{eligible[i].label} {self._why(eligible[i], step)}" for i in added]
             reasons += [f"{i:04d} {self._why_not(i, step)}" for i in removed]
             if status.migrations:
-                reasons.append(f"the model migrated: {', '.join(str(Step(**m)) for m in status.migrations)}")
+                reasons.append(f"the model migrated: {', '.join(map(migration_text, status.migrations))}")
             self.record("applied", step, "; ".join(reasons), proposals=added, removed=removed, in_effect=in_effect,
                         changes=changes, loss=self.last_loss, sha256={i: eligible[i].sha256 for i in added},
                         migrations=status.migrations)

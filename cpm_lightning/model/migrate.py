@@ -194,6 +194,11 @@ class Step:
         return {"name": self.name, "key": self.key, "old": self.old, "new": self.new, "exact": self.exact}
 
 
+def migration_text(record: dict) -> str:
+    """A Step.as_dict() record (as checkpoints and the ledger keep them) in words."""
+    return str(Step(**{k: record[k] for k in ("name", "key", "old", "new", "exact")}))
+
+
 class NoMigration(UserError):
     """No migration takes the model to the asked architecture."""
 

@@ -45,6 +45,9 @@ def add_commands(sub) -> None:
                             f"(default: {' '.join(limits.allowed_sources)})")
     check.add_argument("--max-params", type=int, default=limits.max_params, metavar="N",
                        help=f"largest model proposals may make, as registry.max_params (default: {limits.max_params})")
+    check.add_argument("--against", metavar="CKPT",
+                       help="a checkpoint written by fit (or a model directory): also tell, for each architecture "
+                            "proposal, whether a migration folds it into that model while it trains, and which, or why not")
     check.set_defaults(func=proposals_check)
 
     ls = proposals.add_parser("list", help="one line per proposal")
@@ -95,12 +98,14 @@ def proposals_check(args) -> None:
     if args.max_params < 1:
         raise UserError(f"--max-params must be at least 1, got {args.max_params}")
     schema, limits = config_schema(), Limits(allowed_sources=args.allowed_sources, max_params=args.max_params)
-    problems, count = [], 0
+    arch = _arch_of(args.against) if args.against else None  # a bad --against fails before the proposals are read
+    problems, count, proposals = [], 0, []
     for arg in args.paths:
         path = Path(arg)
         if path.is_dir():
             reg = load_registry(path, schema, limits)
             problems += reg.problems
+            proposals += reg.proposals.values()
             count += len(proposal_files(path))
         elif not os.path.lexists(path):
             problems.append(f"{arg}: path: no such file or directory")
@@ -109,6 +114,7 @@ def proposals_check(args) -> None:
         else:  # a file, or a link or special file that load_registry refuses
             reg = load_registry(path.parent, schema, limits)
             problems += [p for p in reg.problems if Path(p.path) == path]
+            proposals += [p for p in reg.proposals.values() if Path(p.path) == path]
             count += 1
     for problem in problems:
         print(problem)
@@ -116,6 +122,42 @@ def proposals_check(args) -> None:
         print(f"{len(problems)} problem(s) in {count} proposal file(s)", file=sys.stderr)
         sys.exit(2)
     print(f"{count} proposal file(s) OK")
+    if arch:
+        print(f"against {args.against} ({arch['preset']}-based, step {arch.pop('step')}):")
+        for p in sorted(proposals, key=lambda p: p.id):
+            print(f"{p.label} {p.title}: {_foldable(p, arch)}")
+
+
+def _arch_of(source: str) -> dict:
+    """The resolved model.arch of a checkpoint or model directory, and its step (0 for a model
+    directory). Imports torch (and, for a checkpoint, Lightning): --against only."""
+    from cpm_lightning.migration import resolved
+    from cpm_lightning.modeldir import is_model_dir, open_model_dir
+
+    if is_model_dir(Path(source)):
+        return {**resolved(open_model_dir(source).arch), "step": 0}
+    from cpm_lightning.checkpoint import read_meta
+
+    meta = read_meta(Path(source))
+    return {**resolved(meta["cpm"]["arch"]), "step": meta.get("global_step", 0)}
+
+
+def _foldable(p, arch: dict) -> str:
+    """Whether migrations fold architecture proposal `p` into a model of resolved `arch`."""
+    from cpm_lightning.migration import resolved
+    from cpm_lightning.model.migrate import plan
+
+    prefix = "model.arch."
+    if p.kind != "architecture":
+        return f"{p.kind}: no migration needed"
+    new = {**arch, **{k.removeprefix(prefix): v for k, v in p.changes.items() if k.startswith(prefix)}}
+    try:
+        steps = plan(arch, resolved(new))
+    except UserError as e:  # NoMigration, or a shape the model config refuses
+        return f"cannot be folded in: {e}"
+    if not steps:
+        return "already in this model"
+    return f"folds in by {', '.join(map(str, steps))}"
 
 
 def _registry(directory: str):

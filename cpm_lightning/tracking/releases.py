@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from cpm_lightning import modeldir
 from cpm_lightning.checkpoint import TrainedModel, trained_model
 from cpm_lightning.errors import UserError
+from cpm_lightning.model.migrate import migration_text
 from cpm_lightning.tracking import integrity
 from cpm_lightning.tracking.config import TrackingConfig
 from cpm_lightning.tracking.integrity import MODEL_DIR
@@ -85,6 +86,9 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: li
     lines += [f"- {k}: {v:.4f}" for k, v in val.items()] or ["No validation metrics were recorded."]
     lines += ["", "## Applied proposals", ""]
     lines += [f"- {p['id']} {p['title']} {p['discussion']}".rstrip() for p in proposals] or ["None."]
+    lines += ["", "## Migrations", "", "Architecture changes folded into the model while it trained (docs/ARCHITECTURE.md, "
+              "\"Migrations\").", ""]
+    lines += [f"- step {m['step']}: {migration_text(m)}" for m in trained.model.migrations] or ["None."]
     lines += ["", "## Use", "", "```", f"cpm-lightning pull models:/{name}@stable --dst {name}",
               f"cpm-lightning generate {name} --prompt \"...\"", "```", "", "## Hugging Face", "", hf_line]
     return "\n".join(lines)
