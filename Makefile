@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test proposals-check lint clean
+.PHONY: install demo demo-growth test proposals-check lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,17 @@ demo: $(STAMP)
 	$(BIN)/cpm-lightning generate runs/demo/checkpoints/last.ckpt --prompt "Create a new" --max-new-tokens 80 --top-k 40
 	@echo
 	@echo "Live view of the run: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
+
+# Growth under `live` (configs/demo-growth.yaml): an architecture proposal folded into the running
+# demo model at step 60 by migrations; the daily report's plot shows the loss going on.
+demo-growth: $(STAMP)
+	rm -rf runs/growth
+	mkdir -p runs/growth/registry
+	cp proposals/*.yaml runs/growth/registry/
+	cp configs/demo-growth-proposal.yaml runs/growth/registry/0011-grow-the-feed-forward-layers.yaml
+	$(BIN)/cpm-lightning live --config configs/demo.yaml --config configs/demo-growth.yaml
+	$(BIN)/cpm-lightning model info runs/growth/checkpoints/last.ckpt
+	$(BIN)/cpm-lightning report daily --experiment demo-growth --out runs/growth/report --proposals runs/growth/registry
 
 # MLflow's usage telemetry off: it cannot reach anything from a test machine, and its thread
 # changing the environment mid-test once broke a request's setup. One test worker per core
