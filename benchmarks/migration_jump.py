@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import inspect
-import pkgutil
 
 import torch
 
@@ -25,16 +22,17 @@ from cpm_lightning.model.migrate import TrainState, migrate, plan
 
 
 def text(limit_chars: int = 40_000) -> str:
-    """Docstrings of the standard library's packages s-z, as the demo's sources read them."""
-    parts = []
-    for info in pkgutil.iter_modules():
-        if info.name[0] in "stuvwxyz" and info.ispkg and not info.name.startswith("test"):
-            try:
-                module = importlib.import_module(info.name)
-            except Exception:  # a package this Python cannot import (a missing C library)
-                continue
-            parts += [d for _, obj in inspect.getmembers(module) if (d := inspect.getdoc(obj))]
-    return "\n\n".join(parts)[:limit_chars]
+    """Docstrings of the standard library's packages s-z, read as the demo's sources are."""
+    from datamodules.shards import iter_documents
+    from datamodules.sources import ReadStats, SourceConfig
+
+    source = SourceConfig(url="stdlib://[s-z]*/*.py", format="python_docstrings")
+    out = ""
+    for doc in iter_documents("packages_s_z", source, ReadStats(), progress=False):
+        out += doc + "\n\n"
+        if len(out) >= limit_chars:
+            return out[:limit_chars]
+    return out
 
 
 def loss(model: CPMAnt, ids: torch.Tensor, seq_len: int) -> float:
