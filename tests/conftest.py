@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import textwrap
 from datetime import date
 from pathlib import Path
@@ -30,21 +29,9 @@ def english_text(paragraphs: int = 400) -> str:
     return "\n\n".join(f"{EN[i % 3]} ({i})\n\t{EN[(i * 7) % 3]}" for i in range(paragraphs))
 
 
-@pytest.fixture(scope="session")
-def _mlflow_template(tmp_path_factory) -> Path:
-    """An empty MLflow sqlite store with its tables made: making them (alembic's migrations) takes
-    seconds of CPU per store, so each test starts from a copy of this one."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    directory = tmp_path_factory.mktemp("mlflow-template")
-    SqlAlchemyStore(f"sqlite:///{directory / 'mlflow.db'}", str(directory / "artifacts")).engine.dispose()
-    return directory / "mlflow.db"
-
-
 @pytest.fixture(autouse=True)
-def _isolate(tmp_path, monkeypatch, _mlflow_template):
+def _isolate(tmp_path, monkeypatch):
     """Every test gets its own cache and tracking store, and runs in its tmp dir."""
-    shutil.copyfile(_mlflow_template, tmp_path / "mlflow.db")
     monkeypatch.setenv("CPM_LIGHTNING_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
