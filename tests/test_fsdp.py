@@ -2,8 +2,8 @@
 
 Every run is a real `cpm-lightning fit` subprocess (Lightning launches the second rank). Runs are
 slow to start, so a few of them serve several tests:
-  straight2   2 ranks, 2N steps, checkpoints at N and 2N, keeps 1  (a) (b) (c) (f)
-  straight1   1 process, no sharding, 2N steps                     (a)
+  straight2   2 ranks, 2N steps, checkpoints at N and 2N, keeps 1  (a) (b) (c) (f), evaluation
+  straight1   1 process, no sharding, 2N steps                     (a), evaluation
   sigterm     2 ranks, SIGTERM to rank 0 after step N              (b) (d)
   killed      2 ranks, resumes by itself (checkpoint.resume=auto) from the SIGTERM checkpoint,
               SIGKILLed while writing the checkpoint of step 2N    (b) (e)
@@ -17,6 +17,7 @@ the CPM_FSDP_TEST_* variables below (bf16 compute: losses agree to a looser tole
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -99,14 +100,21 @@ def runs(tmp_path_factory) -> Runs:
     return Runs(root, write_corpus(root))
 
 
+def evaluated(runs: Runs, name: str) -> dict:
+    """Evaluation every N steps (issue 15), logged by a CSV logger: eval/* of a sharded run must
+    be those of one process. Three windows per source: the two ranks get uneven shares."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(runs.root / name)}}
+    return {"eval.every_n_steps": N, "eval.tasks": ["heldout"], "eval.limit": 3, "trainer.logger": logger}
+
+
 @pytest.fixture(scope="module")
 def straight2(runs):
-    return runs.fit("straight2", WORLD, **{"checkpoint.keep_last": 1})[1]
+    return runs.fit("straight2", WORLD, **{"checkpoint.keep_last": 1}, **evaluated(runs, "straight2"))[1]
 
 
 @pytest.fixture(scope="module")
 def straight1(runs):
-    return runs.fit("straight1", 1, strategy="auto")[1]
+    return runs.fit("straight1", 1, strategy="auto", **evaluated(runs, "straight1"))[1]
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +154,24 @@ def test_a_sharded_training_matches_one_process(straight2, straight1):
     assert [s["step"] for s in straight2] == list(range(1, 2 * N + 1))
     assert_same_steps(straight2, straight1)
     assert len(straight2[0]["samples"]) == 4  # data.batch_size is the global batch
+
+
+def eval_scores(root: Path) -> dict[int, dict[str, float]]:
+    """The eval/* metrics the CSV logger under `root` wrote, by step."""
+    out: dict[int, dict[str, float]] = {}
+    for row in csv.DictReader(next(root.rglob("metrics.csv")).open()):
+        for key, value in row.items():
+            if key.startswith("eval/") and value:
+                out.setdefault(int(row["step"]), {})[key] = float(value)
+    return out
+
+
+def test_evaluation_of_a_sharded_run_scores_as_one_process(runs, straight2, straight1):
+    sharded, single = eval_scores(runs.root / "straight2"), eval_scores(runs.root / "straight1")
+    assert sorted(sharded) == [N, 2 * N]
+    assert set(sharded[N]) == {f"eval/heldout/{s}/{m}" for s in ("en", "zh") for m in ("loss", "bpb")}
+    for step, scores in sharded.items():
+        assert scores == pytest.approx(single[step], abs=LOSS_ATOL), step
 
 
 def test_b_d_e_resume_on_two_and_one_processes_after_sigterm_and_sigkill(runs, straight2, preempted):

@@ -191,9 +191,12 @@ def test_resumed_job_continues_the_same_run(live, resumed, mlflow_server):
 @pytest.fixture(scope="module")
 def released(resumed, live, mlflow_server) -> str:
     ckpt = resumed[2]
-    main(["release", str(ckpt), "--name", "live-lm", "--tracking-uri", mlflow_server.uri])
+    main(["release", str(ckpt), "--name", "live-lm", "--eval-limit", str(EVAL_LIMIT), "--tracking-uri", mlflow_server.uri])
     main(["promote", "live-lm", "1", "--alias", "stable", "--tracking-uri", mlflow_server.uri])
     return str(ckpt)
+
+
+EVAL_LIMIT = 4  # examples per evaluation task of a release here
 
 
 def test_release_pull_in_new_process_generates_like_the_checkpoint(released, live, mlflow_server, tmp_path):
@@ -367,9 +370,25 @@ def releases(released, keys, mlflow_server, tmp_path_factory) -> dict[str, Relea
     """live-lm/1 (unsigned) and signed-lm/1: the same checkpoint released with --sign-key."""
     out = tmp_path_factory.mktemp("release-out") / "signed-lm"
     main(["release", released, "--name", "signed-lm", "--sign-key", str(keys / "release.pem"), "--out", str(out),
-          "--tracking-uri", mlflow_server.uri])
+          "--eval-tasks", "none", "--tracking-uri", mlflow_server.uri])
     return {"unsigned": Release("live-lm", None, stored(mlflow_server, "live-lm"), None),
             "signed": Release("signed-lm", keys / "release.pub", stored(mlflow_server, "signed-lm"), out)}
+
+
+def test_a_release_records_the_scores_of_evaluate(releases, released, mlflow_server, capsys):
+    """Tags eval/<task>/<metric> on the version and lines of its card, as `evaluate` scores the
+    checkpoint; `--eval-tasks none` records none."""
+    main(["evaluate", released, "--limit", str(EVAL_LIMIT), "--json"])
+    scores = {f"eval/{task}/{metric}": f"{value:.4f}"
+              for task, metrics in json.loads(capsys.readouterr().out).items() for metric, value in metrics.items()}
+    assert sorted(scores) == [f"eval/{t}/{m}" for t in ("arc_easy", "hellaswag", "piqa") for m in ("acc", "acc_norm")]
+    client = MlflowClient(mlflow_server.uri)
+    assert {k: v for k, v in client.get_model_version("live-lm", "1").tags.items() if k.startswith("eval/")} == scores
+    card = (releases["unsigned"].store / MODEL / "MODEL_CARD.md").read_text()
+    assert f"`cpm-lightning evaluate` on the first {EVAL_LIMIT} examples of each task" in card
+    assert all(f"- {key.removeprefix('eval/')}: {value}\n" in card for key, value in scores.items())
+    assert not any(k.startswith("eval/") for k in client.get_model_version("signed-lm", "1").tags)
+    assert "## Evaluation\n\nNot evaluated.\n" in (releases["signed"].out / "MODEL_CARD.md").read_text()
 
 
 @pytest.fixture

@@ -28,6 +28,11 @@ def add_commands(sub) -> None:
     rel.add_argument("--proposals", default="proposals", type=Path, help="the registry directory (default: proposals)")
     rel.add_argument("--sign-key", type=Path, metavar="KEY",
                      help="sign the release with this PEM elliptic-curve private key (OpenSSF model-signing)")
+    rel.add_argument("--eval-tasks", help="the tasks of `cpm-lightning evaluate` whose scores the release records "
+                     "(tags eval/TASK/METRIC and the card), comma-separated, or none (default: hellaswag,piqa,arc_easy, "
+                     "and heldout with --eval-config)")
+    rel.add_argument("--eval-limit", type=int, default=100, help="examples per task (default 100)")
+    rel.add_argument("--eval-config", type=Path, metavar="CONFIG", help="the run config whose data sources heldout scores")
     rel.set_defaults(func=release)
 
     pro = sub.add_parser("promote", help="point an alias at a registered version")
@@ -75,10 +80,17 @@ def report_daily(args) -> None:
 
 
 def release(args) -> None:
+    from cpm_lightning.evaluation import task_list
+    from cpm_lightning.registry.commands import data_configs
     from cpm_lightning.tracking.releases import release as do_release
 
+    if args.eval_limit < 1:
+        raise UserError(f"--eval-limit must be at least 1, got {args.eval_limit}")
+    tasks = [] if args.eval_tasks == "none" else task_list(args.eval_tasks, args.eval_config is not None)
+    data = data_configs(args.eval_config)[0] if args.eval_config else None
     _use_tracking_uri(args)
-    version = do_release(args.checkpoint, args.name, args.alias, args.out, args.proposals, args.sign_key)
+    version = do_release(args.checkpoint, args.name, args.alias, args.out, args.proposals, args.sign_key, tasks,
+                         args.eval_limit, data)
     signed = f", signed with {args.sign_key}" if args.sign_key else ""
     print(f"registered models:/{args.name}/{version}{signed}; models:/{args.name}@{args.alias} points at it")
 

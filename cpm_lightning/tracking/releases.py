@@ -18,10 +18,13 @@ from mlflow.exceptions import MlflowException
 from cpm_lightning import modeldir
 from cpm_lightning.checkpoint import TrainedModel, trained_model
 from cpm_lightning.errors import UserError
+from cpm_lightning.evaluation import check_tasks, flat
 from cpm_lightning.model.migrate import migration_text
+from cpm_lightning.run_config import evaluate_model
 from cpm_lightning.tracking import integrity
 from cpm_lightning.tracking.config import TrackingConfig
 from cpm_lightning.tracking.integrity import MODEL_DIR
+from datamodules.config import DataConfig
 
 RESERVED_ALIASES = ("latest",)  # MLflow resolves models:/NAME@latest itself
 VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
@@ -76,7 +79,18 @@ def _hf_layout(trained: TrainedModel) -> tuple[Callable[[Path], list[Path]] | No
                    f"`transformers.AutoModelForCausalLM.from_pretrained(\"{HF_DIR}\")` and `AutoTokenizer` open it.")
 
 
-def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: list[dict], hf_line: str) -> str:
+def _scores(trained: TrainedModel, tasks: list[str], limit: int | None, data: DataConfig | None) -> dict:
+    """The release's evaluation, `{task: {metric: value}}` (on a GPU when there is one)."""
+    if not tasks:
+        return {}
+    import torch
+
+    model = trained.model.build("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate_model(model, trained.model.require_tokenizer(), tasks, limit, data)
+
+
+def _card(name: str, trained: TrainedModel, val: dict[str, float], scores: dict, limit: int | None, proposals: list[dict],
+          hf_line: str) -> str:
     lines = [f"# {name} at step {trained.step}", "",
              "A CPM-Ant-style base language model trained in public with cpm-lightning: it continues "
              "text, it is not a chat model.", "",
@@ -84,6 +98,12 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: li
              f"- preset: {trained.arch.get('preset')}", f"- checkpoint: {trained.path.name}",
              f"- MLflow training run: {trained.run_id or 'not recorded'}", "", "## Validation", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in val.items()] or ["No validation metrics were recorded."]
+    evaluated = [f"- {key.removeprefix('eval/')}: {v:.4f}" for key, v in flat(scores, "eval").items()]
+    if evaluated:
+        evaluated = [f"`cpm-lightning evaluate` on {f'the first {limit}' if limit else 'all'} examples of each task "
+                     "(validation windows of each source, for heldout; docs/ARCHITECTURE.md, \"Evaluation\"):", "",
+                     *evaluated]
+    lines += ["", "## Evaluation", "", *(evaluated or ["Not evaluated."])]
     lines += ["", "## Applied proposals", ""]
     lines += [f"- {p['id']} {p['title']} {p['discussion']}".rstrip() for p in proposals] or ["None."]
     lines += ["", "## Migrations", "", "Architecture changes folded into the model while it trained (docs/ARCHITECTURE.md, "
@@ -94,11 +114,15 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], proposals: li
     return "\n".join(lines)
 
 
-def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Path, sign_key: Path | None = None) -> int:
-    """Checkpoint -> model directory -> pyfunc model from code, sealed by its manifest (and
-    signed with `sign_key`) -> a new registered version with tags, the manifest's sha256 among
-    them, and `alias` pointing at it. Returns the version."""
+def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Path, sign_key: Path | None = None,
+            eval_tasks: list[str] = (), eval_limit: int | None = None, eval_data: DataConfig | None = None) -> int:
+    """Checkpoint -> its scores on `eval_tasks` (evaluation.py; heldout on the sources of
+    `eval_data`) -> model directory -> pyfunc model from code, sealed by its manifest (and
+    signed with `sign_key`) -> a new registered version with tags, the manifest's sha256 and the
+    scores (eval/<task>/<metric>) among them, and `alias` pointing at it. Returns the version."""
     _check_alias(alias)
+    if eval_tasks:
+        check_tasks(eval_tasks, "--eval-tasks", eval_data is not None)
     if sign_key is not None:
         integrity.check_key(sign_key, "--sign-key", private=True)
     trained = trained_model(ckpt)
@@ -106,12 +130,13 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     client = MlflowClient()
     run_id = trained.run_id if trained.run_id and _run_exists(client, trained.run_id) else None
     val = _val_metrics(client, run_id, trained.step)
+    scores = _scores(trained, eval_tasks, eval_limit, eval_data)
     proposals = applied_proposals(client, run_id, registry_dir)
     write_hf_layout, hf_line = _hf_layout(trained)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / MODEL_DIR.name  # MLflow names the artifact after it: MODEL_DIR in the release
         modeldir.write_model_dir(directory, trained.model, trained.arch, tokenizer,
-                                 _card(name, trained, val, proposals, hf_line), write_hf_layout)
+                                 _card(name, trained, val, scores, eval_limit, proposals, hf_line), write_hf_layout)
         if out is not None:
             try:
                 shutil.copytree(directory, out, dirs_exist_ok=True)
@@ -120,7 +145,7 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
         version, manifest_sha256 = _log_and_register(client, name, directory, trained, run_id, sign_key)
     tags = {"step": trained.step, "tokens": trained.tokens_seen, "proposals": ",".join(p["id"] for p in proposals) or "none",
             "val_loss": f"{val['val/loss']:.4f}" if "val/loss" in val else "none", RUN_TAG: run_id or "none",
-            integrity.MANIFEST_TAG: manifest_sha256}
+            integrity.MANIFEST_TAG: manifest_sha256, **{k: f"{v:.4f}" for k, v in flat(scores, "eval").items()}}
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, str(value))
     client.set_registered_model_alias(name, alias, str(version))
