@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +39,10 @@ def _plain_argv(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, _mlflow_template) -> SimpleNamespace:
+def run(tmp_path_factory) -> SimpleNamespace:
     """A tiny run of 4 steps with eval (heldout and piqa, LIMIT examples) every 2 steps, its
     checkpoints, and a model directory of the last one."""
     root = tmp_path_factory.mktemp("eval-run")
-    shutil.copyfile(_mlflow_template, root / "mlflow.db")
     uri = f"sqlite:///{root}/mlflow.db"
     config = write_config(root / "config.yaml", write_corpus(root), **{
         "trainer.max_steps": 4, "trainer.val_check_interval": 100, "checkpoint.every_n_steps": 2,
