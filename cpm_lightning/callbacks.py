@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 from pathlib import Path
 
@@ -63,12 +65,20 @@ class TrialArm(L.Callback):
 
 
 def reset_peak_memory(device) -> None:
-    """Start peak_memory(device) afresh."""
+    """Start peak_memory(device) afresh. On CPU, memory that earlier work in the process freed
+    goes back to the system first (glibc keeps freed heap memory resident), so that a second
+    `fit` in one process (a trial's next arm) starts from what is alive, not from the last
+    one's high-water mark."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:  # Linux: 5 resets the peak resident set size, VmHWM (proc(5))
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -104,7 +104,9 @@ class Trial:
         measure = {"class_path": "cpm_lightning.callbacks.TrialArm", "init_args": {"stop_at": self.start_step + self.steps}}
         argv = ["fit", "--config", str(self.config), f"--trainer.default_root_dir={root}",
                 "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.num_sanity_val_steps=0",
-                "--trainer.log_every_n_steps=1", "--checkpoint.resume=never", f"--trainer.callbacks+={json.dumps(measure)}",
+                "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false", "--checkpoint.resume=never",
+                f"--trainer.callbacks+={json.dumps(measure)}",
                 f"--seed_everything={self.base_seeds[0] + seed}", f"--data.seed={self.base_seeds[1] + seed}",
                 f"--registry.at_step={self.at_step}", f"--tracking.run_id={run_id}"]
         if self.start is not None:
@@ -138,6 +140,11 @@ def plan(args) -> Trial:
     trainer = config.get("trainer") or {}
     if trainer.get("logger") not in (None, True):
         raise UserError(f"{args.config}: trainer.logger is set; a trial logs each arm to MLflow (leave it unset)")
+    data = config.get("data") or {}
+    for key, value in (("trainer.limit_val_batches", trainer.get("limit_val_batches")),
+                       ("data.val_windows", data.get("val_windows"))):
+        if value == 0:
+            raise UserError(f"{args.config}: {key}: 0 leaves no validation; a trial compares the arms' validation loss")
     reg = load_registry(settings.path, config_schema(), settings)
     own = [p for p in reg.problems if args.id in p.ids]
     if own:
@@ -174,7 +181,7 @@ def plan(args) -> Trial:
                         "or raise trainer.max_steps")
     seed = config.get("seed_everything", 0)
     trial.base_seeds = (seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
-                        (config.get("data") or {}).get("seed", 0))
+                        data.get("seed", 0))
     trial.root = Path(trainer.get("default_root_dir") or os.getcwd()) / "trials"
     return trial
 
@@ -283,7 +290,7 @@ class Comparison:
         interval = f" (95% interval {self.low:+.4f} to {self.high:+.4f})" if self.low is not None else ""
         start = f"from {trial.start} (step {trial.start_step})" if trial.start else "from new weights"
         return (f"{self.word}: final val loss {self.mean:+.4f}{interval} with {trial.label} over "
-                f"{len(self.differences)} seed(s) x {trial.steps} steps, {preset} preset, {start}")
+                f"{_seeds(len(self.differences))} x {trial.steps} steps, {preset} preset, {start}")
 
 
 def proposals_trial(args) -> None:
@@ -319,7 +326,7 @@ def run_trial(trial: Trial) -> tuple[str, str, str]:
     parent_id = parent.info.run_id
     client.log_batch(parent_id, params=_params(trial))
     client.log_artifact(parent_id, str(trial.config))
-    arms, shared, child, preset = [], {}, None, None
+    arms, shared, child, preset = [], {}, None, ""
     try:
         for seed in range(trial.seeds):
             for role in ROLES:
@@ -327,12 +334,9 @@ def run_trial(trial: Trial) -> tuple[str, str, str]:
                       file=sys.stderr, flush=True)
                 child = client.create_run(experiment_id, run_name=f"{trial.label}-{role}-seed{seed}", tags={
                     **tags, "mlflow.parentRunId": parent_id, ROLE_TAG: role, SEED_TAG: str(seed)}).info.run_id
-                arm, cli = _train_arm(trial, role, seed, child, trial.root / parent_id, shared)
+                arm, preset = _train_arm(trial, role, seed, child, trial.root / parent_id, shared)
                 arms.append(arm)
                 _log_arm(client, arm)
-                preset = preset or cli.model.arch.preset
-                if role == "baseline" and trial.proposal.kind == "data" and not shared:
-                    shared.update(_baseline_data(cli, trial.root / parent_id))
     except BaseException as e:
         client.set_terminated(parent_id, "FAILED")
         if child is not None and client.get_run(child).info.status in ("RUNNING", "FINISHED"):
@@ -357,8 +361,11 @@ class _Interrupted(Exception):
     """An arm that stopped before its last step: a signal (Ctrl-C) made `fit` save and stop."""
 
 
-def _train_arm(trial: Trial, role: str, seed: int, run_id: str, directory: Path, shared: dict[str, str]):
-    """Train one arm in `directory`/ROLE-seedK; returns (what it measured, the CLI that trained it)."""
+def _train_arm(trial: Trial, role: str, seed: int, run_id: str, directory: Path,
+               shared: dict[str, str]) -> tuple[Arm, str]:
+    """Train one arm in `directory`/ROLE-seedK; returns what it measured and its preset. The first
+    baseline arm of a data proposal fills `shared` (_baseline_data). Nothing of the arm's `fit`
+    outlives this call: the next arm's peak memory is its own."""
     from cpm_lightning.callbacks import TrialArm
     from cpm_lightning.lightning_cli import run
     from cpm_lightning.model.stats import model_stats
@@ -375,10 +382,12 @@ def _train_arm(trial: Trial, role: str, seed: int, run_id: str, directory: Path,
         raise _Interrupted(f"the {role} arm of seed {seed} stopped at step {step} of {measured.stop_at}")
     # A trial keeps numbers, not models: the arm's checkpoints go (its MLflow journal stays, if unsent).
     shutil.rmtree(root / "checkpoints", ignore_errors=True)
+    if role == "baseline" and trial.proposal.kind == "data" and not shared:
+        shared.update(_baseline_data(cli, directory))
     stats = model_stats(cli.model.arch, cli.datamodule.seq_len)
     return Arm(role=role, seed=seed, run_id=run_id, val_loss=float(cli.trainer.callback_metrics["val/loss"]),
                tokens_per_sec=measured.tokens_per_sec, peak_memory=measured.peak_memory, params=stats.params,
-               flops_per_token=stats.flops_per_token), cli
+               flops_per_token=stats.flops_per_token), cli.model.arch.preset
 
 
 def _baseline_data(cli, directory: Path) -> dict[str, str]:
