@@ -131,7 +131,7 @@ def plot(days: list[RunPeriod], start_ms: int, path: Path) -> None:
                               ("loss", "learning rate", "tokens/s"), strict=True):
         for day in days:
             points = _in_period(day.series[key], start_ms)
-            ax.plot([s for s, _, _ in points], [v for _, _, v in points], label=day.name)
+            ax.plot([s for s, _, _ in points], [v for _, _, v in points], label=f"{day.name} ({day.run_id[:8]})")
         ax.set_ylabel(label)
     axes[0].legend()
     axes[-1].set_xlabel("step")

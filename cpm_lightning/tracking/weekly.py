@@ -130,9 +130,11 @@ def _ledger(client: MlflowClient, runs: list, start_ms: int, end_ms: int) -> lis
         for record in _ledger_records(client, run.info.run_id):
             at = dt.datetime.fromisoformat(record["time"].replace("Z", "+00:00")).timestamp() * 1000
             if start_ms <= at < end_ms:
-                (incidents if record["kind"] in INCIDENTS else changes).append(f"- {_record(record)} (run {run.info.run_name})")
-    lines = ["## Changes to the run", ""] + (changes or ["None recorded (no change ledger, or nothing changed)."])
-    lines += ["", "## Incidents", ""] + (incidents or ["None."])
+                line = f"- {_record(record)} (run {run.info.run_name}, {run.info.run_id[:8]})"
+                (incidents if record["kind"] in INCIDENTS else changes).append((at, line))
+    lines = ["## Changes to the run", ""] + ([line for _, line in sorted(changes)]
+                                             or ["None recorded (no change ledger, or nothing changed)."])
+    lines += ["", "## Incidents", ""] + ([line for _, line in sorted(incidents)] or ["None."])
     return lines + [""]
 
 
