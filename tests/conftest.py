@@ -26,7 +26,8 @@ EN = ["It is a truth universally acknowledged, that a single man in possession o
 
 
 def cli_error(capsys, *argv: str) -> str:
-    """The one-line error `cpm-lightning ARGV` exits with (status 2, no traceback), in this process."""
+    """The one-line error `cpm-lightning ARGV` exits with (status 2, no traceback), in this
+    process, without its `error: `."""
     from cpm_lightning.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
@@ -36,7 +37,7 @@ def cli_error(capsys, *argv: str) -> str:
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err
-    return errors[0]
+    return errors[0].removeprefix("error: ")
 
 
 def english_text(paragraphs: int = 400) -> str:

@@ -256,7 +256,7 @@ def test_ctrl_c_fails_the_trial_and_writes_no_evidence(bench, capsys):
     error = cli_error(capsys, "proposals", "trial", "5", "--config", str(config), "--steps", "2", "--seeds", "1",
                       "--write")
     (run,) = [r for r in bench.trials() if r.data.tags["cpm.trial.proposal"] == "0005"]
-    assert error == (f"error: trial of proposal 0005 interrupted (the baseline arm of seed 0 stopped at step 1 of 2); its "
+    assert error == (f"trial of proposal 0005 interrupted (the baseline arm of seed 0 stopped at step 1 of 2); its "
                      f"MLflow run {run.info.run_id} is marked FAILED and no evidence was written")
     assert run.info.status == "FAILED" and VERDICT_TAG not in run.data.tags
     assert [r.info.status for r in bench.arms(run.info.run_id).values()] == ["KILLED"]
@@ -273,31 +273,34 @@ def test_a_rejected_proposal_is_tried_with_a_note(bench):
 def test_trials_that_cannot_be_run_fairly_are_refused(bench, original, capsys, tmp_path):
     config = str(bench.config)
     trial = lambda *args: cli_error(capsys, "proposals", "trial", *args)  # noqa: E731
-    assert trial("42", "--config", config, "--steps", "1") == f"error: no proposal 42 in {bench.registry}"
-    assert trial("2", "--config", config, "--steps", "0") == "error: --steps must be at least 1, got 0"
-    assert trial("2", "--config", config, "--steps", "1", "--seeds", "0") == "error: --seeds must be at least 1, got 0"
+    assert trial("42", "--config", config, "--steps", "1") == f"no proposal 42 in {bench.registry}"
+    assert trial("2", "--config", config, "--steps", "0") == "--steps must be at least 1, got 0"
+    assert trial("2", "--config", config, "--steps", "1", "--seeds", "0") == "--seeds must be at least 1, got 0"
     assert trial("4", "--config", config, "--steps", "1") == (
-        f"error: proposal 0004 ({bench.registry / '0004-proposal-4.yaml'}) is withdrawn: its authors took it back; "
+        f"proposal 0004 ({bench.registry / '0004-proposal-4.yaml'}) is withdrawn: its authors took it back; "
         "a withdrawn proposal is not tried")
     assert trial("3", "--config", config, "--steps", "1") == (
-        "error: proposal 0003 is already in effect at step 0: the baseline has it. Leave it out of the baseline "
+        "proposal 0003 is already in effect at step 0: the baseline has it. Leave it out of the baseline "
         f"(registry.exclude: [3] in {config})")
     assert trial("6", "--config", config, "--steps", "1") == (
-        f"error: proposal 0006 cannot be tried: data.sources.more.url: '{bench.root}/missing/*.txt' matches no file")
+        f"proposal 0006 cannot be tried: data.sources.more.url: '{bench.root}/missing/*.txt' matches no file")
     assert trial("8", "--config", config, "--steps", "1") == (
-        f"error: proposal 0008 cannot be tried on the baseline: {bench.registry / '0008-proposal-8.yaml'}:11: "
+        f"proposal 0008 cannot be tried on the baseline: {bench.registry / '0008-proposal-8.yaml'}:11: "
         f"conflicts: conflicts with proposal 3 ({bench.registry / '0003-proposal-3.yaml'}), which is applied at step 0")
     assert trial("7", "--config", config, "--steps", "1", "--from", str(original[1])) == (
-        f"error: proposal 0007 changes model.arch.num_kv_heads (4 -> 2) of --from {original[1]}, which no migration "
+        f"proposal 0007 changes model.arch.num_kv_heads (4 -> 2) of --from {original[1]}, which no migration "
         "folds into its weights; try it without --from (both arms from new weights)")
     assert trial("2", "--config", config, "--steps", "9", "--from", str(original[1])) == (
-        "error: --steps 9 from step 2 goes past the run config's trainer.max_steps=10 (the length of its "
+        "--steps 9 from step 2 goes past the run config's trainer.max_steps=10 (the length of its "
         "learning-rate schedule); lower --steps or raise trainer.max_steps")
+    unvalidated = bench.write_config("unvalidated.yaml", **{"trainer.limit_val_batches": 0})
+    assert trial("2", "--config", str(unvalidated), "--steps", "1") == (
+        f"{unvalidated}: trainer.limit_val_batches: 0 leaves no validation; a trial compares the arms' validation loss")
     outside = write_proposal(tmp_path / "registry", 1, {"data.sources.more": {"url": "/etc/*", "weight": 0.2}},
                              status="discussion", kind="data")
     elsewhere = bench.write_config("elsewhere.yaml", **{"registry.path": str(outside.parent)})
     refused = trial("1", "--config", str(elsewhere), "--steps", "1")
-    assert refused.startswith(f"error: proposal 0001 cannot be tried: {outside}:")
+    assert refused.startswith(f"proposal 0001 cannot be tried: {outside}:")
     assert ": changes.data.sources.more.url: '/etc/*' is not under an allowed prefix" in refused
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -305,7 +308,7 @@ def test_trials_that_cannot_be_run_fairly_are_refused(bench, original, capsys, t
         trials = bench.root / "run" / "trials"
         arms = set(trials.iterdir()) if trials.exists() else set()
         assert trial("2", "--config", str(down), "--steps", "1").startswith(
-            f"error: tracking server http://127.0.0.1:{s.getsockname()[1]} is unreachable (ConnectionError)")
+            f"tracking server http://127.0.0.1:{s.getsockname()[1]} is unreachable (ConnectionError)")
     assert (set(trials.iterdir()) if trials.exists() else set()) == arms  # nothing trained
 
 
@@ -334,14 +337,14 @@ def test_the_weekly_digest(bench, first, second, original, tmp_path, capsys):
                  "- models:/tiny-lm/1: step 3, val loss n/a, proposals none, ",
                  "### Run original (" + run + ")", "![loss, learning rate and throughput](" + name + ".png)"):
         assert any(x.startswith(line) for x in text.splitlines()), line
-    assert "step 2: applied 0003 (0003 effective from step 2): model.loss.z_loss: 0.0 -> 0.0001 (run original)" in text
+    assert f"step 2: applied 0003 (0003 effective from step 2): model.loss.z_loss: 0.0 -> 0.0001 (run original, {run[:8]})" in text
     incidents = text.split("## Incidents")[1].split("##")[0]
-    assert "step 3: rollback (loss 9.1 above the last 128 losses' mean by 6 sd) (run original)" in incidents
+    assert f"step 3: rollback (loss 9.1 above the last 128 losses' mean by 6 sd) (run original, {run[:8]})" in incidents
     assert "-seed0" not in text  # the trials' arms are not the run's training
     assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
     assert {Path(a.path).name for a in bench.client.list_artifacts(run, "weekly")} == {f"{name}.md", f"{name}.png"}
     assert cli_error(capsys, "report", "weekly", "--week", "2026-48", "--out", str(tmp_path)) == (
-        "error: --week '2026-48': expected an ISO week YYYY-Www, e.g. 2026-W48")
+        "--week '2026-48': expected an ISO week YYYY-Www, e.g. 2026-W48")
 
 
 def test_validation_sources_name_sources_of_the_mixture(bench):
