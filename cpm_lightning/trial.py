@@ -169,9 +169,9 @@ def plan(args) -> Trial:
                         f"Leave it out of the baseline (registry.exclude: [{proposal.id}] in {args.config}){earlier}")
     if problems := trial_problems(proposal, baseline.applied, trial.at_step):
         raise UserError(f"proposal {proposal.label} cannot be tried on the baseline: {problems[0]}")
-    if arch is not None and (unfolded := unfoldable(proposal.changes, arch)):
-        raise UserError(f"proposal {proposal.label} changes {', '.join(unfolded)} of --from {args.start}, which no "
-                        "migration folds into its weights; try it without --from (both arms from new weights)")
+    if arch is not None and (problem := migration_problem(proposal.changes, arch, not _is_model_dir(trial.start))):
+        raise UserError(f"proposal {proposal.label} cannot be tried --from {args.start}: {problem}; try it without "
+                        "--from (both arms from new weights)")
     if proposal.kind == "data":
         _check_data(proposal)
     max_steps = trainer.get("max_steps")
@@ -205,20 +205,25 @@ def _start(trial: Trial, start: str | None) -> dict | None:
     return meta["cpm"]["arch"]
 
 
-def unfoldable(changes: dict, arch: dict) -> list[str]:
-    """The model.arch changes of a proposal that no migration folds into the weights of a model of
-    architecture `arch` (a checkpoint's or a model directory's), as 'key (old -> new)'.
-
-    Until the migration planner (model/migrate.py) tells, only the fields a run may change on
-    stored weights fold: lightning_cli.RUN_OWNED (max_len, split_qk_scale)."""
+def migration_problem(changes: dict, arch: dict, checkpoint: bool) -> str | None:
+    """Why the weights of a model of architecture `arch` cannot be carried to it with a proposal's
+    model.arch `changes`, or None. A checkpoint is migrated as `fit` resumes it, by the migrations
+    model/migrate.py plans; a model directory's weights are loaded as they are
+    (checkpoint.init_from), with only the fields a run may set on them changed (RUN_OWNED)."""
     from cpm_lightning.lightning_cli import RUN_OWNED
+    from cpm_lightning.migration import resolved
+    from cpm_lightning.model.migrate import NoMigration, plan
 
-    out = []
-    for key, value in changes.items():
-        name = key.removeprefix("model.arch.")
-        if name != key and name not in RUN_OWNED and arch.get(name) != value:
-            out.append(f"model.arch.{name} ({arch.get(name)!r} -> {value!r})")
-    return out
+    new = {**arch, **{k.removeprefix("model.arch."): v for k, v in changes.items() if k.startswith("model.arch.")}}
+    if checkpoint:
+        try:
+            plan(resolved(arch), resolved(new))
+        except NoMigration as e:
+            return str(e)
+        return None
+    key = next((k for k, v in new.items() if k not in RUN_OWNED and arch.get(k) != v), None)
+    return key and (f"model.arch.{key} {arch.get(key)!r} -> {new[key]!r}: a model directory's weights are loaded as "
+                    f"they are (checkpoint.init_from), only {' and '.join(RUN_OWNED)} may change")
 
 
 def _check_data(p: Proposal) -> None:

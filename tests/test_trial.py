@@ -73,7 +73,7 @@ class Bench:
         write_proposal(self.registry, 5, {"model.optim.eps": 1.0e-6}, status="rejected", kind="training")
         write_proposal(self.registry, 6, {"data.sources.more": {"url": f"{root}/missing/*.txt", "weight": 0.2}},
                        status="discussion", kind="data")
-        write_proposal(self.registry, 7, {"model.arch.num_kv_heads": 2}, status="discussion")
+        write_proposal(self.registry, 7, {"model.arch.ffn": "swiglu"}, status="discussion")
         write_proposal(self.registry, 8, {"model.optim.eps": 1.0e-7}, status="discussion", kind="training",
                        conflicts=[3])
         (root / "more").mkdir()
@@ -271,6 +271,9 @@ def test_a_rejected_proposal_is_tried_with_a_note(bench):
 
 
 def test_trials_that_cannot_be_run_fairly_are_refused(bench, original, capsys, tmp_path):
+    from cpm_lightning.checkpoint import read_meta
+    from cpm_lightning.trial import migration_problem
+
     config = str(bench.config)
     trial = lambda *args: cli_error(capsys, "proposals", "trial", *args)  # noqa: E731
     assert trial("42", "--config", config, "--steps", "1") == f"no proposal 42 in {bench.registry}"
@@ -288,8 +291,16 @@ def test_trials_that_cannot_be_run_fairly_are_refused(bench, original, capsys, t
         f"proposal 0008 cannot be tried on the baseline: {bench.registry / '0008-proposal-8.yaml'}:11: "
         f"conflicts: conflicts with proposal 3 ({bench.registry / '0003-proposal-3.yaml'}), which is applied at step 0")
     assert trial("7", "--config", config, "--steps", "1", "--from", str(original[1])) == (
-        f"proposal 0007 changes model.arch.num_kv_heads (4 -> 2) of --from {original[1]}, which no migration "
-        "folds into its weights; try it without --from (both arms from new weights)")
+        f"proposal 0007 cannot be tried --from {original[1]}: model.arch.ffn 'gated_gelu' -> 'swiglu': it changes what "
+        "every layer computes and belongs to the next model generation; try it without --from (both arms from new "
+        "weights)")
+    # What migrations reach is tried from a checkpoint; a model directory's weights take no new shape.
+    arch = read_meta(original[1])["cpm"]["arch"]
+    grown = {"model.arch.ff_dim": 256, "model.arch.num_kv_heads": 2}
+    assert migration_problem(grown, arch, checkpoint=True) is None
+    assert migration_problem(grown, arch, checkpoint=False) == (
+        "model.arch.num_kv_heads 4 -> 2: a model directory's weights are loaded as they are (checkpoint.init_from), "
+        "only max_len and split_qk_scale may change")
     assert trial("2", "--config", config, "--steps", "9", "--from", str(original[1])) == (
         "--steps 9 from step 2 goes past the run config's trainer.max_steps=10 (the length of its "
         "learning-rate schedule); lower --steps or raise trainer.max_steps")
