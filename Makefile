@@ -57,7 +57,8 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/ruff check
 
-# The CI gate of the community registry: every proposal valid, alone and together.
+# The CI gate of the community registry: every proposal valid, alone and together, each `evidence`
+# entry a well-formed MLflow run ({run: 32 hex digits, verdict: one line}, or the bare run id).
 proposals-check: $(STAMP)
 	$(BIN)/cpm-lightning proposals check proposals/
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import time
+from pathlib import Path
+
 import lightning as L
 
 from cpm_lightning.config import EvalConfig
@@ -49,3 +54,73 @@ class Evaluate(L.Callback):
                               distributed=trainer.world_size > 1)
         for logger in trainer.loggers:
             logger.log_metrics(flat(scores, "eval"), step=step)
+
+
+class TrialArm(L.Callback):
+    """What `proposals trial` adds to the `fit` of each arm: a stop at step `stop_at`, with a
+    validation there wherever trainer.val_check_interval falls (the arms are compared by it),
+    and the arm's throughput and peak memory, read from this callback once `fit` returns."""
+
+    def __init__(self, stop_at: int):
+        self.stop_at = stop_at
+        """The optimizer step the arm trains to; the run config's trainer.max_steps, which sets
+        the learning-rate schedule's length, stays as it is."""
+        self.tokens_per_sec: float | None = None
+        """Tokens trained per second from the end of the first step to the end of the last
+        (None after a single step: the first step also pays for warm-up)."""
+        self.peak_memory: int | None = None
+        """Peak bytes during training: allocated on a CUDA device, else the process's resident
+        set (None where the platform cannot tell)."""
+        self._first: tuple[float, int] | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._first, self.tokens_per_sec = None, None
+        reset_peak_memory(trainer.strategy.root_device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = (time.perf_counter(), pl_module.tokens_seen)
+        if self._first is None:
+            self._first = now
+        elif now[0] > self._first[0]:
+            self.tokens_per_sec = (now[1] - self._first[1]) / (now[0] - self._first[0])
+        if trainer.global_step >= self.stop_at:
+            trainer.should_stop = True  # Lightning validates when training is asked to stop
+
+    def on_train_end(self, trainer, pl_module):
+        self.peak_memory = peak_memory(trainer.strategy.root_device)
+
+
+def reset_peak_memory(device) -> None:
+    """Start peak_memory(device) afresh. On CPU, memory that earlier work in the process freed
+    goes back to the system first (glibc keeps freed heap memory resident), so that a second
+    `fit` in one process (a trial's next arm) starts from what is alive, not from the last
+    one's high-water mark."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:  # Linux: 5 resets the peak resident set size, VmHWM (proc(5))
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device) -> int | None:
+    """Peak bytes since reset_peak_memory: allocated by torch on a CUDA device, else the process's
+    peak resident set (VmHWM; None where there is no /proc)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kb = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return int(kb) * 1024 if kb else None

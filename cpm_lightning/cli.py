@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "cpm_lightning.commands",
     "cpm_lightning.tracking.commands",
     "cpm_lightning.registry.commands",
+    "cpm_lightning.trial",  # adds `proposals trial` and the trials of `proposals show`
 ]
 
 

@@ -122,9 +122,9 @@ class CPMCLI(LightningCLI):
             callbacks.append(LiveSegment(self.plan, cfg.live, checkpoints, self.resolved))
         if cfg.trainer.logger in (None, True):
             # A resumed fit continues the MLflow run its checkpoint names (or, under `live`, the
-            # run's before its first checkpoint).
+            # run's before its first checkpoint), unless tracking.run_id names another.
             run_id = self.ckpt_meta.get("cpm", {}).get(RUN_ID_KEY) if self.subcommand == "fit" else None
-            run_id = run_id or (self.plan and self.plan.run_id)
+            run_id = cfg.tracking.run_id or run_id or (self.plan and self.plan.run_id)
             kwargs["logger"] = _mlflow_logger(cfg.tracking, root, run_id, self.plan.logged_through if self.plan else -1)
             callbacks.append(TrackRun(kwargs["logger"]))
         configured = cfg.trainer.callbacks or []  # instantiated already: keep them
@@ -236,8 +236,9 @@ def _leaves(prefix: str, value) -> list[tuple[str, object]]:
     return [(prefix, list(value) if isinstance(value, tuple) else value)]
 
 
-def run(argv: list[str] | None) -> None:
-    """argv None: LightningCLI reads sys.argv itself (it warns when given both)."""
+def run(argv: list[str] | None) -> CPMCLI:
+    """argv None: LightningCLI reads sys.argv itself (it warns when given both). Returns the CLI,
+    whose trainer and model a caller in the same process may read (`proposals trial`)."""
     import jsonargparse
 
     from cpm_lightning.run_config import training_classes
@@ -246,5 +247,5 @@ def run(argv: list[str] | None) -> None:
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # exit_on_error=False: jsonargparse raises ArgumentError instead of printing its usage block,
     # and cli.main() prints the message as one line.
-    CPMCLI(*training_classes(), args=argv, save_config_callback=None, seed_everything_default=0,
-           parser_kwargs={"exit_on_error": False})
+    return CPMCLI(*training_classes(), args=argv, save_config_callback=None, seed_everything_default=0,
+                  parser_kwargs={"exit_on_error": False})

@@ -35,6 +35,9 @@ class DataConfig:
     source)."""
     seed: int = ranged(0, ge=0)
     """Seed of the per-source window order."""
+    val_sources: list[str] | None = None
+    """The sources whose held-out windows make the validation set; unset: every source.
+    `proposals trial` validates both arms of a data proposal on the baseline's sources."""
     cache_dir: str | None = None
     """Where shards and trained tokenizers are cached: a local directory, or an fsspec URL
     (s3://, gs://, file://...) shared by machines, mirrored in `local_cache`; unset:
@@ -50,3 +53,8 @@ class DataConfig:
         self.sources = {n: s if isinstance(s, SourceConfig) else SourceConfig(**s) for n, s in self.sources.items()}
         for name, src in self.sources.items():  # here, where the source's name is known
             check_ranges(src, where(name))
+        for name in self.val_sources or []:
+            if name not in self.sources:
+                raise UserError(f"data.val_sources: no source {name!r}; the sources are {', '.join(sorted(self.sources))}")
+        if self.val_sources == []:
+            raise UserError("data.val_sources is empty; name at least one source, or leave it unset for all")

@@ -48,11 +48,12 @@ class TrainStream(IterableDataset):
 
 
 class ValWindows(Dataset):
-    """The held-out windows at the end of every source's stream."""
+    """The held-out windows at the end of every source's stream (of data.val_sources, if set)."""
 
     def __init__(self, dm: "PretrainDataModule"):
         self.dm = dm
-        self.items = [(n, dm.train_windows[n] + j) for n in sorted(dm.shards) for j in range(dm.val_windows_of[n])]
+        self.items = [(n, dm.train_windows[n] + j) for n in sorted(dm.val_sources or dm.shards)
+                      for j in range(dm.val_windows_of[n])]
 
     def __len__(self):
         return len(self.items)

@@ -25,6 +25,21 @@ EN = ["It is a truth universally acknowledged, that a single man in possession o
       "My dear Mr. Bennet, said his lady to him one day, have you heard that Netherfield Park is let at last?"]
 
 
+def cli_error(capsys, *argv: str) -> str:
+    """The one-line error `cpm-lightning ARGV` exits with (status 2, no traceback), in this
+    process, without its `error: `."""
+    from cpm_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0].removeprefix("error: ")
+
+
 def english_text(paragraphs: int = 400) -> str:
     return "\n\n".join(f"{EN[i % 3]} ({i})\n\t{EN[(i * 7) % 3]}" for i in range(paragraphs))
 

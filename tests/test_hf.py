@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import EN, ZH, english_text, write_config
+from conftest import EN, ZH, cli_error, english_text, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, CpmAntConfig, CpmAntForCausalLM
 
 from cpm_lightning.cli import main
@@ -76,17 +76,6 @@ def step_logits(model: CPMAnt, prompt: list[int], continuation: list[int], promp
         ids = torch.tensor([[token]])
         out.append(model(ids, **prompt_inputs(model, ids, prompting, first=False), cache=cache)[0, -1])
     return torch.stack(out)
-
-
-def cli_error(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0].removeprefix("error: ")
 
 
 def assert_nothing_written(out: Path) -> None:

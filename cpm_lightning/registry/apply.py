@@ -36,6 +36,9 @@ class RegistryConfig(Limits):
     at_step: int | None = ranged(None, ge=0)
     """Apply the proposals effective at this optimizer step; unset: the step a resumed run
     continues from, 0 for a new run."""
+    trial: int | None = ranged(None, ge=1, le=9999)
+    """Id of a proposal applied on top of those, whatever its status, step and kind, its values
+    winning over theirs: the arm of `cpm-lightning proposals trial` that tries it."""
 
 
 @dataclass
@@ -119,7 +122,7 @@ def apply_registry(cfg, argv: list[str], subcommand: str, schema: ConfigSchema) 
     if settings.path is None:
         return None
     reg = load_registry(settings.path, schema, settings)
-    res = resolve(reg, settings.at_step or 0, settings.kinds, settings.exclude)
+    res = resolve(reg, settings.at_step or 0, settings.kinds, settings.exclude, settings.trial)
     applied = AppliedRegistry(res)
     cli_keys = override_keys(argv, subcommand)
     for key, value in res.values.items():

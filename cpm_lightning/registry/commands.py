@@ -186,7 +186,7 @@ def proposals_resolve(args) -> None:
         raise UserError(f"--at-step must be >= 0, got {args.at_step}")
     path = Path(args.config)
     config = read_run_config(path)
-    settings = RegistryConfig(**_checked_group(config.get("registry") or {}, RegistryConfig, "registry", path))
+    settings = registry_settings(config, path)
     if settings.path is None:
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return
@@ -200,13 +200,18 @@ def proposals_resolve(args) -> None:
 
 def _resolved(config: dict, reg, settings: RegistryConfig, at_step: int) -> AppliedRegistry:
     """Set the values of the proposals effective at `at_step` into `config`."""
-    applied = AppliedRegistry(resolve(reg, at_step, settings.kinds, settings.exclude))
+    applied = AppliedRegistry(resolve(reg, at_step, settings.kinds, settings.exclude, settings.trial))
     for key, value in applied.resolution.values.items():
         set_key(config, key, value)
     return applied
 
 
-def _checked_group(group: dict, cls: type, name: str, path: Path) -> dict:
+def registry_settings(config: dict, path: Path) -> RegistryConfig:
+    """The `registry` group of run config `config` (read from `path`), checked."""
+    return RegistryConfig(**checked_group(config.get("registry") or {}, RegistryConfig, "registry", path))
+
+
+def checked_group(group: dict, cls: type, name: str, path: Path) -> dict:
     """A group of the run config (`registry`, `data`, a source of `data.sources`), its keys and
     their types checked as LightningCLI would."""
     if not isinstance(group, dict):
@@ -217,7 +222,7 @@ def _checked_group(group: dict, cls: type, name: str, path: Path) -> dict:
             wrong = f"unknown key; expected: {', '.join(hints)}"
         elif cls is DataConfig and key == "sources" and isinstance(value, dict):
             for source, fields in value.items():
-                _checked_group(fields, SourceConfig, f"data.sources.{source}", path)
+                checked_group(fields, SourceConfig, f"data.sources.{source}", path)
             continue
         else:
             wrong = mismatch(value, hints[key])
@@ -231,7 +236,7 @@ def data_configs(path: Path) -> list[DataConfig]:
     step where an accepted data proposal of the registry it follows takes effect (the sources a
     live run will read), each distinct one once."""
     config = read_run_config(path)
-    settings = RegistryConfig(**_checked_group(config.get("registry") or {}, RegistryConfig, "registry", path))
+    settings = registry_settings(config, path)
     start = settings.at_step or 0
     steps = [start]
     if settings.path is not None:
@@ -244,6 +249,6 @@ def data_configs(path: Path) -> list[DataConfig]:
         resolved = copy.deepcopy(config)
         if settings.path is not None:
             _resolved(resolved, reg, settings, step)
-        data = _checked_group(resolved.get("data") or {}, DataConfig, "data", path)
+        data = checked_group(resolved.get("data") or {}, DataConfig, "data", path)
         found.setdefault(json.dumps(data, sort_keys=True, default=str), data)
     return [DataConfig(**data) for data in found.values()]

@@ -196,9 +196,11 @@ class Resolution:
 
 
 def resolve(reg: Registry, at_step: int = 0, kinds: list[str] | None = None,
-            exclude: list[int] | None = None) -> Resolution:
+            exclude: list[int] | None = None, trial: int | None = None) -> Resolution:
     """Accepted proposals with effective_from_step <= at_step, of `kinds`, not in `exclude`,
-    ordered by (effective_from_step, id). A UserError lists every problem."""
+    ordered by (effective_from_step, id); then proposal `trial`, whatever its status, step and
+    kind, whose values win over theirs (the treatment arm of `proposals trial`). A UserError
+    lists every problem."""
     reg.raise_problems("nothing is applied")
     kinds = list(kinds) if kinds is not None else KINDS
     exclude = list(exclude or [])
@@ -215,6 +217,11 @@ def resolve(reg: Registry, at_step: int = 0, kinds: list[str] | None = None,
             left_out[p.id] = f"effective from step {p.effective_from_step}, after step {at_step}"
     applied = sorted((p for p in reg.proposals.values() if p.status == ACCEPTED and p.id not in left_out),
                      key=lambda p: (p.effective_from_step, p.id))
+    if trial is not None and trial not in reg.proposals:
+        problems.append(f"registry.trial: no proposal {trial} in {reg.path}")
+    elif trial is not None and all(p.id != trial for p in applied):
+        applied.append(reg.proposals[trial])
+        problems += trial_problems(reg.proposals[trial], applied[:-1], at_step)
     for p in applied:
         problems += [str(p.problem("requires", f"proposal {i} ({reg.proposals[i].path}) is not applied: "
                                                f"{left_out[i]}")) for i in p.requires if i in left_out]
@@ -225,9 +232,20 @@ def resolve(reg: Registry, at_step: int = 0, kinds: list[str] | None = None,
     for p in applied:
         for key, value in p.changes.items():
             holder = provenance.get(key)
-            if holder is None or _supersedes(p, holder, reg.proposals):
+            if holder is None or p.id == trial or _supersedes(p, holder, reg.proposals):
                 values[key], provenance[key] = value, p
     return Resolution(at_step, applied, values, provenance)
+
+
+def trial_problems(p: Proposal, applied: list[Proposal], at_step: int) -> list[str]:
+    """What keeps proposal `p` from being tried on top of the `applied` ones: one it conflicts
+    with is applied, or one it requires is not."""
+    ids = {q.id for q in applied}
+    out = [str(p.problem("conflicts", f"conflicts with proposal {q.id} ({q.path}), which is applied at step {at_step}"))
+           for q in applied if q.id in p.conflicts or p.id in q.conflicts]
+    out += [str(p.problem("requires", f"proposal {i} is not applied at step {at_step}"))
+            for i in p.requires if i not in ids]
+    return out
 
 
 def set_key(tree: dict, key: str, value: Any) -> None:

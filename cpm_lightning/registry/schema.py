@@ -30,6 +30,7 @@ DECIDED = ("accepted", "rejected", "superseded", "retired")  # statuses that nee
 _HANDLE = re.compile(r"^@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
 _URL = re.compile(r"^https://\S+$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+EVIDENCE_KEYS = ("run", "verdict")  # of an `evidence` entry that is a mapping
 
 Kind = Literal["architecture", "training", "data"]
 Status = Literal["draft", "discussion", "accepted", "rejected", "withdrawn", "superseded", "retired"]
@@ -97,8 +98,9 @@ class Proposal:
     """One paragraph: what changes."""
     motivation: str = ""
     """Why, with the evidence."""
-    evidence: list[str] = field(default_factory=list)
-    """MLflow run ids (32 hex digits) of the trials behind the proposal."""
+    evidence: list[str | dict[str, str]] = field(default_factory=list)
+    """The trials behind the proposal: {run: MLflow run id (32 hex digits), verdict: one line},
+    as `proposals trial --write` appends them, or a bare run id."""
     changes: dict[str, Any] = field(default_factory=dict)
     """Dotted run-config keys and their values; nested mappings are read as dotted keys."""
 
@@ -322,6 +324,21 @@ def _flatten(changes: dict) -> tuple[dict[str, Any], list[str]]:
     return flat, twice
 
 
+def _evidence_problems(entry: str | dict[str, str]) -> list[str]:
+    """What is wrong with one `evidence` entry: a run id, or {run: RUN_ID, verdict: TEXT}."""
+    if not isinstance(entry, dict):
+        return [] if _RUN_ID.match(entry) else [f"expected an MLflow run id (32 hex digits), got {entry!r}"]
+    out = [f"unknown key {k!r}; an entry is {{run: MLflow run id, verdict: one line}}"
+           for k in entry if k not in EVIDENCE_KEYS]
+    if "run" not in entry:
+        out.append("no `run`; an entry is {run: MLflow run id, verdict: one line}")
+    elif not _RUN_ID.match(entry["run"]):
+        out.append(f"run: expected an MLflow run id (32 hex digits), got {entry['run']!r}")
+    if "\n" in entry.get("verdict", "").strip():
+        out.append("verdict: expected one line")
+    return out
+
+
 def _check_fields(p: Proposal) -> list[Problem]:
     """Checks of single fields beyond their types; the registry checks references across files."""
     out = []
@@ -361,8 +378,8 @@ def _check_fields(p: Proposal) -> list[Problem]:
             out.append(p.problem(name, f"names the proposal itself ({p.id})"))
     if both := set(p.requires) & set(p.conflicts):
         out.append(p.problem("conflicts", f"also in requires: {sorted(both)}"))
-    out += [p.problem(f"evidence.{i}", f"expected an MLflow run id (32 hex digits), got {e!r}")
-            for i, e in enumerate(p.evidence) if not _RUN_ID.match(e)]
+    for i, entry in enumerate(p.evidence):
+        out += [p.problem(f"evidence.{i}", message) for message in _evidence_problems(entry)]
     if p.status == ACCEPTED and not p.changes:
         out.append(p.problem("changes", "empty; an accepted proposal changes at least one key"))
     return out

@@ -1,4 +1,4 @@
-"""MLflow verbs: `report daily`, `release`, `promote`, `pull`, `models list`."""
+"""MLflow verbs: `report daily|weekly`, `release`, `promote`, `pull`, `models list`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ def add_commands(sub) -> None:
     daily.add_argument("--out", required=True, type=Path, help="directory for DATE.md and DATE.png")
     daily.add_argument("--proposals", default="proposals", type=Path, help="the registry directory (default: proposals)")
     daily.set_defaults(func=report_daily)
+
+    weekly = report.add_parser("weekly", help="the community digest of one ISO week: markdown + plot")
+    weekly.add_argument("--week", help="YYYY-Www, e.g. 2026-W48, Monday to Sunday UTC (default: this week)")
+    weekly.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else cpm-lightning)")
+    weekly.add_argument("--registry", default="proposals", type=Path, help="the registry directory (default: proposals)")
+    weekly.add_argument("--out", required=True, type=Path, help="directory for YYYY-Www.md and YYYY-Www.png")
+    weekly.set_defaults(func=report_weekly)
 
     rel = sub.add_parser("release", help="release a checkpoint to the MLflow Model Registry")
     rel.add_argument("checkpoint", help="a checkpoint written by fit")
@@ -53,7 +60,7 @@ def add_commands(sub) -> None:
     ls.add_argument("name", nargs="?", help="one registered model (default: all)")
     ls.set_defaults(func=models_list)
 
-    for parser in (daily, rel, pro, pull, ls):
+    for parser in (daily, weekly, rel, pro, pull, ls):
         parser.add_argument("--tracking-uri", help=URI_HELP)
 
 
@@ -77,6 +84,14 @@ def report_daily(args) -> None:
         raise UserError(f"--date {args.date!r}: expected YYYY-MM-DD") from None
     _use_tracking_uri(args)
     print(daily_report(date, TrackingConfig(experiment=args.experiment).resolved_experiment, args.out, args.proposals))
+
+
+def report_weekly(args) -> None:
+    from cpm_lightning.tracking.weekly import parse_week, weekly_report
+
+    monday = parse_week(args.week)
+    _use_tracking_uri(args)
+    print(weekly_report(monday, TrackingConfig(experiment=args.experiment).resolved_experiment, args.registry, args.out))
 
 
 def release(args) -> None:

@@ -18,6 +18,9 @@ class TrackingConfig:
     """MLflow experiment; unset: $MLFLOW_EXPERIMENT_NAME, else cpm-lightning."""
     run_name: str | None = None
     """MLflow run name; unset: MLflow picks one."""
+    run_id: str | None = None
+    """An existing MLflow run to log to, made beforehand (`proposals trial` makes one per arm,
+    under its own run); unset: the run of the checkpoint `fit` resumes, else a new run."""
     flush_timeout: float = 600.0
     """Seconds the end of training waits for an unreachable tracking server; what is still unsent
     stays in <trainer.default_root_dir>/mlflow-journal-RUN.jsonl, and resuming the run sends it."""

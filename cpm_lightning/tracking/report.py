@@ -1,6 +1,7 @@
 """The daily training log (docs/ARCHITECTURE.md, "MLflow"), with the fields of CPM-Live's published daily logs:
 loss at the start and end of the day, tokens and GB of text seen, average grad norm, progress
-towards the planned tokens, throughput, restarts, non-finite steps, proposals, releases.
+towards the planned tokens, throughput, restarts, non-finite steps, proposals, releases. The
+weekly digest (weekly.py) has the same section for each run, over a week.
 
 A step logged twice (a job resumed from a checkpoint older than its last logged step trains
 those steps again) counts once, with its latest value.
@@ -18,14 +19,15 @@ from mlflow import MlflowClient
 from cpm_lightning.errors import UserError
 from cpm_lightning.tracking.logger import START_STEP
 from cpm_lightning.tracking.releases import RUN_TAG, applied_proposals
+from cpm_lightning.tracking.trials import is_trial
 
 KEYS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_seen", "train/tokens_per_sec")
 DAY_MS = 86_400_000
 
 
 @dataclass(kw_only=True)
-class RunDay:
-    """One run's metrics up to the end of the day, each step once."""
+class RunPeriod:
+    """One run's metrics up to the end of a period (a day, a week), each step once."""
 
     run_id: str
     """MLflow run id."""
@@ -34,9 +36,9 @@ class RunDay:
     series: dict[str, list[tuple[int, int, float]]]
     """Metric -> (step, timestamp ms, value), one per step (the latest), by step."""
     replayed: int
-    """Steps of the day logged more than once."""
+    """Steps of the period logged more than once."""
     starts: list[tuple[int, float]]
-    """(timestamp ms, start step) of every start of `fit` during the day."""
+    """(timestamp ms, start step) of every start of `fit` during the period."""
 
 
 def _dedup(history, end_ms: int) -> tuple[list[tuple[int, int, float]], dict[int, int]]:
@@ -49,7 +51,8 @@ def _dedup(history, end_ms: int) -> tuple[list[tuple[int, int, float]], dict[int
     return sorted(latest.values()), count
 
 
-def _run_day(client: MlflowClient, run, start_ms: int, end_ms: int) -> RunDay | None:
+def run_period(client: MlflowClient, run, start_ms: int, end_ms: int) -> RunPeriod | None:
+    """The run's metrics up to end_ms, or None when it logged no step and no start in the period."""
     series, replayed = {}, 0
     for key in KEYS:
         series[key], count = _dedup(client.get_metric_history(run.info.run_id, key), end_ms)
@@ -59,34 +62,36 @@ def _run_day(client: MlflowClient, run, start_ms: int, end_ms: int) -> RunDay | 
               if start_ms <= m.timestamp < end_ms]
     if not any(t >= start_ms for _, t, _ in series["train/loss"]) and not starts:
         return None
-    return RunDay(run_id=run.info.run_id, name=run.info.run_name, series=series, replayed=replayed, starts=starts)
+    return RunPeriod(run_id=run.info.run_id, name=run.info.run_name, series=series, replayed=replayed, starts=starts)
 
 
-def _in_day(points, start_ms):
+def _in_period(points, start_ms):
     return [p for p in points if p[1] >= start_ms]
 
 
-def _section(client: MlflowClient, run, day: RunDay, start_ms: int, end_ms: int, registry_dir: Path) -> list[str]:
+def section(client: MlflowClient, run, day: RunPeriod, start_ms: int, end_ms: int, registry_dir: Path,
+            period: str = "day") -> list[str]:
+    """The Markdown section of one run's training in the period that starts at start_ms."""
     tags = run.data.tags
-    loss = _in_day(day.series["train/loss"], start_ms)
+    loss = _in_period(day.series["train/loss"], start_ms)
     tokens = day.series["train/tokens_seen"]
     before = [v for _, t, v in tokens if t < start_ms]
     total = tokens[-1][2] if tokens else 0.0
     today = total - (before[-1] if before else 0.0)
     bytes_per_token = float(tags.get("cpm.bytes_per_token", "nan"))
     planned = float(tags.get("cpm.planned_tokens", "nan"))
-    grad = [v for _, _, v in _in_day(day.series["train/grad_norm"], start_ms)]
-    speed = [v for _, _, v in _in_day(day.series["train/tokens_per_sec"], start_ms)]
+    grad = [v for _, _, v in _in_period(day.series["train/grad_norm"], start_ms)]
+    speed = [v for _, _, v in _in_period(day.series["train/tokens_per_sec"], start_ms)]
     bad = [s for s, _, v in loss if not math.isfinite(v)]
     steps = [s for s, _, _ in loss]
     lines = [f"## Run {day.name} ({day.run_id})", ""]
     if loss:
         lines += [f"- steps: {steps[0]} to {steps[-1]}",
-                  f"- loss at the start of the day: {loss[0][2]:.4f} (step {loss[0][0]})",
-                  f"- loss at the end of the day: {loss[-1][2]:.4f} (step {loss[-1][0]})"]
+                  f"- loss at the start of the {period}: {loss[0][2]:.4f} (step {loss[0][0]})",
+                  f"- loss at the end of the {period}: {loss[-1][2]:.4f} (step {loss[-1][0]})"]
     else:
         lines += ["- no training steps were logged"]
-    lines += [f"- tokens seen that day: {today:,.0f} ({_gb(today, bytes_per_token)} of text)",
+    lines += [f"- tokens seen that {period}: {today:,.0f} ({_gb(today, bytes_per_token)} of text)",
               f"- tokens seen in total: {total:,.0f} ({_gb(total, bytes_per_token)} of text)",
               f"- average grad norm: {sum(grad) / len(grad):.4f}" if grad else "- average grad norm: not logged",
               f"- progress: {100 * total / planned:.2f}% of {planned:,.0f} planned tokens" if math.isfinite(planned)
@@ -114,7 +119,8 @@ def _gb(tokens: float, bytes_per_token: float) -> str:
     return f"{tokens * bytes_per_token / 1e9:.4g} GB" if math.isfinite(bytes_per_token) else "unknown GB"
 
 
-def _plot(days: list[RunDay], start_ms: int, path: Path) -> None:
+def plot(days: list[RunPeriod], start_ms: int, path: Path) -> None:
+    """Loss, learning rate and throughput of each run from start_ms on, by step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,8 +130,8 @@ def _plot(days: list[RunDay], start_ms: int, path: Path) -> None:
     for key, ax, label in zip(("train/loss", "train/lr", "train/tokens_per_sec"), axes,
                               ("loss", "learning rate", "tokens/s"), strict=True):
         for day in days:
-            points = _in_day(day.series[key], start_ms)
-            ax.plot([s for s, _, _ in points], [v for _, _, v in points], label=day.name)
+            points = _in_period(day.series[key], start_ms)
+            ax.plot([s for s, _, _ in points], [v for _, _, v in points], label=f"{day.name} ({day.run_id[:8]})")
         ax.set_ylabel(label)
     axes[0].legend()
     axes[-1].set_xlabel("step")
@@ -134,18 +140,29 @@ def _plot(days: list[RunDay], start_ms: int, path: Path) -> None:
     plt.close(fig)
 
 
-def daily_report(date: dt.date, experiment: str, out: Path, registry_dir: Path) -> Path:
-    """Write out/DATE.md (and out/DATE.png when there was training) and log them to each run
-    that trained that day. Returns the markdown file."""
-    client = MlflowClient()
+def experiment_runs(client: MlflowClient, experiment: str) -> list:
+    """The runs of `experiment` that train its model: not release runs, not trials (UserError if
+    there is no such experiment)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
         raise UserError(f"--experiment {experiment!r} does not exist; experiments: {', '.join(names) or 'none'}")
-    start_ms = int(dt.datetime.combine(date, dt.time(), dt.timezone.utc).timestamp() * 1000)
+    return [r for r in client.search_runs([exp.experiment_id]) if RUN_TAG not in r.data.tags and not is_trial(r)]
+
+
+def utc_ms(date: dt.date) -> int:
+    """Milliseconds since the epoch at the start of `date`, UTC."""
+    return int(dt.datetime.combine(date, dt.time(), dt.timezone.utc).timestamp() * 1000)
+
+
+def daily_report(date: dt.date, experiment: str, out: Path, registry_dir: Path) -> Path:
+    """Write out/DATE.md (and out/DATE.png when there was training) and log them to each run
+    that trained that day. Returns the markdown file."""
+    client = MlflowClient()
+    runs = experiment_runs(client, experiment)
+    start_ms = utc_ms(date)
     end_ms = start_ms + DAY_MS
-    runs = [r for r in client.search_runs([exp.experiment_id]) if RUN_TAG not in r.data.tags]  # not release runs
-    days = [(r, d) for r in runs if (d := _run_day(client, r, start_ms, end_ms)) is not None]
+    days = [(r, d) for r in runs if (d := run_period(client, r, start_ms, end_ms)) is not None]
     out.mkdir(parents=True, exist_ok=True)
     md, png = out / f"{date}.md", out / f"{date}.png"
     lines = [f"# Training log {date} (UTC)", "", f"Experiment: {experiment}", ""]
@@ -153,10 +170,10 @@ def daily_report(date: dt.date, experiment: str, out: Path, registry_dir: Path) 
         md.write_text("\n".join(lines + [f"No training on {date}: no run of this experiment logged a step that day.", ""]))
         return md
     for run, day in days:
-        lines += _section(client, run, day, start_ms, end_ms, registry_dir)
+        lines += section(client, run, day, start_ms, end_ms, registry_dir)
     lines += [f"![loss, learning rate and throughput]({png.name})", ""]
     md.write_text("\n".join(lines))
-    _plot([d for _, d in days], start_ms, png)
+    plot([d for _, d in days], start_ms, png)
     for run, _ in days:
         client.log_artifact(run.info.run_id, str(md), "daily")
         client.log_artifact(run.info.run_id, str(png), "daily")
