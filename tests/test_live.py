@@ -271,6 +271,8 @@ def test_a_registry_gone_when_live_starts_again_leaves_the_last_good_set_in_forc
                               "run's own checkpoints"),
     (["--registry.at_step=3"], "registry.at_step=3: live applies the proposals in effect at the step each segment "
                                "starts from; leave it unset"),
+    (["--registry.trial=2"], "registry.trial=2: live applies accepted proposals only; leave it unset (`proposals "
+                             "trial` tries one)"),
     (["--trainer.max_steps=-1"], "trainer.max_steps: live needs the run's length (a positive integer), got -1"),
     (["--live.poll_seconds=0"], "live.poll_seconds must be positive, got 0"),
     (["--live.spike_sigma=high"], "live.spike_sigma: expected a number, got 'high' (a string)"),

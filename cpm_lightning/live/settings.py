@@ -108,6 +108,9 @@ def _settings(argv: list[str], config: dict) -> Settings:
     registry = _group(config, "registry", RegistryConfig)
     if registry.at_step is not None:
         raise UserError(f"registry.at_step={registry.at_step}: {OWN_STEP}")
+    if registry.trial is not None:  # a trial's arm (`proposals trial`), never a live run
+        raise UserError(f"registry.trial={registry.trial}: live applies accepted proposals only; leave it unset "
+                        "(`proposals trial` tries one)")
     every = (config.get("checkpoint") or {}).get("every_n_steps", 500)  # CheckpointConfig's default
     logger = trainer.get("logger")
     uri = TrackingConfig(uri=(config.get("tracking") or {}).get("uri")).resolved_uri if logger in (None, True) else None
