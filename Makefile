@@ -49,8 +49,10 @@ demo-growth: $(STAMP)
 # changing the environment mid-test once broke a request's setup. One test worker per core
 # (pytest-xdist), a test file to a worker: most of the suite's time is subprocesses starting
 # (fit, live segments, mlflow server) and waiting on each other, which the workers overlap.
+# One torch thread per process: the tests' models are tiny, and a worker per core that each
+# ran a thread per core, beside the ranks and segments they start, only contended.
 test: $(STAMP) proposals-check lint
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n auto --dist loadfile
+	OMP_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The layering of docs/ARCHITECTURE.md (contracts in setup.cfg) and the linter (pyproject.toml).
 lint: $(STAMP)
