@@ -35,9 +35,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from cpm_lightning.checkpoint_files import (
+    MODEL_KEY,
+    MODEL_PREFIX,
     CheckpointReader,
     PlainDataPlanner,
     check_file,
+    file_weights,
     gather_hashes,
     user_errors,
     write_checkpoint_hashes,
@@ -50,7 +53,6 @@ from cpm_lightning.modeldir import StoredModel, check_arch, check_shapes, write_
 from cpm_lightning.tokenizer import Tokenizer
 
 RUN_ID_KEY = "mlflow_run_id"  # in checkpoint["cpm"]: the MLflow run a resumed fit continues
-MODEL_KEY = "state_dict"  # where Lightning puts the LightningModule's weights; CPMAnt's are under "model."
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # Kubernetes/SLURM preemption, Ctrl-C, SLURM --signal
 
 
@@ -84,7 +86,7 @@ def read_meta(path: Path) -> dict:
 def _sharded_model_metadata(reader: CheckpointReader) -> dict[str, TensorStorageMetadata]:
     """DCP's metadata (size, dtype) of each of CPMAnt's weights in a sharded checkpoint, read
     first by both its readers (a resumed fit, open_checkpoint), so its shard files are checked here."""
-    prefix = f"{MODEL_KEY}.model."
+    prefix = f"{MODEL_KEY}.{MODEL_PREFIX}"
     metadata = reader.read_metadata()
     _check_shard_sizes(Path(reader.path), metadata.storage_data)
     return {k.removeprefix(prefix): m for k, m in metadata.state_dict_metadata.items() if k.startswith(prefix)}
@@ -106,11 +108,6 @@ def _check_shard_sizes(path: Path, storage: dict) -> None:
                             "incomplete copy)")
 
 
-def _file_weights(meta: dict) -> dict[str, torch.Tensor]:
-    """CPMAnt's weights in a single-file checkpoint."""
-    return {k.removeprefix("model."): v for k, v in meta[MODEL_KEY].items() if k.startswith("model.")}
-
-
 def open_checkpoint(path: str | Path) -> tuple[dict, StoredModel]:
     """(read_meta's dict, the model) of a sharded or single-file checkpoint, whatever world size
     saved it; each weight is read when asked for (a single file is memory-mapped)."""
@@ -128,11 +125,11 @@ def open_checkpoint(path: str | Path) -> tuple[dict, StoredModel]:
             with warnings.catch_warnings(), user_errors():
                 # "...assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-                dcp.load({MODEL_KEY: {f"model.{name}": t}}, storage_reader=reader, planner=PlainDataPlanner(path),
+                dcp.load({MODEL_KEY: {MODEL_PREFIX + name: t}}, storage_reader=reader, planner=PlainDataPlanner(path),
                          no_dist=True)
             return t
     else:
-        weights = _file_weights(meta)
+        weights = file_weights(meta)
         shapes, dtypes = {k: list(v.shape) for k, v in weights.items()}, {k: v.dtype for k, v in weights.items()}
         read = weights.__getitem__
     cpm = meta["cpm"]
@@ -178,7 +175,7 @@ def check_architecture(path: Path, arch: ArchConfig) -> None:
     if is_sharded(path):
         saved = {name: m.size for name, m in _sharded_model_metadata(CheckpointReader(path)).items()}
     else:
-        saved = {k: v.shape for k, v in _file_weights(read_meta(path)).items()}
+        saved = {k: v.shape for k, v in file_weights(read_meta(path)).items()}
     check_shapes(saved, arch, f"checkpoint {path}", "this run's model.arch")
 
 

@@ -30,6 +30,8 @@ from cpm_lightning.errors import UserError
 from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
 
 REMEDY = "restore it from a copy, or resume from an earlier checkpoint"
+MODEL_KEY = "state_dict"  # where Lightning puts the LightningModule's weights
+MODEL_PREFIX = "model."  # CausalLM's CPMAnt: its weights' names under MODEL_KEY start with it
 DCP_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # DCP names each rank's data files __RANK_N.distcp
 
 # The globals in DCP metadata, found by listing those of real checkpoints (pickletools.genops),
@@ -181,3 +183,8 @@ def user_errors():
             if isinstance(exc, UserError):
                 raise exc from None
         raise
+
+
+def file_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """CPMAnt's weights, by its own names, in a single-file checkpoint as torch.load reads it."""
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in checkpoint[MODEL_KEY].items() if k.startswith(MODEL_PREFIX)}

@@ -18,11 +18,17 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from cpm_lightning.checkpoint_files import CheckpointReader, PlainDataPlanner, user_errors
+from cpm_lightning.checkpoint_files import (
+    MODEL_KEY,
+    MODEL_PREFIX,
+    CheckpointReader,
+    PlainDataPlanner,
+    file_weights,
+    user_errors,
+)
 from cpm_lightning.model import ArchConfig, CPMAnt
 from cpm_lightning.model.migrate import Step, TrainState, migrate, plan
 
-MODEL_KEY, PREFIX = "state_dict", "model."  # Lightning's key of the module's weights; CPMAnt's are under "model."
 OPTIM_KEY = "optimizer_0"  # the sharded checkpoint's AdamW state: optimizer_0.state.model.<name>.<moment>
 
 
@@ -47,7 +53,7 @@ def optimizer_order(arch: dict) -> list[list[str]]:
 def file_state(checkpoint: dict) -> TrainState:
     """The weights and AdamW state of a single-file checkpoint as Lightning loads it."""
     arch = resolved(checkpoint["cpm"]["arch"])
-    weights = {k.removeprefix(PREFIX): v for k, v in checkpoint[MODEL_KEY].items() if k.startswith(PREFIX)}
+    weights = file_weights(checkpoint)
     optim = (checkpoint.get("optimizer_states") or [None])[0]
     names = [n for group in optimizer_order(arch) for n in group]
     moments = {names[i]: m for i, m in optim["state"].items()} if optim else {}
@@ -59,8 +65,8 @@ def migrate_file_checkpoint(checkpoint: dict, steps: list[Step]) -> None:
     AdamW state are loaded into the run's model."""
     state = file_state(checkpoint)
     migrate(state, steps)
-    others = {k: v for k, v in checkpoint[MODEL_KEY].items() if not k.startswith(PREFIX)}
-    checkpoint[MODEL_KEY] = {**others, **{PREFIX + n: w for n, w in state.weights.items()}}
+    others = {k: v for k, v in checkpoint[MODEL_KEY].items() if not k.startswith(MODEL_PREFIX)}
+    checkpoint[MODEL_KEY] = {**others, **{MODEL_PREFIX + n: w for n, w in state.weights.items()}}
     optim = (checkpoint.get("optimizer_states") or [None])[0]
     if optim:
         groups = optimizer_order(state.arch)
@@ -76,7 +82,7 @@ def sharded_state(path: Path, meta: dict) -> TrainState:
     """The full weights and AdamW state of a sharded checkpoint, whatever world size wrote it."""
     reader = CheckpointReader(path)
     tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in reader.read_metadata().state_dict_metadata.items()
-               if isinstance(m, TensorStorageMetadata) and k.startswith((f"{MODEL_KEY}.{PREFIX}", f"{OPTIM_KEY}.state."))}
+               if isinstance(m, TensorStorageMetadata) and k.startswith((f"{MODEL_KEY}.{MODEL_PREFIX}", f"{OPTIM_KEY}.state."))}
     nested: dict = {}
     for key, t in tensors.items():
         if key.startswith(MODEL_KEY):
@@ -87,7 +93,7 @@ def sharded_state(path: Path, meta: dict) -> TrainState:
     with warnings.catch_warnings(), user_errors():
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         dcp.load(nested, storage_reader=reader, planner=PlainDataPlanner(path), no_dist=True)
-    weights = {k.removeprefix(PREFIX): v for k, v in nested[MODEL_KEY].items()}
-    moments = {k.removeprefix(PREFIX): v for k, v in nested.get(OPTIM_KEY, {}).get("state", {}).items()}
+    weights = {k.removeprefix(MODEL_PREFIX): v for k, v in nested[MODEL_KEY].items()}
+    moments = {k.removeprefix(MODEL_PREFIX): v for k, v in nested.get(OPTIM_KEY, {}).get("state", {}).items()}
     return TrainState(arch=resolved(meta["cpm"]["arch"]), weights=weights, moments=moments,
                       step=meta.get("global_step", 0))

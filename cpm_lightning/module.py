@@ -11,9 +11,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from cpm_lightning.checkpoint_files import MODEL_KEY
 from cpm_lightning.config import ModelConfig
 from cpm_lightning.loss import IGNORE, cross_entropy
-from cpm_lightning.migration import MODEL_KEY, migrate_file_checkpoint
+from cpm_lightning.migration import migrate_file_checkpoint
 from cpm_lightning.model import CPMAnt
 from cpm_lightning.model.migrate import Step
 from cpm_lightning.model.stats import model_stats

@@ -27,9 +27,16 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from cpm_lightning.checkpoint_files import CheckpointReader, PlainDataPlanner, check_file, user_errors
+from cpm_lightning.checkpoint_files import (
+    MODEL_KEY,
+    MODEL_PREFIX,
+    CheckpointReader,
+    PlainDataPlanner,
+    check_file,
+    user_errors,
+)
 from cpm_lightning.config import ParallelConfig
-from cpm_lightning.migration import MODEL_KEY, PREFIX, file_state, sharded_state
+from cpm_lightning.migration import file_state, sharded_state
 from cpm_lightning.model import ArchConfig, CPMAnt
 from cpm_lightning.model.migrate import Step, migrate
 
@@ -81,7 +88,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         load_full_weights(self.lightning_module.model, state.weights.__getitem__)
         for optimizer in self.optimizers:
             groups = get_optimizer_state_dict(self.model, optimizer)["param_groups"]  # the run's settings
-            full = {"state": {PREFIX + n: m for n, m in state.moments.items()}, "param_groups": groups}
+            full = {"state": {MODEL_PREFIX + n: m for n, m in state.moments.items()}, "param_groups": groups}
             set_optimizer_state_dict(self.model, optimizer, full, options=StateDictOptions(full_state_dict=True))
         meta.pop(MODEL_KEY, None)
         meta.pop("optimizer_states", None)
