@@ -154,7 +154,7 @@ class CPMCLI(LightningCLI):
         if not steps:
             check_architecture(self.ckpt, self.model.arch)
             return
-        self.model.migration = steps
+        self.model.migrate_on_load = steps
         rank_zero_info(f"{self.ckpt}: migrating to this run's model.arch: {'; '.join(map(str, steps))}")
 
     def _log_config(self):

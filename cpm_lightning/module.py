@@ -41,7 +41,7 @@ class CausalLM(ModelConfig, L.LightningModule):
         self.tokens_seen = 0
         self.skipped_steps = 0
         """Optimizer steps skipped for a non-finite loss or gradient, over the whole run."""
-        self.migration: list[Step] = []
+        self.migrate_on_load: list[Step] = []
         """Set by fit when its checkpoint holds another model.arch: the migrations that take the
         checkpoint's weights and AdamW state to this model as they are loaded (migration.py)."""
         self.migrations: list[dict] = []
@@ -182,8 +182,8 @@ class CausalLM(ModelConfig, L.LightningModule):
         cpm = checkpoint.get("cpm", {})
         self.tokens_seen, self.skipped_steps = cpm.get("tokens_seen", 0), cpm.get("skipped_steps", 0)
         self.migrations = list(cpm.get("migrations", []))
-        if self.migration:
+        if self.migrate_on_load:
             if MODEL_KEY in checkpoint:  # a single file, which Lightning loads after this hook (FSDP2: loaded)
-                migrate_file_checkpoint(checkpoint, self.migration)
+                migrate_file_checkpoint(checkpoint, self.migrate_on_load)
             step = checkpoint.get("global_step", 0)
-            self.migrations += [{**s.as_dict(), "step": step} for s in self.migration]
+            self.migrations += [{**s.as_dict(), "step": step} for s in self.migrate_on_load]

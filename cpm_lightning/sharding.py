@@ -58,8 +58,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         that checks the recorded hashes of what it reads and refuses pickled code
         (checkpoint_files.py); Lightning's own reads with DCP's default reader."""
         path = Path(self.broadcast(checkpoint_path))
-        if self.lightning_module.migration:
-            return self._load_migrated(path, self.lightning_module.migration)
+        if self.lightning_module.migrate_on_load:
+            return self._load_migrated(path, self.lightning_module.migrate_on_load)
         if not (path / _METADATA_FILENAME).is_file():  # a single file: torch.load(weights_only=True)
             return super().load_checkpoint(path, weights_only)
         reader = CheckpointReader(path)  # one reader: each chunk is checked once

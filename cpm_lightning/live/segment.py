@@ -81,7 +81,7 @@ class LiveSegment(L.Callback):
         s.start_step = s.step = self._seen_step = trainer.global_step
         s.tokens, s.run_id = pl_module.tokens_seen, getattr(trainer.logger, "run_id", None)
         s.checkpoints = {str(s.step): _sample_index(trainer)}
-        s.migrations = [m.as_dict() for m in pl_module.migration]
+        s.migrations = [m.as_dict() for m in pl_module.migrate_on_load]
         self._skipped = pl_module.skipped_steps
         self._write_status(trainer)
 
