@@ -36,19 +36,33 @@ class LiveConfig:
     """A divergence within this many steps after a proposal took effect, when the run has rolled
     back once already since then, suspends that proposal in this run: back to the checkpoint
     before it, and on without it."""
+    reports: bool = True
+    """Publish the daily training log once a UTC day has ended and the weekly digest once an ISO
+    week has ended (`report daily`, `report weekly`: in MLflow, and under
+    <trainer.default_root_dir>/reports); needs MLflow, and registry.path for the digest."""
+    release_every_n_steps: int = 0
+    """Release the checkpoint of every this many steps (a multiple of checkpoint.every_n_steps)
+    to the Model Registry with alias `nightly`, evaluated on the `eval` group's tasks; 0: never."""
+    release_name: str | None = None
+    """Registered model name of those releases; unset: the MLflow experiment's name."""
+    site_dir: str | None = None
+    """Where `report site` builds the run's public static site (a link swapped in one rename,
+    docs/ARCHITECTURE.md, "Publishing"); unset: no site."""
+    site_every_minutes: float = 10.0
+    """Minutes between two builds of the site (and one when `live` starts and ends)."""
     launcher: list[str] | None = None
     """Command that starts a segment's Python, given `-m cpm_lightning.cli fit ...`: unset runs
     this interpreter (Lightning launches the local ranks); e.g. [srun, python] inside a SLURM
     allocation, or [torchrun, --nnodes=2, --nproc-per-node=8, --rdzv-endpoint=HOST:29500]."""
 
     def __post_init__(self):
-        for key in ("poll_seconds", "spike_sigma"):
+        for key in ("poll_seconds", "spike_sigma", "site_every_minutes"):
             if not getattr(self, key) > 0:
                 raise UserError(f"live.{key} must be positive, got {getattr(self, key)}")
         for key in ("spike_window", "max_nonfinite", "suspend_window"):
             if getattr(self, key) < 1:
                 raise UserError(f"live.{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("max_restarts", "restart_backoff"):
+        for key in ("max_restarts", "restart_backoff", "release_every_n_steps"):
             if getattr(self, key) < 0:
                 raise UserError(f"live.{key} must be 0 or more, got {getattr(self, key)}")
         if self.launcher is not None and not self.launcher:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from cpm_lightning.config import EvalConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.registry.apply import RegistryConfig
@@ -34,6 +35,12 @@ class Settings:
     live: LiveConfig
     tracking_uri: str | None
     """Where the MLflow run is; None when trainer.logger is off."""
+    experiment: str
+    """The MLflow experiment (tracking.experiment resolved)."""
+    eval: EvalConfig
+    """What a nightly release is evaluated on."""
+    config: dict
+    """The merged run config (`--config` files and overrides)."""
 
 
 def read_settings(argv: list[str]) -> Settings:
@@ -113,7 +120,25 @@ def _settings(argv: list[str], config: dict) -> Settings:
                         "(`proposals trial` tries one)")
     every = (config.get("checkpoint") or {}).get("every_n_steps", 500)  # CheckpointConfig's default
     logger = trainer.get("logger")
-    uri = TrackingConfig(uri=(config.get("tracking") or {}).get("uri")).resolved_uri if logger in (None, True) else None
+    tracking = TrackingConfig(**{k: v for k, v in (config.get("tracking") or {}).items() if k in ("uri", "experiment")})
+    uri = tracking.resolved_uri if logger in (None, True) else None
+    live = _group(config, "live", LiveConfig)
+    _check_publishing(live, uri, registry, every)
     return Settings(argv=argv, root=Path(trainer.get("default_root_dir") or Path.cwd()).absolute(),
-                    max_steps=max_steps, every_n_steps=every, registry=registry,
-                    live=_group(config, "live", LiveConfig), tracking_uri=uri)
+                    max_steps=max_steps, every_n_steps=every, registry=registry, live=live, tracking_uri=uri,
+                    experiment=tracking.resolved_experiment, eval=_group(config, "eval", EvalConfig), config=config)
+
+
+def _check_publishing(live: LiveConfig, uri: str | None, registry: RegistryConfig, every: int) -> None:
+    """What the `live` group asks to publish must be publishable: releases and the site are made
+    from MLflow, a release's checkpoint must be written at its step, the site shows the registry."""
+    asked = [k for k, on in (("live.release_every_n_steps", live.release_every_n_steps),
+                             ("live.site_dir", live.site_dir)) if on]
+    if asked and uri is None:
+        raise UserError(f"{asked[0]}: publishing reads the run from MLflow, and trainer.logger is off; "
+                        "turn the logger on or unset it")
+    if live.release_every_n_steps % every:
+        raise UserError(f"live.release_every_n_steps={live.release_every_n_steps}: expected a multiple of "
+                        f"checkpoint.every_n_steps={every}, so that a checkpoint is written at every release step")
+    if live.site_dir and registry.path is None:
+        raise UserError("live.site_dir: the site shows the run's proposals; set registry.path, or unset live.site_dir")

@@ -7,7 +7,8 @@ a segment runs, the supervisor reads the registry every live.poll_seconds and te
 the step at which the proposals in effect change next (control.json); the segment stops there
 with a checkpoint, and the next one starts with the new set. Between segments it restarts after
 a crash (with backoff), rolls back after a divergence (skipping the data that preceded it) and
-suspends a proposal that made the run diverge twice.
+suspends a proposal that made the run diverge twice. Beside the segments it publishes the run
+on a schedule (publish.py): reports, nightly releases, the site.
 
 Its state is a fold over the ledger (ledger.RunState), so a new supervisor on the same root (after this
 one was killed) carries on where the ledger ends. It does not import Lightning (MLflow only in the
@@ -45,6 +46,7 @@ from cpm_lightning.errors import UserError
 from cpm_lightning.live import watch
 from cpm_lightning.live.ledger import Ledger, RunState, Uploader
 from cpm_lightning.live.protocol import SEGMENT_ENV, Control, LiveDir, Plan, Status, holder, lock, read_json, write_json
+from cpm_lightning.live.publish import Publisher
 from cpm_lightning.live.settings import Settings
 from cpm_lightning.model.migrate import migration_text, why_none
 from cpm_lightning.registry.keys import ConfigSchema
@@ -88,6 +90,8 @@ class Supervisor:
         self.resolved = last.resolved if last else {}  # the last segment's values of the proposal keys
         self.uploader = Uploader(self.files.ledger, settings.tracking_uri) if settings.tracking_uri else None
         self.ledger.uploader = self.uploader
+        self.publisher = Publisher(settings, self.files) if settings.tracking_uri else None
+        self.finished = False  # trainer.max_steps reached: what is due is published before `live` ends
 
     # -- the ledger ---------------------------------------------------------------------------------
     def record(self, kind: str, step: int, reason: str, **fields) -> dict:
@@ -114,10 +118,13 @@ class Supervisor:
                 ckpt = latest(self.files.checkpoints)
                 step = step_of(ckpt) if ckpt else 0
                 if step >= self.s.max_steps:
+                    self.finished = True
                     return self._stop(f"trainer.max_steps={self.s.max_steps} reached", step)
                 if self._segment(step, ckpt):
                     return
         finally:
+            if self.publisher is not None:
+                self.publisher.close(final=self.finished)
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if self.uploader is not None:
@@ -293,6 +300,7 @@ class Supervisor:
                        f"{name}: the segment ended ({_how(rc)}) before it could save a checkpoint")
             return True
         if rc == 0 and status.state == "finished":
+            self.finished = True
             self._stop(f"trainer.max_steps={self.s.max_steps} reached")
             return True
         if rc == 0 and status.state == "stopped":
@@ -333,6 +341,8 @@ class Supervisor:
             if poll is None and time.monotonic() >= next_poll and self.registry_dir is not None:
                 poll = _Poll(self.registry_dir, self.reading, self.files.registry, self.schema, self.s.registry)
                 next_poll = time.monotonic() + self.s.live.poll_seconds
+            if self.publisher is not None:
+                self.publisher.tick(logged=self.run_id is not None)
             self._beat()
             time.sleep(tick)
 
