@@ -118,3 +118,13 @@ def test_what_cannot_be_published_is_one_line(tmp_path, corpus, capsys, override
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
 
+
+
+def test_fit_help_explains_the_publishing_keys(capsys):
+    """`fit --help` reads the config dataclasses' field docstrings (only then: lightning_cli.run)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--live.release_every_n_steps RELEASE_EVERY_N_STEPS Release the checkpoint of every this many steps (a "
+            "multiple of checkpoint.every_n_steps) to the Model Registry with alias `nightly`") in text
