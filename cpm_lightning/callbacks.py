@@ -13,14 +13,23 @@ from cpm_lightning.config import EvalConfig
 from cpm_lightning.evaluation import evaluate, flat
 
 
-class CarryTokenizer(L.Callback):
-    """Store the tokenizer model in every checkpoint, so a checkpoint alone can generate text
-    and be released."""
+class CarryProvenance(L.Callback):
+    """Store in every checkpoint what its release needs beside the weights: the tokenizer model,
+    so a checkpoint alone can generate text and be released, and the proposals in effect (the
+    run's `cpm.proposals` tag names those of its latest segment; a nightly release of an older
+    checkpoint lists the checkpoint's)."""
+
+    def __init__(self, proposals: str | None):
+        self.proposals = proposals
+        """The applied proposals' ids, comma-separated; None when the run follows no registry."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        cpm = checkpoint.setdefault("cpm", {})
         tokenizer = getattr(trainer.datamodule, "text_tokenizer", None)
         if tokenizer is not None:
-            checkpoint.setdefault("cpm", {})["tokenizer"] = tokenizer.model_bytes
+            cpm["tokenizer"] = tokenizer.model_bytes
+        if self.proposals is not None:
+            cpm["proposals"] = self.proposals
 
 
 class LogSamplesPerSource(L.Callback):

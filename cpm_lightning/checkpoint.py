@@ -154,6 +154,9 @@ class TrainedModel:
     """Training tokens seen, all ranks together."""
     run_id: str | None
     """The MLflow run that trained it, when the checkpoint recorded one."""
+    proposals: str | None = None
+    """The ids of the proposals in effect when it was saved, comma-separated (None: not
+    recorded, a run without a registry or a checkpoint older than the record)."""
 
     @property
     def arch(self) -> dict:
@@ -165,7 +168,7 @@ def trained_model(path: str | Path) -> TrainedModel:
     meta, model = open_checkpoint(path)
     cpm = meta["cpm"]
     return TrainedModel(path=Path(path), model=model, step=meta.get("global_step", 0),
-                        tokens_seen=cpm.get("tokens_seen", 0), run_id=cpm.get(RUN_ID_KEY))
+                        tokens_seen=cpm.get("tokens_seen", 0), run_id=cpm.get(RUN_ID_KEY), proposals=cpm.get("proposals"))
 
 
 def check_architecture(path: Path, arch: ArchConfig) -> None:

@@ -16,7 +16,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from cpm_lightning.callbacks import CarryTokenizer, Evaluate, LogSamplesPerSource
+from cpm_lightning.callbacks import CarryProvenance, Evaluate, LogSamplesPerSource
 from cpm_lightning.checkpoint import RUN_ID_KEY, Checkpoints, check_architecture, read_meta
 from cpm_lightning.ckptdir import resolve_ckpt_path
 from cpm_lightning.config import CheckpointConfig, EvalConfig
@@ -115,7 +115,7 @@ class CPMCLI(LightningCLI):
         if cfg.trainer.strategy == "fsdp":  # FSDP2; Lightning's "fsdp" is FSDP1 (sharding.py)
             kwargs["strategy"] = FSDP2Strategy()
         checkpoints = Checkpoints(root / "checkpoints", cfg.checkpoint)
-        callbacks = [checkpoints, CarryTokenizer(), LogSamplesPerSource()]
+        callbacks = [checkpoints, CarryProvenance(self.proposals and self.proposals.resolution.ids), LogSamplesPerSource()]
         if self.subcommand == "fit" and cfg.eval.every_n_steps:
             callbacks.append(Evaluate(cfg.eval))
         if self.plan:

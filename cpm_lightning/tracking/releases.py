@@ -34,12 +34,12 @@ TRUSTED_KEY_ENV = "CPM_LIGHTNING_TRUSTED_KEY"  # a public key: pulls then requir
 HF_DIR = "hf"  # in a release: the Hugging Face layout (cpm_lightning.hf)
 
 
-def applied_proposals(client: MlflowClient, run_id: str | None, registry_dir: Path) -> list[dict]:
-    """The proposals the run's `cpm.proposals` tag names, with title and discussion link when
-    the registry directory has their files."""
+def applied_proposals(client: MlflowClient, run_id: str | None, registry_dir: Path, ids: str | None = None) -> list[dict]:
+    """The proposals `ids` names (comma-separated), else the run's `cpm.proposals` tag, with
+    title and discussion link when the registry directory has their files."""
     from cpm_lightning.registry.schema import load_proposal
 
-    tag = client.get_run(run_id).data.tags.get("cpm.proposals", "") if run_id else ""
+    tag = ids if ids is not None else client.get_run(run_id).data.tags.get("cpm.proposals", "") if run_id else ""
     out = []
     for label in filter(None, (s.strip() for s in tag.split(","))):
         files = sorted(registry_dir.glob(f"{label}-*.yaml"))
@@ -131,7 +131,7 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     run_id = trained.run_id if trained.run_id and _run_exists(client, trained.run_id) else None
     val = _val_metrics(client, run_id, trained.step)
     scores = _scores(trained, eval_tasks, eval_limit, eval_data)
-    proposals = applied_proposals(client, run_id, registry_dir)
+    proposals = applied_proposals(client, run_id, registry_dir, trained.proposals)
     write_hf_layout, hf_line = _hf_layout(trained)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / MODEL_DIR.name  # MLflow names the artifact after it: MODEL_DIR in the release
