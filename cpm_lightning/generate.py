@@ -94,14 +94,22 @@ def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str
 def book_tokens(prompts: list[Prompt], tokenizer: Tokenizer, cfg: ArchConfig) -> tuple[list[list[int]], list[str]]:
     """(the tokens of each prompt, problems): a prompt whose tokens, task prompt and max_tokens
     new tokens do not fit the model's maximum length is a problem, one line naming it."""
-    tokens, problems = [tokenizer.encode(p.text) for p in prompts], []
+    tokens = [tokenizer.encode(p.text) for p in prompts]
     task = task_prompt_len(cfg)
-    for p, ids in zip(prompts, tokens, strict=True):
-        if len(ids) + task + p.max_tokens > cfg.max_len:
-            problems.append(f"{p.where}: text: {len(ids)} tokens" + (f" + {task} task prompt tokens" if task else "")
-                            + f" + max_tokens {p.max_tokens} = {len(ids) + task + p.max_tokens}, above the model's "
-                            f"maximum length {cfg.max_len}")
-    return tokens, problems
+    problems = [length_problem(p, len(ids), task, cfg.max_len) for p, ids in zip(prompts, tokens, strict=True)]
+    return tokens, [p for p in problems if p]
+
+
+def length_problem(p: Prompt, tokens: int, task: int, max_len: int, bound: bool = False,
+                   limit: str = "the model's maximum length {}") -> str | None:
+    """The problem of prompt `p` of `tokens` tokens (`bound`: at most that many) when they, `task`
+    task prompt tokens and its max_tokens do not fit `max_len` (`limit` names it); else None."""
+    total = tokens + task + p.max_tokens
+    if total <= max_len:
+        return None
+    counted = f"at most {tokens} tokens (its UTF-8 bytes + 1)" if bound else f"{tokens} tokens"
+    return (f"{p.where}: text: {counted}" + (f" + {task} task prompt tokens" if task else "")
+            + f" + max_tokens {p.max_tokens} = {total}, above {limit.format(max_len)}")
 
 
 def complete_book(model: CPMAnt, tokenizer: Tokenizer, prompts: list[Prompt], step: int,
