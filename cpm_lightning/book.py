@@ -11,6 +11,7 @@ the standard library: callbacks, releases, the registry's check and the site all
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import typing
@@ -23,6 +24,10 @@ from cpm_lightning.errors import UserError, closest
 
 PROMPTS_FILE = "prompts.yaml"
 APPS_FILE = "apps.yaml"
+# The greedy completions of the book as JSON (generate.complete_book): on a release's MLflow
+# run, and on a training run every eval.every_n_steps.
+COMPLETIONS_ARTIFACT = "prompts/completions.json"
+STEP_ARTIFACT = "prompts/step-{step:08d}.json"
 MAX_BYTES = 1 << 20  # as a proposal file: the book is read by every run and every release
 _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _LINK = re.compile(r"^https?://[^\s/?#]+[^\s]*$")
@@ -74,6 +79,11 @@ def load_prompts(registry_dir: Path) -> list[Prompt]:
 def load_apps(registry_dir: Path) -> list[App]:
     """The applications of the registry at `registry_dir`; as load_prompts, for apps.yaml."""
     return _load(Path(registry_dir), App)
+
+
+def completions_json(completions: dict) -> str:
+    """The text of a completions artifact: UTF-8 JSON, the characters as they are."""
+    return json.dumps(completions, ensure_ascii=False, indent=1)
 
 
 def _load(directory: Path, kind: type) -> list:
