@@ -68,6 +68,7 @@ class App:
 
 # kind -> (file name, its list's key, the field that names an entry)
 _BOOKS: dict[type, tuple[str, str, str]] = {Prompt: (PROMPTS_FILE, "prompts", "id"), App: (APPS_FILE, "apps", "name")}
+BOOK_FILES: dict[str, type] = {PROMPTS_FILE: Prompt, APPS_FILE: App}
 
 
 def load_prompts(registry_dir: Path) -> list[Prompt]:
@@ -98,18 +99,24 @@ def _load(directory: Path, kind: type) -> list:
 def read_book(directory: Path, kind: type) -> tuple[list, list[str]]:
     """(entries, problems) of the file of `kind` (Prompt or App) in registry `directory`: both
     empty when there is no such file, no entries when there is a problem."""
+    raw, problems = book_bytes(directory, kind)
+    return ([], problems) if raw is None else parse_book(raw, str(Path(directory) / _BOOKS[kind][0]), kind)
+
+
+def book_bytes(directory: Path, kind: type) -> tuple[bytes | None, list[str]]:
+    """(the bytes of the file of `kind` in `directory`, []), or (None, why they cannot be read);
+    (None, []) when there is no such file."""
     path = Path(directory) / _BOOKS[kind][0]
     if not os.path.lexists(path):
-        return [], []
+        return None, []
     try:
         if not path.is_file() or path.is_symlink():  # a FIFO would block the read, a link leave the registry
-            return [], [f"{path}: file: not a regular file; expected a plain YAML file"]
+            return None, [f"{path}: file: not a regular file; expected a plain YAML file"]
         if (size := path.stat().st_size) > MAX_BYTES:
-            return [], [f"{path}: file: {size} bytes; expected at most {MAX_BYTES}"]
-        raw = path.read_bytes()
+            return None, [f"{path}: file: {size} bytes; expected at most {MAX_BYTES}"]
+        return path.read_bytes(), []
     except OSError as e:
-        return [], [f"{path}: file: cannot read ({e.strerror or e})"]
-    return parse_book(raw, str(path), kind)
+        return None, [f"{path}: file: cannot read ({e.strerror or e})"]
 
 
 def parse_book(raw: bytes, path: str, kind: type) -> tuple[list, list[str]]:
