@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import EN, ZH, english_text, write_proposal
+from conftest import EN, ZH, cli_error, english_text, write_proposal
 
 from cpm_lightning.book import APPS_FILE, PROMPTS_FILE, App, Prompt, load_apps, load_prompts
 from cpm_lightning.cli import main
@@ -117,6 +117,11 @@ def test_several_problems_fail_with_the_first_and_a_count(tmp_path):
         load_prompts(tmp_path)
     assert str(e.value).startswith(f"{tmp_path / PROMPTS_FILE}:2: prompts[0] (id A): id: expected a short slug")
     assert str(e.value).endswith(f"(and 1 more; `cpm-lightning proposals check {tmp_path}` lists them)")
+
+
+def test_max_len_must_be_positive(capsys):
+    assert cli_error(capsys, "proposals", "check", str(REPO / "proposals"), "--max-len", "0") == (
+        "--max-len must be at least 1, got 0")
 
 
 def test_proposals_check_lists_the_problems_of_the_book_and_the_apps(tmp_path, capsys):

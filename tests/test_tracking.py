@@ -417,6 +417,14 @@ def test_a_release_logs_the_completions_of_its_prompt_book(releases, released, m
     assert not client.list_artifacts(client.get_model_version("signed-lm", "1").run_id, "prompts")
 
 
+def test_a_release_refuses_a_bad_prompt_book_before_any_work(tmp_path, capsys):
+    (tmp_path / PROMPTS_FILE).write_text(yaml.safe_dump({"prompts": [{**BOOK_PROMPTS[0], "max_tokens": 0}]}))
+    # The checkpoint is not read: it does not even exist.
+    assert cli_error(capsys, "release", str(tmp_path / "none.ckpt"), "--name", "x", "--proposals", str(tmp_path),
+                     "--eval-tasks", "none") == (f"error: {tmp_path / PROMPTS_FILE}:4: prompts[0] (id truth): max_tokens: "
+                                                 "expected at least 1 new token, got 0")
+
+
 @pytest.fixture
 def restore(releases, tmp_path):
     """Every release's stored files as they were, once the test has changed them."""
