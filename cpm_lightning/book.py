@@ -162,7 +162,7 @@ def parse_book(raw: bytes, path: str, kind: type) -> tuple[list, list[str]]:
             continue
         name = getattr(entry, id_field)
         if name in seen:
-            problems.append(f"{path}:{_key_line(item_node, id_field)}: {key}[{i}] ({id_field} {name}): {id_field}: "
+            problems.append(f"{path}:{_key_line(item_node, id_field)}: {key}[{i}] ({id_field} {_one_line(name)}): {id_field}: "
                             f"also the {id_field} of {key}[{seen[name]}]; expected each once")
             continue
         seen[name] = i
@@ -177,8 +177,8 @@ _HINTS = {kind: typing.get_type_hints(kind) for kind in _BOOKS}
 def _entry(item, node, at: str, kind: type):
     """(the entry, []) of one list item, or (None, its problems); `at` has `{line}` to fill in."""
     id_field = _BOOKS[kind][2]
-    label = at + (f" ({id_field} {item[id_field]})" if isinstance(item, dict) and isinstance(item.get(id_field), str)
-                  else "")
+    label = at + (f" ({id_field} {_one_line(item[id_field])})" if isinstance(item, dict)
+                  and isinstance(item.get(id_field), str) else "")
     line = lambda name=None: (_key_line(node, name) if name else None) or node.start_mark.line + 1  # noqa: E731
     names = [f.name for f in _FIELDS[kind]]
     if not isinstance(item, dict):
@@ -226,6 +226,11 @@ def _check(kind: type, name: str, value) -> str | None:
     return None
 
 
+def _one_line(text: str) -> str:
+    """An entry's id or name as it is named in a message: one line, at most 60 characters."""
+    return " ".join(text.split())[:60]
+
+
 def _key_line(node, name) -> int | None:
     """Line of key `name` in mapping node `node` (its last occurrence, the one YAML keeps)."""
     lines = [k.start_mark.line + 1 for k, _ in node.value if k.value == name]
@@ -243,6 +248,6 @@ def _not_utf8(path: str, raw: bytes, e: UnicodeDecodeError, node, kind: type) ->
         for k, v in item.value if isinstance(item, yaml.MappingNode) else []:
             if v.start_mark.line + 1 <= line <= v.end_mark.line + 1:
                 ids = [iv.value for ik, iv in item.value if ik.value == _BOOKS[kind][2] and isinstance(iv, yaml.ScalarNode)]
-                where += f": {key}[{i}]" + (f" ({_BOOKS[kind][2]} {ids[0]})" if ids else "")
+                where += f": {key}[{i}]" + (f" ({_BOOKS[kind][2]} {_one_line(ids[0])})" if ids else "")
                 name = k.value
     return f"{where}: {name}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8"
