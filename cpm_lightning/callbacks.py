@@ -9,8 +9,10 @@ from pathlib import Path
 
 import lightning as L
 
+from cpm_lightning.book import STEP_ARTIFACT, Prompt, completions_json
 from cpm_lightning.config import EvalConfig
 from cpm_lightning.evaluation import evaluate, flat
+from cpm_lightning.generate import complete_book
 
 
 class CarryProvenance(L.Callback):
@@ -44,11 +46,13 @@ class LogSamplesPerSource(L.Callback):
 
 class Evaluate(L.Callback):
     """The `eval` group's tasks every `eval.every_n_steps` optimizer steps, logged as
-    eval/<task>/<metric> at that step. Every rank runs it, on its share of the examples: under
-    FSDP2 a forward pass is collective (evaluation.loglikelihoods); the logger sends from rank 0."""
+    eval/<task>/<metric> at that step, and the greedy completions of the prompt book `prompts`,
+    logged as the MLflow artifact prompts/step-NNNNNNNN.json. Every rank runs both, the tasks on
+    its share of the examples, the prompts all of them: under FSDP2 a forward pass is collective
+    (evaluation.loglikelihoods, generate.complete_book); rank 0 logs."""
 
-    def __init__(self, config: EvalConfig):
-        self.config = config
+    def __init__(self, config: EvalConfig, prompts: list[Prompt] = ()):
+        self.config, self.prompts = config, list(prompts)
         self._done = -1  # the step last evaluated: a step ends once, after its last micro-batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -61,8 +65,25 @@ class Evaluate(L.Callback):
         with trainer.precision_plugin.forward_context():  # the precision training computes in (bf16-mixed: autocast)
             scores = evaluate(pl_module.model, dm.text_tokenizer, c.tasks, c.limit, heldout, c.batch_size,
                               distributed=trainer.world_size > 1)
+            book = complete_book(pl_module.model, dm.text_tokenizer, self.prompts, step) if self.prompts else None
         for logger in trainer.loggers:
             logger.log_metrics(flat(scores, "eval"), step=step)
+        if book is not None and trainer.is_global_zero:
+            log_artifact(trainer, completions_json(book), STEP_ARTIFACT.format(step=step))
+
+
+def log_artifact(trainer, text: str, path: str) -> None:
+    """Log `text` as artifact `path` of the run's MLflow run, if it has one (rank 0). A tracking
+    store that cannot take it is a warning: training goes on, without that artifact."""
+    from lightning.pytorch.utilities import rank_zero_warn
+    from mlflow.exceptions import MlflowException
+
+    for logger in trainer.loggers:
+        if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_text"):  # MLflow's
+            try:
+                logger.experiment.log_text(logger.run_id, text, path)
+            except (MlflowException, OSError) as e:
+                rank_zero_warn(f"artifact {path} not logged: {' '.join(str(e).split())[:300]}")
 
 
 class TrialArm(L.Callback):

@@ -7,8 +7,10 @@ import math
 
 import torch
 
+from cpm_lightning.book import Prompt
 from cpm_lightning.errors import UserError
 from cpm_lightning.model import ArchConfig, CPMAnt, KVCache
+from cpm_lightning.tokenizer import Tokenizer
 
 # causal: plain text as `fit` trains on it (segment 0, causal attention, no task prompt).
 # cpm-ant: as CPM-Ant generates, and as transformers' CpmAntForCausalLM reads every input: the
@@ -21,6 +23,12 @@ CPM_ANT_TASK = CPM_ANT_TEXT_SEGMENT = 2
 def default_prompting(arch: ArchConfig) -> str:
     """cpm-ant for a model with CPM-Ant's task prompts (an imported CPM-Ant), causal otherwise."""
     return "cpm-ant" if arch.position == "relative_buckets" and arch.num_tasks > CPM_ANT_TASK else "causal"
+
+
+def task_prompt_len(cfg: ArchConfig, prompting: str | None = None) -> int:
+    """Positions the task prompt takes before the text when `prompting` presents it (`sample`
+    counts them against the maximum length)."""
+    return cfg.prompt_len if (prompting or default_prompting(cfg)) == "cpm-ant" and cfg.num_tasks else 0
 
 
 def prompt_inputs(model: CPMAnt, input_ids: torch.Tensor, prompting: str, attention_mask: torch.Tensor | None = None,
@@ -54,7 +62,7 @@ def sample(model: CPMAnt, prompt: list[int], max_new_tokens: int, temperature: f
         raise UserError("the prompt is empty; expected some text")
     ids = torch.tensor([prompt], device=device)
     first = prompt_inputs(model, ids, prompting)
-    used = len(prompt) + (model.cfg.prompt_len if "task" in first else 0)
+    used = len(prompt) + task_prompt_len(model.cfg, prompting)
     room = model.cfg.max_len - used
     if room <= 0:
         raise UserError(f"the prompt is {len(prompt)} tokens; the model's maximum length is {model.cfg.max_len}")
@@ -74,6 +82,53 @@ def sample(model: CPMAnt, prompt: list[int], max_new_tokens: int, temperature: f
         ids = torch.tensor([[token]], device=device)
         logits = model(ids, **prompt_inputs(model, ids, prompting, first=False), cache=cache)[0, -1]
     return out
+
+
+def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text tokens `new` add after `prompt`: decoded alone, SentencePiece would drop their
+    leading space."""
+    head, full = tokenizer.decode(prompt), tokenizer.decode(prompt + new)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(new)
+
+
+def book_tokens(prompts: list[Prompt], tokenizer: Tokenizer, cfg: ArchConfig) -> tuple[list[list[int]], list[str]]:
+    """(the tokens of each prompt, problems): a prompt whose tokens, task prompt and max_tokens
+    new tokens do not fit the model's maximum length is a problem, one line naming it."""
+    tokens = [tokenizer.encode(p.text) for p in prompts]
+    task = task_prompt_len(cfg)
+    problems = [length_problem(p, len(ids), task, cfg.max_len) for p, ids in zip(prompts, tokens, strict=True)]
+    return tokens, [p for p in problems if p]
+
+
+def length_problem(p: Prompt, tokens: int, task: int, max_len: int, bound: bool = False,
+                   limit: str = "the model's maximum length {}") -> str | None:
+    """The problem of prompt `p` of `tokens` tokens (`bound`: at most that many) when they, `task`
+    task prompt tokens and its max_tokens do not fit `max_len` (`limit` names it); else None."""
+    total = tokens + task + p.max_tokens
+    if total <= max_len:
+        return None
+    counted = f"at most {tokens} tokens (its UTF-8 bytes + 1)" if bound else f"{tokens} tokens"
+    return (f"{p.where}: text: {counted}" + (f" + {task} task prompt tokens" if task else "")
+            + f" + max_tokens {p.max_tokens} = {total}, above {limit.format(max_len)}")
+
+
+def complete_book(model: CPMAnt, tokenizer: Tokenizer, prompts: list[Prompt], step: int,
+                  release: str | None = None) -> dict:
+    """The greedy completion of every prompt of the book, as the JSON the site reads
+    (docs/ARCHITECTURE.md, "The prompt book"): {step, model (the release's models:/NAME/VERSION
+    or None), completions: [{id, author, text, max_tokens, completion}]}. A prompt that does not
+    fit the model is a UserError before any forward pass. Under FSDP2 every rank calls this with
+    the same prompts: greedy decoding takes the same tokens on every rank, so all run the same
+    (collective) forward passes."""
+    tokens, problems = book_tokens(prompts, tokenizer, model.cfg)
+    if problems:
+        raise UserError(problems[0])
+    completions = []
+    for p, ids in zip(prompts, tokens, strict=True):
+        new = sample(model, ids, p.max_tokens, temperature=0, eos_id=tokenizer.eos_id)
+        completions.append({"id": p.id, "author": p.author, "text": p.text, "max_tokens": p.max_tokens,
+                            "completion": continuation(tokenizer, ids, new)})
+    return {"step": step, "model": release, "completions": completions}
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,

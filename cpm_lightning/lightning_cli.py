@@ -16,12 +16,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from cpm_lightning.book import load_prompts
 from cpm_lightning.callbacks import CarryProvenance, Evaluate, LogSamplesPerSource
 from cpm_lightning.checkpoint import RUN_ID_KEY, Checkpoints, check_architecture, read_meta
 from cpm_lightning.ckptdir import resolve_ckpt_path
 from cpm_lightning.config import CheckpointConfig, EvalConfig
 from cpm_lightning.errors import UserError
 from cpm_lightning.evaluation import check_tasks
+from cpm_lightning.generate import book_tokens
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.segment import LiveSegment, segment_plan
 from cpm_lightning.migration import plan_from
@@ -94,6 +96,9 @@ class CPMCLI(LightningCLI):
             check_reachable(TrackingConfig(uri=cfg.tracking.uri).resolved_uri)
         if self.subcommand == "fit" and cfg.eval.every_n_steps:
             check_tasks(cfg.eval.tasks, "eval.tasks", has_heldout=True)
+        # The prompt book of the registry the run follows, completed by the Evaluate callback.
+        self.book = load_prompts(Path(cfg.registry.path)) if self.subcommand == "fit" and cfg.eval.every_n_steps \
+            and cfg.registry.path else []
 
     def instantiate_classes(self):
         super().instantiate_classes()
@@ -107,6 +112,8 @@ class CPMCLI(LightningCLI):
         if seq_len > arch.max_len:
             raise UserError(f"data.seq_len={seq_len} is above the model's maximum length "
                             f"model.arch.max_len={arch.max_len}")
+        if problems := book_tokens(self.book, self.datamodule.text_tokenizer, arch)[1]:
+            raise UserError(problems[0])
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand]
@@ -117,7 +124,7 @@ class CPMCLI(LightningCLI):
         checkpoints = Checkpoints(root / "checkpoints", cfg.checkpoint)
         callbacks = [checkpoints, CarryProvenance(self.proposals and self.proposals.resolution.ids), LogSamplesPerSource()]
         if self.subcommand == "fit" and cfg.eval.every_n_steps:
-            callbacks.append(Evaluate(cfg.eval))
+            callbacks.append(Evaluate(cfg.eval, self.book))
         if self.plan:
             callbacks.append(LiveSegment(self.plan, cfg.live, checkpoints, self.resolved))
         if cfg.trainer.logger in (None, True):

@@ -14,7 +14,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from cpm_lightning.evaluation import Request, loglikelihoods
-from cpm_lightning.generate import sample
+from cpm_lightning.generate import continuation, sample
 from cpm_lightning.loader import load_model
 
 
@@ -64,8 +64,7 @@ class CPMLightningLM(TemplateLM):
             max_new = int(options.get("max_gen_toks", 256))
             prompt = self.tok_encode(context)[-max(self.model.cfg.max_len - max_new, 1):]  # room to generate
             ids = sample(self.model, prompt, max_new, temperature, eos_id=self.eot_token_id, prompting=self.prompting)
-            # Decoded after the prompt: decoded alone, the continuation would lose a leading space.
-            text = self.tokenizer.decode(prompt + ids)[len(self.tokenizer.decode(prompt)):]
+            text = continuation(self.tokenizer, prompt, ids)
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

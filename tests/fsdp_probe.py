@@ -65,6 +65,23 @@ class Record(L.Callback):
             torch.save(logits.cpu(), os.path.join(self.out, name))
 
 
+class RecordBook(L.Callback):
+    """Every rank writes the greedy completions of the prompt book of `registry` when training
+    ends (book-rank{R}.json): under FSDP2 every forward pass of complete_book is collective."""
+
+    def __init__(self, out: str, registry: str):
+        self.out, self.registry = out, registry
+
+    def on_train_end(self, trainer, pl_module):
+        from cpm_lightning.book import load_prompts
+        from cpm_lightning.generate import complete_book
+
+        book = complete_book(pl_module.model, trainer.datamodule.text_tokenizer, load_prompts(self.registry),
+                             trainer.global_step)
+        with open(os.path.join(self.out, f"book-rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(book, f)
+
+
 class SignalAt(L.Callback):
     """Sends `signum` to rank 0's own process after optimizer step `step`, as a scheduler
     preempting a local launch would (the other ranks learn of it through the trainer)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_config, write_corpus
+import yaml
+from conftest import write_config, write_corpus, write_proposal
 from mlflow import MlflowClient
 
 from cpm_lightning import evaluation
+from cpm_lightning.book import PROMPTS_FILE, load_prompts
 from cpm_lightning.cli import main
 from cpm_lightning.evaluation import MULTIPLE_CHOICE, TASKS, Request, encode_pair, loglikelihoods
+from cpm_lightning.generate import complete_book
 from cpm_lightning.loader import load_model
 from cpm_lightning.registry.commands import data_configs
 from cpm_lightning.run_config import held_out_windows
@@ -40,20 +44,32 @@ def _plain_argv(monkeypatch):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> SimpleNamespace:
-    """A tiny run of 4 steps with eval (heldout and piqa, LIMIT examples) every 2 steps, its
-    checkpoints, and a model directory of the last one."""
+    """A tiny run of 4 steps with eval (heldout and piqa, LIMIT examples, and the prompt book of
+    its registry) every 2 steps, its checkpoints, and a model directory of the last one."""
     root = tmp_path_factory.mktemp("eval-run")
     uri = f"sqlite:///{root}/mlflow.db"
+    registry = book_registry(root / "registry", PROMPTS)
     config = write_config(root / "config.yaml", write_corpus(root), **{
         "trainer.max_steps": 4, "trainer.val_check_interval": 100, "checkpoint.every_n_steps": 2,
         "data.cache_dir": str(root / "cache"), "tracking.uri": uri, "tracking.experiment": "eval",
-        "eval.every_n_steps": 2, "eval.tasks": ["heldout", "piqa"], "eval.limit": LIMIT})
+        "eval.every_n_steps": 2, "eval.tasks": ["heldout", "piqa"], "eval.limit": LIMIT, "registry.path": str(registry)})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["cpm-lightning"])
         main(["fit", "--config", str(config)])
     ckpt = root / "run" / "checkpoints" / "step-00000004.ckpt"
     main(["checkpoint", "consolidate", str(ckpt), str(root / "model")])
-    return SimpleNamespace(root=root, config=config, uri=uri, ckpt=ckpt, model_dir=root / "model")
+    return SimpleNamespace(root=root, config=config, uri=uri, ckpt=ckpt, model_dir=root / "model", registry=registry)
+
+
+PROMPTS = [{"id": "truth", "author": "@someone", "text": "It is a truth", "max_tokens": 6},
+           {"id": "analects", "author": "@someone", "text": "子曰：學而時習之，", "max_tokens": 4}]
+
+
+def book_registry(path: Path, prompts: list[dict]) -> Path:
+    """A registry of one draft proposal and the prompt book `prompts`."""
+    write_proposal(path, 1, status="draft")
+    (path / PROMPTS_FILE).write_text(yaml.safe_dump({"prompts": prompts}, allow_unicode=True, sort_keys=False))
+    return path
 
 
 def evaluate_json(capsys, *argv) -> dict:
@@ -119,9 +135,13 @@ def test_bits_per_byte_is_the_loss_converted_by_hand(run, capsys):
     assert len(text.encode()) > len(text)  # zh: bytes, not characters, are what is counted
 
 
-def test_the_callback_logs_what_evaluate_computes(run, capsys):
+def run_id_of(run) -> str:
     client = MlflowClient(run.uri)
-    run_id = client.search_runs([client.get_experiment_by_name("eval").experiment_id])[0].info.run_id
+    return client.search_runs([client.get_experiment_by_name("eval").experiment_id])[0].info.run_id
+
+
+def test_the_callback_logs_what_evaluate_computes(run, capsys):
+    client, run_id = MlflowClient(run.uri), run_id_of(run)
     logged = {}
     for key in ("eval/heldout/en/loss", "eval/heldout/en/bpb", "eval/heldout/zh/bpb", "eval/piqa/acc", "eval/piqa/acc_norm"):
         history = client.get_metric_history(run_id, key)
@@ -129,6 +149,25 @@ def test_the_callback_logs_what_evaluate_computes(run, capsys):
         logged[key] = next(m.value for m in history if m.step == 4)
     scores = evaluate_json(capsys, run.ckpt, "--config", run.config, "--tasks", "heldout,piqa", "--limit", LIMIT)
     assert logged == pytest.approx({k: v for k, v in evaluation.flat(scores, "eval").items() if k in logged}, rel=1e-5)
+
+
+def test_the_callback_logs_the_completions_of_the_prompt_book(run, tmp_path):
+    client, run_id = MlflowClient(run.uri), run_id_of(run)
+    assert [f.path for f in client.list_artifacts(run_id, "prompts")] == ["prompts/step-00000002.json",
+                                                                         "prompts/step-00000004.json"]
+    logged = json.loads(Path(client.download_artifacts(run_id, "prompts/step-00000004.json", str(tmp_path))).read_text())
+    model, tokenizer = load_model(str(run.ckpt))
+    assert logged == complete_book(model, tokenizer, load_prompts(run.registry), 4)
+    assert [c["id"] for c in logged["completions"]] == ["truth", "analects"] and logged["model"] is None
+
+
+def test_fit_refuses_a_prompt_book_its_model_cannot_complete(run, tmp_path, capsys):
+    registry = book_registry(tmp_path / "registry", [{**PROMPTS[0], "max_tokens": 256}])
+    message = error_line(capsys, "fit", "--config", run.config, "--registry.path", registry,
+                         "--trainer.default_root_dir", tmp_path / "run")
+    assert re.fullmatch(rf"{registry / PROMPTS_FILE}:2: prompts\[0\] \(id truth\): text: \d+ tokens \+ max_tokens 256 = "
+                        r"\d+, above the model's maximum length 256", message), message
+    assert not (tmp_path / "run").exists()
 
 
 LOCAL_TASK = """\

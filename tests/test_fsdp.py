@@ -30,9 +30,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import RESUME_OVERRIDES, assert_optimizer_used, override_args, write_config, write_corpus
+from conftest import RESUME_OVERRIDES, assert_optimizer_used, override_args, write_config, write_corpus, write_proposal
 from fsdp_probe import PROBE_INPUT
 
+from cpm_lightning.book import PROMPTS_FILE
 from cpm_lightning.checkpoint import Checkpoints, read_meta
 from cpm_lightning.ckptdir import resolve_ckpt_path, roll_back
 from cpm_lightning.cli import main
@@ -102,19 +103,36 @@ def runs(tmp_path_factory) -> Runs:
 
 def evaluated(runs: Runs, name: str) -> dict:
     """Evaluation every N steps (issue 15), logged by a CSV logger: eval/* of a sharded run must
-    be those of one process. Three windows per source: the two ranks get uneven shares."""
+    be those of one process. Three windows per source: the two ranks get uneven shares. And the
+    prompt book of a registry of one draft proposal, completed there and when training ends
+    (RecordBook)."""
+    registry = runs.root / "book-registry"
+    if not registry.exists():
+        write_proposal(registry, 1, status="draft")
+        (registry / PROMPTS_FILE).write_text(json.dumps({"prompts": BOOK}))
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(runs.root / name)}}
-    return {"eval.every_n_steps": N, "eval.tasks": ["heldout"], "eval.limit": 3, "trainer.logger": logger}
+    return {"eval.every_n_steps": N, "eval.tasks": ["heldout"], "eval.limit": 3, "trainer.logger": logger,
+            "registry.path": str(registry)}
+
+
+BOOK = [{"id": "truth", "author": "@someone", "text": "It is a truth", "max_tokens": 5},
+        {"id": "analects", "author": "@someone", "text": "子曰：", "max_tokens": 5}]
+
+
+def book_probe(runs: Runs, name: str) -> tuple[str, dict]:
+    return "RecordBook", {"out": str(runs.root / name), "registry": str(runs.root / "book-registry")}
 
 
 @pytest.fixture(scope="module")
 def straight2(runs):
-    return runs.fit("straight2", WORLD, **{"checkpoint.keep_last": 1}, **evaluated(runs, "straight2"))[1]
+    return runs.fit("straight2", WORLD, callbacks=[book_probe(runs, "straight2")], **{"checkpoint.keep_last": 1},
+                    **evaluated(runs, "straight2"))[1]
 
 
 @pytest.fixture(scope="module")
 def straight1(runs):
-    return runs.fit("straight1", 1, strategy="auto", **evaluated(runs, "straight1"))[1]
+    return runs.fit("straight1", 1, strategy="auto", callbacks=[book_probe(runs, "straight1")],
+                    **evaluated(runs, "straight1"))[1]
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +190,15 @@ def test_evaluation_of_a_sharded_run_scores_as_one_process(runs, straight2, stra
     assert set(sharded[N]) == {f"eval/heldout/{s}/{m}" for s in ("en", "zh") for m in ("loss", "bpb")}
     for step, scores in sharded.items():
         assert scores == pytest.approx(single[step], abs=LOSS_ATOL), step
+
+
+def test_a_sharded_run_completes_the_prompt_book_as_one_process(runs, straight2, straight1):
+    """Every rank takes the same greedy tokens (the forward passes stay collective), and they
+    are the unsharded run's."""
+    books = [json.loads((runs.root / name / f"book-rank{r}.json").read_text())
+             for name, ranks in (("straight2", WORLD), ("straight1", 1)) for r in range(ranks)]
+    assert all(book == books[0] for book in books) and books[0]["step"] == 2 * N
+    assert [c["id"] for c in books[0]["completions"]] == ["truth", "analects"]
 
 
 def test_b_d_e_resume_on_two_and_one_processes_after_sigterm_and_sigkill(runs, straight2, preempted):
@@ -320,7 +347,7 @@ def test_a_grown_checkpoint_tells_its_shape_its_migrations_and_what_else_folds_i
     out = capsys.readouterr().out
     assert "ff_dim 192, 2 attention + 2 FFN layers" in out
     assert f"step {2 * N}: grow_ff_dim (model.arch.ff_dim 128 -> 192)" in out
-    card = _card("cpm-demo", trained_model(ckpt), {}, {}, None, [], "")
+    card = _card("cpm-demo", trained_model(ckpt), {}, {}, None, [], "", None, REPO / "proposals")
     assert "## Migrations\n\nArchitecture changes folded" in card and f"- step {2 * N}: grow_ff_dim" in card
     # The seed registry against it: the migration, or why none, for each architecture proposal.
     main(["proposals", "check", str(REPO / "proposals"), "--against", str(ckpt)])

@@ -184,7 +184,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_check_passes_on_the_seed_registry(capsys):
     code, out, _ = run(capsys, "proposals", "check", str(REPO / "proposals"))
-    assert (code, out) == (0, "9 proposal file(s) OK\n")
+    assert (code, out) == (0, "9 proposal file(s) and 2 prompt book and applications file(s) OK\n")
 
 
 def test_check_lists_every_problem_and_exits_2(tmp_path, capsys):

@@ -24,14 +24,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 from conftest import write_config, write_corpus
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from cpm_lightning import modeldir
+from cpm_lightning.book import COMPLETIONS_ARTIFACT, PROMPTS_FILE, Prompt
 from cpm_lightning.checkpoint import trained_model
 from cpm_lightning.cli import main
-from cpm_lightning.generate import prompt_inputs, sample
+from cpm_lightning.generate import complete_book, prompt_inputs, sample
 from cpm_lightning.loader import load_model
 from cpm_lightning.tracking import integrity
 from cpm_lightning.tracking.logger import INTERVAL_ENV, START_STEP, Sender, journal_path, unsent
@@ -189,14 +191,20 @@ def test_resumed_job_continues_the_same_run(live, resumed, mlflow_server):
 
 
 @pytest.fixture(scope="module")
-def released(resumed, live, mlflow_server) -> str:
+def released(resumed, live, mlflow_server, tmp_path_factory) -> str:
+    """live-lm/1, released with the prompt book of BOOK_PROMPTS (its --proposals registry)."""
     ckpt = resumed[2]
-    main(["release", str(ckpt), "--name", "live-lm", "--eval-limit", str(EVAL_LIMIT), "--tracking-uri", mlflow_server.uri])
+    registry = tmp_path_factory.mktemp("book-registry")
+    (registry / PROMPTS_FILE).write_text(yaml.safe_dump({"prompts": BOOK_PROMPTS}, allow_unicode=True))
+    main(["release", str(ckpt), "--name", "live-lm", "--eval-limit", str(EVAL_LIMIT), "--proposals", str(registry),
+          "--tracking-uri", mlflow_server.uri])
     main(["promote", "live-lm", "1", "--alias", "stable", "--tracking-uri", mlflow_server.uri])
     return str(ckpt)
 
 
 EVAL_LIMIT = 4  # examples per evaluation task of a release here
+BOOK_PROMPTS = [{"id": "truth", "author": "@someone", "text": PROMPT, "max_tokens": 5},
+                {"id": "analects", "author": "@someone", "text": "子曰：", "max_tokens": 3}]
 
 
 def test_release_pull_in_new_process_generates_like_the_checkpoint(released, live, mlflow_server, tmp_path):
@@ -367,10 +375,11 @@ def stored(server, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def releases(released, keys, mlflow_server, tmp_path_factory) -> dict[str, Release]:
-    """live-lm/1 (unsigned) and signed-lm/1: the same checkpoint released with --sign-key."""
+    """live-lm/1 (unsigned) and signed-lm/1: the same checkpoint released with --sign-key (and
+    a registry without a prompt book)."""
     out = tmp_path_factory.mktemp("release-out") / "signed-lm"
     main(["release", released, "--name", "signed-lm", "--sign-key", str(keys / "release.pem"), "--out", str(out),
-          "--eval-tasks", "none", "--tracking-uri", mlflow_server.uri])
+          "--eval-tasks", "none", "--proposals", str(out.parent), "--tracking-uri", mlflow_server.uri])
     return {"unsigned": Release("live-lm", None, stored(mlflow_server, "live-lm"), None),
             "signed": Release("signed-lm", keys / "release.pub", stored(mlflow_server, "signed-lm"), out)}
 
@@ -389,6 +398,31 @@ def test_a_release_records_the_scores_of_evaluate(releases, released, mlflow_ser
     assert all(f"- {key.removeprefix('eval/')}: {value}\n" in card for key, value in scores.items())
     assert not any(k.startswith("eval/") for k in client.get_model_version("signed-lm", "1").tags)
     assert "## Evaluation\n\nNot evaluated.\n" in (releases["signed"].out / "MODEL_CARD.md").read_text()
+
+
+def test_a_release_logs_the_completions_of_its_prompt_book(releases, released, mlflow_server, tmp_path):
+    """prompts/completions.json on the release's own run, as complete_book gives them for the
+    checkpoint, and the card's Prompt book section; a release without prompts.yaml says so."""
+    client = MlflowClient(mlflow_server.uri)
+    version = client.get_model_version("live-lm", "1")
+    logged = json.loads(Path(client.download_artifacts(version.run_id, COMPLETIONS_ARTIFACT, str(tmp_path))).read_text())
+    model, tokenizer = load_model(released)
+    book = complete_book(model, tokenizer, [Prompt(**p) for p in BOOK_PROMPTS], int(version.tags["step"]))
+    assert logged == {**book, "model": "models:/live-lm/1"}
+    card = (releases["unsigned"].store / MODEL / "MODEL_CARD.md").read_text()
+    assert all(f"- `{c['id']}` (@someone): {json.dumps(c['text'], ensure_ascii=False)} → "
+               f"{json.dumps(c['completion'], ensure_ascii=False)}\n" in card for c in book["completions"])
+    assert f"## Prompt book\n\nNo prompt book: the registry {releases['signed'].out.parent} has no prompts.yaml.\n" in (
+        releases["signed"].out / "MODEL_CARD.md").read_text()
+    assert not client.list_artifacts(client.get_model_version("signed-lm", "1").run_id, "prompts")
+
+
+def test_a_release_refuses_a_bad_prompt_book_before_any_work(tmp_path, capsys):
+    (tmp_path / PROMPTS_FILE).write_text(yaml.safe_dump({"prompts": [{**BOOK_PROMPTS[0], "max_tokens": 0}]}))
+    # The checkpoint is not read: it does not even exist.
+    assert cli_error(capsys, "release", str(tmp_path / "none.ckpt"), "--name", "x", "--proposals", str(tmp_path),
+                     "--eval-tasks", "none") == (f"error: {tmp_path / PROMPTS_FILE}:4: prompts[0] (id truth): max_tokens: "
+                                                 "expected at least 1 new token, got 0")
 
 
 @pytest.fixture

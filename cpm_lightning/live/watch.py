@@ -5,7 +5,8 @@ can mean merged), loads it, and keeps what a running run can apply: a proposal w
 problem (`proposals check` fails) is left out, keeping the version of it read last time if there
 was a good one; both sides of a conflict that a new proposal brings are left out. What remains
 is written as a snapshot directory, which the segments apply (`registry.path`): it never has a
-problem, and it stays when the registry directory disappears or cannot be read.
+problem, and it stays when the registry directory disappears or cannot be read. The snapshot
+carries the prompt book and the applications list (book.py) too, each its last good version.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from cpm_lightning.book import BOOK_FILES, book_bytes, parse_book
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import Registry, load_registry
@@ -55,6 +57,10 @@ class Reading:
     """The proposal files as read, by id."""
     files: dict[int, File] = field(default_factory=dict)
     """Every proposal file a run can apply together, by id."""
+    raw_book: dict[str, File] = field(default_factory=dict)
+    """The prompt book and applications list as read, by file name."""
+    book: dict[str, File] = field(default_factory=dict)
+    """Those a run can read: a file with a problem is its last good version, or left out."""
     registry: Registry = field(default_factory=lambda: Registry(Path()))
     """Those files loaded (from the snapshot)."""
     snapshot: Path | None = None
@@ -94,12 +100,14 @@ def read(directory: Path, last: Reading, snapshots: Path, schema: ConfigSchema, 
     try:
         raw = {int(m[1]): File(p.name, p.read_bytes()) for p in sorted(directory.iterdir())
                if (m := FILE_NAME.match(p.name))} if directory.is_dir() else None
-        if raw is not None and raw == last.raw:  # nothing changed since
+        raw_book, book, book_rejected = _read_book(directory, last) if raw is not None else ({}, {}, [])
+        if raw is not None and raw == last.raw and raw_book == last.raw_book:  # nothing changed since
             return dataclasses.replace(last, rejected=[], warning=warning)
         reg = load_registry(directory, schema, limits)
     except OSError as e:
         return Reading(error=f"{directory}: registry: cannot be read ({e.strerror or e})")
-    out, files, good = Reading(raw=raw or {}, warning=warning), dict(raw or {}), last.files
+    out = Reading(raw=raw or {}, raw_book=raw_book, book=book, warning=warning)
+    files, good = dict(raw or {}), last.files
     # Each pass leaves out (or takes back to their last good version) the files a problem is
     # about, preferring the new ones, then loads what is left; a pass with no problem ends.
     rejected: dict[tuple[int, ...], Rejection] = {}
@@ -121,12 +129,29 @@ def read(directory: Path, last: Reading, snapshots: Path, schema: ConfigSchema, 
                     files[i] = good[i]
                 else:
                     files.pop(i, None)
-        reg = load_registry(_snapshot(files, snapshots), schema, limits) if files else Registry(directory)
-    out.rejected = list(rejected.values())
+        reg = load_registry(_snapshot(files, book, snapshots), schema, limits) if files else Registry(directory)
+    out.rejected = list(rejected.values()) + book_rejected
     out.files = files
     if files:
-        out.snapshot, out.registry = _snapshot(files, snapshots), reg
+        out.snapshot, out.registry = _snapshot(files, book, snapshots), reg
     return out
+
+
+def _read_book(directory: Path, last: Reading) -> tuple[dict[str, File], dict[str, File], list[Rejection]]:
+    """(the prompt book and applications list of `directory` as read, the versions a run can
+    read, the rejections of those with a problem: the last good version of such a file stays)."""
+    raw, book, rejected = {}, {}, []
+    for name, kind in BOOK_FILES.items():
+        data, problems = book_bytes(directory, kind)
+        if data is not None:
+            raw[name] = File(name, data)
+            problems = parse_book(data, str(directory / name), kind)[1]
+        kept = raw.get(name) if not problems else last.book.get(name)
+        if kept is not None:
+            book[name] = kept
+        if problems:
+            rejected.append(Rejection([], {}, f"{problems[0]}; the run reads {'its last good version' if kept else f'no {name}'}"))
+    return raw, book, rejected
 
 
 def _maybe_accepted(file: File | None) -> bool:
@@ -140,16 +165,16 @@ def _maybe_accepted(file: File | None) -> bool:
     return not isinstance(data, dict) or data.get("status") in (ACCEPTED, None)
 
 
-def _snapshot(files: dict[int, File], snapshots: Path) -> Path:
-    """The directory holding exactly `files`, named by their contents (written once)."""
-    digest = hashlib.sha256("".join(f"{f.name}:{f.sha256}\n" for f in sorted(files.values(),
-                                                                              key=lambda f: f.name)).encode())
+def _snapshot(files: dict[int, File], book: dict[str, File], snapshots: Path) -> Path:
+    """The directory holding exactly `files` and `book`, named by their contents (written once)."""
+    every = [*files.values(), *book.values()]
+    digest = hashlib.sha256("".join(f"{f.name}:{f.sha256}\n" for f in sorted(every, key=lambda f: f.name)).encode())
     path = snapshots / digest.hexdigest()[:16]
     if not path.is_dir():
         tmp = snapshots / f".{path.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for f in files.values():
+        for f in every:
             (tmp / f.name).write_bytes(f.data)
         os.replace(tmp, path)
     return path
@@ -163,7 +188,8 @@ def last_snapshot(snapshots: Path, schema: ConfigSchema, limits: Limits) -> Read
     if not found:
         return Reading()
     files = {int(m[1]): File(p.name, p.read_bytes()) for p in found[-1].iterdir() if (m := FILE_NAME.match(p.name))}
-    return Reading(files=files, registry=load_registry(found[-1], schema, limits), snapshot=found[-1])
+    book = {name: File(name, (found[-1] / name).read_bytes()) for name in BOOK_FILES if (found[-1] / name).is_file()}
+    return Reading(files=files, book=book, registry=load_registry(found[-1], schema, limits), snapshot=found[-1])
 
 
 def prune_snapshots(snapshots: Path, keep: Path | None) -> None:

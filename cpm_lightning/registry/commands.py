@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -13,7 +14,10 @@ from typing import get_args, get_type_hints
 
 import yaml
 
+from cpm_lightning.book import APPS_FILE, PROMPTS_FILE, App, Prompt, read_book
 from cpm_lightning.errors import UserError
+from cpm_lightning.generate import book_tokens, length_problem, task_prompt_len
+from cpm_lightning.model.config import ArchConfig
 from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.limits import Limits
@@ -21,6 +25,7 @@ from cpm_lightning.registry.resolve import TEMPLATE, load_registry, proposal_fil
 from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME, KINDS, Status, read_run_config
 from cpm_lightning.registry.typecheck import mismatch
 from cpm_lightning.run_config import GROUPS
+from cpm_lightning.tokenizer import Tokenizer
 from datamodules.config import DataConfig
 from datamodules.sources import SourceConfig
 
@@ -37,7 +42,8 @@ def add_commands(sub) -> None:
     new.set_defaults(func=proposals_new)
 
     limits = Limits()
-    check = proposals.add_parser("check", help="validate proposals; exit 2 and list every problem if any")
+    check = proposals.add_parser("check", help="validate proposals, and the prompt book and applications list of "
+                                               "each registry directory; exit 2 and list every problem if any")
     check.add_argument("paths", nargs="*", default=["proposals"], metavar="PATH",
                        help="registry directories or proposal files (default: proposals)")
     check.add_argument("--allowed-sources", nargs="+", default=limits.allowed_sources, metavar="PREFIX",
@@ -47,7 +53,12 @@ def add_commands(sub) -> None:
                        help=f"largest model proposals may make, as registry.max_params (default: {limits.max_params})")
     check.add_argument("--against", metavar="CKPT",
                        help="a checkpoint written by fit (or a model directory): also tell, for each architecture "
-                            "proposal, whether a migration folds it into that model while it trains, and which, or why not")
+                            "proposal, whether a migration folds it into that model while it trains, and which, or why not; "
+                            "and count each prompt's tokens with its tokenizer against its maximum length")
+    max_len = ArchConfig().resolved().max_len
+    check.add_argument("--max-len", type=int, default=max_len, metavar="N",
+                       help="without --against: the maximum length a prompt must fit, its text counted as at most "
+                            f"UTF-8 bytes + 1 tokens (default: {max_len}, the default preset's)")
     check.set_defaults(func=proposals_check)
 
     ls = proposals.add_parser("list", help="one line per proposal")
@@ -98,15 +109,19 @@ def proposals_check(args) -> None:
     if args.max_params < 1:
         raise UserError(f"--max-params must be at least 1, got {args.max_params}")
     schema, limits = config_schema(), Limits(allowed_sources=args.allowed_sources, max_params=args.max_params)
-    arch = _arch_of(args.against) if args.against else None  # a bad --against fails before the proposals are read
-    problems, count, proposals = [], 0, []
+    if args.max_len < 1:
+        raise UserError(f"--max-len must be at least 1, got {args.max_len}")
+    # A bad --against fails before the proposals are read.
+    arch, tokenizer = _model_of(args.against) if args.against else (None, None)
+    problems, count, books, proposals = [], 0, 0, []
     for arg in args.paths:
         path = Path(arg)
         if path.is_dir():
             reg = load_registry(path, schema, limits)
-            problems += reg.problems
+            problems += reg.problems + _book_problems(path, arch, tokenizer, args.max_len)
             proposals += reg.proposals.values()
             count += len(proposal_files(path))
+            books += sum(os.path.lexists(path / name) for name in (PROMPTS_FILE, APPS_FILE))
         elif not os.path.lexists(path):
             problems.append(f"{arg}: path: no such file or directory")
         elif path not in proposal_files(path.parent):
@@ -118,28 +133,52 @@ def proposals_check(args) -> None:
             count += 1
     for problem in problems:
         print(problem)
+    checked = f"{count} proposal file(s)" + (f" and {books} prompt book and applications file(s)" if books else "")
     if problems:
-        print(f"{len(problems)} problem(s) in {count} proposal file(s)", file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {checked}", file=sys.stderr)
         sys.exit(2)
-    print(f"{count} proposal file(s) OK")
+    print(f"{checked} OK")
     if arch:
         print(f"against {args.against} ({arch['preset']}-based, step {arch.pop('step')}):")
         for p in sorted(proposals, key=lambda p: p.id):
             print(f"{p.label} {p.title}: {_foldable(p, arch)}")
 
 
-def _arch_of(source: str) -> dict:
-    """The resolved model.arch of a checkpoint or model directory, and its step (0 for a model
-    directory). Imports torch (and, for a checkpoint, Lightning): --against only."""
+def _model_of(source: str) -> tuple[dict, Tokenizer | None]:
+    """The resolved model.arch of a checkpoint or model directory with its step (0 for a model
+    directory), and its tokenizer when it has one. Imports torch (and, for a checkpoint,
+    Lightning): --against only."""
     from cpm_lightning.migration import resolved
     from cpm_lightning.modeldir import is_model_dir, open_model_dir
 
     if is_model_dir(Path(source)):
-        return {**resolved(open_model_dir(source).arch), "step": 0}
+        stored = open_model_dir(source)
+        return {**resolved(stored.arch), "step": 0}, stored.tokenizer
     from cpm_lightning.checkpoint import read_meta
 
     meta = read_meta(Path(source))
-    return {**resolved(meta["cpm"]["arch"]), "step": meta.get("global_step", 0)}
+    tokenizer = meta["cpm"].get("tokenizer")
+    return ({**resolved(meta["cpm"]["arch"]), "step": meta.get("global_step", 0)},
+            tokenizer and Tokenizer.from_bytes(tokenizer, f"{source}: its tokenizer"))
+
+
+def _book_problems(directory: Path, arch: dict | None, tokenizer: Tokenizer | None, max_len: int) -> list[str]:
+    """The problems of the prompt book and the applications list of registry `directory`: their
+    own, and the prompts that do not fit the maximum length of `arch`'s model (--against),
+    counted with its tokenizer, else `max_len`. Without the tokenizer a prompt's tokens are
+    bounded by its UTF-8 bytes + 1: SentencePiece with byte fallback spends at most a token per
+    byte, plus one for the word boundary it puts first; CPM-Ant's tokenizer at most one per
+    character."""
+    prompts, problems = read_book(directory, Prompt)
+    problems += read_book(directory, App)[1]
+    cfg = ArchConfig(**{f.name: arch[f.name] for f in dataclasses.fields(ArchConfig)}) if arch else None
+    if cfg is not None and tokenizer is not None:
+        return problems + book_tokens(prompts, tokenizer, cfg)[1]
+    task, limit = (task_prompt_len(cfg), cfg.max_len) if cfg else (0, max_len)
+    name = "the model's maximum length {} (it has no tokenizer)" if cfg else \
+        "--max-len {} (--against CKPT counts the model's own tokens)"
+    found = (length_problem(p, len(p.text.encode()) + 1, task, limit, bound=True, limit=name) for p in prompts)
+    return problems + [p for p in found if p]
 
 
 def _foldable(p, arch: dict) -> str:

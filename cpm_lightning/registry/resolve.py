@@ -11,12 +11,14 @@ from typing import Any
 
 import yaml
 
+from cpm_lightning.book import APPS_FILE, PROMPTS_FILE
 from cpm_lightning.errors import UserError
 from cpm_lightning.registry.keys import ConfigSchema, check_changes
 from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME, KINDS, Problem, Proposal, load_proposal
 
 TEMPLATE = "TEMPLATE.yaml"
+NOT_PROPOSALS = (TEMPLATE, PROMPTS_FILE, APPS_FILE)
 
 
 @dataclass
@@ -41,9 +43,10 @@ class Registry:
 
 
 def proposal_files(directory: Path) -> list[Path]:
-    """The proposal files of a registry directory: every .yaml/.yml entry but the template,
-    also those that are not regular files (load_registry refuses them)."""
-    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.name != TEMPLATE)
+    """The proposal files of a registry directory: every .yaml/.yml entry but the template and
+    the prompt book and applications list (book.py), also those that are not regular files
+    (load_registry refuses them)."""
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.name not in NOT_PROPOSALS)
 
 
 def _link_out(path: Path, directory: Path) -> Problem | None:

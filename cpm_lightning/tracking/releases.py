@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -16,9 +17,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cpm_lightning import modeldir
+from cpm_lightning.book import COMPLETIONS_ARTIFACT, PROMPTS_FILE, completions_json, load_prompts
 from cpm_lightning.checkpoint import TrainedModel, trained_model
 from cpm_lightning.errors import UserError
 from cpm_lightning.evaluation import check_tasks, flat
+from cpm_lightning.generate import complete_book
+from cpm_lightning.model import CPMAnt
 from cpm_lightning.model.migrate import migration_text
 from cpm_lightning.run_config import evaluate_model
 from cpm_lightning.tracking import integrity
@@ -79,18 +83,17 @@ def _hf_layout(trained: TrainedModel) -> tuple[Callable[[Path], list[Path]] | No
                    f"`transformers.AutoModelForCausalLM.from_pretrained(\"{HF_DIR}\")` and `AutoTokenizer` open it.")
 
 
-def _scores(trained: TrainedModel, tasks: list[str], limit: int | None, data: DataConfig | None) -> dict:
-    """The release's evaluation, `{task: {metric: value}}` (on a GPU when there is one)."""
-    if not tasks:
-        return {}
+def _model(trained: TrainedModel, needed: bool) -> CPMAnt | None:
+    """The model, for the release's evaluation and prompt book (on a GPU when there is one)."""
+    if not needed:
+        return None
     import torch
 
-    model = trained.model.build("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate_model(model, trained.model.require_tokenizer(), tasks, limit, data)
+    return trained.model.build("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _card(name: str, trained: TrainedModel, val: dict[str, float], scores: dict, limit: int | None, proposals: list[dict],
-          hf_line: str) -> str:
+          hf_line: str, book: dict | None, registry_dir: Path) -> str:
     lines = [f"# {name} at step {trained.step}", "",
              "A CPM-Ant-style base language model trained in public with cpm-lightning: it continues "
              "text, it is not a chat model.", "",
@@ -109,6 +112,14 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], scores: dict,
     lines += ["", "## Migrations", "", "Architecture changes folded into the model while it trained (docs/ARCHITECTURE.md, "
               "\"Migrations\").", ""]
     lines += [f"- step {m['step']}: {migration_text(m)}" for m in trained.model.migrations] or ["None."]
+    lines += ["", "## Prompt book", ""]
+    if book is None:
+        lines.append(f"No prompt book: the registry {registry_dir} has no {PROMPTS_FILE}.")
+    else:
+        lines += [f"Greedy completions of the community's prompts ({PROMPTS_FILE} of the registry; at most max_tokens new "
+                  f"tokens each), also `{COMPLETIONS_ARTIFACT}` on the release's MLflow run:", ""]
+        lines += [f"- `{c['id']}` ({c['author']}): {json.dumps(c['text'], ensure_ascii=False)} → "
+                  f"{json.dumps(c['completion'], ensure_ascii=False)}" for c in book["completions"]] or ["No prompts."]
     lines += ["", "## Use", "", "```", f"cpm-lightning pull models:/{name}@stable --dst {name}",
               f"cpm-lightning generate {name} --prompt \"...\"", "```", "", "## Hugging Face", "", hf_line]
     return "\n".join(lines)
@@ -125,24 +136,29 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
         check_tasks(eval_tasks, "--eval-tasks", eval_data is not None)
     if sign_key is not None:
         integrity.check_key(sign_key, "--sign-key", private=True)
+    has_book, prompts = (registry_dir / PROMPTS_FILE).exists(), load_prompts(registry_dir)
     trained = trained_model(ckpt)
     tokenizer = trained.model.require_tokenizer()
     client = MlflowClient()
     run_id = trained.run_id if trained.run_id and _run_exists(client, trained.run_id) else None
     val = _val_metrics(client, run_id, trained.step)
-    scores = _scores(trained, eval_tasks, eval_limit, eval_data)
+    model = _model(trained, bool(eval_tasks) or has_book)
+    scores = evaluate_model(model, tokenizer, eval_tasks, eval_limit, eval_data) if eval_tasks else {}
+    book = complete_book(model, tokenizer, prompts, trained.step) if has_book else None
+    del model  # before the model directory is written
     proposals = applied_proposals(client, run_id, registry_dir, trained.proposals)
     write_hf_layout, hf_line = _hf_layout(trained)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / MODEL_DIR.name  # MLflow names the artifact after it: MODEL_DIR in the release
         modeldir.write_model_dir(directory, trained.model, trained.arch, tokenizer,
-                                 _card(name, trained, val, scores, eval_limit, proposals, hf_line), write_hf_layout)
+                                 _card(name, trained, val, scores, eval_limit, proposals, hf_line, book, registry_dir),
+                                 write_hf_layout)
         if out is not None:
             try:
                 shutil.copytree(directory, out, dirs_exist_ok=True)
             except OSError as e:
                 raise UserError(f"--out {out}: cannot write the model directory ({e.strerror or e})") from None
-        version, manifest_sha256 = _log_and_register(client, name, directory, trained, run_id, sign_key)
+        version, manifest_sha256 = _log_and_register(client, name, directory, trained, run_id, sign_key, book)
     tags = {"step": trained.step, "tokens": trained.tokens_seen, "proposals": ",".join(p["id"] for p in proposals) or "none",
             "val_loss": f"{val['val/loss']:.4f}" if "val/loss" in val else "none", RUN_TAG: run_id or "none",
             integrity.MANIFEST_TAG: manifest_sha256, **{k: f"{v:.4f}" for k, v in flat(scores, "eval").items()}}
@@ -180,10 +196,11 @@ class _SealedPyfunc:
 
 
 def _log_and_register(client: MlflowClient, name: str, directory: Path, trained: TrainedModel, run_id: str | None,
-                      sign_key: Path | None) -> tuple[int, str]:
+                      sign_key: Path | None, book: dict | None) -> tuple[int, str]:
     """Log the sealed model from code in a release run (beside the training run, which may
-    still be running and must keep its status) and register it under `name`. Returns the
-    version and the manifest's sha256."""
+    still be running and must keep its status), register it under `name`, and log the prompt
+    book's completions (`book`, when the registry has one) on the release run with the version
+    they are of. Returns the version and the manifest's sha256."""
     from importlib.metadata import version
 
     from mlflow.models import Model, ModelSignature
@@ -202,6 +219,9 @@ def _log_and_register(client: MlflowClient, name: str, directory: Path, trained:
         info = Model.log(artifact_path=None, name="model", flavor=flavor, python_model=str(MODEL_CODE),
                          artifacts={"model_dir": str(directory)}, signature=signature,
                          pip_requirements=[f"cpm-lightning=={version('cpm-lightning')}"], registered_model_name=name)
+        if book is not None:
+            release = f"models:/{name}/{info.registered_model_version}"
+            mlflow.log_text(completions_json({**book, "model": release}), COMPLETIONS_ARTIFACT)
     return int(info.registered_model_version), flavor.manifest_sha256
 
 
