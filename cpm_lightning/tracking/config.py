@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -32,3 +33,12 @@ class TrackingConfig:
     @property
     def resolved_experiment(self) -> str:
         return self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "cpm-lightning"
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` without the user and password of its network location (http://user:pass@host ->
+    http://host), as messages show it: their lines end up in logs."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from cpm_lightning.checkpoint import RUN_ID_KEY
 from cpm_lightning.errors import UserError
+from cpm_lightning.tracking.config import without_credentials
 
 START_STEP = "cpm/start_step"
 """Metric logged at every start of `fit`: its value is the optimizer step training starts from
@@ -53,7 +54,7 @@ def check_reachable(uri: str) -> None:
         try:
             requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
         except requests.RequestException as e:
-            raise UserError(f"tracking server {uri} is unreachable ({type(e).__name__}); start it or point "
+            raise UserError(f"tracking server {without_credentials(uri)} is unreachable ({type(e).__name__}); start it or point "
                             "tracking.uri / $MLFLOW_TRACKING_URI at a running one") from None
     elif uri.startswith("sqlite:///"):
         parent = Path(uri.removeprefix("sqlite:///")).parent

@@ -318,16 +318,22 @@ def pulled(uri: str) -> Iterator[Path]:
         yield pull(uri, Path(tmp) / "release", trusted_key(None)) / MODEL_DIR
 
 
+def version_aliases(model) -> dict[str, list[str]]:
+    """Version (as a string) -> the aliases of a registered model that point at it, sorted."""
+    aliases: dict[str, list[str]] = {}
+    for alias, version in sorted(model.aliases.items()):
+        aliases.setdefault(str(version), []).append(alias)
+    return aliases
+
+
 def list_models(name: str | None) -> list[dict]:
     """Registered versions (of `name`, or of every model), oldest first."""
     client = MlflowClient()
     models = [_registered_model(client, name, "models list")] if name else client.search_registered_models()
     rows = []
     for model in models:
-        aliases: dict[str, list[str]] = {}
-        for alias, version in model.aliases.items():
-            aliases.setdefault(str(version), []).append(alias)
+        aliases = version_aliases(model)
         for v in sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)):
-            rows.append({"name": model.name, "version": int(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
+            rows.append({"name": model.name, "version": int(v.version), "aliases": ",".join(aliases.get(str(v.version), [])),
                          **{k: v.tags.get(k, "") for k in ("step", "tokens", "val_loss", "proposals")}})
     return rows

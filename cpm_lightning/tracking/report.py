@@ -41,7 +41,9 @@ class RunPeriod:
     """(timestamp ms, start step) of every start of `fit` during the period."""
 
 
-def _dedup(history, end_ms: int) -> tuple[list[tuple[int, int, float]], dict[int, int]]:
+def dedup(history, end_ms: float) -> tuple[list[tuple[int, int, float]], dict[int, int]]:
+    """(step, timestamp ms, value) of a metric history before end_ms, one per step (the latest), by
+    step; and how many times each step was logged."""
     latest, count = {}, {}
     for m in history:
         if m.timestamp < end_ms:
@@ -55,7 +57,7 @@ def run_period(client: MlflowClient, run, start_ms: int, end_ms: int) -> RunPeri
     """The run's metrics up to end_ms, or None when it logged no step and no start in the period."""
     series, replayed = {}, 0
     for key in KEYS:
-        series[key], count = _dedup(client.get_metric_history(run.info.run_id, key), end_ms)
+        series[key], count = dedup(client.get_metric_history(run.info.run_id, key), end_ms)
         if key == "train/loss":
             replayed = sum(1 for s, t, _ in series[key] if t >= start_ms and count[s] > 1)
     starts = [(m.timestamp, m.value) for m in client.get_metric_history(run.info.run_id, START_STEP)

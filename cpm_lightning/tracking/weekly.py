@@ -55,7 +55,7 @@ def weekly_report(monday: dt.date, experiment: str, registry_dir: Path, out: Pat
     start_ms = utc_ms(monday)
     end_ms = start_ms + 7 * DAY_MS
     sunday = monday + dt.timedelta(days=6)
-    proposals, unreadable = _read_proposals(registry_dir)
+    proposals, unreadable = read_proposals(registry_dir)
     name = week_name(monday)
     out.mkdir(parents=True, exist_ok=True)
     md, png = out / f"{name}.md", out / f"{name}.png"
@@ -81,7 +81,7 @@ def weekly_report(monday: dt.date, experiment: str, registry_dir: Path, out: Pat
     return md
 
 
-def _read_proposals(directory: Path) -> tuple[list[Proposal], int]:
+def read_proposals(directory: Path) -> tuple[list[Proposal], int]:
     """The proposals of a registry directory that can be read, by id, and how many files cannot.
     Their `changes` are not checked: the digest needs only their dates, status and links."""
     if not directory.is_dir():
@@ -127,10 +127,10 @@ def _ledger(client: MlflowClient, runs: list, start_ms: int, end_ms: int) -> lis
     """The changes and incidents the change ledgers of the experiment's runs recorded this week."""
     changes, incidents = [], []
     for run in runs:
-        for record in _ledger_records(client, run.info.run_id):
+        for record in ledger_records(client, run.info.run_id):
             at = dt.datetime.fromisoformat(record["time"].replace("Z", "+00:00")).timestamp() * 1000
             if start_ms <= at < end_ms:
-                line = f"- {_record(record)} (run {run.info.run_name}, {run.info.run_id[:8]})"
+                line = f"- {record_line(record)} (run {run.info.run_name}, {run.info.run_id[:8]})"
                 (incidents if record["kind"] in INCIDENTS else changes).append((at, line))
     lines = ["## Changes to the run", ""] + ([line for _, line in sorted(changes)]
                                              or ["None recorded (no change ledger, or nothing changed)."])
@@ -138,7 +138,7 @@ def _ledger(client: MlflowClient, runs: list, start_ms: int, end_ms: int) -> lis
     return lines + [""]
 
 
-def _ledger_records(client: MlflowClient, run_id: str) -> list[dict]:
+def ledger_records(client: MlflowClient, run_id: str) -> list[dict]:
     if LEDGER not in {Path(a.path).name for a in client.list_artifacts(run_id)}:
         return []
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +146,7 @@ def _ledger_records(client: MlflowClient, run_id: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _record(r: dict) -> str:
+def record_line(r: dict) -> str:
     """A ledger record in one line: when, which step, what, and the config keys it changed."""
     ids = ", ".join(f"{i:04d}" for i in r.get("proposals", []))
     changed = "; ".join(f"{k}: {json.dumps(v.get('old'))} -> {json.dumps(v.get('new'))}"
