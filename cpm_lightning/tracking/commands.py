@@ -1,4 +1,4 @@
-"""MLflow verbs: `report daily|weekly`, `release`, `promote`, `pull`, `models list`."""
+"""MLflow verbs: `report daily|weekly|site`, `release`, `promote`, `pull`, `models list`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,15 @@ def add_commands(sub) -> None:
     weekly.add_argument("--registry", default="proposals", type=Path, help="the registry directory (default: proposals)")
     weekly.add_argument("--out", required=True, type=Path, help="directory for YYYY-Www.md and YYYY-Www.png")
     weekly.set_defaults(func=report_weekly)
+
+    site = report.add_parser("site", help="the run's public static site: overview, metrics, logs, proposals, "
+                             "releases, prompt book, applications, incidents")
+    site.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else cpm-lightning)")
+    site.add_argument("--registry", default="proposals", type=Path,
+                      help="the registry directory, with prompts.yaml and apps.yaml (default: proposals)")
+    site.add_argument("--out", required=True, type=Path,
+                      help="the site: a symbolic link to the latest build in OUT.builds/, replaced atomically")
+    site.set_defaults(func=report_site)
 
     rel = sub.add_parser("release", help="release a checkpoint to the MLflow Model Registry")
     rel.add_argument("checkpoint", help="a checkpoint written by fit")
@@ -60,7 +69,7 @@ def add_commands(sub) -> None:
     ls.add_argument("name", nargs="?", help="one registered model (default: all)")
     ls.set_defaults(func=models_list)
 
-    for parser in (daily, weekly, rel, pro, pull, ls):
+    for parser in (daily, weekly, site, rel, pro, pull, ls):
         parser.add_argument("--tracking-uri", help=URI_HELP)
 
 
@@ -92,6 +101,24 @@ def report_weekly(args) -> None:
     monday = parse_week(args.week)
     _use_tracking_uri(args)
     print(weekly_report(monday, TrackingConfig(experiment=args.experiment).resolved_experiment, args.registry, args.out))
+
+
+def report_site(args) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from cpm_lightning.tracking.config import without_credentials
+    from cpm_lightning.tracking.site import build_site, tracking_secrets
+
+    uri = _use_tracking_uri(args)
+    try:
+        build = build_site(TrackingConfig(experiment=args.experiment).resolved_experiment, args.registry, args.out,
+                           tracking_secrets(uri))
+    except MlflowException as e:  # the store went away, or refused, while the site was read
+        why = str(e).strip().splitlines()[0].replace(uri, without_credentials(uri))
+        for secret in tracking_secrets(uri)[1:]:
+            why = why.replace(secret, "***")
+        raise UserError(f"tracking store {without_credentials(uri)}: {why}; {args.out} was left as it was") from None
+    print(f"{args.out} -> {build}")
 
 
 def release(args) -> None:
