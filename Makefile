@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-growth test proposals-check lint clean
+.PHONY: install demo demo-growth test chromium proposals-check lint clean
 
 install: $(STAMP)
 
@@ -51,8 +51,15 @@ demo-growth: $(STAMP)
 # (fit, live segments, mlflow server) and waiting on each other, which the workers overlap.
 # One torch thread per process: the tests' models are tiny, and a worker per core that each
 # ran a thread per core, beside the ranks and segments they start, only contended.
-test: $(STAMP) proposals-check lint
+test: $(STAMP) proposals-check lint chromium
 	OMP_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n auto --dist loadfile
+
+# The site's real-browser test (tests/test_site.py) drives Debian's Chromium with Playwright's
+# Python package (Playwright's own browser download is not used): installed with apt-get when it
+# is missing and apt-get is there, as root or through sudo.
+chromium:
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
+	  { sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); $$sudo apt-get update -q && $$sudo apt-get install -y -q chromium; }
 
 # The layering of docs/ARCHITECTURE.md (contracts in setup.cfg) and the linter (pyproject.toml).
 lint: $(STAMP)
