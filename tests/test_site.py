@@ -320,3 +320,20 @@ def test_out_that_is_not_a_site_build_is_refused(store, tmp_path, capsys):
     assert error == (f"--out {out}: a directory that is not a site build (report site makes --out a symbolic link "
                      "into www.builds/); remove it or choose another --out")
     assert (out / "index.html").read_text() == "someone else's site"
+
+
+def test_bad_input_leaves_the_site_as_it_was(site, store, tmp_path, capsys):
+    """A registry that is not there, and one whose community text holds the tracking URI's
+    password (a build that would publish it is refused): one line each, OUT still the old build."""
+    before = os.readlink(site)
+    argv = ["report", "site", "--experiment", "site", "--out", str(site), "--tracking-uri", store["uri"]]
+    error = cli_error(capsys, *argv, "--registry", str(tmp_path / "nowhere"))
+    assert error == f"--registry {tmp_path / 'nowhere'}: no such directory; expected the proposal registry"
+    leaky = tmp_path / "registry"
+    shutil.copytree(store["registry"], leaky)
+    write_proposal(leaky, 3, {"model.optim.lr": 0.004}, status="discussion", kind="training", title=f"Use {PASSWORD}")
+    error = cli_error(capsys, *argv, "--registry", str(leaky), "--experiment", "site-empty")  # the quicker to read
+    assert error == ("the site would show the tracking URI or its password (in proposals.html, from the store or the "
+                     "registry); nothing was published")
+    assert os.readlink(site) == before
+    assert [p.name for p in site.with_name("public.builds").iterdir() if p.is_dir()] == [Path(before).name]

@@ -238,7 +238,7 @@ def _download_json(client: MlflowClient, run_id: str, path: str) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             data = json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:  # not UTF-8, or not JSON
             return None
     return data if isinstance(data, dict) and isinstance(data.get("completions"), list) else None
 
