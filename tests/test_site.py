@@ -320,6 +320,14 @@ def test_out_that_is_not_a_site_build_is_refused(store, tmp_path, capsys):
     assert error == (f"--out {out}: a directory that is not a site build (report site makes --out a symbolic link "
                      "into www.builds/); remove it or choose another --out")
     assert (out / "index.html").read_text() == "someone else's site"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["www"]
+
+
+def test_a_first_build_that_fails_leaves_nothing(store, tmp_path, capsys):
+    error = cli_error(capsys, "report", "site", "--experiment", "nope", "--registry", str(store["registry"]),
+                      "--out", str(tmp_path / "www"), "--tracking-uri", store["uri"])
+    assert error.startswith("--experiment 'nope' does not exist; experiments: ") and "site-empty" in error
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_input_leaves_the_site_as_it_was(site, store, tmp_path, capsys):

@@ -3,10 +3,10 @@ HTML pages, one CSS file and inline SVG charts, built from what the MLflow exper
 registry directory hold, for any static host. MLflow's own UI stays private: anyone who reaches
 it can edit or delete runs.
 
-OUT is a symbolic link to a build directory in OUT.builds/. A build is written in full into a
-new directory, then the link is replaced in one rename, so a reader sees the old site or the
-new one, never a mix; a build that fails (the tracking store gone, a bad file) is removed and
-OUT still points at the previous one.
+OUT is a symbolic link to a build directory in OUT.builds/. A build is written in full beside
+OUT, moved into OUT.builds, then the link is replaced in one rename, so a reader sees the old
+site or the new one, never a mix; a build that fails (the tracking store gone, a bad file) is
+removed and OUT still points at the previous one.
 
 Pages: overview, metrics (by step and by tokens), the daily and weekly reports the runs carry
 as artifacts, proposals, releases, the prompt book, applications, incidents. Everything comes
@@ -159,25 +159,25 @@ def build_site(experiment: str, registry_dir: Path, out: Path, secrets: list[str
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: its parent directory {out.parent} does not exist")
     builds = out.with_name(f"{out.name}.builds")
-    builds.mkdir(exist_ok=True)
-    with _lock(builds):
-        build = builds / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        build.mkdir()
-        try:
-            _render(_read(MlflowClient(), experiment, registry_dir, build), build)
-            _check_secrets(build, secrets)
-        except BaseException:
-            shutil.rmtree(build)
-            raise
-        if out.is_dir() and not out.is_symlink():
-            out.rmdir()  # empty (checked above): a first build into a directory made for it
-        link_tmp = out.with_name(f".{out.name}.{os.getpid()}.link")
-        link_tmp.unlink(missing_ok=True)
-        os.symlink(os.path.relpath(build, out.parent), link_tmp)
-        os.replace(link_tmp, out)
-        for old in builds.iterdir():
-            if old.is_dir() and old != build:
-                shutil.rmtree(old)  # a reader that has a file of it open still reads it to the end
+    # Staged beside OUT (one file system: the rename into OUT.builds is atomic) and published
+    # only once complete: any failure leaves nothing behind.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as stage:
+        staged = Path(stage) / "site"
+        staged.mkdir()
+        _render(_read(MlflowClient(), experiment, registry_dir, staged), staged)
+        _check_secrets(staged, secrets)
+        builds.mkdir(exist_ok=True)
+        with _lock(builds):
+            build = builds / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            staged.rename(build)
+            if out.is_dir() and not out.is_symlink():
+                out.rmdir()  # empty (checked above): a first build into a directory made for it
+            link_tmp = Path(stage) / "link"
+            os.symlink(os.path.relpath(build, out.parent), link_tmp)
+            os.replace(link_tmp, out)
+            for old in builds.iterdir():
+                if old.is_dir() and old != build:
+                    shutil.rmtree(old)  # a reader that has a file of it open still reads it to the end
     return build
 
 
