@@ -246,6 +246,7 @@ def test_a_registry_gone_when_live_starts_again_leaves_the_last_good_set_in_forc
     for name, text in [proposal(1, "training", {"model.loss.z_loss": 0.0}), proposal(2, "training", {"x.y": 1}),
                        proposal(3, "data", outside)]:
         (registry / name).write_text(text)
+    (registry / "prompts.yaml").write_text("prompts:\n  - id: p\n    author: a\n    text: hi\n    max_tokens: 0\n")
     segment = ("import json, os, sys; from cpm_lightning.live.protocol import *; "
                "plan = read_json(pathlib.Path(os.environ[SEGMENT_ENV]), Plan); "
                f"open({str(tmp_path / 'argv.jsonl')!r}, 'a').write(json.dumps(sys.argv[1:]) + chr(10)); "
@@ -256,9 +257,11 @@ def test_a_registry_gone_when_live_starts_again_leaves_the_last_good_set_in_forc
     registry.rename(tmp_path / "gone")
     main(["live", "--config", str(cfg)])
     recs = records(tmp_path)
-    assert [r["kind"] for r in recs] == ["start", "rejected", "stop", "start", "rejected", "stop"]
-    assert recs[1]["proposals"] == [2] and "x.y" in recs[1]["reason"]
-    assert recs[3]["in_effect"] == [1] and recs[4]["proposals"] == [] and "no such directory" in recs[4]["reason"]
+    assert [r["kind"] for r in recs] == ["start", "rejected", "rejected", "stop", "start", "rejected", "stop"]
+    proposal_2, book = sorted(recs[1:3], key=lambda r: r["proposals"], reverse=True)
+    assert proposal_2["proposals"] == [2] and "x.y" in proposal_2["reason"]
+    assert book["proposals"] == [] and "prompts.yaml" in book["reason"] and "max_tokens" in book["reason"]
+    assert recs[4]["in_effect"] == [1] and recs[5]["proposals"] == [] and "no such directory" in recs[5]["reason"]
     first, again = (json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines())
     assert first == again  # the same snapshot of the registry, and the same proposals left out
     snapshot = Path(first[first.index("--registry.path") + 1])

@@ -75,6 +75,7 @@ class Supervisor:
         # -- this process ----------------------------------------------------------------------------
         self.reading = watch.last_snapshot(self.files.registry, self.schema, settings.registry) if self.registry_dir else watch.Reading()
         self.registry_error: str | None = None
+        self.book_refused: set[str] = set()  # the problems of the prompt book and apps list recorded
         self.first_seen: dict[int, int] = {}  # step at which a proposal was first read
         self.last_loss: float | None = None  # of the last segment that ended well
         self.signal: int | None = None
@@ -204,6 +205,9 @@ class Supervisor:
             # A proposal the run excludes is left out of the snapshot like a rejected one, unrecorded.
             if r.shas and not set(r.shas.items()) <= self.state.refused and not set(r.ids) <= set(self.s.registry.exclude):
                 self.record("rejected", step, f"not applied: {r.reason}", proposals=r.ids, sha256=r.shas)
+            elif not r.ids and r.reason not in self.book_refused:  # prompts.yaml or apps.yaml: once per problem
+                self.book_refused.add(r.reason)
+                self.record("rejected", step, f"not applied: {r.reason}")
         self.reading = reading
         for i in reading.registry.proposals:
             self.first_seen.setdefault(i, step)

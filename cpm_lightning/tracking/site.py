@@ -32,7 +32,7 @@ from urllib.parse import quote, urlsplit
 
 from mlflow import MlflowClient
 
-from cpm_lightning.book import App, Prompt, load_apps, load_prompts
+from cpm_lightning.book import COMPLETIONS_ARTIFACT, STEP_ARTIFACT, App, Prompt, load_apps, load_prompts
 from cpm_lightning.errors import UserError
 from cpm_lightning.registry.schema import Proposal
 from cpm_lightning.tracking.html import esc, line_chart, link, markdown
@@ -106,7 +106,7 @@ class Release:
     tags: dict[str, str]
     created_ms: int
     run_id: str | None
-    """The release's own MLflow run (its prompts/completions.json)."""
+    """The release's own MLflow run (its book.COMPLETIONS_ARTIFACT)."""
 
     @property
     def uri(self) -> str:
@@ -251,11 +251,12 @@ def _completions(client: MlflowClient, runs: list[RunData], releases: list[Relea
     """The prompt book's completions: every release's, then the latest PROMPT_STEPS steps of each run."""
     out = []
     for rel in releases:
-        if rel.run_id and "prompts/completions.json" in {a.path for a in client.list_artifacts(rel.run_id, "prompts")}:
-            if (data := _download_json(client, rel.run_id, "prompts/completions.json")) is not None:
+        folder = str(Path(COMPLETIONS_ARTIFACT).parent)
+        if rel.run_id and COMPLETIONS_ARTIFACT in {a.path for a in client.list_artifacts(rel.run_id, folder)}:
+            if (data := _download_json(client, rel.run_id, COMPLETIONS_ARTIFACT)) is not None:
                 out.append(Completions(f"{rel.uri} (step {rel.tags.get('step', '?')})", _by_id(data)))
     for r in runs:
-        steps = sorted((int(m[1]), a.path) for a in client.list_artifacts(r.run.info.run_id, "prompts")
+        steps = sorted((int(m[1]), a.path) for a in client.list_artifacts(r.run.info.run_id, str(Path(STEP_ARTIFACT).parent))
                        if (m := PROMPT_STEP.match(Path(a.path).name)))
         for step, path in reversed(steps[-PROMPT_STEPS:]):
             if (data := _download_json(client, r.run.info.run_id, path)) is not None:
