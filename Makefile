@@ -32,7 +32,8 @@ demo: $(STAMP)
 	$(BIN)/cpm-lightning live --config configs/demo.yaml --config configs/demo-live.yaml
 	$(BIN)/cpm-lightning generate runs/demo/checkpoints/last.ckpt --prompt "Create a new" --max-new-tokens 80 --top-k 40
 	@echo
-	@echo "Live view of the run: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
+	@echo "Live view of the run (private: it can edit runs): $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
+	@echo "The run's public site: $(BIN)/python -m http.server -d runs/demo/site  (then open http://127.0.0.1:8000)"
 
 # Growth under `live` (configs/demo-growth.yaml): an architecture proposal folded into the running
 # demo model at step 60 by migrations; the daily report's plot shows the loss going on.

@@ -2,7 +2,8 @@
 the tiny preset, logging to a real `mlflow server`, whose schedule's clock is set a few seconds
 before the end of this week's Sunday (UTC): while it trains the day and the week end, and it
 releases the checkpoints of steps 4 and 8 with alias `nightly`; a proposal takes effect at
-step 6, between them."""
+step 6, between them. The site is built when nothing else is due, and once more at the end
+(tests/test_site.py looks at a site in a browser)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def published(tmp_path_factory, live_env, mlflow_server):
     cfg = live_config(root, write_corpus(root), [], **{
         "trainer.max_steps": 8, "registry.path": str(root / "registry"),
         "tracking.uri": mlflow_server.uri, "tracking.experiment": "publish",
-        "eval.tasks": ["piqa"], "eval.limit": 4, "live.release_every_n_steps": 4})
+        "eval.tasks": ["piqa"], "eval.limit": 4, "live.release_every_n_steps": 4,
+        "live.site_dir": str(root / "site"), "live.site_every_minutes": 60})
     end, started = sunday_before_midnight(5), []
 
     def clock():  # 5 s before the week's end when the schedule first looks, however long `live` took to start
@@ -83,6 +85,15 @@ def test_every_fourth_step_is_released_as_nightly(published):
     log = (root / "run" / "live" / "publish.log").read_text()
     assert "live: published the nightly release of step 4" in log and "failed" not in log
     assert records(root)[-1]["kind"] == "stop"
+
+
+def test_the_site_is_built_at_the_end_with_the_nightly_release(published):
+    root, client, _ = published
+    site = root / "site"
+    builds = [p for p in root.glob("site.builds/*") if not p.name.startswith(".")]
+    assert site.is_symlink() and site.resolve() == builds[0] and len(builds) == 1  # the last build, swapped in
+    releases = (site / "releases.html").read_text()  # built after the last release: `live` waited for it
+    assert "models:/publish/2" in releases and "nightly" in releases
 
 
 def test_a_command_that_fails_is_one_line_and_is_tried_again_later(tmp_path, corpus, capsys, monkeypatch):
