@@ -112,3 +112,12 @@ class RecordedHashes:
                 self._checked.add((name, i))
         except FileNotFoundError:
             raise UserError(f"{file} is missing (listed in {self.path}); {self.remedy}") from None
+
+
+def sha256(path: Path) -> str:
+    """The sha256 of a whole file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

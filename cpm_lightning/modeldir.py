@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from cpm_lightning.errors import UserError, closest
+from cpm_lightning.file_hashes import sha256
 from cpm_lightning.model import ArchConfig, CPMAnt
 from cpm_lightning.tokenizer import CpmAntTokenizer, SentencePieceTokenizer, Tokenizer
 
@@ -40,14 +40,6 @@ WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "MODEL_CARD.md"
 TOKENIZER_FILES = (SentencePieceTokenizer.file_name, CpmAntTokenizer.file_name)
 # The card lists hashes in `sha256sum` format, so `sha256sum -c` can check a download too.
 HASH_LINE = re.compile(r"^([0-9a-f]{64})  (\S+)$", re.M)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- safetensors, one tensor at a time ----------------------------------------------------------

@@ -340,7 +340,7 @@ def test_a_sharded_run_grows_ff_dim_and_a_resume_on_one_process_is_exact(runs, s
 
 def test_a_grown_checkpoint_tells_its_shape_its_migrations_and_what_else_folds_in(runs, grown, capsys):
     from cpm_lightning.checkpoint import trained_model
-    from cpm_lightning.tracking.releases import _card
+    from cpm_lightning.tracking.make_release import _card
 
     ckpt = runs.root / "grown2" / "checkpoints" / f"step-{4 * N:08d}.ckpt"
     main(["model", "info", str(ckpt)])

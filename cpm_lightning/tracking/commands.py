@@ -124,7 +124,7 @@ def report_site(args) -> None:
 def release(args) -> None:
     from cpm_lightning.evaluation import task_list
     from cpm_lightning.registry.commands import data_configs
-    from cpm_lightning.tracking.releases import release as do_release
+    from cpm_lightning.tracking.make_release import release as do_release
 
     if args.eval_limit < 1:
         raise UserError(f"--eval-limit must be at least 1, got {args.eval_limit}")

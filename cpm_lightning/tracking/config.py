@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+START_STEP = "cpm/start_step"
+"""Metric logged at every start of `fit`: its value is the optimizer step training starts from
+(0 for a new run), so restarts can be counted and replayed steps recognized (the reports, which
+import this module and not Lightning's logger, read it)."""
 
 
 @dataclass(kw_only=True)

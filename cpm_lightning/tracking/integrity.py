@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from cpm_lightning.errors import UserError
-from cpm_lightning.modeldir import sha256
+from cpm_lightning.file_hashes import sha256
 
 MANIFEST, SIGNATURE, MODEL_DIR = "MANIFEST.json", "model.sig", Path("artifacts/model")
 MANIFEST_TAG = "cpm.manifest_sha256"

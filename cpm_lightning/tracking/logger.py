@@ -29,11 +29,8 @@ from mlflow.exceptions import MlflowException
 
 from cpm_lightning.checkpoint import RUN_ID_KEY
 from cpm_lightning.errors import UserError
-from cpm_lightning.tracking.config import without_credentials
+from cpm_lightning.tracking.config import START_STEP, without_credentials
 
-START_STEP = "cpm/start_step"
-"""Metric logged at every start of `fit`: its value is the optimizer step training starts from
-(0 for a new run), so restarts can be counted and replayed steps recognized."""
 PARAM_CHARS = 500  # the longest param value every MLflow server since 1.28 accepts
 # MLflow's per-request limits of log_batch.
 BATCH_ITEMS, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
