@@ -62,6 +62,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em 0; background: #fff; }
 th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
 .completion, .prompt { white-space: pre-wrap; max-width: 60em; }
+.completion { display: block; max-height: 12em; overflow-y: auto; }
 .charts { display: flex; flex-wrap: wrap; gap: 1em; }
 .charts > div { max-width: 640px; }
 .chart { background: #fff; border: 1px solid #ddd; }
@@ -459,7 +460,7 @@ def _prompts(site: Site) -> str:
     body = [f"<p>Greedy completions of the community's prompts by every release and the latest {PROMPT_STEPS} "
             "evaluated training steps of each run.</p>"]
     for pid, (text, author) in book.items():
-        rows = [[esc(c.source), f'<span class="completion">{esc(c.by_id[pid].get("completion", ""))}</span>']
+        rows = [[esc(c.source), f'<span class="completion">{_completion(c.by_id[pid].get("completion", ""))}</span>']
                 for c in site.completions if pid in c.by_id]
         body.append(f"<h2>{esc(pid)}</h2><p>by {esc(author)}</p><table><tr><th>prompt</th>"
                     f'<td class="prompt">{esc(text)}</td></tr></table>'
@@ -500,3 +501,9 @@ def _render(site: Site, build: Path) -> None:
         (build / href).write_text(_page(f"{name}: {site.experiment}", bodies[href](site), href,
                                         experiment=site.experiment), encoding="utf-8")
 
+
+def _completion(text) -> str:
+    """A completion as HTML, each line break shown (a young model's completion is often nothing
+    else) and kept."""
+    text = str(text)
+    return esc(text.replace("\n", "\u23ce\n")) if text else '<em class="empty">(empty)</em>'
