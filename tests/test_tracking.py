@@ -824,3 +824,5 @@ def test_fit_logs_to_the_default_sqlite_store(tiny_config, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("cpm-lightning").experiment_id])
     assert steps(client, run.info.run_id) == list(range(6))
     assert run.info.status == "FINISHED" and run.data.tags["cpm.preset"] == "tiny"
+    # Named by its start (MLflow's own name comes from `random`, which the seed fixes: every run alike).
+    assert re.fullmatch(r"cpm-lightning-\d{8}-\d{6}", run.info.run_name)

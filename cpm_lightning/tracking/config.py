@@ -22,7 +22,7 @@ class TrackingConfig:
     experiment: str | None = None
     """MLflow experiment; unset: $MLFLOW_EXPERIMENT_NAME, else cpm-lightning."""
     run_name: str | None = None
-    """MLflow run name; unset: MLflow picks one."""
+    """MLflow run name; unset: the experiment and the UTC start time, e.g. demo-20261201-045950."""
     run_id: str | None = None
     """An existing MLflow run to log to, made beforehand (`proposals trial` makes one per arm,
     under its own run); unset: the run of the checkpoint `fit` resumes, else a new run."""

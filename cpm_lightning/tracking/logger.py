@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning as L
@@ -263,6 +264,9 @@ class CPMLogger(MLFlowLogger):
         """logged_through: metrics of steps up to this one are dropped, because an earlier start
         of the run logged them (a `live` restart re-trains the steps after its checkpoint); the
         START_STEP marker is kept."""
+        # Unnamed, MLflow would draw a name from Python's `random`, which seed_everything has
+        # seeded: every run of a seed would have the same name. The start time tells runs apart.
+        run_name = run_name or f"{experiment_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
                          run_id=run_id, synchronous=True)
         self._fallback_dir, self._flush_timeout = fallback_dir, flush_timeout
