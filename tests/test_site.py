@@ -73,6 +73,7 @@ def store(tmp_path_factory, mlflow_server):
     write_proposal(registry, 1, {"model.optim.lr": 0.002}, kind="training", title=SCRIPT_TITLE,
                    evidence=[{"run": "0" * 32, "verdict": "loss 1% lower at step 6"}])
     write_proposal(registry, 2, {"model.optim.lr": 0.003}, status="discussion", kind="training")
+    write_proposal(registry, 3, {"model.optim.weight_decay": 0.02}, kind="training")  # the run excludes it
     (registry / "prompts.yaml").write_text(yaml.safe_dump({"prompts": [
         {"id": "capital", "author": "@ada", "text": BOLD_PROMPT, "max_tokens": 8},
         {"id": "story", "author": "@bob", "text": "Once upon a time", "max_tokens": 8}]}))
@@ -81,7 +82,7 @@ def store(tmp_path_factory, mlflow_server):
     config = write_config(root / "config.yaml", write_corpus(root), **{
         "trainer.max_steps": 6, "trainer.val_check_interval": 3, "checkpoint.every_n_steps": 6,
         "data.cache_dir": str(root / "cache"), "tracking.uri": uri, "tracking.experiment": "site",
-        "registry.path": str(registry), "eval.every_n_steps": 3, "eval.tasks": ["heldout"], "eval.limit": 2})
+        "registry.path": str(registry), "registry.exclude": [3], "eval.every_n_steps": 3, "eval.tasks": ["heldout"], "eval.limit": 2})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setattr(sys, "argv", ["cpm-lightning"])
@@ -89,7 +90,9 @@ def store(tmp_path_factory, mlflow_server):
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("site").experiment_id])
         run_id = run.info.run_id
-        ledger = [{"time": "2026-11-20T10:00:00Z", "step": 0, "kind": "applied", "proposals": [1],
+        ledger = [{"time": "2026-11-20T09:59:00Z", "step": 0, "kind": "start", "proposals": [1], "changes": {},
+                   "reason": "a new run", "exclude": [3]},
+                  {"time": "2026-11-20T10:00:00Z", "step": 0, "kind": "applied", "proposals": [1],
                    "changes": {"model.optim.lr": {"old": 0.001, "new": 0.002}}, "reason": "accepted in the registry"},
                   {"time": "2026-11-20T11:00:00Z", "step": 3, "kind": "crash", "proposals": [], "changes": {},
                    "reason": "the segment died (exit 1)", "exit": 1, "error": "RuntimeError: boom"}]
@@ -133,6 +136,7 @@ def test_the_pages_show_the_run(site, store):
     assert 'Latest release: <a href="releases.html#v-site-lm-1">models:/site-lm/1</a> (step 6)' in index
     in_effect, pending = index.split("<h2>Proposals in effect</h2>")[1].split("<h2>Pending proposals</h2>")
     assert "0001" in in_effect and "0002" not in in_effect and "0002" in pending and "discussion" in pending
+    assert "Proposal 3</a>: accepted; this run leaves it out (registry.exclude)" in pending
 
     metrics = text(site, "metrics.html")
     for title in ("Training loss", "Validation loss", "Bits per byte (held-out)", "Held-out loss", "Throughput",

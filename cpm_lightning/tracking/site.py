@@ -347,6 +347,8 @@ def _overview(site: Site) -> str:
     step = _last(site.runs[0], "train/loss")
     step = step[0] if step else 0
     effect = [_proposal_name(p) for p in site.proposals if p.label in in_effect]
+    starts = [rec for r, rec in site.ledger if r is site.runs[0] and rec["kind"] == "start"]
+    excluded = set(starts[-1].get("exclude") or []) if starts else set()  # the latest `live` start's registry.exclude
     pending = []
     for p in site.proposals:
         if p.status in ("draft", "discussion"):
@@ -354,6 +356,7 @@ def _overview(site: Site) -> str:
         elif p.status == "accepted" and p.label not in in_effect:
             refused = [rec for _, rec in _events(site, p.id) if rec["kind"] in ("deferred", "suspended", "rejected")]
             why = (f"{refused[-1]['kind']} at step {refused[-1]['step']}: {refused[-1].get('reason', '')}" if refused
+                   else "accepted; this run leaves it out (registry.exclude)" if p.id in excluded
                    else f"accepted, effective from step {p.effective_from_step}" if p.effective_from_step > step
                    else "accepted, not applied yet")
             pending.append(f"{_proposal_name(p)}: {esc(why)}")
