@@ -16,6 +16,7 @@ import pytest
 from conftest import write_corpus
 from live_support import TIMEOUT_S, extra_source, git_registry, history, live_config, one, probe, proposal, records
 
+from cpm_lightning.checkpoint import read_meta
 from cpm_lightning.cli import main
 
 
@@ -57,6 +58,10 @@ def test_two_processes_apply_a_data_proposal_at_its_step(fleet):
     assert applied["step"] == 4 and applied["reason"] == "0009 effective from step 4"
     numbers = {m.step: m.value for m in history(fleet, "data/samples/numbers")}
     assert min(numbers) == 4 and numbers[4] > 0
+    # Each checkpoint names the proposals in effect when it was written (a release card lists them).
+    proposals = {step: read_meta(fleet / "run" / "checkpoints" / f"step-{step:08d}.ckpt")["cpm"]["proposals"]
+                 for step in (4, 8)}
+    assert proposals == {4: "0001", 8: "0001,0009"}
 
 
 def test_live_again_after_the_supervisor_was_killed_continues_the_run_and_the_ledger(fleet):
