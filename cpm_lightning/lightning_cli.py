@@ -32,8 +32,8 @@ from cpm_lightning.registry.apply import RegistryConfig, apply_registry
 from cpm_lightning.registry.keys import OPERATOR_KEYS, ConfigSchema
 from cpm_lightning.run_config import GROUPS, VERBS, kept_tokenizer
 from cpm_lightning.sharding import FSDP2Strategy
-from cpm_lightning.tracking.config import TrackingConfig
-from cpm_lightning.tracking.logger import CPMLogger, TrackRun, check_reachable
+from cpm_lightning.tracking.config import TrackingConfig, check_reachable
+from cpm_lightning.tracking.logger import CPMLogger, TrackRun
 
 
 class CPMCLI(LightningCLI):

@@ -301,7 +301,7 @@ class Comparison:
 def proposals_trial(args) -> None:
     trial = plan(args)
     uri = trial.tracking.resolved_uri
-    from cpm_lightning.tracking.logger import check_reachable
+    from cpm_lightning.tracking.config import check_reachable
 
     check_reachable(uri)  # one line before anything trains
     if trial.note:
@@ -487,7 +487,7 @@ def proposals_show(args) -> None:
         return
     from mlflow import MlflowClient
 
-    from cpm_lightning.tracking.logger import check_reachable
+    from cpm_lightning.tracking.config import check_reachable
     from cpm_lightning.tracking.trials import trial_runs, trial_table
 
     label = f"{args.id:04d}"

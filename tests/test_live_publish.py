@@ -101,9 +101,9 @@ def test_a_command_that_fails_is_one_line_and_is_tried_again_later(tmp_path, cor
     settings.root.joinpath("live").mkdir(parents=True)
     real = publish.utc_now
     monkeypatch.setattr(publish, "utc_now", lambda: real() + dt.timedelta(days=1))  # a day has ended
-    p.tick(logged=True)
+    p.tick(logged=True, step=0)
     p.proc.wait()
-    p.tick(logged=True)
+    p.tick(logged=True, step=0)
     err = capsys.readouterr().err.strip().splitlines()
     today = dt.datetime.now(dt.timezone.utc).date()
     assert err == [f"live: publishing the daily log of {today} failed: tracking server http://127.0.0.1:9 is "

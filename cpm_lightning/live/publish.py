@@ -90,10 +90,11 @@ class Publisher:
         self.started = 0.0  # time.monotonic() when the running command started
 
     # -- the schedule -------------------------------------------------------------------------------
-    def _due(self, final: bool = False) -> Job | None:
+    def _due(self, step: int, final: bool = False) -> Job | None:
         """The next command to run, or None. Releases first: they hold pinned checkpoints."""
         ready = lambda kind: time.monotonic() >= self.retry_at.get(kind, 0.0)  # noqa: E731
-        pinned = sorted(self.dir.glob("step-*.ckpt"), key=step_of)
+        # Once the run is past a checkpoint's step, its validation there has run: the card has it.
+        pinned = sorted((p for p in self.dir.glob("step-*.ckpt") if final or step_of(p) < step), key=step_of)
         if pinned and ready("release"):
             return self._release(pinned[0])
         today = utc_now().date()
@@ -163,16 +164,17 @@ class Publisher:
         write_json(self.state_file, self.state)
 
     # -- running them -------------------------------------------------------------------------------
-    def tick(self, logged: bool) -> None:
+    def tick(self, logged: bool, step: int) -> None:
         """Called by the supervisor every second or so: pin new release checkpoints, see to the
         running command, start the next command that is due once the run is in MLflow (`logged`:
-        until its first segment has made its run, the experiment may not exist)."""
+        until its first segment has made its run, the experiment may not exist). `step`: the
+        optimizer steps the run has done."""
         self._pin()  # while a command runs too: checkpoint.keep_last may remove the checkpoint soon
         if self.proc is not None:
             if self.proc.poll() is None:
                 return
             self._ended()
-        job = self._due() if logged else None
+        job = self._due(step) if logged else None
         if job is not None:
             self._launch(job)
 
@@ -194,7 +196,7 @@ class Publisher:
             self.proc.wait()
             self._ended()
         self._pin()
-        while (job := self._due(final=True)) is not None:
+        while (job := self._due(0, final=True)) is not None:
             self._launch(job)
             self.proc.wait()
             self._ended()

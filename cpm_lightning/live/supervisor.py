@@ -346,7 +346,7 @@ class Supervisor:
                 poll = _Poll(self.registry_dir, self.reading, self.files.registry, self.schema, self.s.registry)
                 next_poll = time.monotonic() + self.s.live.poll_seconds
             if self.publisher is not None:
-                self.publisher.tick(logged=self.run_id is not None)
+                self.publisher.tick(logged=self.run_id is not None, step=status.step if status else step)
             self._beat()
             time.sleep(tick)
 

@@ -76,7 +76,7 @@ def add_commands(sub) -> None:
 def _use_tracking_uri(args) -> str:
     import mlflow
 
-    from cpm_lightning.tracking.logger import check_reachable
+    from cpm_lightning.tracking.config import check_reachable
 
     uri = TrackingConfig(uri=args.tracking_uri).resolved_uri
     check_reachable(uri)

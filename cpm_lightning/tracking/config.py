@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from cpm_lightning.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 START_STEP = "cpm/start_step"
@@ -46,3 +49,19 @@ def without_credentials(uri: str) -> str:
     if parts.password is None and parts.username is None:
         return uri
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def check_reachable(uri: str) -> None:
+    """A UserError unless the tracking store at `uri` can be used; quick, no retries."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        except requests.RequestException as e:
+            raise UserError(f"tracking server {without_credentials(uri)} is unreachable ({type(e).__name__}); start it or point "
+                            "tracking.uri / $MLFLOW_TRACKING_URI at a running one") from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri.removeprefix("sqlite:///")).parent
+        if not parent.is_dir():
+            raise UserError(f"tracking.uri {uri}: directory {parent} does not exist")

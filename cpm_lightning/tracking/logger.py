@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 
 from cpm_lightning.checkpoint import RUN_ID_KEY
 from cpm_lightning.errors import UserError
-from cpm_lightning.tracking.config import START_STEP, without_credentials
+from cpm_lightning.tracking.config import START_STEP
 
 PARAM_CHARS = 500  # the longest param value every MLflow server since 1.28 accepts
 # MLflow's per-request limits of log_batch.
@@ -42,22 +42,6 @@ INTERVAL_ENV = "CPM_LIGHTNING_MLFLOW_INTERVAL"
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def check_reachable(uri: str) -> None:
-    """A UserError unless the tracking store at `uri` can be used; quick, no retries."""
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
-        except requests.RequestException as e:
-            raise UserError(f"tracking server {without_credentials(uri)} is unreachable ({type(e).__name__}); start it or point "
-                            "tracking.uri / $MLFLOW_TRACKING_URI at a running one") from None
-    elif uri.startswith("sqlite:///"):
-        parent = Path(uri.removeprefix("sqlite:///")).parent
-        if not parent.is_dir():
-            raise UserError(f"tracking.uri {uri}: directory {parent} does not exist")
 
 
 def send_interval() -> float:
