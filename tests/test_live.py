@@ -116,11 +116,11 @@ def test_the_ledger_tells_the_story(journey):
 
 def test_a_spike_rolls_back_and_skips_the_data_window(journey):
     spike = [r for r in records(journey) if r["kind"] == "rollback"][0]
-    assert spike["step"] == 9 and spike["resume_step"] == 8
+    assert spike["step"] == 10 and spike["resume_step"] == 8
     assert spike["skipped_samples"] == [8 * 4, 10 * 4]  # the global batches of steps 8 and 9
     d = spike["divergence"]
     assert d["loss"] > d["window_mean"] + 6 * d["window_std"]
-    # Record's "step" is the global step after the update: the update of step 8 is its step 9.
+    # The spiked weights of step 9 computed the loss of step 10: back to the checkpoint before them.
     trained = [json.loads(line) for line in (journey / "steps.jsonl").read_text().splitlines()]
     before, after = [r["samples"] for r in trained if r["step"] == 9][:2]
     assert before != after
@@ -142,7 +142,7 @@ def test_a_diverging_proposal_is_suspended_and_the_run_finishes(journey):
     assert without and without[0]["step"] == 14 and "suspended" in without[0]["reason"]
     assert (journey / "registry" / "0002-proposal-2.yaml").exists()  # the registry is the community's
     loss = history(journey, "train/loss")
-    assert loss[-1].step == 23 and math.isfinite(loss[-1].value)
+    assert loss[-1].step == 24 and math.isfinite(loss[-1].value)
 
 
 def test_the_optimizer_used_what_each_segment_resolved(journey):
@@ -166,13 +166,13 @@ def test_one_mlflow_run_without_a_step_twice_and_the_mixture_change_at_its_step(
     # Crash, rollbacks and restarts: each step once. The metrics the SIGKILLed segment had not sent
     # yet (its sender sends every 5 s) are lost without a write-ahead journal of the sender.
     steps = [m.step for m in history(journey, "train/loss")]
-    assert len(steps) == len(set(steps)) and set(range(4, 24)) <= set(steps) <= set(range(24))
+    assert len(steps) == len(set(steps)) and set(range(5, 25)) <= set(steps) <= set(range(1, 25))
     skipped = {m.step: m.value for m in history(journey, "train/skipped_steps")}
-    assert skipped[6] == 0 and skipped[7] == 1 and skipped[23] == 1
+    assert skipped[7] == 0 and skipped[8] == 1 and skipped[24] == 1
     numbers = {m.step: m.value for m in history(journey, "data/samples/numbers")}
     english = {m.step: m.value for m in history(journey, "data/samples/en")}
-    assert min(numbers) == 18 and numbers[18] > 0 and numbers[23] > numbers[18]
-    assert 17 in english and english[23] > english[17]
+    assert min(numbers) == 19 and numbers[19] > 0 and numbers[24] > numbers[19]
+    assert 18 in english and english[24] > english[18]
     client = MlflowClient(f"sqlite:///{journey}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("live").experiment_id])
     copy = Path(client.download_artifacts(run.info.run_id, "changes.jsonl", str(journey)))

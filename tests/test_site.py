@@ -132,7 +132,7 @@ def test_the_pages_show_the_run(site, store):
     assert all(f"<th>{h}</th>" in index for h in ("step", "tokens", "last loss", "tokens/s", "last update"))
     row = re.search(r"<tr><td>[^<]*\(([0-9a-f]{8})\)</td><td>FINISHED</td><td>(\d+)</td><td>([\d,]+)</td>"
                     r"<td>([\d.]+)</td><td>([\d,]+)</td><td>(\d{4}-\d\d-\d\d \d\d:\d\d UTC)</td></tr>", index)
-    assert row and row[1] == store["run_id"][:8] and row[2] == "5", index  # step s is the (s+1)-th optimizer step
+    assert row and row[1] == store["run_id"][:8] and row[2] == "6", index
     assert 'Latest release: <a href="releases.html#v-site-lm-1">models:/site-lm/1</a> (step 6)' in index
     in_effect, pending = index.split("<h2>Proposals in effect</h2>")[1].split("<h2>Pending proposals</h2>")
     assert "0001" in in_effect and "0002" not in in_effect and "0002" in pending and "discussion" in pending
@@ -250,7 +250,7 @@ def test_every_page_loads_in_chromium(served, site, tmp_path):
                 points = page.eval_on_selector_all("svg.chart polyline", "els => els.map(e => e.getAttribute('points'))")
                 assert len(points) >= 12 and all(p.strip() for p in points), points
                 loss = page.eval_on_selector_all("svg.chart polyline", "els => els[0].getAttribute('points')")
-                assert len(loss.split()) == 6  # train/loss at steps 0..5
+                assert len(loss.split()) == 6  # train/loss at steps 1..6
         browser.close()
     assert not problems, problems
     assert {urlsplit(u).path for u in seen} >= {"/index.html", "/metrics.html", "/logs.html", "/proposals.html",

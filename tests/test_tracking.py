@@ -145,13 +145,13 @@ def live(tmp_path_factory, mlflow_server) -> Live:
 
 
 def test_metrics_are_readable_while_fit_runs(live):
-    assert live.readable_while_running and live.readable_while_running[0] == 0
+    assert live.readable_while_running and live.readable_while_running[0] == 1
 
 
 def test_server_outage_loses_no_metric_step_and_no_checkpoint(live, mlflow_server):
     client = MlflowClient(mlflow_server.uri)
     logged = steps(client, live.run_id)
-    assert logged == list(range(max(logged) + 1))  # every step, none twice
+    assert logged == list(range(1, max(logged) + 1))  # every step, none twice
     assert max(logged) > live.outage_checkpoint
     assert live.outage_checkpoint in checkpoints(live.root)
     assert "tracking store unreachable" in live.log and "the tracking store is back" in live.log
@@ -184,9 +184,9 @@ def test_resumed_job_continues_the_same_run(live, resumed, mlflow_server):
     assert [r.info.run_id for r in runs] == [live.run_id]
     starts = sorted(client.get_metric_history(live.run_id, START_STEP), key=lambda m: m.timestamp)
     assert [m.value for m in starts] == [0, start]
-    logged = steps(client, live.run_id)  # step s is the (s+1)-th optimizer step
-    assert sorted(set(logged)) == list(range(last + 3))
-    assert len(logged) - len(set(logged)) == last - start + 1  # steps start..last were trained again
+    logged = steps(client, live.run_id)  # the metrics of a step are logged at the optimizer steps done
+    assert sorted(set(logged)) == list(range(1, last + 4))
+    assert len(logged) - len(set(logged)) == last - start  # steps start+1..last were trained again
     assert runs[0].info.status == "FINISHED"
 
 
@@ -262,7 +262,7 @@ def test_daily_report_of_a_day_with_a_restart(released, resumed, live, mlflow_se
     tokens = torch.load(final, map_location="cpu", weights_only=False)["cpm"]["tokens_seen"]
     assert f"- tokens seen in total: {tokens:,}" in text
     assert f"- restarts: 1 (resumed at steps {start})" in text
-    assert f"- steps trained again after a restart (counted once): {last - start + 1}" in text
+    assert f"- steps trained again after a restart (counted once): {last - start}" in text
     assert "- skipped or NaN steps: 0" in text
     assert "- releases: models:/live-lm/1" in text
     for field in ("loss at the start of the day", "loss at the end of the day", "average grad norm", "progress",
@@ -800,15 +800,15 @@ def test_after_a_sigkill_every_logged_step_reaches_mlflow_once(mlflow_server, tm
     at_kill, in_journal = steps(client, run_id()), journaled()
     assert in_journal, "the kill found no step unsent"
     last, resumed_from = max(in_journal), max(checkpoints(tmp_path))
-    assert sorted(at_kill + in_journal) == list(range(last + 1))  # every step since 0, logged once
+    assert sorted(at_kill + in_journal) == list(range(1, last + 1))  # every step, logged once
 
     main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", str(last + 3)])
     assert "left unsent by the last start" in capsys.readouterr().err
     starts = sorted(client.get_metric_history(run_id(), START_STEP), key=lambda m: m.timestamp)
     assert [m.value for m in starts] == [0, resumed_from]
     history = client.get_metric_history(run_id(), "train/loss")
-    assert sorted(m.step for m in history if m.timestamp < starts[1].timestamp) == list(range(last + 1))
-    assert sorted(m.step for m in history if m.timestamp >= starts[1].timestamp) == list(range(resumed_from, last + 3))
+    assert sorted(m.step for m in history if m.timestamp < starts[1].timestamp) == list(range(1, last + 1))
+    assert sorted(m.step for m in history if m.timestamp >= starts[1].timestamp) == list(range(resumed_from + 1, last + 4))
     assert not journal.exists()
 
 
@@ -822,7 +822,7 @@ def test_fit_logs_to_the_default_sqlite_store(tiny_config, tmp_path):
     main(["fit", "--config", str(tiny_config), "--registry.path", "null"])
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("cpm-lightning").experiment_id])
-    assert steps(client, run.info.run_id) == list(range(6))
+    assert steps(client, run.info.run_id) == list(range(1, 7))
     assert run.info.status == "FINISHED" and run.data.tags["cpm.preset"] == "tiny"
     # Named by its start (MLflow's own name comes from `random`, which the seed fixes: every run alike).
     assert re.fullmatch(r"cpm-lightning-\d{8}-\d{6}", run.info.run_name)

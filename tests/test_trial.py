@@ -149,11 +149,11 @@ def test_a_trial_has_one_run_with_an_arm_run_per_arm_and_seed(bench, first):
         assert run.info.status == "FINISHED"
         # Each arm resolved the registry by itself: the proposal is in the proposal arms only.
         assert run.data.tags["cpm.proposals"] == ("0001,0003,0002" if role == "proposal" else "0001,0003")
-        assert max(step for step, _ in bench.losses(run)) == STEPS - 1  # steps 1..STEPS, logged from 0
+        assert max(step for step, _ in bench.losses(run)) == STEPS
     results = json.loads(Path(bench.client.download_artifacts(first, RESULTS, str(bench.root))).read_text())
     val = {(a["role"], a["seed"]): a["val_loss"] for a in results["arms"]}
     for key, run in arms.items():  # the loss of the validation after the last step
-        (final,) = [m for m in bench.client.get_metric_history(run.info.run_id, "val/loss") if m.step == STEPS - 1]
+        (final,) = [m for m in bench.client.get_metric_history(run.info.run_id, "val/loss") if m.step == STEPS]
         assert val[key] == pytest.approx(final.value) == run.data.metrics["trial/val_loss"]
     differences = [val["proposal", s] - val["baseline", s] for s in range(SEEDS)]
     mean = sum(differences) / SEEDS
@@ -218,15 +218,15 @@ def test_a_trial_from_a_checkpoint_starts_both_arms_from_its_weights_and_data(be
     run, checkpoint = original
     trial = bench.trial("2", "--steps", "2", "--seeds", "1", "--from", str(checkpoint))
     arms = bench.arms(trial)
-    first_step = dict(bench.losses(run))[2]  # step 3 of the original run (logged as 2)
+    first_step = dict(bench.losses(run))[3]
     for role in ("baseline", "proposal"):
         losses = dict(bench.losses(arms[role, 0]))
-        assert sorted(losses) == [2, 3]
+        assert sorted(losses) == [3, 4]
         # Step 3 is computed before any update of the arm: the checkpoint's weights on its next batch.
-        assert losses[2] == first_step, role
+        assert losses[3] == first_step, role
         assert [m.value for m in bench.client.get_metric_history(arms[role, 0].info.run_id, START_STEP)] == [2]
     # Then the proposal's learning rate changes the update.
-    assert dict(bench.losses(arms["proposal", 0]))[3] != dict(bench.losses(arms["baseline", 0]))[3]
+    assert dict(bench.losses(arms["proposal", 0]))[4] != dict(bench.losses(arms["baseline", 0]))[4]
     assert bench.client.get_run(trial).data.params["from"] == str(checkpoint)
 
 

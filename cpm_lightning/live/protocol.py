@@ -69,7 +69,7 @@ class Status:
     diverged (stopped without saving), stopped (a signal), orphaned (the supervisor is gone)."""
     start_step: int = 0
     step: int = 0
-    """Optimizer steps done; the metrics of steps up to step - 1 are logged."""
+    """Optimizer steps done; the metrics of steps up to it are logged."""
     loss: float | None = None
     """The last step's loss (the mean over ranks)."""
     tokens: int = 0

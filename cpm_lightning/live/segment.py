@@ -152,7 +152,7 @@ class LiveSegment(L.Callback):
         if spike or self.nonfinite >= self.config.max_nonfinite:
             self.status.state = "diverged"
             self.status.divergence = {
-                "step": step - 1,  # the step whose metrics show it (the update of index step - 1)
+                "step": step,
                 "loss": loss, "window_mean": mean, "window_std": std, "nonfinite_in_a_row": self.nonfinite,
                 "end_index": _sample_index(trainer)}
             return True

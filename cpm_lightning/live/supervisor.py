@@ -86,7 +86,7 @@ class Supervisor:
         last = read_json(self.files.status, Status)
         self.segment = last.segment if last else 0  # numbers go on: a status names its segment
         self.step = last.step if last else 0  # where the run is, as far as a status said
-        self.logged_through = last.step - 1 if last else -1
+        self.logged_through = last.step if last else -1
         self.run_id = last.run_id if last else None
         self.resolved = last.resolved if last else {}  # the last segment's values of the proposal keys
         self.uploader = Uploader(self.files.ledger, settings.tracking_uri) if settings.tracking_uri else None
@@ -144,7 +144,7 @@ class Supervisor:
             fd = lock(self.files.segment_lock, wait=True)
             last = read_json(self.files.status, Status)
             if last:
-                self.step, self.logged_through, self.run_id = last.step, last.step - 1, last.run_id
+                self.step, self.logged_through, self.run_id = last.step, last.step, last.run_id
                 self.resolved = last.resolved
         os.close(fd)
         self.control = Control()
@@ -295,7 +295,7 @@ class Supervisor:
         rc, self.proc = self.proc.returncode, None
         started = status is not None
         if started:
-            self.step, self.logged_through = status.step, max(self.logged_through, status.step - 1)
+            self.step, self.logged_through = status.step, max(self.logged_through, status.step)
             self.last_loss = status.loss if status.state != "diverged" else None
         error = _error(list(errors))
         if self.signal is not None:
@@ -423,10 +423,11 @@ class Supervisor:
                         f"{step_of(target)}", proposals=[pid], resume_step=step_of(target), evidence=evidence,
                         removed=[p.name for p in removed])
             return
-        # Back to before the first bad step: the weights that gave it may be the trouble.
+        # Back to before the weights that computed the first bad step (those of the step before
+        # it): they may be the trouble.
         nonfinite = d["nonfinite_in_a_row"] >= self.s.live.max_nonfinite
         first_bad = k - d["nonfinite_in_a_row"] + 1 if nonfinite else k
-        target = self._checkpoint_at_or_before(first_bad - 1, d)
+        target = self._checkpoint_at_or_before(first_bad - 2, d)
         self._resume_check(step_of(target), d)
         start = status.checkpoints.get(str(step_of(target)), status.checkpoints[str(status.start_step)])
         removed = roll_back(self.files.checkpoints, target)

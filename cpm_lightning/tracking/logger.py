@@ -256,6 +256,7 @@ class CPMLogger(MLFlowLogger):
         self._fallback_dir, self._flush_timeout = fallback_dir, flush_timeout
         self._interval = send_interval()
         self._logged_through = logged_through
+        self.trainer = None  # set by TrackRun: the step every metric is recorded at
         self.resumed = run_id is not None
         self._sender: Sender | None = None
         self._monitor = None
@@ -285,8 +286,12 @@ class CPMLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics, step: int | None = None) -> None:
+        """Records the metrics at the trainer's global step: the optimizer steps done, the step of
+        the checkpoint, release and evaluation made then. Lightning passes its own count, one less
+        after each step: the loss of step 80 and the validation after it would show at 79."""
         _ = self.experiment
-        timestamp, step = int(time.time() * 1000), step or 0
+        timestamp = int(time.time() * 1000)
+        step = self.trainer.global_step if self.trainer is not None else step or 0
         self._sender.put([Metric(k, float(v), timestamp, step) for k, v in metrics.items()
                           if step > self._logged_through or k == START_STEP])
 
@@ -338,12 +343,15 @@ class TrackRun(L.Callback):
         self.run_id: str | None = None
         self._tagged_batch = False
 
+    def setup(self, trainer, pl_module, stage):
+        self.logger.trainer = trainer
+
     def on_train_start(self, trainer, pl_module):
         self.run_id = trainer.strategy.broadcast(self.logger.run_id if trainer.is_global_zero else None, src=0)
         arch = getattr(pl_module, "arch", None)
         self.logger.set_tags({**_git_commit(), "cpm.world_size": trainer.world_size,
                               **({"cpm.preset": arch.preset} if arch is not None else {})})
-        self.logger.log_metrics({START_STEP: trainer.global_step}, step=trainer.global_step)
+        self.logger.log_metrics({START_STEP: trainer.global_step})
         self._tagged_batch = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
