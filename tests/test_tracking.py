@@ -261,7 +261,7 @@ def test_daily_report_of_a_day_with_a_restart(released, resumed, live, mlflow_se
     start, last, final = resumed
     tokens = torch.load(final, map_location="cpu", weights_only=False)["cpm"]["tokens_seen"]
     assert f"- tokens seen in total: {tokens:,}" in text
-    assert f"- restarts: 1 (resumed at steps {start})" in text
+    assert f"- restarts: 1 (resumed at step {start})" in text
     assert f"- steps trained again after a restart (counted once): {last - start}" in text
     assert "- skipped or NaN steps: 0" in text
     assert "- releases: models:/live-lm/1" in text

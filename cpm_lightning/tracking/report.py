@@ -100,7 +100,8 @@ def section(client: MlflowClient, run, day: RunPeriod, start_ms: int, end_ms: in
               else "- progress: no planned token count (trainer.max_steps unset)",
               f"- throughput: {sum(speed) / len(speed):,.0f} tokens/s on average" if speed else "- throughput: not logged"]
     restarts = [s for _, s in day.starts if s > 0]
-    lines += [f"- restarts: {len(restarts)}" + (f" (resumed at steps {', '.join(str(int(s)) for s in restarts)})" if restarts else "")]
+    at = ", ".join(str(int(s)) for s in restarts)
+    lines += [f"- restarts: {len(restarts)}" + (f" (resumed at step{'s' * (len(restarts) > 1)} {at})" if restarts else "")]
     if day.replayed:
         lines += [f"- steps trained again after a restart (counted once): {day.replayed}"]
     lines += [f"- skipped or NaN steps: {len(bad)}" + (f" (steps {', '.join(map(str, bad[:20]))})" if bad else "")]
