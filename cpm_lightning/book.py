@@ -2,10 +2,11 @@
 book"): `prompts.yaml` and `apps.yaml` at the registry root, beside the proposals, read strictly
 into typed entries.
 
-Each file is a YAML mapping with one key holding a list (`prompts:` or `apps:`); every entry has
-exactly the fields of `Prompt` or `App`, typed, with unique ids (names, for apps). A problem is
-one line naming the file and line, the entry (index and id) and the field. Imports only yaml and
-the standard library: callbacks, releases, the registry's check and the site all read it.
+Each file is plain YAML, read as strictly as a proposal (strict_yaml: no aliases, duplicate keys
+or tags): a mapping with one key holding a list (`prompts:` or `apps:`); every entry has exactly
+the fields of `Prompt` or `App`, typed, with unique ids (names, for apps). A problem is one line
+naming the file and line, the entry (index and id) and the field. Imports only yaml, strict_yaml
+and the standard library: callbacks, releases, the registry's check and the site all read it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from cpm_lightning.errors import UserError, closest
+from cpm_lightning.strict_yaml import StrictLoader, walk
 
 PROMPTS_FILE = "prompts.yaml"
 APPS_FILE = "apps.yaml"
@@ -126,10 +128,12 @@ def parse_book(raw: bytes, path: str, kind: type) -> tuple[list, list[str]]:
     except UnicodeDecodeError as e:
         # Read with the bad bytes replaced, to tell which entry and field hold them.
         text, bad = raw.decode("utf-8", errors="replace"), e
-    loader = yaml.SafeLoader(text)
+    loader, refused = StrictLoader(text), []
     try:
         node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
+        if node is not None:
+            walk(node, "", {}, set(), refused)
+        data = loader.construct_document(node) if node is not None and not refused else None
     except yaml.MarkedYAMLError as e:
         if bad is not None:
             return [], [_not_utf8(path, raw, bad, None, kind)]
@@ -137,10 +141,15 @@ def parse_book(raw: bytes, path: str, kind: type) -> tuple[list, list[str]]:
         return [], [f"{path}:{mark.line + 1}: yaml: {' '.join(filter(None, (e.context, e.problem)))}"]
     except yaml.YAMLError as e:
         return [], [f"{path}: yaml: {' '.join(str(e).split())}"]
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        return [], [f"{path}: yaml: nested too deeply for {kind.__name__.lower()} entries"]
     finally:
         loader.dispose()
     if bad is not None:
         return [], [_not_utf8(path, raw, bad, node, kind)]
+    if refused:
+        line, name, message = refused[0]
+        return [], [f"{path}:{line}: {name}: {message}"]
     key = _BOOKS[kind][1]
     expected = f"expected a mapping with one key, `{key}:`, holding a list"
     if not isinstance(data, dict):
@@ -184,9 +193,6 @@ def _entry(item, node, at: str, kind: type):
     if not isinstance(item, dict):
         return None, [f"{label.format(line=line())}: expected a mapping of {', '.join(names)}, got {type(item).__name__}"]
     problems = []
-    keys = [k.value for k, _ in node.value]
-    for name in sorted({k for k in keys if keys.count(k) > 1}):
-        problems.append(f"{label.format(line=line(name))}: {name}: given twice; expected each field once")
     for name in item:
         if name not in names:
             problems.append(f"{label.format(line=line(name))}: {name}: unknown field{closest(str(name), names)}; "

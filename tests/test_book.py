@@ -91,6 +91,16 @@ BAD = {  # case -> (file, its text, the one line load_* fails with, after the fi
                     "got 'runs:/0123/model'"),
     "no authors": (APPS_FILE, "apps:\n  - {name: x, authors: [], link: 'https://x.org', release: 'models:/d/1'}\n",
                    ":2: apps[0] (name x): authors: expected a non-empty list of names, got []"),
+    # A hostile book is refused as a proposal would be, before it is built into Python objects.
+    "alias bomb": (PROMPTS_FILE, "prompts:\n  - id: a\n    author: &a0 [x, x, x, x, x, x, x, x, x, x]\n    text: *a0\n"
+                                 + "".join(f"    f{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+                                 + "    max_tokens: *a8\n",
+                   ":4: prompts.0.text: YAML aliases (*name) are not allowed"),
+    "duplicate field": (PROMPTS_FILE, "prompts:\n  - id: a\n    author: b\n    text: c\n    text: d\n    max_tokens: 1\n",
+                        ":5: prompts.0.text: duplicate key"),
+    "nested too deeply": (PROMPTS_FILE, "prompts: " + "[" * 1200, ": yaml: nested too deeply for prompt entries"),
+    "overlong integer": (PROMPTS_FILE, "prompts:\n  - {id: a, author: b, text: c, max_tokens: " + "9" * 5000 + "}\n",
+                         ":2: yaml: an integer of 5000 characters"),
 }
 
 

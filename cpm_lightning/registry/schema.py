@@ -22,6 +22,7 @@ import yaml
 
 from cpm_lightning.errors import UserError, closest
 from cpm_lightning.registry.typecheck import mismatch, python_name, strings
+from cpm_lightning.strict_yaml import StrictLoader, walk
 
 MAX_BYTES = 1 << 20
 FILE_NAME = re.compile(r"^(\d{4})-[a-z0-9]+(?:-[a-z0-9]+)*\.yaml$")
@@ -126,54 +127,6 @@ FIELDS = {f.name: f for f in dataclasses.fields(Proposal) if f.init}
 _HINTS = typing.get_type_hints(Proposal)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose impossible dates and overlong integers are marked errors instead of
-    ValueErrors."""
-
-    def construct_yaml_timestamp(self, node):
-        try:
-            return super().construct_yaml_timestamp(node)
-        except ValueError as e:
-            raise yaml.constructor.ConstructorError(None, None, f"impossible date {node.value!r} ({e})",
-                                                    node.start_mark) from None
-
-    def construct_yaml_int(self, node):
-        try:
-            return super().construct_yaml_int(node)
-        except ValueError:  # Python converts at most 4300 digits
-            raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value)} characters",
-                                                    node.start_mark) from None
-
-
-_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-
-
-def _walk(node, name: str, lines: dict[str, int], seen: set[int], problems: list[tuple[int, str, str]]):
-    """Record the line of every mapping key under `name`; refuse aliases and duplicate keys."""
-    if id(node) in seen:  # the composer hands out the anchored node again for each alias
-        line = lines.get(name, node.start_mark.line + 1)  # the node's own mark is the anchor's
-        problems.append((line, name or "yaml", "YAML aliases (*name) are not allowed"))
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        keys = set()
-        for key, value in node.value:
-            if not isinstance(key, yaml.ScalarNode):
-                problems.append((key.start_mark.line + 1, name or "yaml", "mapping keys must be plain strings"))
-                continue
-            child = f"{name}.{key.value}" if name else key.value
-            if key.value in keys:
-                problems.append((key.start_mark.line + 1, child, "duplicate key"))
-            keys.add(key.value)
-            lines.setdefault(child, key.start_mark.line + 1)
-            _walk(value, child, lines, seen, problems)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines.setdefault(f"{name}.{i}", item.start_mark.line + 1)
-            _walk(item, f"{name}.{i}", lines, seen, problems)
-
-
 def read_yaml(path: Path) -> tuple[Any, bytes, dict[str, int], list[Problem]]:
     """(data, raw bytes, line of each key, problems) of one proposal file."""
     fail = lambda line, name, msg: (None, b"", {}, [Problem(str(path), line, name, msg)])  # noqa: E731
@@ -200,14 +153,14 @@ def parse_yaml(text: str, path: str, what: str) -> tuple[Any, dict[str, int], li
     """(data, line of each key, problems) of YAML `text` from `path`, read as this module's
     docstring says; data is None when the text holds nothing. `what` (a proposal, a run config)
     is named in the messages. Also used for run config files (read_run_config)."""
-    loader = _Loader(text)
+    loader = StrictLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None, {}, []
         lines: dict[str, int] = {}
         walk_problems: list[tuple[int, str, str]] = []
-        _walk(node, "", lines, set(), walk_problems)
+        walk(node, "", lines, set(), walk_problems)
         if walk_problems:
             return None, lines, [Problem(path, *p) for p in walk_problems]
         return loader.construct_document(node), lines, []
