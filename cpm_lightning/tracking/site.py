@@ -20,6 +20,7 @@ import bisect
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import json
 import os
 import re
@@ -90,11 +91,15 @@ class RunData:
     def label(self) -> str:
         return f"{self.run.info.run_name} ({self.run.info.run_id[:8]})"
 
+    @functools.cached_property
+    def _token_steps(self) -> list[int]:
+        """The steps of train/tokens_seen, once: the metrics page looks up every point of every chart."""
+        return [s for s, _, _ in self.series.get("train/tokens_seen", [])]
+
     def tokens_at(self, step: int) -> float | None:
         """Tokens seen at the last logged step at or before `step`."""
-        tokens = self.series.get("train/tokens_seen", [])
-        i = bisect.bisect_right([s for s, _, _ in tokens], step)
-        return tokens[i - 1][2] if i else None
+        i = bisect.bisect_right(self._token_steps, step)
+        return self.series["train/tokens_seen"][i - 1][2] if i else None
 
 
 @dataclass
@@ -309,6 +314,11 @@ def _table(head: list[str], rows: list[list[str]], empty: str) -> str:
             + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
 
 
+def _list(items: list[str], empty: str) -> str:
+    """A list of already-escaped items, or the `empty` note."""
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else f'<p class="empty">{esc(empty)}</p>'
+
+
 def _utc(ms: float) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -360,14 +370,13 @@ def _overview(site: Site) -> str:
                    else f"accepted, effective from step {p.effective_from_step}" if p.effective_from_step > step
                    else "accepted, not applied yet")
             pending.append(f"{_proposal_name(p)}: {esc(why)}")
-    li = lambda items, none: "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else f'<p class="empty">{none}</p>'  # noqa: E731
     latest = (f'<p>Latest release: <a href="releases.html#{esc(site.releases[0].anchor)}">{esc(site.releases[0].uri)}</a> '
               f"(step {esc(site.releases[0].tags.get('step', '?'))}).</p>" if site.releases else "")
     loss = line_chart([(r.label, [(s, v) for s, _, v in r.series.get("train/loss", [])]) for r in site.runs], "step", "loss")
     return (_table(["run", "status", "step", "tokens", "last loss", "tokens/s", "last update"], rows, "") + latest
             + f'<div class="charts"><div>{loss}</div></div>'
-            + "<h2>Proposals in effect</h2>" + li(effect, "None.")
-            + "<h2>Pending proposals</h2>" + li(pending, "None."))
+            + "<h2>Proposals in effect</h2>" + _list(effect, "None.")
+            + "<h2>Pending proposals</h2>" + _list(pending, "None."))
 
 
 def _chart_groups(site: Site) -> list[tuple[str, str, list[str]]]:
@@ -402,10 +411,8 @@ def _metrics(site: Site) -> str:
 def _logs(site: Site) -> str:
     body = []
     for kind, what in (("daily", "Daily training logs (UTC days)"), ("weekly", "Weekly digests (ISO weeks)")):
-        names = site.reports.get(kind, [])
-        body.append(f"<h2>{what}</h2>" + ("<ul>" + "".join(f'<li><a href="{kind}/{quote(n)}.html">{esc(n)}</a></li>'
-                                                          for n in names) + "</ul>" if names
-                                          else '<p class="empty">None yet.</p>'))
+        links = [f'<a href="{kind}/{quote(n)}.html">{esc(n)}</a>' for n in site.reports.get(kind, [])]
+        body.append(f"<h2>{what}</h2>" + _list(links, "None yet."))
     return "\n".join(body)
 
 
@@ -490,10 +497,9 @@ def _apps(site: Site) -> str:
 
 
 def _incidents(site: Site) -> str:
-    items = [f"<li>{esc(record_line(rec))} (run {esc(r.label)})</li>" for r, rec in reversed(site.ledger)
-             if rec["kind"] in INCIDENTS]
+    items = [f"{esc(record_line(rec))} (run {esc(r.label)})" for r, rec in reversed(site.ledger) if rec["kind"] in INCIDENTS]
     return ("<p>Crashes, restarts, rollbacks and suspended proposals, from the runs' change ledgers, newest first.</p>"
-            + (f"<ul>{''.join(items)}</ul>" if items else '<p class="empty">None.</p>'))
+            + _list(items, "None."))
 
 
 def _render(site: Site, build: Path) -> None:
