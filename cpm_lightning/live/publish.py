@@ -129,6 +129,7 @@ class Publisher:
     # -- the commands -------------------------------------------------------------------------------
     def _release(self, ckpt: Path) -> Job:
         tasks = self.s.eval.tasks
+        # eval.limit unset is every example: release's --eval-limit has no word for "all".
         argv = ["release", str(ckpt), "--name", self.live.release_name or self.s.experiment, "--alias", NIGHTLY,
                 "--eval-tasks", ",".join(tasks) or "none", "--eval-limit", str(self.s.eval.limit or 10**9)]
         if self.registry:
