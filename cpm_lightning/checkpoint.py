@@ -22,6 +22,7 @@ import random
 import signal
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,6 +200,9 @@ class Checkpoints(Checkpoint):
         self.dirpath, self.config = Path(dirpath), config
         self.keep_steps: set[int] = set()
         """Steps whose checkpoints outlive keep_last (live: where a rollback may return to)."""
+        self.on_saved: Callable[[Path], None] | None = None
+        """Called on rank 0 with each checkpoint once it is in place, before older ones are
+        pruned (live: pins those a nightly release will read)."""
         self._signal: int | None = None
         self._stop_reason: str | None = None
         self._discard = False
@@ -286,6 +290,8 @@ class Checkpoints(Checkpoint):
             write_checkpoint_hashes(partial, final, hashes)
             os.replace(partial, final)
             point_last(self.dirpath, final)
+            if self.on_saved is not None:
+                self.on_saved(final)
             for old in complete_checkpoints(self.dirpath)[:-self.config.keep_last]:
                 if old != final and step_of(old) not in self.keep_steps:
                     remove(old)

@@ -70,6 +70,35 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def pin(ckpt: Path, dirpath: Path) -> Path:
+    """A copy of checkpoint `ckpt` (with its hashes) in `dirpath` made of hard links, so that
+    pruning the original leaves it whole (a plain copy where the file system has no links); one
+    pinned before under the same name is replaced. Returns the pinned path."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    pinned, tmp = dirpath / ckpt.name, dirpath / f".{ckpt.name}"
+    remove(tmp)
+    remove(pinned)
+    if ckpt.is_file() and hashes_path(ckpt).is_file():  # beside it (a sharded one has them inside)
+        _link(hashes_path(ckpt), hashes_path(pinned))
+    _link(ckpt, tmp)
+    os.replace(tmp, pinned)
+    return pinned
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A copy of file or directory `src` at `dst` made of hard links (a copy where the file
+    system has none)."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=link)
+    else:
+        link(src, dst)
+
+
 def point_last(dirpath: Path, target: Path) -> None:
     """Make `last.ckpt` a link to `target` (in `dirpath`), replacing it in one rename."""
     link, last = dirpath / f".{LAST}.new", dirpath / LAST

@@ -113,6 +113,23 @@ def test_a_command_that_fails_is_one_line_and_is_tried_again_later(tmp_path, cor
     assert "$ cpm-lightning report daily --date" in (settings.root / "live" / "publish.log").read_text()
 
 
+def test_a_step_trained_again_after_it_was_released_is_not_released_again(tmp_path, corpus):
+    """After a rollback the segment pins the checkpoint of a release step it trains again: the
+    publisher drops it instead of releasing the step twice, and releases the steps after it."""
+    cfg = live_config(tmp_path, corpus, [], **{"trainer.max_steps": 12, "live.release_every_n_steps": 4})
+    settings = read_settings(["--config", str(cfg)])
+    files = LiveDir(settings.root)
+    files.publish.mkdir(parents=True)
+    for step in (4, 8):
+        (files.publish / f"step-{step:08d}.ckpt").write_bytes(b"a checkpoint")
+    p = publish.Publisher(settings, files)
+    p.state.release_step = 4
+    job = p._due(step=10)
+    assert job.what == "the nightly release of step 8" and not (files.publish / "step-00000004.ckpt").exists()
+    job.done()
+    assert p.state.release_step == 8 and not list(files.publish.glob("step-*"))
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"live.release_every_n_steps": 3}, "live.release_every_n_steps=3: expected a multiple of "
      "checkpoint.every_n_steps=2, so that a checkpoint is written at every release step"),
@@ -128,7 +145,6 @@ def test_what_cannot_be_published_is_one_line(tmp_path, corpus, capsys, override
         main(["live", "--config", str(cfg)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
-
 
 
 def test_fit_help_explains_the_publishing_keys(capsys):

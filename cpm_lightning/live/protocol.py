@@ -101,6 +101,8 @@ class LiveDir:
         self.supervisor_lock = self.path / "supervisor.lock"
         self.segment_lock = self.path / "segment.lock"
         self.checkpoints = self.root / "checkpoints"
+        self.publish = self.path / "publish"
+        """The checkpoints pinned for nightly releases (ckptdir.pin), and the publisher's files."""
 
 
 def write_json(path: Path, value) -> None:

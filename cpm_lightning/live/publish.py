@@ -10,16 +10,16 @@ live/publish.log, tried again RETRY_S later. The tracking URI reaches the comman
 $MLFLOW_TRACKING_URI, not their command lines, which other users of the machine can read.
 
 What was published is kept in live/published.json, so a new supervisor neither repeats nor
-skips a day, a week or a release. The checkpoint of a release step is pinned as soon as it is
-written (hard links in live/publish/), so checkpoint.keep_last cannot remove it before the
-release has read it; the pinned checkpoints are the queue of releases.
+skips a day, a week or a release. The segment pins the checkpoint of a release step as it writes
+it (segment.py: hard links in live/publish/), so checkpoint.keep_last cannot remove it before
+the release has read it; the pinned checkpoints are the queue of releases, and a step trained
+again after a rollback is not released twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from cpm_lightning.ckptdir import complete_checkpoints, hashes_path, step_of
+from cpm_lightning.ckptdir import remove, step_of
 from cpm_lightning.live.protocol import LiveDir, read_json, write_json
 from cpm_lightning.live.settings import Settings
 
@@ -59,7 +59,7 @@ class Published:
     week: str
     """The Monday of the last ISO week whose digest is published, or was before the run."""
     release_step: int = 0
-    """The step of the last checkpoint pinned for a nightly release."""
+    """The step of the last nightly release."""
 
 
 @dataclass
@@ -75,10 +75,9 @@ class Job:
 class Publisher:
     def __init__(self, settings: Settings, files: LiveDir):
         self.s, self.live = settings, settings.live
-        self.dir = files.path / "publish"
+        self.dir = files.publish
         self.state_file = files.path / "published.json"
         self.log = files.path / "publish.log"
-        self.checkpoints = files.checkpoints
         self.registry = Path(settings.registry.path).absolute() if settings.registry.path else None
         today = utc_now().date()
         self.state = read_json(self.state_file, Published) or Published(
@@ -93,6 +92,8 @@ class Publisher:
     def _due(self, step: int, final: bool = False) -> Job | None:
         """The next command to run, or None. Releases first: they hold pinned checkpoints."""
         ready = lambda kind: time.monotonic() >= self.retry_at.get(kind, 0.0)  # noqa: E731
+        for stale in [p for p in self.dir.glob("step-*.ckpt") if step_of(p) <= self.state.release_step]:
+            remove(stale)  # trained again after a rollback, and released already
         # Once the run is past a checkpoint's step, its validation there has run: the card has it.
         pinned = sorted((p for p in self.dir.glob("step-*.ckpt") if final or step_of(p) < step), key=step_of)
         if pinned and ready("release"):
@@ -108,24 +109,6 @@ class Publisher:
             return self._site()
         return None
 
-    def _pin(self) -> None:
-        """Hard-link each new checkpoint of a release step into live/publish/."""
-        every = self.live.release_every_n_steps
-        if not every:
-            return
-        for ckpt in complete_checkpoints(self.checkpoints):
-            step = step_of(ckpt)
-            if step > self.state.release_step and step % every == 0:
-                self.dir.mkdir(exist_ok=True)
-                pinned, tmp = self.dir / ckpt.name, self.dir / f".{ckpt.name}"
-                _remove(tmp)
-                if hashes_path(ckpt).is_file() and ckpt.is_file():  # beside it (a sharded one has them inside)
-                    _link(hashes_path(ckpt), hashes_path(pinned))
-                _link(ckpt, tmp)
-                os.replace(tmp, pinned)
-                self.state.release_step = step
-                write_json(self.state_file, self.state)
-
     # -- the commands -------------------------------------------------------------------------------
     def _release(self, ckpt: Path) -> Job:
         tasks = self.s.eval.tasks
@@ -138,7 +121,10 @@ class Publisher:
             config = self.dir / "run-config.yaml"
             config.write_text(yaml.safe_dump(self.s.config, sort_keys=False))
             argv += ["--eval-config", str(config)]
-        return Job(f"the nightly release of step {step_of(ckpt)}", "release", argv, lambda: _remove(ckpt))
+        def done():
+            remove(ckpt)
+            self._advance(release_step=step_of(ckpt))
+        return Job(f"the nightly release of step {step_of(ckpt)}", "release", argv, done)
 
     def _daily(self, day: dt.date) -> Job:
         argv = ["report", "daily", "--date", str(day), "--experiment", self.s.experiment,
@@ -166,11 +152,9 @@ class Publisher:
 
     # -- running them -------------------------------------------------------------------------------
     def tick(self, logged: bool, step: int) -> None:
-        """Called by the supervisor every second or so: pin new release checkpoints, see to the
-        running command, start the next command that is due once the run is in MLflow (`logged`:
-        until its first segment has made its run, the experiment may not exist). `step`: the
-        optimizer steps the run has done."""
-        self._pin()  # while a command runs too: checkpoint.keep_last may remove the checkpoint soon
+        """Called by the supervisor every second or so: see to the running command, start the
+        next command that is due once the run is in MLflow (`logged`: until its first segment has
+        made its run, the experiment may not exist). `step`: the optimizer steps the run has done."""
         if self.proc is not None:
             if self.proc.poll() is None:
                 return
@@ -196,7 +180,6 @@ class Publisher:
         if self.proc is not None:
             self.proc.wait()
             self._ended()
-        self._pin()
         while (job := self._due(0, final=True)) is not None:
             self._launch(job)
             self.proc.wait()
@@ -234,24 +217,3 @@ class Publisher:
         with self.log.open("a") as log:
             log.write(f"{stamp} {line}\n$ cpm-lightning {' '.join(job.argv)}\n{output}\n")
 
-
-def _link(src: Path, dst: Path) -> None:
-    """A copy of file or directory `src` at `dst` made of hard links (a copy where the file
-    system has none)."""
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=link)
-    else:
-        link(src, dst)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-        hashes_path(path).unlink(missing_ok=True)

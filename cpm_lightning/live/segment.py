@@ -19,6 +19,7 @@ import lightning as L
 import torch
 
 from cpm_lightning.checkpoint import Checkpoints
+from cpm_lightning.ckptdir import pin, step_of
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.ledger import read_records
 from cpm_lightning.live.protocol import (
@@ -66,8 +67,16 @@ class LiveSegment(L.Callback):
     def setup(self, trainer, pl_module, stage):
         trainer.datamodule.skip = [tuple(w) for w in self.plan.skip]
         self.checkpoints.keep_steps = set(self.plan.keep_steps)
+        if self.config.release_every_n_steps:
+            self.checkpoints.on_saved = self._pin
         if trainer.is_global_zero:
             self._lock = lock(self.files.segment_lock, wait=True)
+
+    def _pin(self, ckpt: Path) -> None:
+        """A checkpoint of a release step is pinned as it is written, before checkpoint.keep_last
+        can prune it: the supervisor's publisher releases it when it can (publish.py)."""
+        if step_of(ckpt) % self.config.release_every_n_steps == 0:
+            pin(ckpt, self.files.publish)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         live = checkpoint.get("cpm", {}).get("live", {})
