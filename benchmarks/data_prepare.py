@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cpm_lightning.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
+from cpm_lightning.core.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
 from datamodules.config import DataConfig  # noqa: E402
 from datamodules.prepare import PreparedData  # noqa: E402
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from cpm_lightning.generate import sample
-from cpm_lightning.hf.convert import write_hf
+from cpm_lightning.checkpoint.modeldir import open_model_dir, write_model_dir
+from cpm_lightning.core.tokenizer import train_tokenizer
+from cpm_lightning.inference.generate import sample
+from cpm_lightning.inference.hf.convert import write_hf
 from cpm_lightning.model import ArchConfig, CPMAnt
-from cpm_lightning.modeldir import open_model_dir, write_model_dir
-from cpm_lightning.tokenizer import train_tokenizer
 
 ARCH = dict(preset="demo", position="rotary", ffn="swiglu", num_kv_heads=2, split_qk_scale=True)
 

@@ -2,7 +2,7 @@
 # GPU check of FSDP2 training and resume (issue 4), under 8 minutes on one CUDA machine:
 #   1. bf16 FSDP2 on the cpm-ant-1b preset over every GPU: tokens/s and MFU against the device's
 #      dense bf16 peak (a line starting with RESULT), and the time to write its sharded checkpoint;
-#   2. the exact-resume test of tests/test_fsdp.py on GPU: SIGTERM, then SIGKILL while saving, then
+#   2. the exact-resume test of tests/train/test_fsdp.py on GPU: SIGTERM, then SIGKILL while saving, then
 #      resume on fewer ranks — same samples, same losses (to 1e-3: bf16 compute).
 # Run from anywhere: bash benchmarks/gpu_check.sh   Environment: PYTHON (default .venv/bin/python or
 # python3), OUT (a directory for logs and the run; default a new temporary one), STEPS (default 30),
@@ -56,5 +56,5 @@ rm -rf "$OUT/1b" "$OUT/1b-model"  # gigabytes
 
 # 2. Exact resume on GPU (2 ranks when there are 2 GPUs).
 CPM_FSDP_TEST_ACCELERATOR=gpu CPM_FSDP_TEST_DEVICES=$(( GPUS >= 2 ? 2 : 1 )) CPM_FSDP_TEST_LOSS_ATOL=1e-3 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_fsdp.py -k test_b_d_e 2>&1 | tee "$OUT/resume.log" | tail -3
+    "$PY" -m pytest -q -p no:cacheprovider tests/train/test_fsdp.py -k test_b_d_e 2>&1 | tee "$OUT/resume.log" | tail -3
 echo "== done in $(( $(date +%s) - start ))s"

@@ -7,8 +7,8 @@ import time
 import lightning as L
 import torch
 
+from cpm_lightning.core.perf import peak_flops
 from cpm_lightning.model.stats import model_stats
-from cpm_lightning.perf import peak_flops
 
 
 class Throughput(L.Callback):

@@ -41,11 +41,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cpm_lightning.checkpoint import open_checkpoint  # noqa: E402
-from cpm_lightning.file_hashes import CHUNK_BYTES, HASH_THREADS, HASHES_FILE, hash_file, write_hashes  # noqa: E402
+from cpm_lightning.checkpoint.store import open_checkpoint  # noqa: E402
+from cpm_lightning.core.file_hashes import CHUNK_BYTES, HASH_THREADS, HASHES_FILE, hash_file, write_hashes  # noqa: E402
 from cpm_lightning.model import ArchConfig  # noqa: E402
 from cpm_lightning.model.stats import model_stats  # noqa: E402
-from cpm_lightning.module import CausalLM  # noqa: E402
+from cpm_lightning.train.module import CausalLM  # noqa: E402
 from datamodules.shards import FILES, Shard  # noqa: E402
 
 

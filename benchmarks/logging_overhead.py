@@ -23,10 +23,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from cpm_lightning.config import ScheduleConfig
 from cpm_lightning.model import ArchConfig
-from cpm_lightning.module import CausalLM
 from cpm_lightning.tracking.logger import CPMLogger, TrackRun
+from cpm_lightning.train.config import ScheduleConfig
+from cpm_lightning.train.module import CausalLM
 
 
 class RandomTokens(IterableDataset):

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from cpm_lightning.loader import open_model
+from cpm_lightning.cli.loader import open_model
 from cpm_lightning.model import ArchConfig, CPMAnt
 from cpm_lightning.model.migrate import TrainState, migrate, plan
 

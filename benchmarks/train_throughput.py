@@ -31,12 +31,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpm_lightning.cli import main as cli_main  # noqa: E402
-from cpm_lightning.config import LossConfig, OptimConfig, ScheduleConfig  # noqa: E402
+from cpm_lightning.cli.main import main as cli_main  # noqa: E402
+from cpm_lightning.core.perf import measured_cpu_peak  # noqa: E402
 from cpm_lightning.model import ArchConfig  # noqa: E402
 from cpm_lightning.model.stats import model_stats  # noqa: E402
-from cpm_lightning.module import CausalLM  # noqa: E402
-from cpm_lightning.perf import measured_cpu_peak  # noqa: E402
+from cpm_lightning.train.config import LossConfig, OptimConfig, ScheduleConfig  # noqa: E402
+from cpm_lightning.train.module import CausalLM  # noqa: E402
 from datamodules.pretrain import PretrainDataModule, TrainStream  # noqa: E402
 
 

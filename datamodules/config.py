@@ -5,9 +5,9 @@ checks `data.*` keys against its fields, and `PretrainDataModule` *is* a `DataCo
 # dataclass __init__ that PretrainDataModule inherits in the subclass's module, where these names are not.
 from dataclasses import dataclass
 
-from cpm_lightning.errors import UserError
-from cpm_lightning.ranges import check_ranges, ranged
-from cpm_lightning.tokenizer import MIN_VOCAB
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.ranges import check_ranges, ranged
+from cpm_lightning.core.tokenizer import MIN_VOCAB
 from datamodules.sources import SourceConfig, where
 
 

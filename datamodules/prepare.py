@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from cpm_lightning.errors import UserError
-from cpm_lightning.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
 from datamodules.config import DataConfig
 from datamodules.remote import cached_file, locations
 from datamodules.shards import Piece, checked_documents, fingerprint, plan, prepare_source

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from cpm_lightning.errors import UserError
-from cpm_lightning.tokenizer import Tokenizer
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.tokenizer import Tokenizer
 from datamodules.config import DataConfig
 from datamodules.mixture import Mixture
 from datamodules.prepare import PreparedData

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import fsspec
 
-from cpm_lightning.errors import UserError
-from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.file_hashes import HASHES_FILE, RecordedHashes
 
 HOME_CACHE = Path.home() / ".cache" / "cpm-lightning"
 MARKER = "complete"

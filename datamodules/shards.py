@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cpm_lightning.errors import UserError
-from cpm_lightning.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
-from cpm_lightning.tokenizer import Tokenizer
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
+from cpm_lightning.core.tokenizer import Tokenizer
 from datamodules.remote import RemoteCache, cached_file, host, temporary_piece
 from datamodules.sources import (
     ReadStats,

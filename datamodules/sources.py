@@ -20,8 +20,8 @@ from typing import Literal
 import fsspec
 from fsspec.utils import infer_compression
 
-from cpm_lightning.errors import UserError
-from cpm_lightning.ranges import ranged
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.ranges import ranged
 
 STDLIB = "stdlib://"  # the running Python's standard library: real text on every machine
 

@@ -28,7 +28,7 @@ EN = ["It is a truth universally acknowledged, that a single man in possession o
 def cli_error(capsys, *argv: str) -> str:
     """The one-line error `cpm-lightning ARGV` exits with (status 2, no traceback), in this
     process, without its `error: `."""
-    from cpm_lightning.cli import main
+    from cpm_lightning.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
@@ -122,13 +122,13 @@ def build_tiny(values: dict, data: dict):
     """(CausalLM, PretrainDataModule) of the run config {model.arch.preset: tiny, data: `data`}
     with the proposal `values` set, built as `fit` builds them: the vocabulary is the
     tokenizer's (the CLI links data.vocab_size to model.arch.vocab_size)."""
-    from cpm_lightning.config import LossConfig, OptimConfig, ScheduleConfig
     from cpm_lightning.model.config import ArchConfig
-    from cpm_lightning.module import CausalLM
     from cpm_lightning.registry.keys import ConfigSchema
     from cpm_lightning.registry.resolve import set_key
     from cpm_lightning.registry.typecheck import as_hinted
-    from cpm_lightning.run_config import GROUPS
+    from cpm_lightning.train.config import LossConfig, OptimConfig, ScheduleConfig
+    from cpm_lightning.train.module import CausalLM
+    from cpm_lightning.train.run_config import GROUPS
     from datamodules.pretrain import PretrainDataModule
 
     schema = ConfigSchema(GROUPS)
@@ -224,7 +224,7 @@ def override_args(overrides: dict) -> list[str]:
 def assert_optimizer_used(optim_jsonl: Path, resumed_at: int, overrides: dict = RESUME_OVERRIDES):
     """Every step from `resumed_at` on used the overridden settings (read back from AdamW, as
     fsdp_probe.RecordOptimizer wrote them), and AdamW's state carried on from the checkpoint."""
-    from cpm_lightning.config import ScheduleConfig
+    from cpm_lightning.train.config import ScheduleConfig
 
     records = [json.loads(line) for line in optim_jsonl.read_text().splitlines()]
     resumed = [r for r in records if r["step"] >= resumed_at]

@@ -73,8 +73,8 @@ class RecordBook(L.Callback):
         self.out, self.registry = out, registry
 
     def on_train_end(self, trainer, pl_module):
-        from cpm_lightning.book import load_prompts
-        from cpm_lightning.generate import complete_book
+        from cpm_lightning.inference.book import load_prompts
+        from cpm_lightning.inference.generate import complete_book
 
         book = complete_book(pl_module.model, trainer.datamodule.text_tokenizer, load_prompts(self.registry),
                              trainer.global_step)

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 
 USAGE = """usage: cpm-lightning live --config FILE [fit's --key value overrides]
        cpm-lightning live status --root DIR
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
 def status_text(root: Path) -> str:
     """The run's state: step, tokens, last loss, proposals in effect, pending, deferred and
     suspended, the last incident and the last checkpoint."""
-    from cpm_lightning.ckptdir import latest
+    from cpm_lightning.checkpoint.directory import latest
     from cpm_lightning.live.ledger import RunState, read_records
     from cpm_lightning.live.protocol import LiveDir, Status, read_json
 
@@ -86,7 +86,7 @@ def _pending(state, step: int) -> str:
     from cpm_lightning.registry.limits import Limits
     from cpm_lightning.registry.resolve import load_registry
     from cpm_lightning.registry.schema import ACCEPTED
-    from cpm_lightning.run_config import GROUPS
+    from cpm_lightning.train.run_config import GROUPS
 
     start = state.start
     if not start.get("registry"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 
 
 @dataclass(kw_only=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from cpm_lightning.ckptdir import remove, step_of
+from cpm_lightning.checkpoint.directory import remove, step_of
 from cpm_lightning.live.protocol import LiveDir, read_json, write_json
 from cpm_lightning.live.settings import Settings
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cpm_lightning.checkpoint import Checkpoints
-from cpm_lightning.ckptdir import pin, step_of
+from cpm_lightning.checkpoint.directory import pin, step_of
+from cpm_lightning.checkpoint.store import Checkpoints
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.ledger import read_records
 from cpm_lightning.live.protocol import (

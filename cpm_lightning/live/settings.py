@@ -11,12 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from cpm_lightning.config import EvalConfig
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.registry.apply import RegistryConfig
 from cpm_lightning.registry.typecheck import mismatch
 from cpm_lightning.tracking.config import TrackingConfig
+from cpm_lightning.train.config import EvalConfig
 
 # `live` chooses each segment's checkpoint and the step its proposals are resolved at.
 OWN_CKPT = "live resumes each segment from the run's own checkpoints"

@@ -41,8 +41,8 @@ import threading
 import time
 from pathlib import Path
 
-from cpm_lightning.ckptdir import complete_checkpoints, latest, roll_back, step_of
-from cpm_lightning.errors import UserError
+from cpm_lightning.checkpoint.directory import complete_checkpoints, latest, roll_back, step_of
+from cpm_lightning.core.errors import UserError
 from cpm_lightning.live import watch
 from cpm_lightning.live.ledger import Ledger, RunState, Uploader
 from cpm_lightning.live.protocol import SEGMENT_ENV, Control, LiveDir, Plan, Status, holder, lock, read_json, write_json
@@ -51,7 +51,7 @@ from cpm_lightning.live.settings import Settings
 from cpm_lightning.model.migrate import migration_text, why_none
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.schema import ACCEPTED, Proposal
-from cpm_lightning.run_config import GROUPS
+from cpm_lightning.train.run_config import GROUPS
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 ARCH = "model.arch."

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from cpm_lightning.book import BOOK_FILES, book_bytes, parse_book
+from cpm_lightning.inference.book import BOOK_FILES, book_bytes, parse_book
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import Registry, load_registry

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cpm_lightning.errors import UserError, lookup
+from cpm_lightning.core.errors import UserError, lookup
+from cpm_lightning.core.ranges import check_ranges, ranged
 from cpm_lightning.model.layers import COMPONENTS
-from cpm_lightning.ranges import check_ranges, ranged
 
 # Attention layers / FFN layers / dim / heads x head_dim / ff / vocab, as CPM-Ant released them.
 # The smaller CPM-Ant models were pruned from the 10B with BMCook, which removed whole attention

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 
 Moments = dict[str, torch.Tensor]  # AdamW's state of one parameter: exp_avg, exp_avg_sq, step
 

@@ -44,7 +44,7 @@ def model_stats(cfg: ArchConfig, seq_len: int | None = None) -> ModelStats:
 def param_count(cfg: ArchConfig) -> int:
     """model_stats(cfg).params by arithmetic, for a model of any size: building 1e8 blocks
     takes hours even on the meta device, and the registry sizes proposals before anything is
-    built (registry.max_params). tests/test_model_info.py holds it to model_stats."""
+    built (registry.max_params). tests/model/test_model_info.py holds it to model_stats."""
     cfg = cfg.resolved()
     d = cfg.dim
     embeddings = (cfg.preset_vocab_size + cfg.num_segments + cfg.num_tasks * cfg.prompt_len) * d

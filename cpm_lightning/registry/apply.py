@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.ranges import ranged
 from cpm_lightning.model.config import ArchConfig
-from cpm_lightning.ranges import ranged
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.limits import Limits, size_problem
 from cpm_lightning.registry.resolve import Resolution, annotate, load_registry, resolve

@@ -14,9 +14,10 @@ from typing import get_args, get_type_hints
 
 import yaml
 
-from cpm_lightning.book import APPS_FILE, PROMPTS_FILE, App, Prompt, read_book
-from cpm_lightning.errors import UserError
-from cpm_lightning.generate import book_tokens, length_problem, task_prompt_len
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.tokenizer import Tokenizer
+from cpm_lightning.inference.book import APPS_FILE, PROMPTS_FILE, App, Prompt, read_book
+from cpm_lightning.inference.generate import book_tokens, length_problem, task_prompt_len
 from cpm_lightning.model.config import ArchConfig
 from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig
 from cpm_lightning.registry.keys import ConfigSchema
@@ -24,8 +25,7 @@ from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import TEMPLATE, load_registry, proposal_files, resolve, set_key
 from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME, KINDS, Status, read_run_config
 from cpm_lightning.registry.typecheck import mismatch
-from cpm_lightning.run_config import GROUPS
-from cpm_lightning.tokenizer import Tokenizer
+from cpm_lightning.train.run_config import GROUPS
 from datamodules.config import DataConfig
 from datamodules.sources import SourceConfig
 
@@ -148,13 +148,13 @@ def _model_of(source: str) -> tuple[dict, Tokenizer | None]:
     """The resolved model.arch of a checkpoint or model directory with its step (0 for a model
     directory), and its tokenizer when it has one. Imports torch (and, for a checkpoint,
     Lightning): --against only."""
-    from cpm_lightning.migration import resolved
-    from cpm_lightning.modeldir import is_model_dir, open_model_dir
+    from cpm_lightning.checkpoint.migrate_on_load import resolved
+    from cpm_lightning.checkpoint.modeldir import is_model_dir, open_model_dir
 
     if is_model_dir(Path(source)):
         stored = open_model_dir(source)
         return {**resolved(stored.arch), "step": 0}, stored.tokenizer
-    from cpm_lightning.checkpoint import read_meta
+    from cpm_lightning.checkpoint.store import read_meta
 
     meta = read_meta(Path(source))
     tokenizer = meta["cpm"].get("tokenizer")
@@ -183,7 +183,7 @@ def _book_problems(directory: Path, arch: dict | None, tokenizer: Tokenizer | No
 
 def _foldable(p, arch: dict) -> str:
     """Whether migrations fold architecture proposal `p` into a model of resolved `arch`."""
-    from cpm_lightning.migration import resolved
+    from cpm_lightning.checkpoint.migrate_on_load import resolved
     from cpm_lightning.model.migrate import plan
 
     prefix = "model.arch."

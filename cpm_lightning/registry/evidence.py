@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 from cpm_lightning.registry.schema import load_proposal, parse_yaml
 
 

@@ -14,14 +14,14 @@ import types
 import typing
 from typing import Any, Union, get_args, get_origin
 
-from cpm_lightning.config import LossConfig, OptimConfig, ScheduleConfig
-from cpm_lightning.errors import UserError, closest, lookup
+from cpm_lightning.core.errors import UserError, closest, lookup
+from cpm_lightning.core.ranges import Range, out_of_range, range_of
 from cpm_lightning.model.config import PRESETS, ArchConfig
 from cpm_lightning.model.layers import COMPONENTS
-from cpm_lightning.ranges import Range, out_of_range, range_of
 from cpm_lightning.registry.limits import LOCATION_KEYS, Limits, location_problem, size_problem
 from cpm_lightning.registry.schema import Problem, Proposal
 from cpm_lightning.registry.typecheck import as_hinted, mismatch, python_name
+from cpm_lightning.train.config import LossConfig, OptimConfig, ScheduleConfig
 
 # What each kind of proposal may change (docs/ARCHITECTURE.md, "The registry").
 SCOPES: dict[str, tuple[str, ...]] = {
@@ -65,7 +65,7 @@ class ConfigSchema:
         return hint, wrong
 
     def range(self, key: str) -> Range | None:
-        """The range a valid leaf key's field declares (cpm_lightning.ranges), if any."""
+        """The range a valid leaf key's field declares (cpm_lightning.core.ranges), if any."""
         _, owner, _ = self._walk(key)
         name = key.rpartition(".")[2]
         fields = {f.name: f for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else {}

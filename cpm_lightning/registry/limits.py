@@ -15,9 +15,9 @@ from urllib.parse import unquote
 from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem, make_path_posix
 
+from cpm_lightning.core.ranges import check_ranges, ranged
 from cpm_lightning.model.config import ArchConfig
 from cpm_lightning.model.stats import param_count
-from cpm_lightning.ranges import check_ranges, ranged
 
 # The keys whose values the run opens: datamodules.sources.SourceConfig.url (fsspec URLs and
 # globs) and datamodules.config.DataConfig.tokenizer (a path or URL).

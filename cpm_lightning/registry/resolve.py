@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from cpm_lightning.book import APPS_FILE, PROMPTS_FILE
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.inference.book import APPS_FILE, PROMPTS_FILE
 from cpm_lightning.registry.keys import ConfigSchema, check_changes
 from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME, KINDS, Problem, Proposal, load_proposal

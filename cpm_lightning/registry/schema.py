@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
-from cpm_lightning.errors import UserError, closest
+from cpm_lightning.core.errors import UserError, closest
+from cpm_lightning.core.strict_yaml import StrictLoader, walk
 from cpm_lightning.registry.typecheck import mismatch, python_name, strings
-from cpm_lightning.strict_yaml import StrictLoader, walk
 
 MAX_BYTES = 1 << 20
 FILE_NAME = re.compile(r"^(\d{4})-[a-z0-9]+(?:-[a-z0-9]+)*\.yaml$")

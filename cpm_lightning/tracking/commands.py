@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 from cpm_lightning.tracking.config import DEFAULT_TRACKING_URI, TrackingConfig
 
 URI_HELP = f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})"
@@ -122,7 +122,7 @@ def report_site(args) -> None:
 
 
 def release(args) -> None:
-    from cpm_lightning.evaluation import task_list
+    from cpm_lightning.inference.evaluation import task_list
     from cpm_lightning.registry.commands import data_configs
     from cpm_lightning.tracking.make_release import release as do_release
 

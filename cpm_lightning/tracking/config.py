@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 START_STEP = "cpm/start_step"

@@ -19,8 +19,8 @@ import json
 import re
 from pathlib import Path
 
-from cpm_lightning.errors import UserError
-from cpm_lightning.file_hashes import sha256
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.file_hashes import sha256
 
 MANIFEST, SIGNATURE, MODEL_DIR = "MANIFEST.json", "model.sig", Path("artifacts/model")
 MANIFEST_TAG = "cpm.manifest_sha256"

@@ -28,8 +28,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from cpm_lightning.checkpoint import RUN_ID_KEY
-from cpm_lightning.errors import UserError
+from cpm_lightning.checkpoint.store import RUN_ID_KEY
+from cpm_lightning.core.errors import UserError
 from cpm_lightning.tracking.config import START_STEP
 
 PARAM_CHARS = 500  # the longest param value every MLflow server since 1.28 accepts

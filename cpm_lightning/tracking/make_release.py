@@ -15,18 +15,18 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from cpm_lightning import modeldir
-from cpm_lightning.book import COMPLETIONS_ARTIFACT, PROMPTS_FILE, completions_json, load_prompts
-from cpm_lightning.checkpoint import TrainedModel, trained_model
-from cpm_lightning.errors import UserError
-from cpm_lightning.evaluation import check_tasks, flat
-from cpm_lightning.generate import complete_book
+from cpm_lightning.checkpoint import modeldir
+from cpm_lightning.checkpoint.store import TrainedModel, trained_model
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, PROMPTS_FILE, completions_json, load_prompts
+from cpm_lightning.inference.evaluation import check_tasks, flat
+from cpm_lightning.inference.generate import complete_book
 from cpm_lightning.model import CPMAnt
 from cpm_lightning.model.migrate import migration_text
-from cpm_lightning.run_config import evaluate_model
 from cpm_lightning.tracking import integrity
 from cpm_lightning.tracking.integrity import MODEL_DIR
 from cpm_lightning.tracking.releases import HF_DIR, RUN_TAG, applied_proposals, check_alias
+from cpm_lightning.train.run_config import evaluate_model
 from datamodules.config import DataConfig
 
 VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
@@ -46,7 +46,7 @@ def _val_metrics(client: MlflowClient, run_id: str | None, step: int) -> dict[st
 def _hf_layout(trained: TrainedModel) -> tuple[Callable[[Path], list[Path]] | None, str]:
     """(what writes the release's Hugging Face layout into its hf/ folder, or None; the card's
     line about it)."""
-    from cpm_lightning.hf.convert import hf_target, require_transformers, write_hf
+    from cpm_lightning.inference.hf.convert import hf_target, require_transformers, write_hf
 
     try:
         require_transformers()

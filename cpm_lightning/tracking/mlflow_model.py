@@ -25,7 +25,7 @@ class CPMGenerator(PythonModel):
     def load_context(self, context):
         import torch
 
-        from cpm_lightning.modeldir import load_model_dir
+        from cpm_lightning.checkpoint.modeldir import load_model_dir
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_model_dir(context.artifacts["model_dir"], self.device)
@@ -33,7 +33,7 @@ class CPMGenerator(PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
-        from cpm_lightning.generate import check_sampling, sample
+        from cpm_lightning.inference.generate import check_sampling, sample
 
         p = {**PARAMS, **(params or {})}
         settings = (int(p["max_new_tokens"]), float(p["temperature"]), int(p["top_k"]) or None,

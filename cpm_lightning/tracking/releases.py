@@ -15,7 +15,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 from cpm_lightning.tracking import integrity
 from cpm_lightning.tracking.config import TrackingConfig
 from cpm_lightning.tracking.integrity import MODEL_DIR
@@ -23,7 +23,7 @@ from cpm_lightning.tracking.integrity import MODEL_DIR
 RESERVED_ALIASES = ("latest",)  # MLflow resolves models:/NAME@latest itself
 RUN_TAG = "cpm.run_id"  # on a model version: the training run it was released from
 TRUSTED_KEY_ENV = "CPM_LIGHTNING_TRUSTED_KEY"  # a public key: pulls then require its signature
-HF_DIR = "hf"  # in a release: the Hugging Face layout (cpm_lightning.hf)
+HF_DIR = "hf"  # in a release: the Hugging Face layout (cpm_lightning.inference.hf)
 
 
 def applied_proposals(client: MlflowClient, run_id: str | None, registry_dir: Path, ids: str | None = None) -> list[dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 from cpm_lightning.tracking.config import START_STEP
 from cpm_lightning.tracking.releases import RUN_TAG, applied_proposals
 from cpm_lightning.tracking.trials import is_trial

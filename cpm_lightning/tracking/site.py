@@ -33,8 +33,8 @@ from urllib.parse import quote, urlsplit
 
 from mlflow import MlflowClient
 
-from cpm_lightning.book import COMPLETIONS_ARTIFACT, STEP_ARTIFACT, App, Prompt, load_apps, load_prompts
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, STEP_ARTIFACT, App, Prompt, load_apps, load_prompts
 from cpm_lightning.registry.schema import Proposal
 from cpm_lightning.tracking.html import esc, line_chart, link, markdown
 from cpm_lightning.tracking.releases import HF_DIR, RUN_TAG, version_aliases

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from cpm_lightning.errors import UserError
+from cpm_lightning.core.errors import UserError
 from cpm_lightning.registry.resolve import proposal_files
 from cpm_lightning.registry.schema import Proposal, load_proposal
 from cpm_lightning.tracking.releases import RUN_TAG

