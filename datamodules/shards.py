@@ -7,7 +7,7 @@ piece of its own). Each piece is a directory `<cache>/shards/<key>/` with
   index.npy    the end offset of each document in tokens.bin
   meta.json    counts, the source it came from, and each file's metadata and sha256 (hashed
                while it was tokenized)
-  hashes.json  the sha256 of each chunk of the three (cpm_lightning/file_hashes.py): meta.json and
+  hashes.json  the sha256 of each chunk of the three (cpm_lightning/core/file_hashes.py): meta.json and
                index.npy are checked when the piece is opened, each chunk of tokens.bin when a
                window is first read from it, so a damaged byte is an error naming the file
 A piece is written to a temporary directory and renamed into place, so a killed build keeps the

@@ -1,6 +1,6 @@
 """The checkpoint directory as files (docs/ARCHITECTURE.md, "Checkpoints"): names, which one is
 the latest, `last.ckpt`, and a rollback. Plain file operations without Lightning, which the
-`live` supervisor, which never trains, does not import; checkpoint.py writes and reads the
+`live` supervisor, which never trains, does not import; store.py writes and reads the
 checkpoints themselves.
 """
 
@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.file_hashes import HASHES_FILE
 
 STEP_NAME = re.compile(r"step-(\d+)\.ckpt")
+# Stop with a checkpoint at the next step: Kubernetes/SLURM preemption, Ctrl-C, SLURM --signal. Here,
+# without torch, because the live supervisor passes the same ones on to its segment.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 LAST = "last.ckpt"
 
 

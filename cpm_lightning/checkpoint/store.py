@@ -1,12 +1,12 @@
 """Checkpoints (docs/ARCHITECTURE.md, "Checkpoints"): when they are written, their layout on disk, what they
-hold, and consolidation of a sharded checkpoint into one safetensors file (ckptdir.py finds them
+hold, and consolidation of a sharded checkpoint into one safetensors file (directory.py finds them
 on disk: which one a run resumes).
 
 <trainer.default_root_dir>/checkpoints holds
   step-00000500.ckpt/           sharded (trainer.strategy: fsdp): torch.distributed.checkpoint
                                 shards of model and optimizer, and meta.pt with everything else
                                 (schedule, data position, loops, RNG, the `cpm` section), and
-                                hashes.json: the sha256 of each file's chunks (checkpoint_files.py)
+                                hashes.json: the sha256 of each file's chunks (files.py)
   step-00000500.ckpt            a single file (unsharded strategies), its hashes beside it in
   step-00000500.ckpt.hashes.json
   last.ckpt                     a symlink to the checkpoint written last
@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from cpm_lightning.checkpoint.config import CheckpointConfig
-from cpm_lightning.checkpoint.directory import complete_checkpoints, point_last, remove, step_of
+from cpm_lightning.checkpoint.directory import SIGNALS, complete_checkpoints, point_last, remove, step_of
 from cpm_lightning.checkpoint.files import (
     MODEL_KEY,
     MODEL_PREFIX,
@@ -54,7 +54,6 @@ from cpm_lightning.core.tokenizer import Tokenizer
 from cpm_lightning.model import ArchConfig
 
 RUN_ID_KEY = "mlflow_run_id"  # in checkpoint["cpm"]: the MLflow run a resumed fit continues
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # Kubernetes/SLURM preemption, Ctrl-C, SLURM --signal
 
 
 # -- reading ----------------------------------------------------------------------------------

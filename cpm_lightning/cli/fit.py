@@ -154,7 +154,7 @@ class CPMCLI(LightningCLI):
 
     def _plan_migration(self):
         """A checkpoint of another model.arch resumes through migrations when some take it to this
-        run's (migration.py); otherwise its shapes must be this run's."""
+        run's (checkpoint/migrate_on_load.py); otherwise its shapes must be this run's."""
         try:
             steps = plan_from(self.ckpt_meta["cpm"]["arch"], self.model.arch)
         except NoMigration as e:

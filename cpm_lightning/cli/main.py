@@ -1,4 +1,4 @@
-"""`cpm-lightning`: LightningCLI for fit/validate/test (lightning_cli.py), the `live` supervisor
+"""`cpm-lightning`: LightningCLI for fit/validate/test (fit.py), the `live` supervisor
 (live/commands.py), argparse for the other verbs. Nothing imports this module; it imports each
 verb's code only when that verb runs, so light commands start fast (docs/ARCHITECTURE.md,
 "Layers").

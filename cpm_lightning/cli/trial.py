@@ -3,7 +3,7 @@
 
 A trial trains two arms for N steps, K seeds each: the baseline, the run config with the registry
 as it resolves at step S, and the baseline plus the proposal (`registry.trial`). Every arm is one
-`fit` (lightning_cli.run) in this process, one after the other; seed k of both arms starts from
+`fit` (fit.run) in this process, one after the other; seed k of both arms starts from
 the same weights (the same seed, or the same checkpoint or model directory) and draws the same
 data in the same order. Each arm logs to an MLflow run under the trial's own run, which gets the
 comparison: the final validation loss of each arm, the paired difference with a 95% interval over

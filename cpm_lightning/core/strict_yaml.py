@@ -1,5 +1,6 @@
-"""Plain YAML data, strictly (docs/ARCHITECTURE.md, "The registry"): what proposals, run config
-files, the prompt book and the applications list are read with. `StrictLoader` is PyYAML's
+"""Plain YAML data, strictly (docs/ARCHITECTURE.md, "The registry"): what registry/schema.py reads
+proposals and run config files with (`read_run_config`, before LightningCLI reads them), and
+inference/book.py the prompt book and the applications list. `StrictLoader` is PyYAML's
 SafeLoader (no tags that build Python objects) whose impossible dates and overlong integers are
 marked errors; `walk` refuses aliases (a few lines of them expand to gigabytes), duplicate keys
 and keys that are not plain strings, and records the line of every key.

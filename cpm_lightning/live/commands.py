@@ -1,5 +1,5 @@
 """`cpm-lightning live --config FILE [fit's overrides]` and `cpm-lightning live status --root DIR`
-(docs/ARCHITECTURE.md, "Live training"). cli.py hands `live` its arguments as they are: they are
+(docs/ARCHITECTURE.md, "Live training"). cli/main.py hands `live` its arguments as they are: they are
 `fit`'s, passed on to every segment."""
 
 from __future__ import annotations

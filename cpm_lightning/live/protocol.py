@@ -102,7 +102,7 @@ class LiveDir:
         self.segment_lock = self.path / "segment.lock"
         self.checkpoints = self.root / "checkpoints"
         self.publish = self.path / "publish"
-        """The checkpoints pinned for nightly releases (ckptdir.pin), and the publisher's files."""
+        """The checkpoints pinned for nightly releases (checkpoint/directory.py pin), and the publisher's files."""
 
 
 def write_json(path: Path, value) -> None:

@@ -1,4 +1,4 @@
-"""Inside a segment: the callback that `fit` adds when `live` started it (lightning_cli.py reads
+"""Inside a segment: the callback that `fit` adds when `live` started it (cli/fit.py reads
 the plan through `segment_plan`). It stops training where the supervisor says the proposals in
 effect change, watches the loss for divergence, and reports through status.json
 (protocol.py). Every decision is the same on every rank: the supervisor's word reaches rank 0

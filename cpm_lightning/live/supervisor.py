@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from cpm_lightning.checkpoint.directory import complete_checkpoints, latest, roll_back, step_of
+from cpm_lightning.checkpoint.directory import SIGNALS, complete_checkpoints, latest, roll_back, step_of
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.live import watch
 from cpm_lightning.live.ledger import Ledger, RunState, Uploader
@@ -53,7 +53,6 @@ from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.schema import ACCEPTED, Proposal
 from cpm_lightning.train.run_config import GROUPS
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 ARCH = "model.arch."
 EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*")  # the last line of a traceback
 

@@ -1,4 +1,6 @@
-"""The CPM-Ant model: config and presets, components, the transformer. No training code here."""
+"""The CPM-Ant model: config and presets, components, the transformer, parameter and FLOP counts
+(stats), and the migrations between architectures (migrate), which carry AdamW's moments with
+the weights they change. Plain torch: no Lightning, no MLflow."""
 
 from cpm_lightning.model.config import PRESETS, ArchConfig
 from cpm_lightning.model.layers import COMPONENTS

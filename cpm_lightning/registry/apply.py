@@ -1,5 +1,5 @@
 """How `fit` (and validate/test) apply the registry to the parsed run config, and what a run
-records in MLflow. cli.py calls `apply_registry` before the classes are built and
+records in MLflow. cli/fit.py calls `apply_registry` before the classes are built and
 `AppliedRegistry.log` once the MLflow run exists."""
 
 from __future__ import annotations

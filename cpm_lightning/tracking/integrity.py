@@ -7,7 +7,7 @@ anchored by a tag outside the artifact store, and optionally an OpenSSF model-si
                     which lives in the tracking database, not in the artifact store
     model.sig       with `release --sign-key`: a model-signing bundle over every file, the
                     manifest included; checked with the public key of `pull --verify-key`
-    artifacts/model the model directory (cpm_lightning/modeldir.py)
+    artifacts/model the model directory (cpm_lightning/checkpoint/modeldir.py)
 
 No MLflow: the checks work on a local directory, so nothing downloaded is imported before them.
 """

@@ -43,7 +43,7 @@ class CausalLM(ModelConfig, L.LightningModule):
         """Optimizer steps skipped for a non-finite loss or gradient, over the whole run."""
         self.migrate_on_load: list[Step] = []
         """Set by fit when its checkpoint holds another model.arch: the migrations that take the
-        checkpoint's weights and AdamW state to this model as they are loaded (migration.py)."""
+        checkpoint's weights and AdamW state to this model as they are loaded (checkpoint/migrate_on_load.py)."""
         self.migrations: list[dict] = []
         """Every migration this run's model went through, with the step it was applied at."""
         self._step_time: float | None = None

@@ -1,6 +1,6 @@
 """FSDP2 sharding of CPMAnt through Lightning's ModelParallelStrategy (docs/ARCHITECTURE.md, "Distributed training").
 
-`trainer.strategy: fsdp` in a run config means `FSDP2Strategy` below (cli.py maps it). Lightning's
+`trainer.strategy: fsdp` in a run config means `FSDP2Strategy` below (cli/fit.py maps it). Lightning's
 own `FSDPStrategy` is FSDP1 and refuses CPU; ModelParallelStrategy runs `fully_shard` on CPU with
 gloo and on CUDA with NCCL, so the tests exercise the code path the GPUs run.
 """
@@ -56,7 +56,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         """Lightning's sharded resume (model, each optimizer, then meta.pt), through a reader
         that checks the recorded hashes of what it reads and refuses pickled code
-        (checkpoint_files.py); Lightning's own reads with DCP's default reader."""
+        (checkpoint/files.py); Lightning's own reads with DCP's default reader."""
         path = Path(self.broadcast(checkpoint_path))
         if self.lightning_module.migrate_on_load:
             return self._load_migrated(path, self.lightning_module.migrate_on_load)
@@ -77,7 +77,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
 
     def _load_migrated(self, path: Path, steps: list[Step]) -> dict:
-        """A checkpoint of another architecture (migration.py): every rank reads its full tensors,
+        """A checkpoint of another architecture (checkpoint/migrate_on_load.py): every rank reads its full tensors,
         migrates them and keeps its shards of the result. Holds the whole model and its AdamW
         state in each rank's CPU memory for the while."""
         sharded = (path / _METADATA_FILENAME).is_file()

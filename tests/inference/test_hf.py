@@ -154,14 +154,13 @@ def test_to_hf_opens_in_transformers_with_equal_logits_and_generations(architect
         assert (step_logits(model, prompt, generated, prompting) - torch.cat(out.logits)).abs().max() <= 1e-4
 
 
-def test_readme_snippet_runs_against_an_exported_model(sp, tmp_path):
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    section = readme.split("## Hugging Face", 1)[1]
-    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_docs_snippet_runs_against_an_exported_model(sp, tmp_path):
+    page = (Path(__file__).parents[2] / "docs" / "huggingface.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", page, re.S).group(1)
     assert len(snippet.strip().splitlines()) == 3
     main(["convert", "to-hf", str(write_project_dir(tmp_path / "ours", project_model(sp.vocab_size), sp)), str(tmp_path / "hf")])
     scope = {"PATH": str(tmp_path / "hf")}
-    exec(snippet, scope)  # noqa: S102 - the README's own three lines
+    exec(snippet, scope)  # noqa: S102 - the page's own three lines
     assert scope["text"].startswith("It is a truth") and len(scope["text"]) > len("It is a truth")
 
 

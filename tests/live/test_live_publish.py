@@ -150,7 +150,7 @@ def test_what_cannot_be_published_is_one_line(tmp_path, corpus, capsys, override
 
 
 def test_fit_help_explains_the_publishing_keys(capsys):
-    """`fit --help` reads the config dataclasses' field docstrings (only then: lightning_cli.run)."""
+    """`fit --help` reads the config dataclasses' field docstrings (only then: cli/fit.py run)."""
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--help"])
     assert exit_.value.code == 0
