@@ -39,8 +39,9 @@ class RunArgs:
     config: dict = field(default_factory=dict)
     """The `--config` files or inline configs, group files and `--key value` options merged."""
     cli_keys: set[str] = field(default_factory=set)
-    """The dotted keys the command line sets itself, `--config` aside: each option's key, or,
-    where a group is given a mapping (inline or a group file), each key under it."""
+    """The dotted keys the command line sets itself, `--config` aside: each option's key (a group
+    given a file of its own: all of it), or, where a group is given an inline mapping, each key
+    under it."""
 
 
 def read_run_args(argv: list[str]) -> RunArgs:
@@ -63,9 +64,13 @@ def read_run_args(argv: list[str]) -> RunArgs:
             run.cli_keys.add(name[2:])
         elif name.startswith("--"):
             key = name[2:]
-            given = read_run_config(Path(value)) if value.endswith(GROUP_FILE_SUFFIXES) else _value(value, name)
-            _set(run.config, key, given)
-            run.cli_keys |= set(_leaves(key, given))
+            if value.endswith(GROUP_FILE_SUFFIXES):  # a group's own file: all of the group is the command line's
+                _set(run.config, key, read_run_config(Path(value)))
+                run.cli_keys.add(key)
+            else:
+                given = _value(value, name)
+                _set(run.config, key, given)
+                run.cli_keys |= set(_leaves(key, given))
     return run
 
 

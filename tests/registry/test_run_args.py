@@ -85,9 +85,9 @@ def test_an_option_without_a_value_is_a_flag(files):
     (["--config", "a.yaml", "--config=b.yaml", "--config", "{model: {arch: {dim: 8}}}"], set()),
     (["--model.arch.max_len", "512", "--trainer.max_steps=2"], {"model.arch.max_len", "trainer.max_steps"}),
     (["--model.arch", "{dim: 32, ffn: swiglu}"], {"model.arch.dim", "model.arch.ffn"}),
-    (["--model.arch=arch.yaml"], {"model.arch.dim", "model.arch.ffn"}),
+    (["--model.arch=arch.yaml"], {"model.arch"}),
     (["--model.arch", "{}"], {"model.arch"}),
-    (["--trainer", "t.yaml", "--ckpt_path", "last"], {"trainer.max_steps", "ckpt_path"}),
+    (["--trainer", "t.yaml", "--ckpt_path", "last"], {"trainer", "ckpt_path"}),
 ])
 def test_the_keys_the_command_line_sets(files, argv, keys):
     assert read_run_args(argv).cli_keys == keys
