@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.train.run_config import VERBS
@@ -25,26 +24,16 @@ COMMAND_MODULES = [
 
 
 def run_lightning(argv: list[str] | None) -> None:
-    """argv None: LightningCLI reads sys.argv itself (it warns when given both)."""
-    _check_config_yaml(sys.argv[1:] if argv is None else argv)
+    """argv None: LightningCLI reads sys.argv itself (it warns when given both). The run config
+    is read strictly first (registry/run_args.py): YAML errors as file:line:column (jsonargparse
+    names neither), and no aliases, duplicate keys or empty files, which jsonargparse would
+    expand, merge or take for an inline config; `live` reads it so too, and refuses the same."""
+    from cpm_lightning.registry.run_args import read_run_args
+
+    read_run_args((sys.argv[1:] if argv is None else argv)[1:])  # after the verb
     from cpm_lightning.cli.fit import run
 
     run(argv)
-
-
-def _check_config_yaml(argv: list[str]) -> None:
-    """Each config file read strictly first (read_run_config): YAML errors as file:line:column
-    (jsonargparse names neither), and no aliases, duplicate keys or empty files, which
-    jsonargparse would expand, merge or take for an inline config. Config files are the
-    --config values and the YAML files given for a group (`--trainer trainer.yaml`)."""
-    from cpm_lightning.registry.schema import read_run_config
-
-    paths = [b for a, b in zip(argv, argv[1:], strict=False) if a in ("--config", "-c")]
-    values = [a.partition("=")[2] if a.startswith("--") else a for a in argv]
-    paths += [v for v in values if v.endswith((".yaml", ".yml"))]
-    for path in dict.fromkeys(paths):
-        if Path(path).is_file():  # else a missing file or an inline YAML string: jsonargparse reports it
-            read_run_config(Path(path))
 
 
 class _Parser(argparse.ArgumentParser):

@@ -31,7 +31,8 @@ from cpm_lightning.registry.apply import RegistryConfig
 from cpm_lightning.registry.commands import checked_group, config_schema, registry_settings
 from cpm_lightning.registry.commands import proposals_show as show_file
 from cpm_lightning.registry.resolve import load_registry, resolve, trial_problems
-from cpm_lightning.registry.schema import Proposal, read_run_config
+from cpm_lightning.registry.run_args import read_run_config
+from cpm_lightning.registry.schema import Proposal
 from cpm_lightning.tracking.config import TrackingConfig
 
 ROLES = ("baseline", "proposal")

@@ -1,6 +1,6 @@
-"""What the supervisor needs of a run config, read without Lightning: the `--config` files and
-`--key value` overrides of the command line merged in order, as LightningCLI merges them.
-Everything else is passed through to the segments, whose `fit` checks the whole config (a
+"""What the supervisor needs of a run config, read without Lightning by the reader `fit` reads
+it with first (registry/run_args.py): a file or value `fit` refuses, `live` refuses with the same
+line. Everything else is passed through to the segments, whose `fit` checks the whole config (a
 mistake there ends `live` with fit's own one-line error)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from cpm_lightning.checkpoint.config import CheckpointConfig
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.registry.apply import RegistryConfig
+from cpm_lightning.registry.run_args import read_run_args
 from cpm_lightning.registry.typecheck import mismatch
 from cpm_lightning.tracking.config import TrackingConfig
 from cpm_lightning.train.config import EvalConfig
@@ -30,7 +30,6 @@ class Settings:
     root: Path
     """trainer.default_root_dir."""
     max_steps: int
-    every_n_steps: int
     registry: RegistryConfig
     live: LiveConfig
     tracking_uri: str | None
@@ -40,65 +39,19 @@ class Settings:
     eval: EvalConfig
     """What a nightly release is evaluated on."""
     config: dict
-    """The merged run config (`--config` files and overrides)."""
+    """The merged run config (`--config` files, group files and overrides)."""
 
 
 def read_settings(argv: list[str]) -> Settings:
-    config: dict = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, value = arg.partition("=")
-        if not arg.startswith("-"):
-            raise UserError(f"live: unexpected argument {arg!r}; expected --config FILE and --key value overrides")
-        if name == "--ckpt_path":
-            raise UserError(f"live: --ckpt_path is not an option of live: {OWN_CKPT}")
-        if not eq:  # --key value (a flag without a value is left to fit)
-            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
-            i += value is not None
-        i += 1
-        if name in ("--config", "-c"):
-            _merge(config, _read_file(value))
-        elif value is not None and name.startswith("--"):
-            try:
-                parsed = yaml.safe_load(value)
-            except yaml.YAMLError:
-                parsed = value
-            _merge(config, _nest(name[2:].split("."), parsed))
-    return _settings(argv, config)
-
-
-def _read_file(path: str | None) -> dict:
-    if path is None:
-        raise UserError("live: --config needs a file")
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UserError(f"--config: cannot read {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"--config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"--config: {path} is not a mapping of config keys")
-    return data
-
-
-def _nest(parts: list[str], value) -> dict:
-    return {parts[0]: _nest(parts[1:], value) if len(parts) > 1 else value}
-
-
-def _merge(into: dict, new: dict) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
+    run = read_run_args(argv)
+    if "ckpt_path" in run.cli_keys:
+        raise UserError(f"live: --ckpt_path is not an option of live: {OWN_CKPT}")
+    return _settings(argv, run.config)
 
 
 def _group(config: dict, name: str, cls):
     """The group `name` of the merged config as `cls`, type-checked as LightningCLI would."""
-    values = config.get(name) or {}
-    if not isinstance(values, dict):
-        raise UserError(f"{name}: expected a mapping of {name}.* keys, got {values!r}")
+    values = _mapping(config, name)
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         wrong = f"unknown key; expected: {', '.join(hints)}" if key not in hints else mismatch(value, hints[key])
@@ -107,8 +60,15 @@ def _group(config: dict, name: str, cls):
     return cls(**values)
 
 
+def _mapping(config: dict, name: str) -> dict:
+    values = config.get(name) or {}
+    if not isinstance(values, dict):
+        raise UserError(f"{name}: expected a mapping of {name}.* keys, got {values!r}")
+    return values
+
+
 def _settings(argv: list[str], config: dict) -> Settings:
-    trainer = config.get("trainer") or {}
+    trainer = _mapping(config, "trainer")
     max_steps = trainer.get("max_steps")
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
         raise UserError(f"trainer.max_steps: live needs the run's length (a positive integer), got {max_steps!r}")
@@ -118,14 +78,14 @@ def _settings(argv: list[str], config: dict) -> Settings:
     if registry.trial is not None:  # a trial's arm (`proposals trial`), never a live run
         raise UserError(f"registry.trial={registry.trial}: live applies accepted proposals only; leave it unset "
                         "(`proposals trial` tries one)")
-    every = (config.get("checkpoint") or {}).get("every_n_steps", 500)  # CheckpointConfig's default
+    every = _mapping(config, "checkpoint").get("every_n_steps", CheckpointConfig.every_n_steps)
     logger = trainer.get("logger")
-    tracking = TrackingConfig(**{k: v for k, v in (config.get("tracking") or {}).items() if k in ("uri", "experiment")})
+    tracking = TrackingConfig(**{k: v for k, v in _mapping(config, "tracking").items() if k in ("uri", "experiment")})
     uri = tracking.resolved_uri if logger in (None, True) else None
     live = _group(config, "live", LiveConfig)
     _check_publishing(live, uri, registry, every)
     return Settings(argv=argv, root=Path(trainer.get("default_root_dir") or Path.cwd()).absolute(),
-                    max_steps=max_steps, every_n_steps=every, registry=registry, live=live, tracking_uri=uri,
+                    max_steps=max_steps, registry=registry, live=live, tracking_uri=uri,
                     experiment=tracking.resolved_experiment, eval=_group(config, "eval", EvalConfig), config=config)
 
 

@@ -15,6 +15,7 @@ from cpm_lightning.model.config import ArchConfig
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.limits import Limits, size_problem
 from cpm_lightning.registry.resolve import Resolution, annotate, load_registry, resolve
+from cpm_lightning.registry.run_args import read_run_args
 from cpm_lightning.registry.schema import KINDS, Kind, Proposal
 from cpm_lightning.registry.typecheck import as_hinted
 
@@ -83,31 +84,10 @@ def _flow(value: Any) -> str:
 
 
 def override_keys(argv: list[str], subcommand: str) -> set[str]:
-    """The model.*/data.* keys that arguments after `subcommand` set, config files aside. A group
-    given a mapping (--model.arch '{dim: 64}') sets the mapping's keys; otherwise the key, and so
-    everything under it."""
+    """The model.*/data.* keys that arguments after `subcommand` set, `--config` aside (run_args.py
+    `RunArgs.cli_keys`)."""
     args = argv[argv.index(subcommand) + 1:] if subcommand in argv else argv
-    keys = set()
-    for i, arg in enumerate(args):
-        name, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not name.startswith(("model.", "data.")):
-            continue
-        if not eq:
-            value = args[i + 1] if i + 1 < len(args) else ""
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = None
-        keys |= set(_leaves(name, parsed)) if isinstance(parsed, dict) and parsed else {name}
-    return keys
-
-
-def _leaves(prefix: str, value):
-    if isinstance(value, dict) and value:
-        for k, v in value.items():
-            yield from _leaves(f"{prefix}.{k}", v)
-    else:
-        yield prefix
+    return {key for key in read_run_args(args).cli_keys if key.startswith(("model.", "data."))}
 
 
 def _covered(key: str, cli_keys: set[str]) -> bool:

@@ -23,7 +23,8 @@ from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.resolve import TEMPLATE, load_registry, proposal_files, resolve, set_key
-from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME, KINDS, Status, read_run_config
+from cpm_lightning.registry.run_args import read_run_config
+from cpm_lightning.registry.schema import ACCEPTED, FILE_NAME, KINDS, Status
 from cpm_lightning.registry.typecheck import mismatch
 from cpm_lightning.train.run_config import GROUPS
 from datamodules.config import DataConfig

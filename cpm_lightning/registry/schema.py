@@ -3,7 +3,7 @@
 Only plain YAML data is accepted: `yaml.SafeLoader` refuses tags that build Python objects, and
 on top of it this loader refuses aliases, duplicate keys, impossible dates, files that are not
 UTF-8 or larger than `MAX_BYTES`. Every problem carries the file and line it comes from. Run
-config files are read by the same loader (`read_run_config`), without the size limit.
+configs are read by the same loader (`registry/run_args.py`), without the size limit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cpm_lightning.core.errors import UserError, closest
+from cpm_lightning.core.errors import closest
 from cpm_lightning.core.strict_yaml import StrictLoader, walk
 from cpm_lightning.registry.typecheck import mismatch, python_name, strings
 
@@ -51,7 +51,7 @@ class Problem:
     message: str
     """What is wrong and what was expected."""
     column: int | None = None
-    """1-based column of a YAML syntax error; run config errors show it (read_run_config)."""
+    """1-based column of a YAML syntax error; run config errors show it (registry/run_args.py)."""
     also: tuple[int, ...] = ()
     """The other proposals of a problem between proposals (a conflict, a key set twice), whose
     files may be fine on their own: leaving out either side settles it."""
@@ -142,7 +142,7 @@ def read_yaml(path: Path) -> tuple[Any, bytes, dict[str, int], list[Problem]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, b"", {}, [_not_utf8(str(path), raw, e)]
+        return None, b"", {}, [not_utf8(str(path), raw, e)]
     data, lines, problems = parse_yaml(text, str(path), "a proposal")
     if data is None and not problems:
         problems = [Problem(str(path), None, "file", "empty; expected a proposal (see proposals/TEMPLATE.yaml)")]
@@ -152,7 +152,7 @@ def read_yaml(path: Path) -> tuple[Any, bytes, dict[str, int], list[Problem]]:
 def parse_yaml(text: str, path: str, what: str) -> tuple[Any, dict[str, int], list[Problem]]:
     """(data, line of each key, problems) of YAML `text` from `path`, read as this module's
     docstring says; data is None when the text holds nothing. `what` (a proposal, a run config)
-    is named in the messages. Also used for run config files (read_run_config)."""
+    is named in the messages. Also used for run configs (registry/run_args.py)."""
     loader = StrictLoader(text)
     try:
         node = loader.get_single_node()
@@ -180,33 +180,9 @@ def parse_yaml(text: str, path: str, what: str) -> tuple[Any, dict[str, int], li
         loader.dispose()
 
 
-def _not_utf8(path: str, raw: bytes, e: UnicodeDecodeError) -> Problem:
+def not_utf8(path: str, raw: bytes, e: UnicodeDecodeError) -> Problem:
     line = raw[: e.start].count(b"\n") + 1
     return Problem(path, line, "file", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8")
-
-
-def read_run_config(path: Path) -> dict:
-    """A run config file (`--config`) as plain data, read as strictly as a proposal: no
-    aliases (a few lines of them expand to gigabytes), no duplicate keys, no tags. A UserError
-    names the file and line (and column, for YAML syntax) of the first problem."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the run config: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(str(_not_utf8(str(path), raw, e))) from None
-    data, _, problems = parse_yaml(text, str(path), "a run config")
-    if problems:
-        p = problems[0]
-        raise UserError(f"{p.path}:{p.line}:{p.column}: not valid YAML: {p.message}" if p.column else str(p))
-    groups = "a mapping of config groups (trainer, model, data, ...)"
-    if data is None:
-        raise UserError(f"{path}: empty; expected a run config: {groups}")
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a run config: {groups}, got {type(data).__name__}")
-    return data
 
 
 def mark_tag(problem: str) -> str:

@@ -166,7 +166,8 @@ def test_lock_and_comments(tmp_path):
     (["fit", "--model.optim.betas=[0.9, 0.99]", "-c", "c.yaml"], {"model.optim.betas"}),
     (["fit", "--config=c.yaml"], set()),
 ])
-def test_command_line_override_keys(argv, keys):
+def test_command_line_override_keys(argv, keys, tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\n  arch:\n    dim: 64\n")
     assert override_keys(argv, "fit") == keys
 
 
