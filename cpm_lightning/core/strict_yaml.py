@@ -1,6 +1,7 @@
 """Plain YAML data, strictly (docs/ARCHITECTURE.md, "The registry"): what registry/schema.py reads
-proposals and run config files with (`read_run_config`, before LightningCLI reads them), and
-inference/book.py the prompt book and the applications list. `StrictLoader` is PyYAML's
+proposals with, registry/run_args.py every run config file and command-line value (for `fit`,
+before LightningCLI reads them, and for `live`), and inference/book.py the prompt book and the
+applications list. `StrictLoader` is PyYAML's
 SafeLoader (no tags that build Python objects) whose impossible dates and overlong integers are
 marked errors; `walk` refuses aliases (a few lines of them expand to gigabytes), duplicate keys
 and keys that are not plain strings, and records the line of every key.
