@@ -2,8 +2,9 @@
 is (`Trial`: the proposal, the run config, the seeds, where the arms start) and each arm's `fit`
 arguments, checked before anything trains: a trial that cannot be run fairly is a UserError.
 
-Runs nothing: the registry and the run config are read, a starting checkpoint's metadata opened;
-Lightning is imported only to check a proposal against a model directory (`RUN_OWNED`, cli/fit.py).
+Runs nothing: the registry and the run config are read, a starting checkpoint's metadata opened.
+Lightning is imported only for a trial --from a checkpoint or model directory (migration_problem
+reads fit's `RUN_OWNED`, cli/fit.py).
 """
 
 from __future__ import annotations
