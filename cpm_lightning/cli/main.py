@@ -1,7 +1,7 @@
-"""`cpm-lightning`: LightningCLI for fit/validate/test (fit.py), the `live` supervisor
-(live/commands.py), argparse for the other verbs. Nothing imports this module; it imports each
-verb's code only when that verb runs, so light commands start fast (docs/ARCHITECTURE.md,
-"Layers").
+"""`cpm-lightning`: the verb table (`VERBS`) and the entry point that dispatches from it: LightningCLI
+for fit/validate/test (cli/fit.py), the `live` supervisor (live/commands.py), argparse for the
+other verbs. Nothing imports this module; it imports a verb's module only when that verb runs (or
+`--help` lists them all), so light commands start fast (docs/ARCHITECTURE.md, "Layers").
 """
 
 from __future__ import annotations
@@ -9,18 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from cpm_lightning.core.errors import UserError
-from cpm_lightning.train.run_config import VERBS
-
-# Modules that add verbs to `cpm-lightning`: each has `add_commands(subparsers)`, and each
-# command it adds sets `func` (called with the parsed args).
-COMMAND_MODULES = [
-    "cpm_lightning.cli.tools",
-    "cpm_lightning.tracking.commands",
-    "cpm_lightning.registry.commands",
-    "cpm_lightning.cli.trial",  # adds `proposals trial` and the trials of `proposals show`
-]
 
 
 def run_lightning(argv: list[str] | None) -> None:
@@ -36,6 +28,46 @@ def run_lightning(argv: list[str] | None) -> None:
     run(argv)
 
 
+def _live(argv: list[str] | None) -> None:
+    """Its arguments are fit's: passed on as they are."""
+    from cpm_lightning.live.commands import main as live
+
+    live((sys.argv[1:] if argv is None else argv)[1:])
+
+
+@dataclass(frozen=True)
+class Runs:
+    """A verb that reads its own command line instead of argparse."""
+
+    run: Callable[[list[str] | None], None]
+    """Called with the command line after `cpm-lightning`; None: it is sys.argv's (LightningCLI
+    reads that itself, and warns when given both)."""
+    args: str
+    """Its arguments as `--help` shows them."""
+    help: str
+    """Its line (lines) in `--help`."""
+
+
+# Every verb of `cpm-lightning`, in the order `--help` lists them: name -> how it runs (Runs), or
+# the module whose `add_commands(sub)` adds it to argparse (each command it adds sets `func`,
+# called with the parsed args; it returns the subcommands of the verbs it adds that other modules
+# add actions to). "VERB ACTION": a module that adds ACTION to another module's VERB; its
+# `add_commands` gets VERB's subcommands. No module here may import Lightning or MLflow at its
+# top: they take seconds, and `--help` imports every module (benchmarks/cli_startup.py).
+TOOLS, TRACKING = "cpm_lightning.cli.tools", "cpm_lightning.tracking.commands"
+VERBS: dict[str, Runs | str] = {
+    "fit": Runs(run_lightning, "--config FILE", "train (resume with --ckpt_path last)"),
+    "validate": Runs(run_lightning, "--config FILE", "validation metrics of a checkpoint"),
+    "test": Runs(run_lightning, "--config FILE", "test metrics of a checkpoint"),
+    "live": Runs(_live, "--config FILE", "fit that takes up accepted proposals at their step, restarts\n"
+                                         "after crashes and rolls back from divergence (live --help)"),
+    **dict.fromkeys(["model", "tokenizer", "data", "generate", "evaluate", "checkpoint", "convert"], TOOLS),
+    **dict.fromkeys(["report", "release", "promote", "pull", "models"], TRACKING),
+    "proposals": "cpm_lightning.registry.commands",
+    "proposals trial": "cpm_lightning.cli.trial",  # and the trials of `proposals show`
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """A usage mistake (a missing or unknown option, a value of the wrong type) as one line,
     like every other error, instead of argparse's usage block. Its subparsers are of this
@@ -45,38 +77,42 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}; see `{self.prog} --help`")
 
 
-def tools_parser() -> argparse.ArgumentParser:
+def verbs_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser of the argparse verbs: of `verb` alone (the modules of its VERBS entries), or,
+    with None, of every verb (for `--help`, and a verb that is none of them)."""
+    runs = [f"  {f'{name} {v.args}':<25}{v.help}".replace("\n", "\n" + " " * 27)
+            for name, v in VERBS.items() if isinstance(v, Runs)]
     parser = _Parser(
         prog="cpm-lightning",
         description="Train CPM-Ant-style language models in public.\n\n"
-        "Training verbs (LightningCLI; `cpm-lightning fit --help` lists every config key):\n"
-        "  fit --config FILE        train (resume with --ckpt_path last)\n"
-        "  validate --config FILE   validation metrics of a checkpoint\n"
-        "  test --config FILE       test metrics of a checkpoint\n"
-        "  live --config FILE       fit that takes up accepted proposals at their step, restarts\n"
-        "                           after crashes and rolls back from divergence (live --help)",
+        "Training verbs (LightningCLI; `cpm-lightning fit --help` lists every config key):\n" + "\n".join(runs),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(title="other verbs", metavar="VERB")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub)
+    subcommands, added = {}, set()
+    for name, module in VERBS.items():
+        of, _, action = name.partition(" ")
+        if isinstance(module, Runs) or module in added or verb not in (None, of):
+            continue
+        added.add(module)
+        if action:
+            importlib.import_module(module).add_commands(subcommands[of])
+        else:
+            subcommands.update(importlib.import_module(module).add_commands(sub) or {})
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     from_sys = argv is None
     argv = sys.argv[1:] if from_sys else argv
+    verb = VERBS.get(argv[0]) if argv else None
     try:
-        if argv and argv[0] in VERBS:
-            run_lightning(None if from_sys else argv)
-        elif argv and argv[0] == "live":  # its arguments are fit's: passed on as they are
-            from cpm_lightning.live.commands import main as live
-
-            live(argv[1:])
+        if isinstance(verb, Runs):
+            verb.run(None if from_sys else argv)
         else:
-            args = tools_parser().parse_args(argv)
+            args = verbs_parser(argv[0] if verb else None).parse_args(argv)
             if not hasattr(args, "func"):
-                tools_parser().print_help()
+                verbs_parser().print_help()
                 sys.exit(2)
             args.func(args)
     except UserError as e:

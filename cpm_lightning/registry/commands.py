@@ -31,7 +31,9 @@ from datamodules.config import DataConfig
 from datamodules.sources import SourceConfig
 
 
-def add_commands(sub) -> None:
+def add_commands(sub) -> dict:
+    """Add `proposals` to `sub`; returns its subcommands by name, for the actions cli/trial.py adds
+    to it (cli/main.py, `VERBS`)."""
     kinds, statuses = list(KINDS), list(get_args(Status))
     proposals = sub.add_parser("proposals", help="the community proposal registry").add_subparsers(metavar="ACTION")
     registry = dict(default="proposals", help="the registry directory (default: proposals)")
@@ -77,6 +79,7 @@ def add_commands(sub) -> None:
     res.add_argument("--config", required=True, help="run config file; its `registry` group picks the proposals")
     res.add_argument("--at-step", type=int, default=None, help="resolve at this step (default: registry.at_step)")
     res.set_defaults(func=proposals_resolve)
+    return {"proposals": proposals}
 
 
 def config_schema() -> ConfigSchema:

@@ -266,7 +266,7 @@ def test_ctrl_c_fails_the_trial_and_writes_no_evidence(bench, capsys):
 
 
 def test_a_rejected_proposal_is_tried_with_a_note(bench):
-    from cpm_lightning.cli.trial import plan
+    from cpm_lightning.cli.trial_plan import plan
 
     trial = plan(Namespace(id=5, config=bench.config, steps=1, seeds=1, start=None, at_step=None))
     assert trial.note == f"proposal 0005 is rejected ({dt.date(2026, 11, 2)}); tried anyway"
@@ -274,7 +274,7 @@ def test_a_rejected_proposal_is_tried_with_a_note(bench):
 
 def test_trials_that_cannot_be_run_fairly_are_refused(bench, original, capsys, tmp_path):
     from cpm_lightning.checkpoint.store import read_meta
-    from cpm_lightning.cli.trial import migration_problem
+    from cpm_lightning.cli.trial_plan import migration_problem
 
     config = str(bench.config)
     trial = lambda *args: cli_error(capsys, "proposals", "trial", *args)  # noqa: E731

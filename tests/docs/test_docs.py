@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cpm_lightning.cli.main import VERBS, tools_parser
+from cpm_lightning.cli.main import VERBS, Runs, verbs_parser
 from cpm_lightning.live.commands import USAGE as LIVE_USAGE
 
 ROOT = Path(__file__).parents[2]
@@ -153,9 +153,9 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 @cache
 def verbs() -> dict[str, set[str] | None]:
     """Each verb and its subverbs (None: the verb takes no subverb, so what follows is arguments)."""
-    table: dict[str, set[str] | None] = {v: None for v in VERBS}
+    table: dict[str, set[str] | None] = {v: None for v, how in VERBS.items() if isinstance(how, Runs)}
     table["live"] = set(re.findall(r"cpm-lightning live ([a-z]+)", LIVE_USAGE))
-    for name, sub in subcommands(tools_parser()).items():
+    for name, sub in subcommands(verbs_parser()).items():
         table[name] = set(subcommands(sub)) or None
     return table
 

@@ -1,0 +1,185 @@
+"""What the public site of a run shows (`cpm-lightning report site`, tracking/site.py renders it), read
+from the MLflow experiment and the registry directory: its runs and their charted metrics, the
+change ledgers, releases, the prompt book's completions, the daily and weekly reports. Everything
+comes from the store a reader of the experiment could read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, STEP_ARTIFACT, App, Prompt, load_apps, load_prompts
+from cpm_lightning.registry.schema import Proposal
+from cpm_lightning.tracking.releases import RUN_TAG, version_aliases
+from cpm_lightning.tracking.report import dedup, experiment_runs
+from cpm_lightning.tracking.weekly import ledger_records, read_proposals
+
+CHARTED = ("train/loss", "val/loss", "train/tokens_per_sec", "train/grad_norm", "train/tokens_seen")
+REPORTS = ("daily", "weekly")  # the artifact folders of `report daily|weekly` on a run
+REPORT_FILE = re.compile(r"^[\w.-]+\.(md|png)$")
+PROMPT_STEP = re.compile(r"^step-(\d+)\.json$")
+PROMPT_STEPS = 12
+"""Training steps of each run whose completions the prompt book shows, the latest: each is a
+download at every rebuild. MLflow keeps all of them."""
+
+
+@dataclass
+class RunData:
+    """One training run of the experiment and its charted metrics."""
+
+    run: object
+    """The MLflow run."""
+    series: dict[str, list[tuple[int, int, float]]]
+    """Metric -> (step, timestamp ms, value), one per step, by step."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.run.info.run_name} ({self.run.info.run_id[:8]})"
+
+    @functools.cached_property
+    def _token_steps(self) -> list[int]:
+        """The steps of train/tokens_seen, once: the metrics page looks up every point of every chart."""
+        return [s for s, _, _ in self.series.get("train/tokens_seen", [])]
+
+    def tokens_at(self, step: int) -> float | None:
+        """Tokens seen at the last logged step at or before `step`."""
+        i = bisect.bisect_right(self._token_steps, step)
+        return self.series["train/tokens_seen"][i - 1][2] if i else None
+
+
+@dataclass
+class Release:
+    """A registered model version released from one of the experiment's runs."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    tags: dict[str, str]
+    created_ms: int
+    run_id: str | None
+    """The release's own MLflow run (its book.COMPLETIONS_ARTIFACT)."""
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def anchor(self) -> str:
+        return "v-" + re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.name}-{self.version}")
+
+
+@dataclass
+class Completions:
+    """One completions artifact (issue 15's contract): of a release, or of a training step."""
+
+    source: str
+    """What the reader sees: the release's URI and step, or the run and step."""
+    by_id: dict[str, dict]
+    """Prompt id -> its entry (id, author, text, max_tokens, completion)."""
+
+
+@dataclass
+class Site:
+    """Everything the pages show, read from MLflow and the registry directory."""
+
+    experiment: str
+    runs: list[RunData]
+    """Newest first."""
+    proposals: list[Proposal]
+    unreadable: int
+    """Proposal files that cannot be read."""
+    ledger: list[tuple[RunData, dict]]
+    """(run, change-ledger record), in time order."""
+    releases: list[Release]
+    """Newest first."""
+    prompts: list[Prompt]
+    apps: list[App]
+    completions: list[Completions]
+    reports: dict[str, list[str]] = field(default_factory=dict)
+    """daily/weekly -> the report names (2026-11-20, 2026-W47) copied into the build, newest first."""
+
+
+def read_site(client: MlflowClient, experiment: str, registry_dir: Path, build: Path) -> Site:
+    """What the pages show; the reports are downloaded into `build`/daily and `build`/weekly."""
+    proposals, unreadable = read_proposals(registry_dir)
+    prompts, apps = load_prompts(registry_dir), load_apps(registry_dir)
+    runs = _runs(client, experiment_runs(client, experiment))
+    ledger = sorted(((r, rec) for r in runs for rec in ledger_records(client, r.run.info.run_id)),
+                    key=lambda item: item[1]["time"])
+    releases = _releases(client, {r.run.info.run_id for r in runs})
+    site = Site(experiment=experiment, runs=runs, proposals=proposals, unreadable=unreadable, ledger=ledger,
+                releases=releases, prompts=prompts, apps=apps, completions=_completions(client, runs, releases))
+    site.reports = {kind: _download_reports(client, runs, kind, build / kind) for kind in REPORTS}
+    return site
+
+
+def _runs(client: MlflowClient, runs: list) -> list[RunData]:
+    out = []
+    for run in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
+        keys = [k for k in run.data.metrics if k in CHARTED or k.startswith("eval/")]
+        out.append(RunData(run, {k: dedup(client.get_metric_history(run.info.run_id, k), float("inf"))[0]
+                                 for k in keys}))
+    return out
+
+
+def _releases(client: MlflowClient, run_ids: set[str]) -> list[Release]:
+    versions = [v for v in client.search_model_versions() if v.tags.get(RUN_TAG) in run_ids]
+    aliases = {name: version_aliases(client.get_registered_model(name)) for name in {v.name for v in versions}}
+    return [Release(v.name, str(v.version), aliases[v.name].get(str(v.version), []), dict(v.tags),
+                    v.creation_timestamp, v.run_id)
+            for v in sorted(versions, key=lambda v: v.creation_timestamp, reverse=True)]
+
+
+def _download_json(client: MlflowClient, run_id: str, path: str) -> dict | None:
+    """A JSON artifact, or None when it is not an object (it is left out of the site)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            data = json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text(encoding="utf-8"))
+        except ValueError:  # not UTF-8, or not JSON
+            return None
+    return data if isinstance(data, dict) and isinstance(data.get("completions"), list) else None
+
+
+def _by_id(data: dict) -> dict[str, dict]:
+    return {str(c.get("id")): c for c in data["completions"] if isinstance(c, dict)}
+
+
+def _completions(client: MlflowClient, runs: list[RunData], releases: list[Release]) -> list[Completions]:
+    """The prompt book's completions: every release's, then the latest PROMPT_STEPS steps of each run."""
+    out = []
+    for rel in releases:
+        folder = str(Path(COMPLETIONS_ARTIFACT).parent)
+        if rel.run_id and COMPLETIONS_ARTIFACT in {a.path for a in client.list_artifacts(rel.run_id, folder)}:
+            if (data := _download_json(client, rel.run_id, COMPLETIONS_ARTIFACT)) is not None:
+                out.append(Completions(f"{rel.uri} (step {rel.tags.get('step', '?')})", _by_id(data)))
+    for r in runs:
+        steps = sorted((int(m[1]), a.path) for a in client.list_artifacts(r.run.info.run_id, str(Path(STEP_ARTIFACT).parent))
+                       if (m := PROMPT_STEP.match(Path(a.path).name)))
+        for step, path in reversed(steps[-PROMPT_STEPS:]):
+            if (data := _download_json(client, r.run.info.run_id, path)) is not None:
+                out.append(Completions(f"{r.label} step {step}", _by_id(data)))
+    return out
+
+
+def _download_reports(client: MlflowClient, runs: list[RunData], kind: str, dst: Path) -> list[str]:
+    """Download the `kind` reports of every run (the same report is logged to each run it covers)
+    into dst, each Markdown file beside its PNG. Returns the names, newest first."""
+    dst.mkdir()
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in runs:
+            files = [Path(a.path).name for a in client.list_artifacts(r.run.info.run_id, kind)]
+            if files:
+                local = Path(client.download_artifacts(r.run.info.run_id, kind, f"{tmp}/{r.run.info.run_id}"))
+                for name in files:
+                    if REPORT_FILE.match(name) and (local / name).is_file():
+                        shutil.copyfile(local / name, dst / name)
+    return sorted((p.stem for p in dst.glob("*.md")), reverse=True)
