@@ -1,8 +1,8 @@
 """A checkpoint migrated as it is loaded into a run of another architecture (docs/ARCHITECTURE.md,
 "Migrations"); the migrations themselves are model/migrate.py.
 
-`fit` plans the migration from the checkpoint's model.arch to the run's before anything is built
-(lightning_cli.py), and the tensors are migrated as they are read: a single file by
+`fit` plans the migration from the checkpoint's model.arch to the run's before the checkpoint is
+loaded (cli/fit.py, migration_plan), and the tensors are migrated as they are read: a single file by
 CausalLM.on_load_checkpoint, in the dict Lightning loaded, and, under FSDP2, by
 FSDP2Strategy.load_checkpoint, every rank reading the full tensors of either format and keeping
 its shards of the migrated ones. Either way the first checkpoint written after it is of the new

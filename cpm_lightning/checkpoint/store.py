@@ -5,7 +5,7 @@ on disk: which one a run resumes).
 <trainer.default_root_dir>/checkpoints holds
   step-00000500.ckpt/           sharded (trainer.strategy: fsdp): torch.distributed.checkpoint
                                 shards of model and optimizer, and meta.pt with everything else
-                                (schedule, data position, loops, RNG, the `cpm` section), and
+                                (schedule, data position, loops, RNG, the `cpm` section: meta.py), and
                                 hashes.json: the sha256 of each file's chunks (checkpoint_files.py)
   step-00000500.ckpt            a single file (unsharded strategies), its hashes beside it in
   step-00000500.ckpt.hashes.json

@@ -1,6 +1,7 @@
 """`cpm-lightning fit|validate|test`: LightningCLI with the run config's own groups
-(`tracking`, `checkpoint`, `eval`, `registry`), the registry applied before anything is built, and the
-checkpoint a run starts from resolved once (docs/ARCHITECTURE.md, "Data flow of fit").
+(`tracking`, `checkpoint`, `eval`, `registry`), and what a run starts from worked out once, before
+anything is built (RunPlan: the checkpoint it resumes, read once, the registry applied at its
+step, the live segment's plan, the prompt book; docs/ARCHITECTURE.md, "Data flow of fit").
 
 Imported only for those verbs: Lightning takes seconds to import.
 """
