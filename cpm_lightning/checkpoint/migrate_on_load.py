@@ -1,8 +1,8 @@
 """A checkpoint migrated as it is loaded into a run of another architecture (docs/ARCHITECTURE.md,
 "Migrations"); the migrations themselves are model/migrate.py.
 
-`fit` plans the migration from the checkpoint's model.arch to the run's before anything is built
-(cli/fit.py), and the tensors are migrated as they are read: a single file by
+`fit` plans the migration from the checkpoint's model.arch to the run's before the checkpoint is
+loaded (cli/fit.py, migration_plan), and the tensors are migrated as they are read: a single file by
 CausalLM.on_load_checkpoint, in the dict Lightning loaded, and, under FSDP2, by
 FSDP2Strategy.load_checkpoint, every rank reading the full tensors of either format and keeping
 its shards of the migrated ones. Either way the first checkpoint written after it is of the new
@@ -26,6 +26,7 @@ from cpm_lightning.checkpoint.files import (
     file_weights,
     user_errors,
 )
+from cpm_lightning.checkpoint.meta import CPMMeta
 from cpm_lightning.model import ArchConfig, CPMAnt
 from cpm_lightning.model.migrate import Step, TrainState, migrate, plan
 
@@ -50,9 +51,9 @@ def optimizer_order(arch: dict) -> list[list[str]]:
     return [[n for n, p in named if p.ndim >= 2], [n for n, p in named if p.ndim < 2]]
 
 
-def file_state(checkpoint: dict) -> TrainState:
-    """The weights and AdamW state of a single-file checkpoint as Lightning loads it."""
-    arch = resolved(checkpoint["cpm"]["arch"])
+def file_state(checkpoint: dict, where: str) -> TrainState:
+    """The weights and AdamW state of single-file checkpoint `where` as Lightning loads it."""
+    arch = resolved(CPMMeta.of(checkpoint, where).arch)
     weights = file_weights(checkpoint)
     optim = (checkpoint.get("optimizer_states") or [None])[0]
     names = [n for group in optimizer_order(arch) for n in group]
@@ -60,10 +61,10 @@ def file_state(checkpoint: dict) -> TrainState:
     return TrainState(arch=arch, weights=weights, moments=moments, step=checkpoint.get("global_step", 0))
 
 
-def migrate_file_checkpoint(checkpoint: dict, steps: list[Step]) -> None:
-    """Migrate a single-file checkpoint as Lightning loaded it, in place, before its weights and
-    AdamW state are loaded into the run's model."""
-    state = file_state(checkpoint)
+def migrate_file_checkpoint(checkpoint: dict, where: str, steps: list[Step]) -> None:
+    """Migrate single-file checkpoint `where` as Lightning loaded it, in place, before its weights
+    and AdamW state are loaded into the run's model."""
+    state = file_state(checkpoint, where)
     migrate(state, steps)
     others = {k: v for k, v in checkpoint[MODEL_KEY].items() if not k.startswith(MODEL_PREFIX)}
     checkpoint[MODEL_KEY] = {**others, **{MODEL_PREFIX + n: w for n, w in state.weights.items()}}
@@ -95,5 +96,5 @@ def sharded_state(path: Path, meta: dict) -> TrainState:
         dcp.load(nested, storage_reader=reader, planner=PlainDataPlanner(path), no_dist=True)
     weights = {k.removeprefix(MODEL_PREFIX): v for k, v in nested[MODEL_KEY].items()}
     moments = {k.removeprefix(MODEL_PREFIX): v for k, v in nested.get(OPTIM_KEY, {}).get("state", {}).items()}
-    return TrainState(arch=resolved(meta["cpm"]["arch"]), weights=weights, moments=moments,
+    return TrainState(arch=resolved(CPMMeta.of(meta, str(path)).arch), weights=weights, moments=moments,
                       step=meta.get("global_step", 0))

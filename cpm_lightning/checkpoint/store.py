@@ -5,7 +5,7 @@ on disk: which one a run resumes).
 <trainer.default_root_dir>/checkpoints holds
   step-00000500.ckpt/           sharded (trainer.strategy: fsdp): torch.distributed.checkpoint
                                 shards of model and optimizer, and meta.pt with everything else
-                                (schedule, data position, loops, RNG, the `cpm` section), and
+                                (schedule, data position, loops, RNG, the `cpm` section: meta.py), and
                                 hashes.json: the sha256 of each file's chunks (files.py)
   step-00000500.ckpt            a single file (unsharded strategies), its hashes beside it in
   step-00000500.ckpt.hashes.json
@@ -22,7 +22,7 @@ import random
 import signal
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +48,11 @@ from cpm_lightning.checkpoint.files import (
     user_errors,
     write_checkpoint_hashes,
 )
-from cpm_lightning.checkpoint.modeldir import StoredModel, check_arch, check_shapes, write_model_dir
+from cpm_lightning.checkpoint.meta import CPMMeta, write
+from cpm_lightning.checkpoint.modeldir import StoredModel, check_shapes, write_model_dir
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.tokenizer import Tokenizer
 from cpm_lightning.model import ArchConfig
-
-RUN_ID_KEY = "mlflow_run_id"  # in checkpoint["cpm"]: the MLflow run a resumed fit continues
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -62,7 +61,8 @@ def is_sharded(path: Path) -> bool:
 
 
 def read_meta(path: Path) -> dict:
-    """Everything in a checkpoint but the sharded tensors; its `cpm` section says what it is."""
+    """Everything in a checkpoint but the sharded tensors; its `cpm` section (checked: CPMMeta)
+    says what it is."""
     path = Path(path)
     if path.is_dir() and not is_sharded(path):
         raise UserError(f"{path}: not a checkpoint (a directory without {_METADATA_FILENAME}: a write that "
@@ -78,8 +78,9 @@ def read_meta(path: Path) -> dict:
         raise UserError(f"checkpoint {str(path)!r} does not exist") from None
     except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("cpm"), dict) or "arch" not in ckpt["cpm"]:
+    if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a cpm-lightning checkpoint (no 'cpm' section)")
+    CPMMeta.of(ckpt, str(path))
     return ckpt
 
 
@@ -132,12 +133,37 @@ def open_checkpoint(path: str | Path) -> tuple[dict, StoredModel]:
         weights = file_weights(meta)
         shapes, dtypes = {k: list(v.shape) for k, v in weights.items()}, {k: v.dtype for k, v in weights.items()}
         read = weights.__getitem__
-    cpm = meta["cpm"]
-    check_arch(cpm["arch"], str(path))
-    tokenizer = Tokenizer.from_bytes(cpm["tokenizer"], f"{path} (its tokenizer)") if cpm.get("tokenizer") else None
-    return meta, StoredModel(arch=cpm["arch"], shapes=shapes, dtypes=dtypes, read=read, tokenizer=tokenizer,
+    cpm = CPMMeta.of(meta, str(path))
+    tokenizer = Tokenizer.from_bytes(cpm.tokenizer, f"{path} (its tokenizer)") if cpm.tokenizer else None
+    return meta, StoredModel(arch=cpm.arch, shapes=shapes, dtypes=dtypes, read=read, tokenizer=tokenizer,
                              where=str(path), missing_tokenizer="the checkpoint carries no tokenizer; expected one saved by "
-                             "`fit` (checkpoint['cpm']['tokenizer'])", migrations=cpm.get("migrations", []))
+                             "`fit` (checkpoint['cpm']['tokenizer'])", migrations=cpm.migrations)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedCheckpoint:
+    """What a checkpoint says about itself and its weights' shapes, read once (read_checkpoint):
+    what `fit` resumes from, `proposals trial --from` and `proposals check --against` start from."""
+
+    path: Path
+    step: int
+    """Optimizer steps trained."""
+    meta: CPMMeta
+    """Its `cpm` section."""
+    shapes: dict[str, list[int]]
+    """Each of CPMAnt's weights' shape, by name."""
+
+
+def read_checkpoint(path: str | Path) -> SavedCheckpoint:
+    """The step, `cpm` section and weight shapes of a sharded or single-file checkpoint; opens
+    its metadata once (a single file is memory-mapped: no tensor is read)."""
+    path = Path(path)
+    ckpt = read_meta(path)
+    if is_sharded(path):
+        shapes = {name: list(m.size) for name, m in _sharded_model_metadata(CheckpointReader(path)).items()}
+    else:
+        shapes = {name: list(t.shape) for name, t in file_weights(ckpt).items()}
+    return SavedCheckpoint(path=path, step=ckpt.get("global_step", 0), meta=CPMMeta.of(ckpt, str(path)), shapes=shapes)
 
 
 @dataclass(kw_only=True)
@@ -166,20 +192,15 @@ class TrainedModel:
 def trained_model(path: str | Path) -> TrainedModel:
     """The model in a checkpoint written by `fit`, sharded or a single file."""
     meta, model = open_checkpoint(path)
-    cpm = meta["cpm"]
+    cpm = CPMMeta.of(meta, str(path))
     return TrainedModel(path=Path(path), model=model, step=meta.get("global_step", 0),
-                        tokens_seen=cpm.get("tokens_seen", 0), run_id=cpm.get(RUN_ID_KEY), proposals=cpm.get("proposals"))
+                        tokens_seen=cpm.tokens_seen, run_id=cpm.mlflow_run_id, proposals=cpm.proposals)
 
 
-def check_architecture(path: Path, arch: ArchConfig) -> None:
+def check_architecture(saved: SavedCheckpoint, arch: ArchConfig) -> None:
     """A UserError naming the first parameter whose shape in the checkpoint differs from the
     model `arch` builds (DCP's own error is a multi-rank traceback)."""
-    path = Path(path)
-    if is_sharded(path):
-        saved = {name: m.size for name, m in _sharded_model_metadata(CheckpointReader(path)).items()}
-    else:
-        saved = {k: v.shape for k, v in file_weights(read_meta(path)).items()}
-    check_shapes(saved, arch, f"checkpoint {path}", "this run's model.arch")
+    check_shapes(saved.shapes, arch, f"checkpoint {saved.path}", "this run's model.arch")
 
 
 def consolidate(path: Path, out_dir: Path) -> list[Path]:
@@ -195,11 +216,12 @@ class Checkpoints(Checkpoint):
     training, and after a preemption signal or a `request_stop` (then stops training); keeps the
     newest `keep_last`, and those at `keep_steps`. Also saves and restores each rank's RNG states."""
 
-    def __init__(self, dirpath: Path, config: CheckpointConfig):
+    def __init__(self, dirpath: Path, config: CheckpointConfig, keep_steps: Iterable[int] = (),
+                 on_saved: Callable[[Path], None] | None = None):
         self.dirpath, self.config = Path(dirpath), config
-        self.keep_steps: set[int] = set()
+        self.keep_steps = set(keep_steps)
         """Steps whose checkpoints outlive keep_last (live: where a rollback may return to)."""
-        self.on_saved: Callable[[Path], None] | None = None
+        self.on_saved = on_saved
         """Called on rank 0 with each checkpoint once it is in place, before older ones are
         pruned (live: pins those a nightly release will read)."""
         self._signal: int | None = None
@@ -303,10 +325,10 @@ class Checkpoints(Checkpoint):
         if dist.is_available() and dist.is_initialized():
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, _rng_state())
-        checkpoint.setdefault("cpm", {})["rng"] = states
+        write(checkpoint, rng=states)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        states = checkpoint.get("cpm", {}).get("rng", [])
+        states = CPMMeta.of(checkpoint, str(trainer.ckpt_path)).rng
         # On a larger world size the new ranks keep their seeded state.
         if trainer.global_rank < len(states):
             _set_rng_state(states[trainer.global_rank])

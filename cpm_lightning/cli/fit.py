@@ -1,6 +1,7 @@
 """`cpm-lightning fit|validate|test`: LightningCLI with the run config's own groups
-(`tracking`, `checkpoint`, `eval`, `registry`), the registry applied before anything is built, and the
-checkpoint a run starts from resolved once (docs/ARCHITECTURE.md, "Data flow of fit").
+(`tracking`, `checkpoint`, `eval`, `registry`), and what a run starts from worked out once, before
+anything is built (RunPlan: the checkpoint it resumes, read once, the registry applied at its
+step, the live segment's plan, the prompt book; docs/ARCHITECTURE.md, "Data flow of fit").
 
 Imported only for those verbs: Lightning takes seconds to import.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -19,15 +21,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from cpm_lightning.checkpoint.config import CheckpointConfig
 from cpm_lightning.checkpoint.directory import resolve_ckpt_path
 from cpm_lightning.checkpoint.migrate_on_load import plan_from
-from cpm_lightning.checkpoint.store import RUN_ID_KEY, Checkpoints, check_architecture, read_meta
+from cpm_lightning.checkpoint.store import Checkpoints, SavedCheckpoint, check_architecture, read_checkpoint
 from cpm_lightning.core.errors import UserError
-from cpm_lightning.inference.book import load_prompts
+from cpm_lightning.inference.book import Prompt, load_prompts
 from cpm_lightning.inference.evaluation import check_tasks
 from cpm_lightning.inference.generate import book_tokens
 from cpm_lightning.live.config import LiveConfig
-from cpm_lightning.live.segment import LiveSegment, segment_plan
-from cpm_lightning.model.migrate import NoMigration
-from cpm_lightning.registry.apply import RegistryConfig, apply_registry
+from cpm_lightning.live.protocol import Plan
+from cpm_lightning.live.segment import LiveSegment, release_pins, segment_plan
+from cpm_lightning.model import ArchConfig
+from cpm_lightning.model.migrate import NoMigration, Step
+from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig, apply_registry
 from cpm_lightning.registry.keys import OPERATOR_KEYS, ConfigSchema
 from cpm_lightning.tracking.config import TrackingConfig, check_reachable
 from cpm_lightning.tracking.logger import CPMLogger, TrackRun
@@ -35,6 +39,33 @@ from cpm_lightning.train.callbacks import CarryProvenance, Evaluate, LogSamplesP
 from cpm_lightning.train.config import EvalConfig
 from cpm_lightning.train.run_config import GROUPS, VERBS, kept_tokenizer
 from cpm_lightning.train.sharding import FSDP2Strategy
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    """What a run starts from, worked out once in before_instantiate_classes, before any class is
+    built, and handed to the callbacks that need it. Here, not in train/: it joins the registry,
+    `live` and the prompt book, which sit above the training package."""
+
+    start: SavedCheckpoint | None
+    """The checkpoint the run resumes (`--ckpt_path`, `last`, checkpoint.resume=auto), read once."""
+    proposals: AppliedRegistry | None
+    """The registry as applied at the starting step; None without registry.path."""
+    segment: Plan | None
+    """Under `live`: what the supervisor told this segment."""
+    resolved: dict
+    """Under `live`: the values of the keys proposals may set, as this segment resolved them
+    (the ledger's old -> new)."""
+    init_from: str | None
+    """checkpoint.init_from: a model directory whose architecture (always) and weights (unless the
+    run resumes a checkpoint) the run starts from."""
+    init_arch: dict | None
+    """init_from's architecture."""
+    book: list[Prompt]
+    """The registry's prompt book, completed by the Evaluate callback."""
+    run_id: str | None
+    """The MLflow run a resumed fit continues: its checkpoint's (under `live`, before the first
+    checkpoint, the run's); tracking.run_id overrides it."""
 
 
 class CPMCLI(LightningCLI):
@@ -56,84 +87,52 @@ class CPMCLI(LightningCLI):
         self.argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list) else []
 
     def _parse_ckpt_path(self):
-        # LightningCLI would merge a single-file checkpoint's hyper_parameters over the parsed
-        # config here, so that a resumed run silently trained with the checkpoint's values, not
-        # the config's, the registry's or the command line's. The run config is what trains: the
-        # checkpoint is resolved and read in before_instantiate_classes, and a model that does not
-        # fit it is an error (check_architecture).
+        # The only way to keep LightningCLI from reading the checkpoint before any hook: its
+        # __init__ calls _parse_ckpt_path right after parse_arguments (lightning/pytorch/cli.py,
+        # LightningCLI.__init__ and _parse_ckpt_path, 2.6), which torch.loads a single-file
+        # checkpoint whole and merges its hyper_parameters over the parsed config, so that a
+        # resumed run would train with the checkpoint's values, not the config's, the registry's
+        # or the command line's. There is no argument to turn it off. The run config is what
+        # trains: the checkpoint is read once in before_instantiate_classes (RunPlan), and a
+        # model that does not fit it is an error (check_architecture).
         pass
 
     def before_instantiate_classes(self):
-        cfg = self.config[self.subcommand]
-        # The checkpoint the run starts from, once: `last` and (fit only) checkpoint.resume=auto
-        # become a path, and its step and MLflow run id are read here.
-        resume = cfg.checkpoint.resume if self.subcommand == "fit" else "never"
-        self.ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints", resume)
-        self.ckpt_meta = read_meta(self.ckpt) if self.ckpt else {}
-        # Accepted proposals go in above the config files and below the command line; a
-        # resumed run applies those in effect at the step it resumes from.
-        if cfg.registry.at_step is None:
-            cfg.registry.at_step = self.ckpt_meta.get("global_step", 0)
-        self.proposals = apply_registry(cfg, self.argv, self.subcommand, ConfigSchema(GROUPS))
-        # Started by `live` as one segment of a run: what the supervisor said, and the values
-        # of the keys proposals may set as this segment resolved them (the ledger's old -> new).
-        self.plan = segment_plan() if self.subcommand == "fit" else None
-        if self.plan:
-            groups = {f"model.{g}": cfg.model[g].as_dict() for g in ("arch", "optim", "schedule", "loss")}
-            self.resolved = dict(leaf for g, values in {**groups, "data": cfg.data.as_dict()}.items()
-                                 for leaf in _leaves(g, values) if leaf[0] not in OPERATOR_KEYS)
-        # A resumed run keeps the tokenizer it was trained with (run_config.kept_tokenizer).
-        tokenizer = self.ckpt_meta.get("cpm", {}).get("tokenizer")
-        if tokenizer is not None and cfg.data.tokenizer is None:
-            cfg.data.tokenizer = kept_tokenizer(cfg.data, tokenizer)
-        # A run may start from a model directory: its architecture always, its weights unless
-        # the run resumes a checkpoint (checkpoint.resume=auto after a requeue).
-        self.init_from = cfg.checkpoint.init_from if self.subcommand == "fit" else None
-        if self.init_from:
-            if cfg.get("ckpt_path"):
-                raise UserError("--ckpt_path and checkpoint.init_from both say where the run starts; give one")
-            self.init_arch = take_architecture(cfg, self.init_from)
-        if cfg.trainer.logger in (None, True):  # fail before any work (tokenizer, shards)
-            check_reachable(TrackingConfig(uri=cfg.tracking.uri).resolved_uri)
-        if self.subcommand == "fit" and cfg.eval.every_n_steps:
-            check_tasks(cfg.eval.tasks, "eval.tasks", has_heldout=True)
-        # The prompt book of the registry the run follows, completed by the Evaluate callback.
-        self.book = load_prompts(Path(cfg.registry.path)) if self.subcommand == "fit" and cfg.eval.every_n_steps \
-            and cfg.registry.path else []
+        self.run_plan = plan_run(self.config[self.subcommand], self.subcommand, self.argv)
 
     def instantiate_classes(self):
         super().instantiate_classes()
-        arch, seq_len = self.model.arch, self.datamodule.seq_len
-        if self.init_from:
-            if arch.vocab_size != self.init_arch["vocab_size"]:
-                raise UserError(f"checkpoint.init_from {self.init_from}: its tokenizer has {arch.vocab_size} tokens, "
-                                f"its model's vocab_size is {self.init_arch['vocab_size']}")
-            if not self.ckpt:
-                self.model.init_from = self.init_from
+        plan, arch, seq_len = self.run_plan, self.model.arch, self.datamodule.seq_len
+        if plan.init_from:
+            if arch.vocab_size != plan.init_arch["vocab_size"]:
+                raise UserError(f"checkpoint.init_from {plan.init_from}: its tokenizer has {arch.vocab_size} tokens, "
+                                f"its model's vocab_size is {plan.init_arch['vocab_size']}")
+            if not plan.start:
+                self.model.init_from = plan.init_from
         if seq_len > arch.max_len:
             raise UserError(f"data.seq_len={seq_len} is above the model's maximum length "
                             f"model.arch.max_len={arch.max_len}")
-        if problems := book_tokens(self.book, self.datamodule.text_tokenizer, arch)[1]:
+        if problems := book_tokens(plan.book, self.datamodule.text_tokenizer, arch)[1]:
             raise UserError(problems[0])
 
     def instantiate_trainer(self, **kwargs):
-        cfg = self.config_init[self.subcommand]
+        cfg, plan = self.config_init[self.subcommand], self.run_plan
         root = _root(cfg)
-        cfg["ckpt_path"] = self.ckpt and str(self.ckpt)
+        cfg["ckpt_path"] = plan.start and str(plan.start.path)
         if cfg.trainer.strategy == "fsdp":  # FSDP2; Lightning's "fsdp" is FSDP1 (sharding.py)
             kwargs["strategy"] = FSDP2Strategy()
-        checkpoints = Checkpoints(root / "checkpoints", cfg.checkpoint)
-        callbacks = [checkpoints, CarryProvenance(self.proposals and self.proposals.resolution.ids), LogSamplesPerSource()]
+        segment = plan.segment
+        checkpoints = Checkpoints(root / "checkpoints", cfg.checkpoint, keep_steps=segment.keep_steps if segment else (),
+                                  on_saved=release_pins(segment, cfg.live) if segment else None)
+        callbacks = [checkpoints, CarryProvenance(plan.proposals and plan.proposals.resolution.ids), LogSamplesPerSource()]
         if self.subcommand == "fit" and cfg.eval.every_n_steps:
-            callbacks.append(Evaluate(cfg.eval, self.book))
-        if self.plan:
-            callbacks.append(LiveSegment(self.plan, cfg.live, checkpoints, self.resolved))
+            callbacks.append(Evaluate(cfg.eval, plan.book))
+        if segment:
+            callbacks.append(LiveSegment(segment, cfg.live, checkpoints, plan.resolved))
         if cfg.trainer.logger in (None, True):
-            # A resumed fit continues the MLflow run its checkpoint names (or, under `live`, the
-            # run's before its first checkpoint), unless tracking.run_id names another.
-            run_id = self.ckpt_meta.get("cpm", {}).get(RUN_ID_KEY) if self.subcommand == "fit" else None
-            run_id = cfg.tracking.run_id or run_id or (self.plan and self.plan.run_id)
-            kwargs["logger"] = _mlflow_logger(cfg.tracking, root, run_id, self.plan.logged_through if self.plan else -1)
+            # A resumed fit continues the MLflow run its checkpoint names, unless tracking.run_id names another.
+            kwargs["logger"] = _mlflow_logger(cfg.tracking, root, cfg.tracking.run_id or plan.run_id,
+                                              segment.logged_through if segment else -1)
             callbacks.append(TrackRun(kwargs["logger"]))
         configured = cfg.trainer.callbacks or []  # instantiated already: keep them
         configured = configured if isinstance(configured, list) else [configured]
@@ -145,34 +144,72 @@ class CPMCLI(LightningCLI):
             raise UserError(f"trainer: {message} (accelerators on this machine: {', '.join(_accelerators())})") from None
 
     def before_fit(self):
-        if self.ckpt:
-            self._plan_migration()
+        if self.run_plan.start:
+            self.model.migrate_on_load = migration_plan(self.run_plan.start, self.model.arch)
         # Here, before Lightning launches the other ranks: one error line, not one per rank.
         t = self.trainer
         self.datamodule.micro_batch_size(t.num_devices * t.num_nodes, t.accumulate_grad_batches)
         self._log_config()
 
-    def _plan_migration(self):
-        """A checkpoint of another model.arch resumes through migrations when some take it to this
-        run's (checkpoint/migrate_on_load.py); otherwise its shapes must be this run's."""
-        try:
-            steps = plan_from(self.ckpt_meta["cpm"]["arch"], self.model.arch)
-        except NoMigration as e:
-            raise UserError(f"checkpoint {self.ckpt} cannot resume with this run's model.arch: {e}") from None
-        if not steps:
-            check_architecture(self.ckpt, self.model.arch)
-            return
-        self.model.migrate_on_load = steps
-        rank_zero_info(f"{self.ckpt}: migrating to this run's model.arch: {'; '.join(map(str, steps))}")
-
     def _log_config(self):
         logger = self.trainer.logger
         if self.trainer.is_global_zero and hasattr(logger, "run_id"):
             text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
-            if self.proposals is not None:  # provenance: tags, proposals.lock, commented keys
-                self.proposals.log(logger.experiment, logger.run_id)
-                text = self.proposals.annotate(text)
+            if self.run_plan.proposals is not None:  # provenance: tags, proposals.lock, commented keys
+                self.run_plan.proposals.log(logger.experiment, logger.run_id)
+                text = self.run_plan.proposals.annotate(text)
             logger.experiment.log_text(logger.run_id, text, "config.yaml")
+
+
+def plan_run(cfg, subcommand: str, argv: list[str]) -> RunPlan:
+    """The RunPlan of a parsed run config `cfg` (the subcommand's namespace), which it completes:
+    the registry's values, the starting step, the kept tokenizer, init_from's architecture."""
+    fit = subcommand == "fit"
+    # `last` and (fit only) checkpoint.resume=auto become a path; its step picks the proposals,
+    # its run id the MLflow run.
+    path = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints", cfg.checkpoint.resume if fit else "never")
+    start = read_checkpoint(path) if path else None
+    # Accepted proposals go in above the config files and below the command line; a resumed run
+    # applies those in effect at the step it resumes from.
+    if cfg.registry.at_step is None:
+        cfg.registry.at_step = start.step if start else 0
+    proposals = apply_registry(cfg, argv, subcommand, ConfigSchema(GROUPS))
+    segment = segment_plan() if fit else None
+    resolved = {}
+    if segment:
+        groups = {f"model.{g}": cfg.model[g].as_dict() for g in ("arch", "optim", "schedule", "loss")}
+        resolved = dict(leaf for g, values in {**groups, "data": cfg.data.as_dict()}.items()
+                        for leaf in _leaves(g, values) if leaf[0] not in OPERATOR_KEYS)
+    # A resumed run keeps the tokenizer it was trained with (run_config.kept_tokenizer).
+    if start and start.meta.tokenizer is not None and cfg.data.tokenizer is None:
+        cfg.data.tokenizer = kept_tokenizer(cfg.data, start.meta.tokenizer)
+    init_from = cfg.checkpoint.init_from if fit else None
+    if init_from and cfg.get("ckpt_path"):
+        raise UserError("--ckpt_path and checkpoint.init_from both say where the run starts; give one")
+    init_arch = take_architecture(cfg, init_from) if init_from else None
+    if cfg.trainer.logger in (None, True):  # fail before any work (tokenizer, shards)
+        check_reachable(TrackingConfig(uri=cfg.tracking.uri).resolved_uri)
+    evaluates = fit and cfg.eval.every_n_steps
+    if evaluates:
+        check_tasks(cfg.eval.tasks, "eval.tasks", has_heldout=True)
+    book = load_prompts(Path(cfg.registry.path)) if evaluates and cfg.registry.path else []
+    run_id = (start.meta.mlflow_run_id if fit and start else None) or (segment and segment.run_id)
+    return RunPlan(start=start, proposals=proposals, segment=segment, resolved=resolved, init_from=init_from,
+                   init_arch=init_arch, book=book, run_id=run_id)
+
+
+def migration_plan(start: SavedCheckpoint, arch: ArchConfig) -> list[Step]:
+    """The migrations that take checkpoint `start` to this run's model.arch (migrate_on_load.py);
+    none when they agree, and then its shapes must be this run's."""
+    try:
+        steps = plan_from(start.meta.arch, arch)
+    except NoMigration as e:
+        raise UserError(f"checkpoint {start.path} cannot resume with this run's model.arch: {e}") from None
+    if not steps:
+        check_architecture(start, arch)
+    else:
+        rank_zero_info(f"{start.path}: migrating to this run's model.arch: {'; '.join(map(str, steps))}")
+    return steps
 
 
 # Fields of model.arch that say how a run computes, not what the weights mean: a run that starts
@@ -185,7 +222,6 @@ def take_architecture(cfg, directory: str) -> dict:
     the run gives that differs is a UserError. Returns the directory's arch."""
     from cpm_lightning.checkpoint.modeldir import is_model_dir, open_model_dir
     from cpm_lightning.core.tokenizer import Tokenizer
-    from cpm_lightning.model import ArchConfig
 
     if not is_model_dir(Path(directory)):
         raise UserError(f"checkpoint.init_from {directory}: not a model directory (no model.safetensors); expected "

@@ -159,11 +159,11 @@ def _start(trial: Trial, start: str | None) -> dict | None:
         from cpm_lightning.checkpoint.modeldir import open_model_dir
 
         return open_model_dir(path).arch
-    from cpm_lightning.checkpoint.store import read_meta
+    from cpm_lightning.checkpoint.store import read_checkpoint
 
-    meta = read_meta(path)
-    trial.start_step = meta.get("global_step", 0)
-    return meta["cpm"]["arch"]
+    saved = read_checkpoint(path)
+    trial.start_step = saved.step
+    return saved.meta.arch
 
 
 def migration_problem(changes: dict, arch: dict, checkpoint: bool) -> str | None:

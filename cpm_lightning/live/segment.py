@@ -1,8 +1,9 @@
-"""Inside a segment: the callback that `fit` adds when `live` started it (cli/fit.py reads
-the plan through `segment_plan`). It stops training where the supervisor says the proposals in
-effect change, watches the loss for divergence, and reports through status.json
-(protocol.py). Every decision is the same on every rank: the supervisor's word reaches rank 0
-only and is shared in the one collective per step that also averages the loss.
+"""Inside a segment: the callback that `fit` adds when `live` started it (cli/fit.py reads the
+plan through `segment_plan` and gives the segment's Checkpoints its keep_steps and
+`release_pins`). It stops training where the supervisor says the proposals in effect change,
+watches the loss for divergence, and reports through status.json (protocol.py). Every decision
+is the same on every rank: the supervisor's word reaches rank 0 only and is shared in the one
+collective per step that also averages the loss.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from cpm_lightning.checkpoint.directory import pin, step_of
+from cpm_lightning.checkpoint.meta import CPMMeta, write
 from cpm_lightning.checkpoint.store import Checkpoints
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.ledger import read_records
@@ -44,6 +47,21 @@ def segment_plan() -> Plan | None:
     return read_json(Path(path), Plan) if path else None
 
 
+def release_pins(plan: Plan, config: LiveConfig) -> Callable[[Path], None] | None:
+    """Checkpoints.on_saved of a segment: a checkpoint of a release step is pinned as it is
+    written, before checkpoint.keep_last can prune it, and the supervisor's publisher releases it
+    when it can (publish.py). None when the run makes no releases."""
+    every, publish = config.release_every_n_steps, LiveDir(plan.root).publish
+    if not every:
+        return None
+
+    def pin_release(ckpt: Path) -> None:
+        if step_of(ckpt) % every == 0:
+            pin(ckpt, publish)
+
+    return pin_release
+
+
 class LiveSegment(L.Callback):
     """The supervisor's agent inside `fit` (see the module docstring)."""
 
@@ -66,20 +84,11 @@ class LiveSegment(L.Callback):
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
         trainer.datamodule.skip = [tuple(w) for w in self.plan.skip]
-        self.checkpoints.keep_steps = set(self.plan.keep_steps)
-        if self.config.release_every_n_steps:
-            self.checkpoints.on_saved = self._pin
         if trainer.is_global_zero:
             self._lock = lock(self.files.segment_lock, wait=True)
 
-    def _pin(self, ckpt: Path) -> None:
-        """A checkpoint of a release step is pinned as it is written, before checkpoint.keep_last
-        can prune it: the supervisor's publisher releases it when it can (publish.py)."""
-        if step_of(ckpt) % self.config.release_every_n_steps == 0:
-            pin(ckpt, self.files.publish)
-
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        live = checkpoint.get("cpm", {}).get("live", {})
+        live = CPMMeta.of(checkpoint, str(trainer.ckpt_path)).live or {}
         # The loss of a new mixture is not comparable with the old one's: the window restarts.
         if live.get("data") == _data_fingerprint(trainer.datamodule):
             self.losses.extend(live.get("losses", []))
@@ -171,9 +180,9 @@ class LiveSegment(L.Callback):
 
     # -- checkpoints and the end ----------------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint.setdefault("cpm", {})["live"] = {
-            "losses": list(self.losses), "nonfinite": self.nonfinite, "data": _data_fingerprint(trainer.datamodule)}
-        checkpoint["cpm"]["changes"] = read_records(self.files.ledger)
+        write(checkpoint, live={"losses": list(self.losses), "nonfinite": self.nonfinite,
+                                "data": _data_fingerprint(trainer.datamodule)},
+              changes=read_records(self.files.ledger))
         self.status.checkpoints[str(trainer.global_step)] = _sample_index(trainer)
 
     def on_train_end(self, trainer, pl_module):

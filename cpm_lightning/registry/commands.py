@@ -158,11 +158,11 @@ def _model_of(source: str) -> tuple[dict, Tokenizer | None]:
     if is_model_dir(Path(source)):
         stored = open_model_dir(source)
         return {**resolved(stored.arch), "step": 0}, stored.tokenizer
-    from cpm_lightning.checkpoint.store import read_meta
+    from cpm_lightning.checkpoint.store import read_checkpoint
 
-    meta = read_meta(Path(source))
-    tokenizer = meta["cpm"].get("tokenizer")
-    return ({**resolved(meta["cpm"]["arch"]), "step": meta.get("global_step", 0)},
+    saved = read_checkpoint(Path(source))
+    tokenizer = saved.meta.tokenizer
+    return ({**resolved(saved.meta.arch), "step": saved.step},
             tokenizer and Tokenizer.from_bytes(tokenizer, f"{source}: its tokenizer"))
 
 

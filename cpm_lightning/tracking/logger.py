@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from cpm_lightning.checkpoint.store import RUN_ID_KEY
+from cpm_lightning.checkpoint.meta import write
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.tracking.config import START_STEP
 
@@ -371,4 +371,4 @@ class TrackRun(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if self.run_id is not None:
-            checkpoint.setdefault("cpm", {})[RUN_ID_KEY] = self.run_id
+            write(checkpoint, mlflow_run_id=self.run_id)

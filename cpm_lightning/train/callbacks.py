@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 
+from cpm_lightning.checkpoint import meta
 from cpm_lightning.inference.book import STEP_ARTIFACT, Prompt, completions_json
 from cpm_lightning.inference.evaluation import evaluate, flat
 from cpm_lightning.inference.generate import complete_book
@@ -26,12 +27,11 @@ class CarryProvenance(L.Callback):
         """The applied proposals' ids, comma-separated; None when the run follows no registry."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        cpm = checkpoint.setdefault("cpm", {})
         tokenizer = getattr(trainer.datamodule, "text_tokenizer", None)
         if tokenizer is not None:
-            cpm["tokenizer"] = tokenizer.model_bytes
+            meta.write(checkpoint, tokenizer=tokenizer.model_bytes)
         if self.proposals is not None:
-            cpm["proposals"] = self.proposals
+            meta.write(checkpoint, proposals=self.proposals)
 
 
 class LogSamplesPerSource(L.Callback):

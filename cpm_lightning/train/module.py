@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from cpm_lightning.checkpoint import meta
 from cpm_lightning.checkpoint.files import MODEL_KEY
 from cpm_lightning.checkpoint.migrate_on_load import migrate_file_checkpoint
 from cpm_lightning.checkpoint.modeldir import open_model_dir
@@ -175,15 +176,14 @@ class CausalLM(ModelConfig, L.LightningModule):
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):
-        checkpoint.setdefault("cpm", {}).update(arch=self.arch.to_dict(), tokens_seen=self.tokens_seen,
-                                                skipped_steps=self.skipped_steps, migrations=self.migrations)
+        meta.write(checkpoint, arch=self.arch.to_dict(), tokens_seen=self.tokens_seen,
+                   skipped_steps=self.skipped_steps, migrations=self.migrations)
 
     def on_load_checkpoint(self, checkpoint):
-        cpm = checkpoint.get("cpm", {})
-        self.tokens_seen, self.skipped_steps = cpm.get("tokens_seen", 0), cpm.get("skipped_steps", 0)
-        self.migrations = list(cpm.get("migrations", []))
+        cpm = meta.CPMMeta.of(checkpoint, str(self.trainer.ckpt_path))
+        self.tokens_seen, self.skipped_steps, self.migrations = cpm.tokens_seen, cpm.skipped_steps, list(cpm.migrations)
         if self.migrate_on_load:
             if MODEL_KEY in checkpoint:  # a single file, which Lightning loads after this hook (FSDP2: loaded)
-                migrate_file_checkpoint(checkpoint, self.migrate_on_load)
+                migrate_file_checkpoint(checkpoint, str(self.trainer.ckpt_path), self.migrate_on_load)
             step = checkpoint.get("global_step", 0)
             self.migrations += [{**s.as_dict(), "step": step} for s in self.migrate_on_load]

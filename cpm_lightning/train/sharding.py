@@ -83,7 +83,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         sharded = (path / _METADATA_FILENAME).is_file()
         check_file(path, _METADATA_FILENAME if sharded else None)
         meta = torch.load(path / _METADATA_FILENAME if sharded else path, map_location="cpu", weights_only=True)
-        state = sharded_state(path, meta) if sharded else file_state(meta)
+        state = sharded_state(path, meta) if sharded else file_state(meta, str(path))
         migrate(state, steps)
         load_full_weights(self.lightning_module.model, state.weights.__getitem__)
         for optimizer in self.optimizers:

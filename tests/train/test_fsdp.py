@@ -389,8 +389,7 @@ def test_global_batch_the_world_size_does_not_divide(runs, straight2, capsys):
 
 def test_checkpoints_at_keep_steps_outlive_keep_last(tmp_path):
     """live keeps the checkpoint a proposal took effect at while a suspension may return to it."""
-    saver = Checkpoints(tmp_path, CheckpointConfig(every_n_steps=1, keep_last=1))
-    saver.keep_steps = {2}
+    saver = Checkpoints(tmp_path, CheckpointConfig(every_n_steps=1, keep_last=1), keep_steps=[2])
     trainer = SimpleNamespace(global_step=0, is_global_zero=True, strategy=SimpleNamespace(barrier=lambda name: None),
                               save_checkpoint=lambda path: Path(path).write_bytes(b""))
     for step in (1, 2, 3, 4):
