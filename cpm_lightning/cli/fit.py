@@ -33,6 +33,7 @@ from cpm_lightning.model import ArchConfig
 from cpm_lightning.model.migrate import NoMigration, Step
 from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig, apply_registry
 from cpm_lightning.registry.keys import OPERATOR_KEYS, ConfigSchema
+from cpm_lightning.registry.run_args import RunArgs, read_run_args
 from cpm_lightning.tracking.config import TrackingConfig, check_reachable
 from cpm_lightning.tracking.logger import CPMLogger, TrackRun
 from cpm_lightning.train.callbacks import CarryProvenance, Evaluate, LogSamplesPerSource
@@ -69,6 +70,12 @@ class RunPlan:
 
 
 class CPMCLI(LightningCLI):
+    def __init__(self, *args, run_args: RunArgs, **kwargs):
+        # The run config as run_args.py read the command line (which keys it set): parsed once,
+        # before LightningCLI parses it again into its namespace.
+        self.run_args = run_args
+        super().__init__(*args, **kwargs)
+
     @staticmethod
     def subcommands():
         return {k: v for k, v in LightningCLI.subcommands().items() if k in VERBS}
@@ -80,11 +87,6 @@ class CPMCLI(LightningCLI):
         parser.add_class_arguments(RegistryConfig, "registry")
         parser.add_class_arguments(LiveConfig, "live")  # read by `live`; a plain `fit` ignores it
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
-
-    def parse_arguments(self, parser, args):
-        super().parse_arguments(parser, args)
-        # Kept to tell command-line overrides of a proposal's key from config-file values.
-        self.argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list) else []
 
     def _parse_ckpt_path(self):
         # The only way to keep LightningCLI from reading the checkpoint before any hook: its
@@ -98,7 +100,7 @@ class CPMCLI(LightningCLI):
         pass
 
     def before_instantiate_classes(self):
-        self.run_plan = plan_run(self.config[self.subcommand], self.subcommand, self.argv)
+        self.run_plan = plan_run(self.config[self.subcommand], self.subcommand, self.run_args.cli_keys)
 
     def instantiate_classes(self):
         super().instantiate_classes()
@@ -161,9 +163,10 @@ class CPMCLI(LightningCLI):
             logger.experiment.log_text(logger.run_id, text, "config.yaml")
 
 
-def plan_run(cfg, subcommand: str, argv: list[str]) -> RunPlan:
+def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
     """The RunPlan of a parsed run config `cfg` (the subcommand's namespace), which it completes:
-    the registry's values, the starting step, the kept tokenizer, init_from's architecture."""
+    the registry's values (except at the keys the command line set, `cli_keys`), the starting
+    step, the kept tokenizer, init_from's architecture."""
     fit = subcommand == "fit"
     # `last` and (fit only) checkpoint.resume=auto become a path; its step picks the proposals,
     # its run id the MLflow run.
@@ -173,7 +176,7 @@ def plan_run(cfg, subcommand: str, argv: list[str]) -> RunPlan:
     # applies those in effect at the step it resumes from.
     if cfg.registry.at_step is None:
         cfg.registry.at_step = start.step if start else 0
-    proposals = apply_registry(cfg, argv, subcommand, ConfigSchema(GROUPS))
+    proposals = apply_registry(cfg, cli_keys, ConfigSchema(GROUPS))
     segment = segment_plan() if fit else None
     resolved = {}
     if segment:
@@ -280,8 +283,9 @@ def _leaves(prefix: str, value) -> list[tuple[str, object]]:
     return [(prefix, list(value) if isinstance(value, tuple) else value)]
 
 
-def run(argv: list[str] | None) -> CPMCLI:
-    """argv None: LightningCLI reads sys.argv itself (it warns when given both). Returns the CLI,
+def run(argv: list[str] | None, run_args: RunArgs | None = None) -> CPMCLI:
+    """argv None: LightningCLI reads sys.argv itself (it warns when given both). `run_args`: the
+    run config as registry/run_args.py read argv (read here when not given). Returns the CLI,
     whose trainer and model a caller in the same process may read (`proposals trial`)."""
     import jsonargparse
 
@@ -289,10 +293,11 @@ def run(argv: list[str] | None) -> CPMCLI:
 
     # `--help` and `--print_config` show each config dataclass field's docstring. Reading them
     # costs ~0.7 s, which every other start of `fit` (each rank, each live segment) is spared.
-    words = sys.argv if argv is None else argv
+    words = sys.argv[1:] if argv is None else argv
+    run_args = run_args or read_run_args(words[1:])  # after the verb
     asked = any(w in ("-h", "--help") or w.startswith("--print_config") for w in words)
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=asked)
     # exit_on_error=False: jsonargparse raises ArgumentError instead of printing its usage block,
     # and cli.main() prints the message as one line.
-    return CPMCLI(*training_classes(), args=argv, save_config_callback=None, seed_everything_default=0,
+    return CPMCLI(*training_classes(), run_args=run_args, args=argv, save_config_callback=None, seed_everything_default=0,
                   parser_kwargs={"exit_on_error": False})

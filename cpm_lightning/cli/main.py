@@ -22,10 +22,10 @@ def run_lightning(argv: list[str] | None) -> None:
     expand, merge or take for an inline config; `live` reads it so too, and refuses the same."""
     from cpm_lightning.registry.run_args import read_run_args
 
-    read_run_args((sys.argv[1:] if argv is None else argv)[1:])  # after the verb
+    run_args = read_run_args((sys.argv[1:] if argv is None else argv)[1:])  # after the verb
     from cpm_lightning.cli.fit import run
 
-    run(argv)
+    run(argv, run_args)
 
 
 def _live(argv: list[str] | None) -> None:

@@ -15,7 +15,6 @@ from cpm_lightning.model.config import ArchConfig
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.limits import Limits, size_problem
 from cpm_lightning.registry.resolve import Resolution, annotate, load_registry, resolve
-from cpm_lightning.registry.run_args import read_run_args
 from cpm_lightning.registry.schema import KINDS, Kind, Proposal
 from cpm_lightning.registry.typecheck import as_hinted
 
@@ -83,20 +82,19 @@ def _flow(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...")
 
 
-def override_keys(argv: list[str], subcommand: str) -> set[str]:
-    """The model.*/data.* keys that arguments after `subcommand` set, `--config` aside (run_args.py
-    `RunArgs.cli_keys`)."""
-    args = argv[argv.index(subcommand) + 1:] if subcommand in argv else argv
-    return {key for key in read_run_args(args).cli_keys if key.startswith(("model.", "data."))}
+def override_keys(cli_keys: set[str]) -> set[str]:
+    """The model.*/data.* keys among those the command line set (run_args.py `RunArgs.cli_keys`):
+    the ones a proposal's value may be overridden at."""
+    return {key for key in cli_keys if key.startswith(("model.", "data."))}
 
 
 def _covered(key: str, cli_keys: set[str]) -> bool:
     return any(key == c or key.startswith(c + ".") for c in cli_keys)
 
 
-def apply_registry(cfg, argv: list[str], subcommand: str, schema: ConfigSchema) -> AppliedRegistry | None:
+def apply_registry(cfg, cli_keys: set[str], schema: ConfigSchema) -> AppliedRegistry | None:
     """Set the resolved proposals' values into a parsed LightningCLI namespace `cfg`, except
-    where the command line set the key. Raises UserError, listing every problem, if the registry
+    where the command line set the key (`cli_keys`, RunArgs.cli_keys). Raises UserError, listing every problem, if the registry
     has any: then nothing is applied and the run does not start."""
     settings = _group(cfg.registry, RegistryConfig)
     if settings.path is None:
@@ -104,7 +102,7 @@ def apply_registry(cfg, argv: list[str], subcommand: str, schema: ConfigSchema) 
     reg = load_registry(settings.path, schema, settings)
     res = resolve(reg, settings.at_step or 0, settings.kinds, settings.exclude, settings.trial)
     applied = AppliedRegistry(res)
-    cli_keys = override_keys(argv, subcommand)
+    cli_keys = override_keys(cli_keys)
     for key, value in res.values.items():
         value = as_hinted(value, schema.lookup(key)[0])
         if not _covered(key, cli_keys):

@@ -142,7 +142,7 @@ def test_integers_where_floats_belong_reach_the_run_as_floats(tmp_path):
     cfg = Namespace(registry=Namespace(**dataclasses.asdict(RegistryConfig(path=str(tmp_path / "reg")))),
                     model=Namespace(arch=Namespace(preset="tiny"), optim=Namespace(betas=(0.9, 0.95), lr=0.02)),
                     data=Namespace(tokenizer=None, tokenizer_vocab_size=400))
-    apply_registry(cfg, [], "fit", ConfigSchema(GROUPS))
+    apply_registry(cfg, set(), ConfigSchema(GROUPS))
     assert (cfg.model.optim.betas, cfg.model.optim.lr) == ((0.0, 0.0), 1.0)
     assert all(type(v) is float for v in (*cfg.model.optim.betas, cfg.model.optim.lr))
 

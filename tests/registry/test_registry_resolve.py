@@ -15,6 +15,7 @@ from cpm_lightning.core.errors import UserError
 from cpm_lightning.registry.apply import AppliedRegistry, override_keys
 from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.resolve import load_registry, resolve
+from cpm_lightning.registry.run_args import read_run_args
 from cpm_lightning.train.run_config import GROUPS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,7 +169,7 @@ def test_lock_and_comments(tmp_path):
 ])
 def test_command_line_override_keys(argv, keys, tmp_path):
     (tmp_path / "c.yaml").write_text("model:\n  arch:\n    dim: 64\n")
-    assert override_keys(argv, "fit") == keys
+    assert override_keys(read_run_args(argv[1:]).cli_keys) == keys
 
 
 # -- the commands ---------------------------------------------------------------------------------
