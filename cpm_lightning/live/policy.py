@@ -87,11 +87,12 @@ def start_since(state: RunState, fresh: InEffect | None) -> dict[int, int]:
 
 def stop_at(eligible: Mapping[int, Proposal], step: int, since: Mapping[int, int], running: Mapping[int, str]) -> int | None:
     """The step from which the proposals in effect differ from those of the segment that started
-    at `step` (`running`: id -> sha256); `step` itself (passed: the segment stops at its next
-    checkpoint) when they differ already, as a new proposal whose step has passed makes them."""
+    at `step` (`running`: id -> sha256). A step already passed (a new proposal's, or `step` when a
+    running one changed or left) means: at the segment's next checkpoint."""
     answer = in_effect(eligible, step, since)
-    changed = answer.ids != sorted(running) or any(eligible[i].sha256 != sha for i, sha in running.items())
-    return step if changed else answer.next_change
+    changed = any(i not in eligible or eligible[i].sha256 != sha for i, sha in running.items())
+    passed = [d for i, d in answer.due.items() if i not in running and d <= step] + ([step] if changed else [])
+    return min(passed, default=answer.next_change)
 
 
 def why(p: Proposal, step: int, state: RunState, first_seen: int) -> str:

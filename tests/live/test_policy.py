@@ -87,8 +87,8 @@ def test_the_segment_stops_where_the_set_changes(registry):
     new = {i: p for i, p in eligible.items() if i != 3}  # 0003 not merged yet
     assert policy.stop_at(new, 4, since, running) == 14  # 0002's step
     assert policy.stop_at({1: proposals[1]}, 4, since, running) is None
-    # 0003's step had passed when it was read: at once (the segment stops at its next checkpoint).
-    assert policy.stop_at(eligible, 4, since, running) == 4
+    # 0003's step had passed when it was read: its step (the segment stops at its next checkpoint).
+    assert policy.stop_at(eligible, 4, since, running) == 2
     assert policy.stop_at(new, 4, since, {1: "an older version"}) == 4
     assert policy.stop_at({}, 4, {}, running) == 4  # 0001 is no longer accepted
 
