@@ -82,10 +82,10 @@ def status_text(root: Path) -> str:
 
 def _pending(state, step: int) -> str:
     """Accepted proposals of the run's registry that are not in effect yet, with their steps."""
+    from cpm_lightning.live.policy import eligible
     from cpm_lightning.registry.keys import ConfigSchema
     from cpm_lightning.registry.limits import Limits
-    from cpm_lightning.registry.resolve import load_registry
-    from cpm_lightning.registry.schema import ACCEPTED
+    from cpm_lightning.registry.resolve import in_effect, load_registry
     from cpm_lightning.train.run_config import GROUPS
 
     start = state.start
@@ -96,10 +96,9 @@ def _pending(state, step: int) -> str:
     if any(not p.ids for p in reg.problems):
         return f"unknown (registry {start['registry']} cannot be read)"
     broken = {i for p in reg.problems for i in p.ids}
-    pending = [p for p in reg.proposals.values()
-               if p.status == ACCEPTED and p.kind in start["kinds"] and p.id not in start["exclude"]
-               and p.id not in state.in_effect and p.id not in state.suspended and p.id not in broken
-               and (p.id, p.sha256) not in state.refused]
-    return ", ".join(f"{p.label} (" + (f"step {p.effective_from_step}" if p.effective_from_step > step
-                                        else "at the next checkpoint") + ")"
-                     for p in sorted(pending, key=lambda p: p.id)) or "none"
+    good = {i: p for i, p in reg.proposals.items() if i not in broken}
+    waiting = eligible(good, start["kinds"], start["exclude"], state, arch_ok=True)[0]
+    due = in_effect(waiting, step, state.since).due
+    steps = {i: due.get(i, p.effective_from_step) for i, p in waiting.items() if i not in state.in_effect}
+    return ", ".join(f"{waiting[i].label} (" + (f"step {s}" if s > step else "at the next checkpoint") + ")"
+                     for i, s in sorted(steps.items())) or "none"

@@ -7,8 +7,9 @@ a segment runs, the supervisor reads the registry every live.poll_seconds and te
 the step at which the proposals in effect change next (control.json); the segment stops there
 with a checkpoint, and the next one starts with the new set. Between segments it restarts after
 a crash (with backoff), rolls back after a divergence (skipping the data that preceded it) and
-suspends a proposal that made the run diverge twice. Beside the segments it publishes the run
-on a schedule (publish.py): reports, nightly releases, the site.
+suspends a proposal that made the run diverge twice. What each of those decides is the policy's
+(policy.py, pure functions); this module runs the processes and writes the records. Beside the
+segments it publishes the run on a schedule (publish.py): reports, nightly releases, the site.
 
 Its state is a fold over the ledger (ledger.RunState), so a new supervisor on the same root (after this
 one was killed) carries on where the ledger ends. It does not import Lightning (MLflow only in the
@@ -43,17 +44,17 @@ from pathlib import Path
 
 from cpm_lightning.checkpoint.directory import SIGNALS, complete_checkpoints, latest, roll_back, step_of
 from cpm_lightning.core.errors import UserError
-from cpm_lightning.live import watch
+from cpm_lightning.live import policy, watch
 from cpm_lightning.live.ledger import Ledger, RunState, Uploader
 from cpm_lightning.live.protocol import SEGMENT_ENV, Control, LiveDir, Plan, Status, holder, lock, read_json, write_json
 from cpm_lightning.live.publish import Publisher
 from cpm_lightning.live.settings import Settings
-from cpm_lightning.model.migrate import migration_text, why_none
+from cpm_lightning.model.migrate import migration_text
 from cpm_lightning.registry.keys import ConfigSchema
+from cpm_lightning.registry.resolve import in_effect
 from cpm_lightning.registry.schema import ACCEPTED, Proposal
 from cpm_lightning.train.run_config import GROUPS
 
-ARCH = "model.arch."
 EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*")  # the last line of a traceback
 
 
@@ -161,16 +162,13 @@ class Supervisor:
             raise UserError(reading.error)  # as `fit` would: there is nothing to go on with
         if reading and not reading.error:
             self.reading = reading
-        if fresh:  # a new run, or the first `live` of a run `fit` started: as `fit` would resume it
-            eligible = self._eligible(step, arch_ok=True)
-            since = {i: p.effective_from_step for i, p in eligible.items() if p.effective_from_step <= step}
-            in_effect = self._in_effect(eligible, step, since)
-            since = {i: s for i, s in since.items() if i in in_effect}
-        else:
-            in_effect, since = self.state.in_effect, {}
+        # A new run, or the first `live` of a run `fit` started, resolves as `fit` would resume it.
+        answer = in_effect(self._eligible(step, arch_ok=True), step) if fresh else None
+        ids = answer.ids if answer else self.state.in_effect
         self.record("start", step, "a new run" if step == 0 and fresh else f"continues from step {step}",
-                    proposals=in_effect, checkpoint=ckpt and ckpt.name, in_effect=in_effect, since=since,
-                    sha256={i: self.reading.registry.proposals[i].sha256 for i in in_effect
+                    proposals=ids, checkpoint=ckpt and ckpt.name, in_effect=ids,
+                    since=policy.start_since(self.state, answer),
+                    sha256={i: self.reading.registry.proposals[i].sha256 for i in ids
                             if i in self.reading.registry.proposals},
                     registry=str(self.registry_dir) if self.registry_dir else None, kinds=list(self.s.registry.kinds),
                     exclude=self.s.registry.exclude, allowed_sources=self.s.registry.allowed_sources,
@@ -212,73 +210,31 @@ class Supervisor:
             self.first_seen.setdefault(i, step)
 
     def _eligible(self, step: int, arch_ok: bool = False) -> dict[int, Proposal]:
-        """The accepted proposals this run applies when they are due, by id; records those
-        deferred (architecture changes mid-run that no migration folds in)."""
-        out = {}
-        for p in self.reading.registry.proposals.values():
-            if (p.status != ACCEPTED or p.kind not in self.s.registry.kinds or p.id in self.s.registry.exclude
-                    or p.id in self.state.suspended or (p.id, p.sha256) in self.state.refused):
-                continue
-            # Whether the values allow a migration (ff_dim grows, ...) the segment finds out: it
-            # refuses one that does not with a line, recorded as `rejected`.
-            unfoldable = [f"{k}: {why}" for k in sorted(p.changes) if k.startswith(ARCH)
-                          and (why := why_none(k.removeprefix(ARCH)))]
-            if unfoldable and not arch_ok and not (p.id in self.state.since and self.state.versions.get(p.id) == p.sha256):
-                self.record("deferred", step, f"no migration folds it into the running model ({'; '.join(unfoldable)})",
-                            proposals=[p.id], sha256={p.id: p.sha256})
-                continue
-            out[p.id] = p
+        """policy.eligible of the last good reading; records those deferred."""
+        out, deferred = policy.eligible(self.reading.registry.proposals, self.s.registry.kinds,
+                                        self.s.registry.exclude, self.state, arch_ok)
+        for d in deferred:
+            self.record("deferred", step, d.reason, proposals=[d.proposal.id], sha256={d.proposal.id: d.proposal.sha256})
         return out
-
-    def _due(self, eligible: dict[int, Proposal], since: dict[int, int] | None = None) -> dict[int, int]:
-        """The step each eligible proposal takes effect at in this run: its own (the step it
-        was applied at before, else effective_from_step), and not before those it requires."""
-        since = self.state.since if since is None else since
-        due: dict[int, int | None] = {}
-
-        def of(i: int) -> int | None:
-            if i not in due:
-                due[i] = None  # a requires cycle cannot reach here (the registry refuses it)
-                p = eligible.get(i)
-                needs = [of(r) for r in p.requires] if p else [None]
-                due[i] = None if None in needs else max([since.get(i, p.effective_from_step), *needs])
-            return due[i]
-
-        return {i: d for i in eligible if (d := of(i)) is not None}
-
-    def _in_effect(self, eligible: dict[int, Proposal], step: int, since: dict[int, int] | None = None) -> list[int]:
-        return sorted(i for i, d in self._due(eligible, since).items() if d <= step)
-
-    def _next_change(self, eligible: dict[int, Proposal], step: int) -> int | None:
-        """The step from which the proposals in effect differ from the running segment's (a
-        step already passed means: at its next checkpoint)."""
-        changes = [d for i, d in self._due(eligible).items() if i not in self.current]
-        changed = [i for i, sha in self.current.items() if i not in eligible or eligible[i].sha256 != sha]
-        return min(changes + ([step] if changed else []), default=None)
 
     # -- one segment ----------------------------------------------------------------------------------
     def _segment(self, step: int, ckpt: Path | None) -> bool:
         """Run one segment from `step`; True when `live` is done."""
         self.segment += 1
         eligible = self._eligible(step)
-        in_effect = self._in_effect(eligible, step)
-        added = [i for i in in_effect
-                 if i not in self.state.in_effect or eligible[i].sha256 != self.state.versions.get(i)]
-        removed = [i for i in self.state.in_effect if i not in in_effect]
         accepted = [i for i, p in self.reading.registry.proposals.items() if p.status == ACCEPTED]
-        # A suspension returns to the checkpoint a proposal took effect at: keep it while one may.
-        keep = {self.state.since.get(i, step) for i in in_effect}
+        change = policy.segment_set(eligible, accepted, step, self.state, self.s.live.suspend_window)
+        in_effect, added, removed = change.answer.ids, change.added, change.removed
         plan = Plan(root=str(self.s.root), segment=self.segment, skip=self.state.skip, run_id=self.run_id,
-                    logged_through=self.logged_through,
-                    keep_steps=sorted(s for s in keep if s + self.s.live.suspend_window >= step))
+                    logged_through=self.logged_through, keep_steps=change.keep_steps)
         write_json(self.files.plan, plan)
         self.current = {i: eligible[i].sha256 for i in in_effect}
-        self.control = Control(stop_at=self._next_change(eligible, step))
+        self.control = Control(stop_at=self._stop_at(eligible, step))
         self._beat()
         watch.prune_snapshots(self.files.registry, self.reading.snapshot)
         argv = [*(self.s.live.launcher or [sys.executable]), "-m", "cpm_lightning.cli", "fit", *self.s.argv,
                 "--registry.path", str(self.reading.snapshot) if self.reading.snapshot else "null",
-                "--registry.exclude", str(sorted(set(accepted) - set(in_effect))),  # registry.exclude among them
+                "--registry.exclude", str(change.exclude),  # registry.exclude among them
                 *(["--ckpt_path", str(ckpt)] if ckpt else [])]
         errors: collections.deque[str] = collections.deque(maxlen=20)
         # The segment's stderr goes to a file that is passed on here: a pipe would break, and
@@ -339,7 +295,7 @@ class Supervisor:
                 return status
             if poll and not poll.is_alive():
                 self._take(poll.reading, status.step if status else step)
-                self.control.stop_at = self._next_change(self._eligible(step), step)
+                self.control.stop_at = self._stop_at(self._eligible(step), step)
                 poll = None
             if poll is None and time.monotonic() >= next_poll and self.registry_dir is not None:
                 poll = _Poll(self.registry_dir, self.reading, self.files.registry, self.schema, self.s.registry)
@@ -358,8 +314,9 @@ class Supervisor:
             old = self.resolved
             changes = {k: {"old": old.get(k), "new": status.resolved.get(k)}
                        for k in sorted(set(old) | set(status.resolved)) if old.get(k) != status.resolved.get(k)}
-            reasons = [f"{eligible[i].label} {self._why(eligible[i], step)}" for i in added]
-            reasons += [f"{i:04d} {self._why_not(i, step)}" for i in removed]
+            reasons = [f"{eligible[i].label} {policy.why(eligible[i], step, self.state, self.first_seen.get(i, step))}"
+                       for i in added]
+            reasons += [f"{i:04d} {policy.why_not(i, step, self.state)}" for i in removed]
             if status.migrations:
                 reasons.append(f"the model migrated: {', '.join(map(migration_text, status.migrations))}")
             self.record("applied", step, "; ".join(reasons), proposals=added, removed=removed, in_effect=in_effect,
@@ -367,35 +324,19 @@ class Supervisor:
                         migrations=status.migrations)
         self.resolved = status.resolved
 
-    def _why(self, p: Proposal, step: int) -> str:
-        if p.id in self.state.in_effect:
-            return "its file changed; the new version applies from this checkpoint boundary"
-        if p.id in self.state.since:
-            return f"applies again from step {step}, where it took effect before the rollback"
-        if p.effective_from_step == step:
-            return f"effective from step {step}"
-        seen = self.first_seen.get(p.id, step)
-        return (f"effective_from_step {p.effective_from_step} had passed when the run read it (step {seen}); "
-                f"applied at the checkpoint boundary {step}")
-
-    def _why_not(self, pid: int, step: int) -> str:
-        if pid in self.state.suspended:
-            return "suspended in this run"
-        if pid in self.state.since and self.state.since[pid] > step:
-            return f"the run rolled back to step {step}, before it took effect (step {self.state.since[pid]})"
-        return "no longer accepted in the registry, or left out with a proposal it requires"
+    def _stop_at(self, eligible: dict[int, Proposal], step: int) -> int | None:
+        return policy.stop_at(eligible, step, self.state.since, self.current)
 
     # -- crashes, divergence ----------------------------------------------------------------------------
     def _crashed(self, rc: int, error: str | None) -> bool:
         self.record("crash", self.step, f"the segment died ({_how(rc)})", exit=rc, error=error)
         ckpt = latest(self.files.checkpoints)
         resume = step_of(ckpt) if ckpt else 0
-        attempt = self.state.resumes[resume] + 1
-        if attempt > self.s.live.max_restarts:
+        attempt, backoff = policy.backoff(self.state, resume, self.s.live)
+        if backoff is None:
             self._stop(f"{attempt - 1} restarts from step {resume} did not get past it; last error: {error}",
                        exit_status=1)
             raise LiveStopped(f"the run stopped after {attempt - 1} restarts from step {resume}; last error: {error}")
-        backoff = self.s.live.restart_backoff * 2 ** (attempt - 1)
         self.record("restart", resume, f"restart {attempt} from the checkpoint of step {resume} in {backoff:g} s",
                     resume_step=resume, attempt=attempt, backoff_s=backoff)
         deadline = time.monotonic() + backoff
@@ -405,37 +346,20 @@ class Supervisor:
 
     def _diverged(self, status: Status) -> None:
         d = status.divergence
-        k, since, window = d["step"], self.state.since, self.s.live.suspend_window
-        # A proposal that took effect shortly before, when the run has been rolled back since.
-        blamed = [i for i in self.state.in_effect if since[i] <= k <= since[i] + window
-                  and any(since[i] <= r["step"] <= k for r in self.state.rollbacks)]
-        if blamed:
-            pid = max(blamed, key=lambda i: since[i])  # the most recent
-            target = self._checkpoint_at_or_before(since[pid], d)
-            evidence = {"loss_before": self.state.loss_at.get(since[pid]), "took_effect": since[pid],
-                        "divergences": [r for r in self.state.rollbacks if r["step"] >= since[pid]] + [d]}
-            self._resume_check(step_of(target), d)
+        decided = policy.recover(d, self.state, self.s.live)
+        target = self._checkpoint_at_or_before(decided.before, d)
+        resume = step_of(target)
+        self._resume_check(resume, d)
+        if decided.suspend is not None:
+            reason, evidence = policy.suspension(d, decided.suspend, self.state, self.s.live, resume)
             removed = roll_back(self.files.checkpoints, target)
-            self.record("suspended", k, f"the run diverged again (loss {d['loss']:.4g} at step {k}) within "
-                        f"live.suspend_window={window} steps of proposal {pid:04d} taking effect at step {since[pid]}, "
-                        f"after a rollback; suspended in this run (the registry is unchanged) and back to step "
-                        f"{step_of(target)}", proposals=[pid], resume_step=step_of(target), evidence=evidence,
-                        removed=[p.name for p in removed])
+            self.record("suspended", d["step"], reason, proposals=[decided.suspend], resume_step=resume,
+                        evidence=evidence, removed=[p.name for p in removed])
             return
-        # Back to before the weights that computed the first bad step (those of the step before
-        # it): they may be the trouble.
-        nonfinite = d["nonfinite_in_a_row"] >= self.s.live.max_nonfinite
-        first_bad = k - d["nonfinite_in_a_row"] + 1 if nonfinite else k
-        target = self._checkpoint_at_or_before(first_bad - 2, d)
-        self._resume_check(step_of(target), d)
-        start = status.checkpoints.get(str(step_of(target)), status.checkpoints[str(status.start_step)])
+        start = status.checkpoints.get(str(resume), status.checkpoints[str(status.start_step)])
         removed = roll_back(self.files.checkpoints, target)
-        what = (f"{d['nonfinite_in_a_row']} non-finite steps in a row" if nonfinite else
-                f"loss {d['loss']:.4g} above the window's mean {d['window_mean']:.4g} by more than "
-                f"{self.s.live.spike_sigma:g} sd ({d['window_std']:.3g})")
-        self.record("rollback", k, f"{what} at step {k}: back to the checkpoint of step {step_of(target)}, "
-                    f"skipping the {d['end_index'] - start} samples trained on since",
-                    resume_step=step_of(target), skipped_samples=[start, d["end_index"]], divergence=d,
+        self.record("rollback", d["step"], policy.rollback_reason(d, self.s.live, resume, d["end_index"] - start),
+                    resume_step=resume, skipped_samples=[start, d["end_index"]], divergence=d,
                     removed=[p.name for p in removed])
 
     def _checkpoint_at_or_before(self, step: int, d: dict) -> Path:

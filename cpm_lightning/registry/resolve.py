@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,34 +199,78 @@ class Resolution:
         return json.dumps({p.label: {"file": p.path.name, "sha256": p.sha256} for p in self.applied}, indent=2) + "\n"
 
 
+@dataclass(frozen=True)
+class InEffect:
+    """Which proposals of a set are in effect at one step of a run, and the next step at which
+    that changes: the one answer `fit` (at its first step) and `live`'s supervisor (at every
+    segment and registry read) apply."""
+
+    step: int
+    due: Mapping[int, int]
+    """Id -> the step it takes effect at in this run: the step it took effect at already
+    (`since`), else its effective_from_step, and never before those it requires. A proposal that
+    requires one outside the set never takes effect and is not here."""
+
+    @property
+    def ids(self) -> list[int]:
+        """In effect at `step`."""
+        return sorted(i for i, d in self.due.items() if d <= self.step)
+
+    @property
+    def next_change(self) -> int | None:
+        """The first step after `step` at which a proposal takes effect."""
+        return min((d for d in self.due.values() if d > self.step), default=None)
+
+
+def in_effect(proposals: Mapping[int, Proposal], step: int, since: Mapping[int, int] | None = None) -> InEffect:
+    """The proposals of `proposals` (by id: those the run applies when due) in effect at `step`.
+    `since` (id -> step) holds the steps at which proposals took effect in this run: one whose
+    effective_from_step had passed when the run read it took effect at the checkpoint boundary
+    where it was applied, and one the run rolled back before is due there again."""
+    since = since or {}
+    due: dict[int, int | None] = {}
+
+    def of(i: int) -> int | None:
+        if i not in due:
+            due[i] = None  # a requires cycle cannot reach here (the registry refuses it)
+            p = proposals.get(i)
+            needs = [of(r) for r in p.requires] if p else [None]
+            due[i] = None if None in needs else max([since.get(i, p.effective_from_step), *needs])
+        return due[i]
+
+    return InEffect(step, {i: d for i in proposals if (d := of(i)) is not None})
+
+
 def resolve(reg: Registry, at_step: int = 0, kinds: list[str] | None = None,
             exclude: list[int] | None = None, trial: int | None = None) -> Resolution:
-    """Accepted proposals with effective_from_step <= at_step, of `kinds`, not in `exclude`,
-    ordered by (effective_from_step, id); then proposal `trial`, whatever its status, step and
-    kind, whose values win over theirs (the treatment arm of `proposals trial`). A UserError
-    lists every problem."""
+    """Accepted proposals of `kinds`, not in `exclude`, in effect at `at_step` (`in_effect`: from
+    their effective_from_step, and not before those they require), ordered by
+    (effective_from_step, id); then proposal `trial`, whatever its status, step and kind, whose
+    values win over theirs (the treatment arm of `proposals trial`). A UserError lists every
+    problem."""
     reg.raise_problems("nothing is applied")
     kinds = list(kinds) if kinds is not None else KINDS
     exclude = list(exclude or [])
     problems = [f"registry.exclude: no proposal {i} in {reg.path}" for i in exclude if i not in reg.proposals]
+    accepted = {i: p for i, p in reg.proposals.items() if p.status == ACCEPTED}
     left_out = {}
-    for p in reg.proposals.values():
-        if p.status != ACCEPTED:
-            continue
+    for p in accepted.values():
         if p.id in exclude:
             left_out[p.id] = "left out by registry.exclude"
         elif p.kind not in kinds:
             left_out[p.id] = f"a {p.kind} proposal, left out by registry.kinds"
-        elif p.effective_from_step > at_step:
-            left_out[p.id] = f"effective from step {p.effective_from_step}, after step {at_step}"
-    applied = sorted((p for p in reg.proposals.values() if p.status == ACCEPTED and p.id not in left_out),
-                     key=lambda p: (p.effective_from_step, p.id))
+    candidates = {i: p for i, p in accepted.items() if i not in left_out}
+    ids = in_effect(candidates, at_step).ids
+    applied = sorted((candidates[i] for i in ids), key=lambda p: (p.effective_from_step, p.id))
     if trial is not None and trial not in reg.proposals:
         problems.append(f"registry.trial: no proposal {trial} in {reg.path}")
-    elif trial is not None and all(p.id != trial for p in applied):
+    elif trial is not None and trial not in ids:
         applied.append(reg.proposals[trial])
         problems += trial_problems(reg.proposals[trial], applied[:-1], at_step)
-    for p in applied:
+    # Those due but for a proposal the run leaves out, which they require: the run config
+    # contradicts the registry.
+    due = [p for p in candidates.values() if p.effective_from_step <= at_step and p.id not in ids]
+    for p in applied + due:
         problems += [str(p.problem("requires", f"proposal {i} ({reg.proposals[i].path}) is not applied: "
                                                f"{left_out[i]}")) for i in p.requires if i in left_out]
     if problems:

@@ -14,7 +14,7 @@ from cpm_lightning.cli.main import main
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.registry.apply import AppliedRegistry, override_keys
 from cpm_lightning.registry.keys import ConfigSchema
-from cpm_lightning.registry.resolve import load_registry, resolve
+from cpm_lightning.registry.resolve import in_effect, load_registry, resolve
 from cpm_lightning.registry.run_args import read_run_args
 from cpm_lightning.train.run_config import GROUPS
 
@@ -132,6 +132,32 @@ def test_required_proposal_left_out_is_an_error_naming_both(tmp_path):
         resolve(reg, kinds=["architecture"])
     assert str(e.value).splitlines()[1] == (f"{b}:11: requires: proposal 1 ({a}) is not applied: a data proposal, "
                                             "left out by registry.kinds")
+
+
+def test_in_effect_from_since_or_the_step_and_not_before_what_is_required(tmp_path):
+    """The one answer of `fit` and `live`: a proposal takes effect at the step it took effect
+    at in this run (`since`), else at its effective_from_step, and not before those it requires;
+    the next change is the first step after that a proposal takes effect at."""
+    write_proposal(tmp_path, 1, FFN, effective_from_step=10)
+    write_proposal(tmp_path, 2, {"model.loss.z_loss": 1.0e-4}, kind="training", effective_from_step=2, requires=[1])
+    write_proposal(tmp_path, 3, {"model.arch.max_len": 1024}, effective_from_step=4)
+    proposals = load_registry(tmp_path, SCHEMA).proposals
+    early = in_effect(proposals, 5)
+    assert (early.ids, early.next_change, dict(early.due)) == ([3], 10, {1: 10, 2: 10, 3: 4})
+    # 0003 was read at step 12, long after its step: it took effect at the boundary 14.
+    late = in_effect(proposals, 12, since={3: 14})
+    assert (late.ids, late.next_change) == ([1, 2], 14)
+    assert (in_effect(proposals, 14, since={3: 14}).ids, in_effect(proposals, 14).next_change) == ([1, 2, 3], None)
+    # Without the proposal it requires (left out), 0002 never takes effect.
+    alone = in_effect({i: p for i, p in proposals.items() if i != 1}, 100)
+    assert (alone.ids, alone.next_change, dict(alone.due)) == ([3], None, {3: 4})
+
+
+def test_resolution_waits_for_a_required_proposal_s_step(tmp_path):
+    write_proposal(tmp_path, 1, FFN, effective_from_step=10)
+    write_proposal(tmp_path, 2, {"model.loss.z_loss": 1.0e-4}, kind="training", requires=[1])
+    reg = load_registry(tmp_path, SCHEMA)
+    assert (resolve(reg, at_step=5).ids, resolve(reg, at_step=10).ids) == ("", "0002,0001")  # by (effective_from_step, id)
 
 
 def test_registry_with_problems_applies_nothing(tmp_path):
