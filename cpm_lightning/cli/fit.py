@@ -24,7 +24,7 @@ from cpm_lightning.checkpoint.migrate_on_load import plan_from
 from cpm_lightning.checkpoint.store import Checkpoints, SavedCheckpoint, check_architecture, read_checkpoint
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.inference.book import Prompt, load_prompts
-from cpm_lightning.inference.evaluation import check_tasks
+from cpm_lightning.inference.evaluation import runnable_tasks
 from cpm_lightning.inference.generate import book_tokens
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.protocol import Plan
@@ -194,7 +194,9 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
         check_reachable(TrackingConfig(uri=cfg.tracking.uri).resolved_uri)
     evaluates = fit and cfg.eval.every_n_steps
     if evaluates:
-        check_tasks(cfg.eval.tasks, "eval.tasks", has_heldout=True)
+        cfg.eval.tasks, skipped = runnable_tasks(list(cfg.eval.tasks), "eval.tasks", has_heldout=True)
+        if skipped:
+            print(f"warning: {skipped}", file=sys.stderr)
     book = load_prompts(Path(cfg.registry.path)) if evaluates and cfg.registry.path else []
     run_id = (start.meta.mlflow_run_id if fit and start else None) or (segment and segment.run_id)
     return RunPlan(start=start, proposals=proposals, segment=segment, resolved=resolved, init_from=init_from,

@@ -185,15 +185,18 @@ def evaluate(args) -> None:
     import time
 
     from cpm_lightning.cli.loader import load_model
-    from cpm_lightning.inference.evaluation import check_tasks, task_list
+    from cpm_lightning.inference.evaluation import runnable_tasks, task_list
     from cpm_lightning.registry.commands import data_configs
     from cpm_lightning.train.run_config import evaluate_model
 
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    tasks = task_list(args.tasks, args.config is not None)
-    check_tasks(tasks, "--tasks", args.config is not None)
+    tasks, skipped = runnable_tasks(task_list(args.tasks, args.config is not None), "--tasks", args.config is not None)
+    if not tasks:
+        raise UserError(f"{skipped}; heldout needs a run config (--config FILE): nothing to evaluate")
+    if skipped:
+        print(f"warning: {skipped}", file=sys.stderr)
     data = data_configs(args.config)[0] if args.config else None  # the run config's data group at its start
     start = time.perf_counter()
     model, tokenizer = load_model(args.source, args.device)

