@@ -1,9 +1,12 @@
 """Opening a checkpoint without trusting its bytes: the hashes recorded when it was written are
 checked before they are used, and its pickled parts may hold only data.
 
-- Hashes (file_hashes.py): `hashes.json` inside a sharded checkpoint, `step-N.ckpt.hashes.json`
-  beside a single file. Each rank hashes the files it wrote, so the cost is spread like the
-  write; rank 0 writes hashes.json before the commit rename.
+- Hashes (file_hashes.py): `hashes.json` inside a sharded checkpoint (it names the files
+  relative to the directory), a record inside a single file (its zip comment, `seal_zip`): a
+  copy or rename of either verifies. Each rank hashes the files it wrote, so the cost is spread
+  like the write; rank 0 writes the record before the commit rename. Single files written before
+  the record have `step-N.ckpt.hashes.json` beside them, still read (whatever name it lists). A
+  checkpoint with no record at all is read only under --trust-unverified.
 - DCP's `.metadata` is a pickle that FileSystemReader loads with plain `pickle.load`: a crafted
   one runs code wherever the checkpoint is opened. CheckpointReader unpickles it allowing only
   the globals real DCP metadata holds. A checkpoint's non-tensor values (the optimizer's
@@ -17,7 +20,8 @@ import contextlib
 import io
 import pickle
 import re
-import sys
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,7 +31,18 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from cpm_lightning.checkpoint.directory import hashes_path
 from cpm_lightning.core.errors import UserError
-from cpm_lightning.core.file_hashes import HASHES_FILE, RecordedHashes, hash_file, write_hashes
+from cpm_lightning.core.file_hashes import (
+    DIGEST_LEN,
+    HASHES_FILE,
+    RecordedHashes,
+    check_links_inside,
+    check_sealed,
+    hash_file,
+    record_text,
+    seal,
+    unverified,
+    write_hashes,
+)
 
 REMEDY = "restore it from a copy, or resume from an earlier checkpoint"
 MODEL_KEY = "state_dict"  # where Lightning puts the LightningModule's weights
@@ -49,37 +64,82 @@ METADATA_GLOBALS = {
 }
 
 
-_unverified_warned: set[Path] = set()
+ZIP_START, ZIP_END = b"PK\x03\x04", b"PK\x05\x06"  # a zip's first local header; its end of central directory
+ZIP_END_LEN, MAX_COMMENT = 22, 0xFFFF
 
 
 def recorded_hashes(ckpt: Path) -> RecordedHashes | None:
-    """The recorded hashes of checkpoint `ckpt` (a directory, a file or a link to either); None,
-    with a warning, for a checkpoint written before hashes were recorded."""
+    """The hashes.json of sharded checkpoint `ckpt` (a directory or a link to one); None for one
+    without, when --trust-unverified allows it. A link inside it to a file outside is refused."""
     ckpt = Path(ckpt).resolve()
-    found = RecordedHashes.find(hashes_path(ckpt), ckpt if ckpt.is_dir() else ckpt.parent, REMEDY)
-    if found is None and ckpt not in _unverified_warned:
-        _unverified_warned.add(ckpt)
-        print(f"warning: {ckpt} has no {hashes_path(ckpt).name} (written before checkpoints recorded hashes): "
-              "its bytes are not verified", file=sys.stderr)
+    check_links_inside(ckpt, "the checkpoint")
+    found = RecordedHashes.find(ckpt / HASHES_FILE, ckpt, REMEDY)
+    if found is None and (ckpt / ".metadata").is_file():  # without it, not a checkpoint (the reader says so)
+        unverified(ckpt, f"the sharded checkpoint (no {HASHES_FILE})")
     return found
 
 
 def check_file(ckpt: Path, name: str | None = None) -> None:
-    """Check file `name` of a sharded checkpoint, or a single-file checkpoint (name None), whole."""
-    hashes = recorded_hashes(ckpt)
-    if hashes is not None:
-        hashes.check(name or Path(ckpt).resolve().name)
+    """Check file `name` of a sharded checkpoint, or a single-file checkpoint (name None), whole:
+    against the record inside it, or the sidecar an older one has beside it."""
+    if name is not None:
+        hashes = recorded_hashes(ckpt)
+        if hashes is not None:
+            hashes.check(name)
+        return
+    ckpt = Path(ckpt).resolve()
+    record = _zip_comment(ckpt)
+    if record is not None:
+        check_sealed(ckpt, *record, REMEDY)
+    elif hashes_path(ckpt).is_file():
+        RecordedHashes.beside(hashes_path(ckpt), ckpt, REMEDY).check(ckpt.name)
+    elif zipfile.is_zipfile(ckpt):  # anything else is not a checkpoint at all (read_meta says so)
+        unverified(ckpt, "the checkpoint")
+
+
+def _zip_comment(path: Path) -> tuple[str, int] | None:
+    """(the zip comment, its offset) of a file torch.save wrote; None for a file without one
+    (another format, or written before checkpoints carried a record). A zip without its end is
+    a truncated copy."""
+    size = path.stat().st_size
+    start = max(0, size - ZIP_END_LEN - MAX_COMMENT)
+    with path.open("rb") as f:
+        head = f.read(len(ZIP_START))
+        f.seek(start)
+        tail = f.read()
+    at = len(tail)
+    while (at := tail.rfind(ZIP_END, 0, at)) >= 0:
+        length = struct.unpack("<H", tail[at + 20:at + ZIP_END_LEN])[0] if at + ZIP_END_LEN <= len(tail) else -1
+        if at + ZIP_END_LEN + length == len(tail):
+            comment = tail[at + ZIP_END_LEN:]
+            return (comment.decode("ascii", "replace"), start + at + ZIP_END_LEN) if comment else None
+    if head == ZIP_START:
+        raise UserError(f"{path} is damaged: its zip archive has no end (a truncated copy); {REMEDY}")
+    return None
+
+
+def seal_zip(path: Path) -> None:
+    """Record the integrity of the file torch.save wrote at `path` in its zip comment (which
+    torch leaves empty and its reader skips)."""
+    size = path.stat().st_size
+    text = record_text(size + len(record_text(0))).encode()
+    with path.open("r+b") as f:
+        f.seek(size - ZIP_END_LEN)
+        end = f.read(ZIP_END_LEN)
+        if end[:4] != ZIP_END or end[20:] != b"\0\0":
+            raise ValueError(f"{path}: not a zip archive without a comment, as torch.save writes")
+        f.seek(size - 2)
+        f.write(struct.pack("<H", len(text)) + text)
+    seal(path, size + len(text) - DIGEST_LEN)
 
 
 def gather_hashes(trainer, partial: Path) -> dict[str, dict] | None:
-    """On rank 0, the hashes of every file of the checkpoint just written at `partial`; None on
-    the other ranks. Each rank hashes the DCP files it wrote (still in its page cache), rank 0
-    also the rest (.metadata, meta.pt, or the single file)."""
-    if partial.is_dir():
-        mine = [p for p in partial.iterdir() if _writer(p.name) == trainer.global_rank]
-    else:
-        mine = [partial] if trainer.is_global_zero else []
-    hashes = {p.name: hash_file(p) for p in mine}
+    """On rank 0, the hashes of every file of the sharded checkpoint just written at `partial`;
+    None on the other ranks and for a single file (seal_zip hashes it). Each rank hashes the DCP
+    files it wrote (still in its page cache), rank 0 also the rest (.metadata, meta.pt)."""
+    if not partial.is_dir():
+        return None
+    hashes = {p.name: hash_file(p) for p in partial.iterdir() if _writer(p.name) == trainer.global_rank}
     if not (dist.is_available() and dist.is_initialized()):
         return hashes
     gathered = [None] * dist.get_world_size() if trainer.is_global_zero else None
@@ -92,12 +152,13 @@ def _writer(name: str) -> int:
     return int(match[1]) if match else 0
 
 
-def write_checkpoint_hashes(partial: Path, final: Path, hashes: dict[str, dict]) -> None:
-    """Record `hashes` (gather_hashes) for the checkpoint at `partial` that becomes `final`."""
+def write_checkpoint_hashes(partial: Path, hashes: dict[str, dict] | None) -> None:
+    """Record `hashes` (gather_hashes) in the sharded checkpoint at `partial`, or seal the
+    single file at `partial` (which hashes it again: it is one file, read from the page cache)."""
     if partial.is_dir():
         write_hashes(partial / HASHES_FILE, hashes)
-    else:  # beside the file, under the name it is about to get
-        write_hashes(hashes_path(final), {final.name: hashes[partial.name]})
+    else:
+        seal_zip(partial)
 
 
 class _MetadataUnpickler(pickle.Unpickler):

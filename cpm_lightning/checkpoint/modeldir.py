@@ -10,6 +10,11 @@ what `generate`, `pull`, `convert to-hf` and the MLflow model load (docs/ARCHITE
                         other file (for `sha256sum -c` and to catch damage on disk; a pulled
                         release is trusted for its manifest, cpm_lightning/tracking/integrity.py)
 
+The directory verifies itself: model.safetensors carries, in its header's metadata, an integrity
+record of its own bytes (core/file_hashes.py `seal`) and the sha256 of config.json and the
+tokenizer, so a copied or renamed directory verifies and a flipped byte is one error line. A
+directory with neither a card nor a record (another tool's) is read only under --trust-unverified.
+
 One place for the format: file names, writing, verifying, the check that weights fit an
 architecture, and safetensors read and written one tensor at a time (a 10B model is never two
 copies in memory). No Lightning, no MLflow.
@@ -19,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import shutil
 import struct
 import tempfile
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +39,26 @@ from pathlib import Path
 import torch
 
 from cpm_lightning.core.errors import UserError, closest
-from cpm_lightning.core.file_hashes import sha256
+from cpm_lightning.core.file_hashes import (
+    DIGEST_LEN,
+    check_links_inside,
+    check_sealed,
+    record_text,
+    seal,
+    sha256,
+    unverified,
+)
 from cpm_lightning.core.tokenizer import CpmAntTokenizer, SentencePieceTokenizer, Tokenizer
 from cpm_lightning.model import ArchConfig, CPMAnt
+from cpm_lightning.model.config import MAX_PARAMS
+from cpm_lightning.model.stats import param_count
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "MODEL_CARD.md"
 TOKENIZER_FILES = (SentencePieceTokenizer.file_name, CpmAntTokenizer.file_name)
 # The card lists hashes in `sha256sum` format, so `sha256sum -c` can check a download too.
 HASH_LINE = re.compile(r"^([0-9a-f]{64})  (\S+)$", re.M)
+RECORD_KEY, FILES_KEY = "cpm-lightning-integrity", "cpm-lightning-files"  # in the safetensors metadata
+REMEDY = "restore it from a copy, or write the model directory again"
 
 
 # -- safetensors, one tensor at a time ----------------------------------------------------------
@@ -61,12 +80,15 @@ class SafetensorsFile:
                 if size > self.path.stat().st_size - 8:  # f.read(size) would first allocate it
                     raise UserError(f"{path}: not a readable safetensors file (its header length, {size} bytes, is "
                                     "more than the file holds)")
-                header = json.loads(f.read(size))
-        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+                self.raw_header = f.read(size)
+                header = json.loads(self.raw_header)
+        except (OSError, struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         if not isinstance(header, dict):
             raise UserError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None)
+        self.metadata: dict = metadata if isinstance(metadata, dict) else {}
+        """The header's string metadata (safetensors' `__metadata__`)."""
         self.start = 8 + size
         self.entries = header
         for name, e in header.items():
@@ -79,6 +101,15 @@ class SafetensorsFile:
         if actual < end:  # read() would fill the missing bytes with zeros
             raise UserError(f"{path}: not a readable safetensors file (truncated: {actual} bytes, its header "
                             f"describes {end})")
+
+    def verify(self) -> None:
+        """A UserError unless the file matches the integrity record in its header (unverified()
+        for a file without one)."""
+        record = self.metadata.get(RECORD_KEY)
+        if not isinstance(record, str):
+            unverified(self.path, "the model directory's weights file")
+            return
+        check_sealed(self.path, record, 8 + self.raw_header.find(record.encode()), REMEDY)
 
     @property
     def shapes(self) -> dict[str, list[int]]:
@@ -116,40 +147,80 @@ class TensorSpec:
         return n
 
 
-def write_safetensors(path: Path, specs: Sequence[TensorSpec], tensors: Iterable[torch.Tensor]) -> None:
+def write_safetensors(path: Path, specs: Sequence[TensorSpec], tensors: Iterable[torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> None:
     """Write `tensors` (one per spec, in order, produced one at a time) as a safetensors file:
-    the header first, from the specs, then each tensor's bytes as it comes."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    the header first, from the specs, then each tensor's bytes as it comes; then seal it (the
+    integrity record in the header's metadata, with `metadata`)."""
+    tensors_header, offset = {}, 0
     for s in specs:
-        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        tensors_header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
+                                  "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    def header(size: int) -> bytes:  # the same length for any size: the record is fixed width
+        meta = {"format": "pt", **(metadata or {}), RECORD_KEY: record_text(size)}
+        text = json.dumps({"__metadata__": meta, **tensors_header}, separators=(",", ":")).encode()
+        return text + b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    size = 8 + len(header(0)) + offset
+    text, record = header(size), record_text(size).encode()
     with Path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for spec, t in zip(specs, tensors, strict=True):
             if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
                 raise ValueError(f"{spec.name}: got {tuple(t.shape)} {t.dtype}, expected {spec.shape} {spec.dtype}")
             f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    seal(path, 8 + text.index(record) + len(record) - DIGEST_LEN)
 
 
 # -- the model directory ------------------------------------------------------------------------
 def check_arch(arch: dict, where: str) -> None:
     """A UserError naming `where` and the first key or value of an architecture stored as a dict
-    (config.json, a checkpoint's `cpm` section) that ArchConfig cannot take: a file written by
-    another version, or edited."""
+    (config.json, a checkpoint's `cpm` section) that ArchConfig cannot take, as for a proposal:
+    a file written by another version, edited or crafted. Checks each value's type, the declared
+    ranges and the size (MAX_PARAMS), so that torch never sees a shape it cannot build."""
     if not isinstance(arch, dict):
         raise UserError(f"{where}: the architecture is {type(arch).__name__}; expected a mapping of "
                         "model.arch fields")
-    known = [f.name for f in dataclasses.fields(ArchConfig)]
-    unknown = sorted(str(k) for k in arch.keys() - set(known))
+    hints = typing.get_type_hints(ArchConfig)
+    unknown = sorted(str(k) for k in arch.keys() - hints.keys())
     if unknown:
-        raise UserError(f"{where}: unknown architecture key {unknown[0]!r}{closest(unknown[0], known)}; "
-                        f"expected: {', '.join(known)}")
+        raise UserError(f"{where}: unknown architecture key {unknown[0]!r}{closest(unknown[0], list(hints))}; "
+                        f"expected: {', '.join(hints)}")
+    for key, value in arch.items():
+        if problem := _type_problem(value, hints[key]):
+            raise UserError(f"{where}: {key} {problem}")
     try:
-        ArchConfig(**arch)
+        config = ArchConfig(**arch)
     except UserError as e:  # an unknown preset or component, a value out of its range
         raise UserError(f"{where}: {e}") from None
+    if (count := param_count(config)) > MAX_PARAMS:
+        shown = f"{count:,}" if count < 10**18 else "more than 10^18"
+        raise UserError(f"{where}: {shown} parameters, above the {MAX_PARAMS:,} the project builds (registry.max_params)")
+
+
+def _type_problem(value, hint) -> str | None:
+    """Why `value` is not of the type `hint` (int, float, str, bool, or a union of them with
+    None), or None; integers beyond int64 are refused, as torch cannot hold them."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool):
+        ok = bool in allowed
+    elif isinstance(value, int):
+        ok = int in allowed or float in allowed
+        if ok and not -(2**63) <= value < 2**63:
+            return "is beyond a 64-bit integer"
+    else:
+        ok = any(isinstance(value, t) for t in allowed if t in (float, str))
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    return None if ok else f"is {type(value).__name__} {_short(value)}; expected {names}"
+
+
+def _short(value) -> str:
+    text = repr(value) if isinstance(value, (str, int, float)) else f"a {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_shapes(saved: Mapping[str, Sequence[int]], arch: dict | ArchConfig, where: str, expected_by: str) -> None:
@@ -227,15 +298,16 @@ def write_model_dir(out: Path, weights: Mapping[str, torch.Tensor] | StoredModel
         specs, read = [TensorSpec(n, tuple(s), weights.dtypes[n]) for n, s in weights.shapes.items()], weights.read
     else:
         specs, read = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in weights.items()], weights.__getitem__
-    files = {WEIGHTS: None, CONFIG: json.dumps(arch, indent=2) + "\n"}
+    files = {WEIGHTS: b"", CONFIG: (json.dumps(arch, indent=2) + "\n").encode()}
     if tokenizer is not None:
         files[tokenizer.file_name] = tokenizer.model_bytes
+    digests = {name: hashlib.sha256(content).hexdigest() for name, content in files.items() if name != WEIGHTS}
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_safetensors(out / WEIGHTS, specs, (read(s.name) for s in specs))
+        write_safetensors(out / WEIGHTS, specs, (read(s.name) for s in specs), {FILES_KEY: json.dumps(digests)})
         for name, content in files.items():
             if name != WEIGHTS:
-                (out / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+                (out / name).write_bytes(content)
         written = [out / name for name in files] + (beside(out) if beside else [])
         if card_body is not None:
             hashes = "\n".join(f"{sha256(path)}  {path.relative_to(out)}" for path in written)
@@ -290,9 +362,11 @@ def is_model_dir(path: Path) -> bool:
 
 
 def open_model_dir(path: str | Path) -> StoredModel:
-    """A model directory's architecture, tokenizer and weights (read when asked for); a released
-    one (with a card) is verified against its hashes first."""
+    """A model directory's architecture, tokenizer and weights (read when asked for), verified
+    first: a released one (with a card) against the card's hashes, any other against the record
+    in its weights file."""
     root = Path(path)
+    check_links_inside(root, "the model directory")
     if (root / CARD).is_file():
         verify_model_dir(root)
     if not (root / CONFIG).is_file():
@@ -304,12 +378,36 @@ def open_model_dir(path: str | Path) -> StoredModel:
         arch = json.loads((root / CONFIG).read_bytes())
     except ValueError as e:  # not UTF-8 or not JSON
         raise UserError(f"{root / CONFIG}: not JSON ({e}); expected the architecture as a JSON object") from None
-    check_arch(arch, str(root / CONFIG))
+    except RecursionError:
+        raise UserError(f"{root / CONFIG}: nested too deeply to read; expected the architecture as a JSON object of "
+                        "plain values") from None
+    check_arch(arch, str(root / CONFIG))  # a crafted config.json is refused as such, before its bytes are checked
     weights = SafetensorsFile(root / WEIGHTS)  # shapes from the header, before any tensor is read
+    if not (root / CARD).is_file():  # a release: verified by its card
+        weights.verify()
+        _check_listed(root, weights.metadata.get(FILES_KEY))
     check_shapes(weights.shapes, arch, str(root / WEIGHTS), CONFIG)
     tokenizer = Tokenizer.from_bytes(tokenizers[0].read_bytes(), str(tokenizers[0]))
     return StoredModel(arch=arch, shapes=weights.shapes, dtypes=weights.dtypes, read=weights.read, tokenizer=tokenizer,
                        where=str(root))
+
+
+def _check_listed(root: Path, listed: str | None) -> None:
+    """A UserError unless each file that the weights' record lists (config.json, the tokenizer)
+    has the sha256 it lists."""
+    try:
+        digests = json.loads(listed) if listed is not None else {}
+    except ValueError:
+        digests = None
+    if not isinstance(digests, dict):
+        raise UserError(f"{root / WEIGHTS} is damaged: its list of the directory's files is not readable; {REMEDY}")
+    for name, digest in sorted(digests.items()):
+        file = root / str(name)
+        if Path(name).name != name or not file.is_file():
+            raise UserError(f"{file}: missing; {root / WEIGHTS} lists it")
+        if sha256(file) != digest:
+            raise UserError(f"{file} is damaged: its sha256 does not match the one recorded in {root / WEIGHTS} "
+                            f"when it was written; {REMEDY}")
 
 
 def load_model_dir(path: str | Path, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:

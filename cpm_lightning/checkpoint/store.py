@@ -7,8 +7,9 @@ on disk: which one a run resumes).
                                 shards of model and optimizer, and meta.pt with everything else
                                 (schedule, data position, loops, RNG, the `cpm` section: meta.py), and
                                 hashes.json: the sha256 of each file's chunks (files.py)
-  step-00000500.ckpt            a single file (unsharded strategies), its hashes beside it in
-  step-00000500.ckpt.hashes.json
+  step-00000500.ckpt            a single file (unsharded strategies), its integrity record in
+                                its zip comment (files.py; older ones have
+                                step-00000500.ckpt.hashes.json beside them)
   last.ckpt                     a symlink to the checkpoint written last
   .step-00000600.ckpt.partial   being written; renamed into place once every rank has finished,
                                 so a checkpoint killed mid-write is never resumed
@@ -308,7 +309,7 @@ class Checkpoints(Checkpoint):
         hashes = gather_hashes(trainer, partial)  # each rank hashes what it wrote; rank 0 gets all
         if trainer.is_global_zero:
             remove(final)  # the same step saved again after resuming from an earlier checkpoint
-            write_checkpoint_hashes(partial, final, hashes)
+            write_checkpoint_hashes(partial, hashes)
             os.replace(partial, final)
             point_last(self.dirpath, final)
             if self.on_saved is not None:

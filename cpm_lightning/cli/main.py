@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.file_hashes import trusting_unverified
 
 
 def run_lightning(argv: list[str] | None) -> None:
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
             if not hasattr(args, "func"):
                 verbs_parser().print_help()
                 sys.exit(2)
-            args.func(args)
+            with trusting_unverified(getattr(args, "trust_unverified", False)):  # the verbs' --trust-unverified
+                args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.file_hashes import TRUST_FLAG, TRUST_HELP
 
 
 def add_commands(sub) -> None:
@@ -87,6 +88,8 @@ def add_commands(sub) -> None:
     for verb, func in ((cons, consolidate), (to, convert_to_hf), (frm, convert_from_hf)):
         verb.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
         verb.set_defaults(func=func)
+    for verb in (info, gen, ev, cons, to):  # the verbs that read a checkpoint or model directory (cli/main.py)
+        verb.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
 
 
 def model_info(args) -> None:

@@ -31,6 +31,10 @@ PRESETS: dict[str, dict] = {
                         num_ffn_layers=48, vocab_size=30720),
 }
 
+MAX_PARAMS = 20_000_000_000
+"""The largest model the project builds from what others wrote (registry.max_params' default, a
+model directory's config.json): twice the largest preset."""
+
 # What the large presets leave to CPM-Ant's own settings.
 CPM_ANT_DEFAULTS = {"num_buckets": 512, "max_distance": 2048, "max_len": 512}
 

@@ -16,7 +16,7 @@ from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem, make_path_posix
 
 from cpm_lightning.core.ranges import check_ranges, ranged
-from cpm_lightning.model.config import ArchConfig
+from cpm_lightning.model.config import MAX_PARAMS, ArchConfig
 from cpm_lightning.model.stats import param_count
 
 # The keys whose values the run opens: datamodules.sources.SourceConfig.url (fsspec URLs and
@@ -35,7 +35,7 @@ class Limits:
     """Locations (URL prefixes: s3://bucket/dir/, https://host/dir/, local directories) under
     which a proposal's data.sources.*.url and data.tokenizer must lie. The default is the
     project's data bucket; the run config's own sources are not limited."""
-    max_params: int = ranged(20_000_000_000, ge=1)
+    max_params: int = ranged(MAX_PARAMS, ge=1)
     """Largest model, in parameters (the `model info` count), that the run builds with the
     proposals applied; checked before anything is built. The default is twice the largest
     preset."""

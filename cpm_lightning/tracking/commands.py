@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.file_hashes import TRUST_FLAG, TRUST_HELP
 from cpm_lightning.tracking.config import DEFAULT_TRACKING_URI, TrackingConfig
 
 URI_HELP = f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})"
@@ -49,6 +50,7 @@ def add_commands(sub) -> None:
                      "and heldout with --eval-config)")
     rel.add_argument("--eval-limit", type=int, default=100, help="examples per task (default 100)")
     rel.add_argument("--eval-config", type=Path, metavar="CONFIG", help="the run config whose data sources heldout scores")
+    rel.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     rel.set_defaults(func=release)
 
     pro = sub.add_parser("promote", help="point an alias at a registered version")

@@ -3,8 +3,8 @@ cached token shard is one error line naming the file (exit 2), never a model tha
 trains on it; a crafted checkpoint runs no code wherever it is opened.
 
 Two checkpoints of the tiny preset are written once for the module: a sharded one (FSDP2 in one
-process: __0_0.distcp, .metadata, meta.pt, hashes.json) and a single file (step-N.ckpt beside
-step-N.ckpt.hashes.json). Each test damages a copy. Commands that fail before training run
+process: __0_0.distcp, .metadata, meta.pt, hashes.json) and a single file (step-N.ckpt, its
+record in its zip comment). Each test damages a copy. Commands that fail before training run
 in-process; those that fail inside the strategy's load of DCP shard files run `fit` in a
 subprocess, as FSDP2 needs a process group.
 """
@@ -28,10 +28,10 @@ import torch.distributed.checkpoint as dcp
 from conftest import write_config, write_corpus
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from cpm_lightning.checkpoint.files import REMEDY, CheckpointReader
+from cpm_lightning.checkpoint.files import REMEDY, ZIP_END, ZIP_END_LEN, CheckpointReader
 from cpm_lightning.cli.main import main
 from cpm_lightning.core.errors import UserError
-from cpm_lightning.core.file_hashes import CHUNK_BYTES, HASHES_FILE, hash_file, write_hashes
+from cpm_lightning.core.file_hashes import CHUNK_BYTES, HASHES_FILE, RECORD_TAG, hash_file, write_hashes
 from datamodules.shards import Shard
 
 pytestmark = pytest.mark.slow  # end to end: real subprocesses and servers (`make test-fast` leaves it out)
@@ -116,11 +116,20 @@ def written_checkpoints(run: Path) -> list[Path]:
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of the checkpoint alone: a file carries its record, a directory its hashes.json."""
     if src.is_dir():
         shutil.copytree(src, dst)
     else:
         shutil.copy(src, dst)
-        shutil.copy(src.with_name(f"{src.name}.{HASHES_FILE}"), dst.with_name(f"{dst.name}.{HASHES_FILE}"))
+    return dst
+
+
+def unsealed(src: Path, dst: Path) -> Path:
+    """The single-file checkpoint `src` as torch.save wrote it, before its record: what other
+    software writes, and cpm-lightning before issue 22."""
+    data = src.read_bytes()
+    end = data.rindex(ZIP_END)
+    dst.write_bytes(data[:end + ZIP_END_LEN - 2] + b"\0\0")
     return dst
 
 
@@ -140,11 +149,9 @@ def test_every_file_of_a_checkpoint_is_hashed_when_it_is_written(made):
     assert sorted(listed) == [".metadata", "__0_0.distcp", "meta.pt"] == sorted(
         p.name for p in made.sharded.iterdir() if p.name != HASHES_FILE)
     assert all(listed[name] == hash_file(made.sharded / name) for name in listed)
-    # keep_last=1 removed step 1 with the hashes beside it.
-    assert sorted(p.name for p in made.single.parent.iterdir()) == [
-        "last.ckpt", "step-00000002.ckpt", f"step-00000002.ckpt.{HASHES_FILE}"]
-    sidecar = json.loads((made.single.parent / f"step-00000002.ckpt.{HASHES_FILE}").read_text())
-    assert sidecar["files"] == {"step-00000002.ckpt": hash_file(made.single)}
+    # keep_last=1 removed step 1; the single file carries its record inside, nothing beside it.
+    assert sorted(p.name for p in made.single.parent.iterdir()) == ["last.ckpt", "step-00000002.ckpt"]
+    assert made.single.read_bytes()[-200:].decode("ascii", "replace").count(RECORD_TAG) == 1
 
 
 # -- a flipped byte in a checkpoint -----------------------------------------------------------
@@ -166,9 +173,9 @@ def test_a_flipped_byte_in_a_checkpoint_is_named(made, tmp_path, capsys, case, c
     file = ckpt / name if name else ckpt
     offset = embedding_offset(ckpt) if name == "__0_0.distcp" else file.stat().st_size // 2
     flip(file, offset)
-    hashes = ckpt / HASHES_FILE if name else ckpt.with_name(f"{ckpt.name}.{HASHES_FILE}")
     expected = (f"{file} is damaged: {chunk_of(offset, file.stat().st_size)} do not match the sha256 recorded in "
-                f"{hashes} when it was written; {REMEDY}")
+                f"{ckpt / HASHES_FILE} when it was written; {REMEDY}" if name else
+                f"{file} is damaged: its bytes do not match the sha256 recorded in it when it was written; {REMEDY}")
     if command == "generate":
         code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is", "--max-new-tokens", "3")
     else:  # a DCP data file is read by the strategy's load, after Lightning set up FSDP2
@@ -185,14 +192,104 @@ def test_damaged_hashes_are_named(made, tmp_path, capsys):
     assert_error(code, err, f"{ckpt / HASHES_FILE} is damaged: it does not match the sha256 of its own listing; {REMEDY}")
 
 
-def test_a_checkpoint_written_before_hashes_is_read_with_a_warning(made, tmp_path, capsys):
-    ckpt = copy_checkpoint(made.sharded, tmp_path / "ckpt")
-    (ckpt / HASHES_FILE).unlink()
-    main(["generate", str(ckpt), "--prompt", "It is", "--max-new-tokens", "3"])
+@pytest.mark.parametrize("kind", ["sharded", "single"])
+def test_a_checkpoint_without_a_record_is_read_only_with_trust_unverified(made, tmp_path, capsys, kind):
+    if kind == "sharded":
+        ckpt = copy_checkpoint(made.sharded, tmp_path / "ckpt")
+        (ckpt / HASHES_FILE).unlink()
+        what = f"the sharded checkpoint (no {HASHES_FILE})"
+    else:
+        ckpt, what = unsealed(made.single, tmp_path / "foreign.ckpt"), "the checkpoint"
+    code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is")
+    assert_error(code, err, f"{ckpt}: {what} has no integrity record (written by other software or by an older "
+                            "cpm-lightning); pass --trust-unverified to read it unverified")
+    main(["generate", str(ckpt), "--prompt", "It is", "--max-new-tokens", "3", "--trust-unverified"])
     out = capsys.readouterr()
     assert out.out.startswith("It is")
     assert out.err.splitlines() == [
-        f"warning: {ckpt} has no {HASHES_FILE} (written before checkpoints recorded hashes): its bytes are not verified"]
+        f"warning: {ckpt}: {what} has no integrity record; its bytes are not verified (--trust-unverified)"]
+
+
+def test_a_copied_and_renamed_checkpoint_verifies(made, tmp_path, capsys):
+    ckpt = copy_checkpoint(made.single, tmp_path / "mine.ckpt")
+    main(["generate", str(ckpt), "--prompt", "It is", "--max-new-tokens", "3"])
+    out = capsys.readouterr()
+    assert out.out.startswith("It is") and out.err == ""
+
+
+def test_an_older_checkpoint_with_its_sidecar_renamed_verifies(made, tmp_path, capsys):
+    """Written before the record: the sidecar lists the file by the name it had then."""
+    old = unsealed(made.single, tmp_path / "step-00000002.ckpt")
+    write_hashes(tmp_path / f"{old.name}.{HASHES_FILE}", {old.name: hash_file(old)})
+    ckpt = tmp_path / "mine.ckpt"
+    old.rename(ckpt)
+    (tmp_path / f"{old.name}.{HASHES_FILE}").rename(tmp_path / f"mine.ckpt.{HASHES_FILE}")
+    main(["generate", str(ckpt), "--prompt", "It is", "--max-new-tokens", "3"])
+    assert capsys.readouterr().out.startswith("It is")
+    flip(ckpt, ckpt.stat().st_size // 2)
+    code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is")
+    offset = ckpt.stat().st_size // 2
+    assert_error(code, err, f"{ckpt} is damaged: {chunk_of(offset, ckpt.stat().st_size)} do not match the sha256 "
+                            f"recorded in {tmp_path / f'mine.ckpt.{HASHES_FILE}'} when it was written; {REMEDY}")
+
+
+@pytest.mark.parametrize("fraction", [0.0005, 0.25, 0.5, 0.9, 0.99995])
+def test_a_truncated_checkpoint_is_named(made, tmp_path, capsys, fraction):
+    ckpt = tmp_path / "cut.ckpt"
+    data = made.single.read_bytes()
+    ckpt.write_bytes(data[:int(len(data) * fraction)])
+    code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is")
+    assert_error(code, err, f"{ckpt} is damaged: its zip archive has no end (a truncated copy); {REMEDY}")
+
+
+def test_a_record_that_lies_about_the_size_is_named(made, tmp_path, capsys):
+    ckpt = copy_checkpoint(made.single, tmp_path / "ckpt")
+    data = ckpt.read_bytes()
+    at = data.rindex(b"size=") + len("size=")
+    size = len(data)
+    ckpt.write_bytes(data[:at] + f"{size + 1:020d}".encode() + data[at + 20:])
+    code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is")
+    assert_error(code, err, f"{ckpt} is damaged: {size} bytes, {size + 1} when it was written (its integrity record "
+                            f"says); {REMEDY}")
+    sharded = copy_checkpoint(made.sharded, tmp_path / "sharded")
+    listing = json.loads((sharded / HASHES_FILE).read_text())["files"]
+    real = listing["meta.pt"]["size"]
+    listing["meta.pt"]["size"] = real - 1
+    write_hashes(sharded / HASHES_FILE, listing)  # a listing whose own sha256 matches its lie
+    code, err = run_cli(capsys, "generate", sharded, "--prompt", "It is")
+    assert_error(code, err, f"{sharded / 'meta.pt'} is damaged: {real} bytes, {real - 1} when it was written "
+                            f"(recorded in {sharded / HASHES_FILE}); {REMEDY}")
+
+
+def test_a_distcp_file_swapped_for_another_writers_is_named(made, tmp_path, capsys):
+    """Another rank's (or run's) data file in place of this one's: the listing names the file."""
+    ckpt = copy_checkpoint(made.sharded, tmp_path / "ckpt")
+    other = tmp_path / "other"
+    state = {k: v for k, v in torch.load(made.single, weights_only=True)["state_dict"].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled": one process, as intended
+        dcp.save({"state_dict": {k: v + 1 for k, v in state.items()}}, checkpoint_id=other)
+    file, size = ckpt.resolve() / "__0_0.distcp", (ckpt / "__0_0.distcp").stat().st_size
+    shutil.copy(other / "__0_0.distcp", file)
+    code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is")
+    assert_error(code, err, f"{file}: {file.stat().st_size} bytes; the checkpoint's .metadata expects {size} bytes "
+                            "(a truncated or incomplete copy)")
+    shutil.copy(other / "__0_0.distcp", file)  # one of the same size, with other bytes
+    with file.open("r+b") as f:
+        f.truncate(size)
+    code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is")
+    assert_error(code, err, f"{file} is damaged: {chunk_of(0, size)} do not match the sha256 recorded in "
+                            f"{ckpt.resolve() / HASHES_FILE} when it was written; {REMEDY}")
+
+
+def test_a_link_out_of_a_sharded_checkpoint_is_refused(made, tmp_path, capsys):
+    ckpt = copy_checkpoint(made.sharded, tmp_path / "ckpt")
+    outside = tmp_path / "elsewhere.distcp"
+    (ckpt / "__0_0.distcp").rename(outside)
+    (ckpt / "__0_0.distcp").symlink_to(outside)
+    code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is")
+    assert_error(code, err, f"{ckpt / '__0_0.distcp'}: a symbolic link to {outside}, outside the checkpoint; refused "
+                            "(copy the file in instead)")
 
 
 # -- a crafted checkpoint ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpm_lightning.checkpoint.files import seal_zip
 from cpm_lightning.checkpoint.meta import VERSION, CPMMeta, write
 from cpm_lightning.checkpoint.store import read_meta
 from cpm_lightning.core.errors import UserError
@@ -60,6 +61,7 @@ def test_a_writer_of_an_unknown_key_is_a_bug():
 def test_a_section_that_cannot_be_read_is_one_line_naming_the_checkpoint(tmp_path, section, expected):
     path = tmp_path / "step-00000004.ckpt"
     torch.save({"global_step": 4, "cpm": section}, path)
+    seal_zip(path)  # as Checkpoints.save does: the section, not the record, is wrong
     with pytest.raises(UserError) as e:
         read_meta(path)
     assert str(e.value).startswith(f"{path}: {expected}")

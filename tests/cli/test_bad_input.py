@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import ZH, english_text, write_config, write_corpus
 
+from cpm_lightning.checkpoint.files import REMEDY, seal_zip
 from cpm_lightning.cli.main import main
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
@@ -456,6 +457,7 @@ def _edited_checkpoint(checkpoint: Path, out: Path, edit) -> Path:
     ckpt = torch.load(checkpoint, weights_only=True)
     edit(ckpt)
     torch.save(ckpt, out)
+    seal_zip(out)  # a checkpoint as fit writes it, but for the edit
     return out
 
 
@@ -547,16 +549,17 @@ def _sharded(checkpoint: Path, out: Path) -> Path:
 
 def test_generate_from_a_sharded_checkpoint_with_a_file_missing_or_cut(checkpoint, tmp_path, capsys):
     sharded = _sharded(checkpoint, tmp_path / "step-00000001.ckpt")
-    assert generate(capsys, sharded, "--max-new-tokens", 3, "--temperature", 0) == \
+    # Without hashes.json (read unverified): its sizes against .metadata's are still checked.
+    assert generate(capsys, sharded, "--max-new-tokens", 3, "--temperature", 0, "--trust-unverified") == \
         generate(capsys, checkpoint, "--max-new-tokens", 3, "--temperature", 0)
     [shard] = sharded.glob("*.distcp")
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: size // 2])
-    code, _, err = run_cli(capsys, "generate", sharded, "--prompt", "hi")
+    code, _, err = run_cli(capsys, "generate", sharded, "--prompt", "hi", "--trust-unverified")
     assert_user_error(code, err, f"{shard.resolve()}: {size // 2} bytes; the checkpoint's .metadata expects {size} "
                                  "bytes (a truncated or incomplete copy)")
     (sharded / ".metadata").unlink()
-    code, _, err = run_cli(capsys, "generate", sharded, "--prompt", "hi")
+    code, _, err = run_cli(capsys, "generate", sharded, "--prompt", "hi", "--trust-unverified")
     assert_user_error(code, err, f"{sharded.resolve()}: not a sharded checkpoint (no .metadata)")
 
 
@@ -573,8 +576,9 @@ def test_fit_ckpt_path_that_is_not_a_checkpoint(damage, checkpoint, tmp_path, co
         path = _sharded(checkpoint, tmp_path / "sharded.ckpt")
         (path / ".metadata").unlink()
     code, err = fit(capsys, tmp_path, corpus, "--ckpt_path", path.name, **{"data.tokenizer": str(tokenizer_path)})
-    expected = f"{path.resolve()}: not a sharded checkpoint (no .metadata)" if path.is_dir() else \
-        f"{path.name}: not a readable checkpoint (not a file written by torch.save)"
+    expected = {"random bytes": f"{path.name}: not a readable checkpoint (not a file written by torch.save)",
+                "truncated": f"{path.resolve()} is damaged: its zip archive has no end (a truncated copy); {REMEDY}",
+                }.get(damage, f"{path.resolve()}: not a sharded checkpoint (no .metadata)")
     assert_user_error(code, err, expected)
     assert not (tmp_path / "cache").exists()  # refused before the data was read
 

@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from cpm_lightning.checkpoint import modeldir
+from cpm_lightning.checkpoint.files import seal_zip
 from cpm_lightning.checkpoint.store import trained_model
 from cpm_lightning.cli.loader import load_model
 from cpm_lightning.cli.main import main
@@ -305,6 +306,7 @@ def test_release_or_generate_of_a_checkpoint_without_tokenizer(released, tmp_pat
     ckpt = torch.load(released, map_location="cpu", weights_only=False)
     del ckpt["cpm"]["tokenizer"]
     torch.save(ckpt, tmp_path / "no-tokenizer.ckpt")
+    seal_zip(tmp_path / "no-tokenizer.ckpt")
     assert cli_error(capsys, verb[0], str(tmp_path / "no-tokenizer.ckpt"), *verb[1:]) == (
         f"error: {tmp_path / 'no-tokenizer.ckpt'}: the checkpoint carries no tokenizer; expected one saved by "
         "`fit` (checkpoint['cpm']['tokenizer'])")

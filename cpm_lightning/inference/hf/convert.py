@@ -124,12 +124,27 @@ class HFWeights:
         if found is None:
             raise UserError(f"{root}: no weights; expected {', '.join(self.FILES)}")
         if found.endswith(".index.json"):
-            weight_map = json.loads((root / found).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = self._indexed(root / found)
         else:
             files = [found]
         self.files = {f: self._open(root / f) for f in files}
         self.where = {name: f for f, opened in self.files.items() for name in opened[0]}
+
+    @staticmethod
+    def _indexed(index: Path) -> list[str]:
+        """The weight files an index names: plain names of files in its directory (a path
+        outside it would read any file the user can)."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise UserError(f"{index}: not a readable index ({type(e).__name__}); expected a JSON object whose "
+                            "weight_map maps each tensor to a file") from None
+        for name in files:
+            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+                raise UserError(f"{index}: names {name!r}, not a file in {index.parent}; an index names the "
+                                "weight files beside it")
+        return files
 
     @staticmethod
     def _open(path: Path) -> tuple[dict[str, list[int]], Callable[[str], torch.Tensor]]:
