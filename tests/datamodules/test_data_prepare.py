@@ -3,6 +3,7 @@ over machines by `data prepare --part`, and the same token stream as one shard o
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
 import io
@@ -496,3 +497,44 @@ def test_a_file_without_whitespace_is_prepared_within_the_memory_bound(tmp_path,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) < 120, f"the build grew by {run.stdout.strip()} MB"
+
+
+@pytest.mark.parametrize("fails, written", [("save", "shards/[0-9a-f]{32}"), ("replace", "manifests/[0-9a-f]{32}.json")])
+def test_a_full_disk_under_data_prepare_is_one_line_naming_the_path_and_nothing_half_written(
+        fails, written, tmp_path, corpus, tokenizer, monkeypatch, capsys):
+    config = write_config(tmp_path / "config.yaml", corpus, **{"data.tokenizer": str(tokenizer)})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards.np if fails == "save" else shards.os, fails, full)  # index.npy, or the manifest
+    code, out, err = run_cli(capsys, "data", "prepare", "--config", config)
+    cache = tmp_path / "cache"
+    assert code == 2 and not out and re.fullmatch(
+        f"error: data.cache_dir: cannot write {cache}/{written} \\(No space left on device\\); nothing of it was "
+        "kept\n", err), err
+    assert not [p for p in cache.glob("*/*") if p.name.startswith(".") or p.parent.name == "manifests"]
+    pieces = [p for p in (cache / "shards").iterdir()]
+    assert (pieces == []) == (fails == "save")  # a piece is kept only once complete
+
+
+@pytest.mark.parametrize("read_only", [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into a read-only directory"))])
+def test_a_cache_that_cannot_be_written_is_refused_before_the_tokenizer_is_trained(read_only, tmp_path, corpus,
+                                                                                  monkeypatch, capsys):
+    from datamodules import prepare
+
+    if read_only:  # made when it could be written, then its permissions taken away
+        cache = tmp_path / "ro"
+        (cache / "shards").mkdir(parents=True)
+        (cache / "manifests").mkdir()
+        cache.chmod(0o555)
+    else:
+        (tmp_path / "file").write_text("not a directory")
+        cache = tmp_path / "file" / "cache"
+    monkeypatch.setattr(prepare, "train_tokenizer", lambda *a: pytest.fail("trained before the cache was checked"))
+    config = write_config(tmp_path / "config.yaml", corpus, **{"data.cache_dir": str(cache)})
+    code, _, err = run_cli(capsys, "data", "prepare", "--config", config)
+    reason = "Permission denied" if read_only else "Not a directory"
+    assert (code, err.strip()) == (2, f"error: data.cache_dir: cannot write the data cache {cache} ({reason}); "
+                                      "expected a writable directory (or set $CPM_LIGHTNING_CACHE)")
