@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.ranges import check_ranges, ranged
-from cpm_lightning.core.tokenizer import MIN_VOCAB
+from cpm_lightning.core.tokenizer import MAX_VOCAB, MIN_VOCAB
 from datamodules.sources import SourceConfig, where
 
 
@@ -22,7 +22,7 @@ class DataConfig:
     tokenizer: str | None = None
     """Path or fsspec URL of a SentencePiece model. Unset: one is trained on the sources on first
     use and cached."""
-    tokenizer_vocab_size: int = ranged(4096, ge=MIN_VOCAB, le=1 << 20)
+    tokenizer_vocab_size: int = ranged(4096, ge=MIN_VOCAB, le=MAX_VOCAB)
     """Vocabulary of the tokenizer trained when `tokenizer` is unset."""
     seq_len: int = ranged(256, ge=1)
     """Tokens per training sample (windows of seq_len + 1 are cut from the stream)."""
