@@ -427,7 +427,7 @@ def test_an_http_source_on_a_server_without_ranges_is_streamed_with_one_warning(
     monkeypatch.setattr(shards, "PIECE_BYTES", 4000)  # a piece per file
     web = tmp_path / "web"
     web.mkdir()
-    (web / "a-big.txt").write_text(english_text(60_000))  # 13 MiB: beyond fsspec's first blocks
+    (web / "a-big.txt").write_text(english_text(60_000))  # 16 MB: beyond the blocks fsspec reads from the start
     (web / "b-small.txt").write_text(english_text(30))
     url, requests = served()
     src, tok = SourceConfig(url=f"{url}/web/*.txt"), Tokenizer.load(str(tokenizer))
