@@ -7,9 +7,17 @@ from dataclasses import dataclass
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.ranges import check_ranges, ranged
-from cpm_lightning.core.tokenizer import MIN_VOCAB
+from cpm_lightning.core.tokenizer import MAX_VOCAB, MIN_VOCAB
 from datamodules.sources import SourceConfig, where
 
+MAX_SEQ_LEN = 1 << 20
+"""Tokens per sample at most (1 Mi): 8 times the longest contexts trained today."""
+MAX_BATCH_SIZE = 1 << 20
+"""Samples per optimizer step at most (1 Mi): 256 times the largest global batches in use."""
+MAX_BATCH_TOKENS = 1 << 24
+"""Tokens of one device's micro-batch at most (16 Mi, 100 times what a GPU trains on at once): its
+windows and the batch collated from them take 24 bytes a token of host memory (384 MiB), twice
+with the next batch fetched ahead."""
 
 # eq/repr off: PretrainDataModule inherits this class and is compared and printed as itself.
 # Not kw_only: PretrainDataModule(sources, ...) keeps working positionally.
@@ -22,14 +30,15 @@ class DataConfig:
     tokenizer: str | None = None
     """Path or fsspec URL of a SentencePiece model. Unset: one is trained on the sources on first
     use and cached."""
-    tokenizer_vocab_size: int = ranged(4096, ge=MIN_VOCAB, le=1 << 20)
+    tokenizer_vocab_size: int = ranged(4096, ge=MIN_VOCAB, le=MAX_VOCAB)
     """Vocabulary of the tokenizer trained when `tokenizer` is unset."""
-    seq_len: int = ranged(256, ge=1)
+    seq_len: int = ranged(256, ge=1, le=MAX_SEQ_LEN)
     """Tokens per training sample (windows of seq_len + 1 are cut from the stream)."""
-    batch_size: int = ranged(8, ge=1)
+    batch_size: int = ranged(8, ge=1, le=MAX_BATCH_SIZE)
     """The global batch: samples per optimizer step over all devices. Each device takes
     batch_size / (devices x nodes x trainer.accumulate_grad_batches) per forward pass, so the
-    optimization, and the samples of each step, do not depend on the world size."""
+    optimization, and the samples of each step, do not depend on the world size; that is at most
+    MAX_BATCH_TOKENS tokens, the memory a batch may take."""
     val_windows: int = ranged(32, ge=0)
     """Windows held out at the end of each source for validation (at most a tenth of the
     source)."""

@@ -13,7 +13,7 @@ from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
 from datamodules.config import DataConfig
 from datamodules.remote import cached_file, locations
-from datamodules.shards import Piece, checked_documents, fingerprint, plan, prepare_source
+from datamodules.shards import Piece, checked_documents, fingerprint, plan, prepare_source, writable
 from datamodules.sources import SourceFile, expand
 
 
@@ -47,6 +47,7 @@ class PreparedData:
         ).encode()).hexdigest()[:32]
 
         def train(path: Path) -> None:
+            writable(self.cache_path, probe=True)  # before the minutes of training, not after them
             print(f"training a {self.data.tokenizer_vocab_size}-piece tokenizer on the sources -> {path}", file=sys.stderr)
             texts = (d for n, s in sources for d in checked_documents(n, s, self.files(n)))
             save_tokenizer(train_tokenizer(texts, self.data.tokenizer_vocab_size), str(path))

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.tokenizer import Tokenizer
-from datamodules.config import DataConfig
+from datamodules.config import MAX_BATCH_TOKENS, DataConfig
 from datamodules.mixture import Mixture
 from datamodules.prepare import PreparedData
 from datamodules.shards import SourceTokens, open_source
@@ -134,7 +134,14 @@ class PretrainDataModule(DataConfig, L.LightningDataModule):
             raise UserError(f"data.batch_size={self.batch_size} (the global batch) does not split over "
                             f"{world_size} device(s) x trainer.accumulate_grad_batches={accumulate}; "
                             f"use a multiple of {world_size * accumulate}")
-        return self.batch_size // (world_size * accumulate)
+        micro = self.batch_size // (world_size * accumulate)
+        if micro * (self.seq_len + 1) > MAX_BATCH_TOKENS:
+            raise UserError(f"data.batch_size={self.batch_size} over {world_size} device(s) x "
+                            f"trainer.accumulate_grad_batches={accumulate} makes micro-batches of {micro} windows of "
+                            f"data.seq_len + 1 = {self.seq_len + 1} tokens, {micro * (self.seq_len + 1):,} tokens; at "
+                            f"most {MAX_BATCH_TOKENS:,} fit the memory a batch may take: raise "
+                            "trainer.accumulate_grad_batches or lower data.batch_size or data.seq_len")
+        return micro
 
     def test_dataloader(self):
         return self.val_dataloader()

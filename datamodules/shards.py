@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,15 +191,26 @@ class _Changed(Exception):
     """A file's metadata changed while it was being tokenized."""
 
 
-def _writable(cache_dir: Path) -> Path:
+def writable(cache_dir: Path, probe: bool = False) -> Path:
+    """`cache_dir/shards`, made (with `manifests`) if need be. `probe`: a file is also written
+    there and removed, to know before long work (training a tokenizer) that the cache takes
+    files: mkdir of a directory that exists succeeds even where nothing can be written, and a
+    complete cache that is read-only is still read."""
     shards = cache_dir / "shards"
     try:
         shards.mkdir(parents=True, exist_ok=True)
         (cache_dir / "manifests").mkdir(exist_ok=True)
+        if probe:
+            tempfile.TemporaryFile(dir=cache_dir).close()
     except OSError as e:
         raise UserError(f"data.cache_dir: cannot write the data cache {cache_dir} ({e.strerror or e}); "
                         "expected a writable directory (or set $CPM_LIGHTNING_CACHE)") from None
     return shards
+
+
+def _cannot_write(path: Path, e: OSError) -> UserError:
+    """A write into the cache that failed (a full disk, a quota), once what it wrote is removed."""
+    return UserError(f"data.cache_dir: cannot write {path} ({e.strerror or e}); nothing of it was kept")
 
 
 def _drop_dead_builds(parent: Path, key: str) -> None:
@@ -220,7 +232,7 @@ def build_piece(name: str, src: SourceConfig, piece: Piece, tokenizer: Tokenizer
     remote cache, else tokenized (and uploaded). Raises _Changed if a file's metadata changed
     while it was read. `alone`: the piece is the whole source, so a source without text is an
     error before anything is written."""
-    parent = _writable(cache_dir)
+    parent = writable(cache_dir)
     final = parent / piece.key
     if (final / "meta.json").exists():
         if remote is not None:  # built before this cache was shared
@@ -229,7 +241,10 @@ def build_piece(name: str, src: SourceConfig, piece: Piece, tokenizer: Tokenizer
     _drop_dead_builds(parent, piece.key)
     if remote is not None and remote.fetch_piece(piece.key, final):
         return final
-    tmp = temporary_piece(parent, piece.key)
+    try:
+        tmp = temporary_piece(parent, piece.key)
+    except OSError as e:
+        raise _cannot_write(final, e) from None
     try:
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
         stats, ends, total, files = ReadStats(), [], 0, []
@@ -277,8 +292,10 @@ def build_piece(name: str, src: SourceConfig, piece: Piece, tokenizer: Tokenizer
             tmp.rename(final)
         except OSError:  # another process finished the same piece first
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # not a read: read_text raises those as UserErrors naming the source
+            raise _cannot_write(final, e) from None
         raise
     if remote is not None:
         remote.publish_piece(final, piece.key)
@@ -305,7 +322,7 @@ def prepare_source(name: str, src: SourceConfig, tokenizer: Tokenizer, cache_dir
     else:
         raise UserError(f"{where(name)}: files of {src.url!r} kept changing while they were tokenized "
                         f"({CHANGE_RETRIES} tries); prepare the data once they are written")
-    _writable(cache_dir)
+    writable(cache_dir)
     path = cached_file(cache_dir, f"manifests/{_key(SHARD_FORMAT, [p.key for p in pieces])}.json", remote,
                        lambda path: write_manifest(name, src, pieces, path, remote))
     return path if path.exists() else None
@@ -337,8 +354,12 @@ def write_manifest(name: str, src: SourceConfig, pieces: list[Piece], path: Path
                 "pieces": [{"key": p.key, "tokens": m["tokens"], "files": [f["path"] for f in m["files"]]}
                            for p, m in zip(pieces, metas, strict=True)]}
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, e) from None
 
 
 def open_source(manifest: Path, cache_dir: Path) -> SourceTokens:

@@ -11,6 +11,7 @@ import codecs
 import json
 import lzma
 import re
+import sys
 import sysconfig
 import zlib
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,7 @@ from typing import Literal
 
 import fsspec
 from fsspec.utils import infer_compression
+from tqdm.auto import tqdm
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.ranges import ranged
@@ -65,6 +67,10 @@ SAFE_CUT = re.compile(r"(?<=\S)(?= )|(?<=\n)(?=\S)")
 """Where a document may be cut: before a space that follows a non-space, or after a newline
 that a non-space follows. Both tokenizers start a new word there: SentencePiece splits words
 at whitespace ("\\n" is a piece of its own), jieba yields each whitespace character alone."""
+FORCED_CUT = 2
+"""A run of more than FORCED_CUT x SEGMENT_CHARS characters with no SAFE_CUT in it (no
+whitespace: minified code, base64, a long CJK line) is cut at SEGMENT_CHARS anyway: its tokens
+may differ from the whole's at that cut, but the build stays within its memory bound."""
 REPLACEMENT = "\ufffd".encode()
 
 
@@ -134,13 +140,48 @@ def where(name: str, field: str = "") -> str:
     return f"data.sources.{name}" + (f".{field}" if field else "")
 
 
+_ANSWERS_RANGES: dict[str, bool] = {}
+"""Per HTTP source URL, whether its server answers range requests: probed once per process,
+when the first of its files is read (a warm start, which reads no file, asks nothing)."""
+
+
+def _answers_ranges(fs, path: str) -> bool:
+    """Whether the HTTP server of `path` (2 bytes or more) answers a request for its second byte
+    with that byte: one request; fsspec raises ValueError when the answer is the whole file."""
+    try:
+        with fs.open(path, "rb", block_size=1, cache_type="none") as fh:
+            fh.seek(1)
+            fh.read(1)
+    except ValueError:
+        return False
+    return True
+
+
+def _open(name: str, src: SourceConfig, f: SourceFile):
+    """`f` opened for reading from its start. fsspec reads an HTTP file in blocks, by range
+    requests; from a server that ignores them (python -m http.server, some CDNs) it can only
+    stream a file, in one request (block_size=0), which is all a build needs: it reads in order.
+    A file of one block is fetched whole from its start, so it needs no ranges, nor the probe."""
+    fs = f.file.fs
+    if "http" not in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol) or f.size <= fs.block_size:
+        return f.file
+    if src.url not in _ANSWERS_RANGES:
+        _ANSWERS_RANGES[src.url] = _answers_ranges(fs, f.path)
+        if not _ANSWERS_RANGES[src.url]:
+            tqdm.write(f"warning: {where(name, 'url')}: the server of {src.url!r} answers no range requests; "
+                       "its files are streamed, each in one request from its start", file=sys.stderr)  # above the build's bar
+    if _ANSWERS_RANGES[src.url]:
+        return f.file
+    return fs.open(f.path, "rb", block_size=0, compression=f.file.compression)
+
+
 def read_text(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, hasher=None) -> Iterator[str]:
     """The text of a file, decoded as UTF-8 (invalid bytes replaced and counted) READ_BYTES at a
     time; `hasher` (a hashlib object) is updated with its bytes as they are read."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     tail, first = b"", True
     try:
-        with f.file as fh:
+        with _open(name, src, f) as fh:
             while True:
                 data = fh.read(READ_BYTES)
                 if first and b"\0" in data[:8192]:
@@ -162,8 +203,8 @@ def read_text(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, has
 
 def cut(pieces: Iterable[str]) -> Iterator[tuple[str, bool, bool]]:
     """One document, given as consecutive pieces of text, as (segment, first, last) of at most
-    about SEGMENT_CHARS characters each, cut at SAFE_CUT (a document with no such place is one
-    segment)."""
+    about SEGMENT_CHARS characters each, cut at SAFE_CUT (or, in a long run with no such place,
+    at FORCED_CUT)."""
     buf, first, scanned, max_chars = "", True, 0, SEGMENT_CHARS
     for piece in pieces:
         buf += piece
@@ -176,6 +217,8 @@ def cut(pieces: Iterable[str]) -> Iterator[tuple[str, bool, bool]]:
                     break
             if at is None and (m := SAFE_CUT.search(buf, max(max_chars, scanned))):
                 at = m.start()
+            if at is None and len(buf) > FORCED_CUT * max_chars:
+                at = max_chars
             if at is None:  # no place to cut yet: read on, without scanning this text again
                 scanned = max(len(buf) - 1, 1)
                 break

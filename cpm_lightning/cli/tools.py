@@ -141,10 +141,11 @@ def model_info(args) -> None:
 
 
 def tokenizer_train(args) -> None:
-    from cpm_lightning.core.tokenizer import save_tokenizer, train_tokenizer
+    from cpm_lightning.core.tokenizer import check_vocab_size, save_tokenizer, train_tokenizer
     from datamodules.shards import iter_documents
     from datamodules.sources import ReadStats, SourceConfig, check_stats
 
+    check_vocab_size(args.vocab_size)
     texts, checks = [], []
     for i, url in enumerate(args.source):
         fmt = "jsonl" if url.removesuffix(".gz").endswith((".jsonl", ".json")) else "text"

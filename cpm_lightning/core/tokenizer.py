@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import io
 import os
+import sys
 from collections.abc import Iterable
 
 import fsspec
@@ -28,6 +29,12 @@ from cpm_lightning.core.errors import UserError
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 BYTE_PIECES = 256
 MIN_VOCAB = BYTE_PIECES + 8  # 256 byte pieces + specials
+MAX_VOCAB = 1 << 20
+"""The most pieces a tokenizer is trained with (data.tokenizer_vocab_size, --vocab-size): 8 times
+the largest vocabularies in use, and an embedding table of 1 Mi rows."""
+SHORTFALL = 0.9
+"""SentencePiece's unigram pruning (hard_vocab_limit off) ends a few pieces short of the size
+asked; fewer than this share of it means the text cannot give more, which is worth a warning."""
 # A sentence longer than this is cut for training only (SentencePiece's own limit is 4192 bytes).
 MAX_SENTENCE_BYTES = 1 << 16
 
@@ -189,10 +196,19 @@ def _keep_common_chars(texts: list[str], max_chars: int) -> list[str]:
     return [t.translate(drop) for t in texts]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 20_000_000) -> SentencePieceTokenizer:
-    """Train a unigram SentencePiece model on (up to `sample_chars` characters of) `texts`."""
+def check_vocab_size(vocab_size: int) -> None:
+    """A UserError when `vocab_size` is outside [MIN_VOCAB, MAX_VOCAB]: before any text is read."""
     if vocab_size < MIN_VOCAB:
         raise UserError(f"--vocab-size must be at least {MIN_VOCAB} (256 byte pieces + specials), got {vocab_size}")
+    if vocab_size > MAX_VOCAB:
+        raise UserError(f"--vocab-size must be at most {MAX_VOCAB} (as data.tokenizer_vocab_size), got {vocab_size}")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 20_000_000) -> SentencePieceTokenizer:
+    """Train a unigram SentencePiece model on (up to `sample_chars` characters of) `texts`. A
+    text too small for `vocab_size` pieces gives fewer, with a warning (SHORTFALL): how many it
+    can give is known only once trained, and a smaller vocabulary works (the model's follows it)."""
+    check_vocab_size(vocab_size)
     sample, n = [], 0
     for text in texts:
         for piece in text.split("\n\n"):  # paragraphs: SentencePiece trains on "sentences"
@@ -216,7 +232,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int = 2
         )
     except RuntimeError as e:
         raise UserError(f"tokenizer training failed: {str(e).splitlines()[-1]}") from None
-    return SentencePieceTokenizer(model.getvalue())
+    tokenizer = SentencePieceTokenizer(model.getvalue())
+    if tokenizer.vocab_size < SHORTFALL * vocab_size:
+        print(f"warning: the tokenizer has {tokenizer.vocab_size:,} pieces, fewer than the {vocab_size:,} asked: "
+              "its training text gives no more; train on more text for more", file=sys.stderr)
+    return tokenizer
 
 
 def save_tokenizer(tokenizer: Tokenizer, url: str) -> None:

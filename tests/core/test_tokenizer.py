@@ -7,7 +7,7 @@ import gzip
 import json
 
 import pytest
-from conftest import ZH, english_text
+from conftest import ZH, cli_error, english_text
 
 from cpm_lightning.cli.main import main
 from cpm_lightning.core.tokenizer import UNK, Tokenizer, save_tokenizer, train_tokenizer
@@ -116,3 +116,26 @@ def test_generate_prints_the_prompt_and_continuation_with_the_space_between(toke
     monkeypatch.setattr(cpm_lightning.inference.generate, "sample", lambda model, ids, *args: continuation)
     main(["generate", "model.ckpt", "--prompt", prompt])
     assert capsys.readouterr().out == text + "\n"
+
+
+@pytest.mark.parametrize("size, expected", [
+    (100_000_000, "--vocab-size must be at most 1048576 (as data.tokenizer_vocab_size), got 100000000"),
+    (100, "--vocab-size must be at least 264 (256 byte pieces + specials), got 100"),
+])
+def test_tokenizer_train_refuses_a_vocabulary_size_outside_its_range_before_reading(size, expected, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from datamodules import shards
+
+    monkeypatch.setattr(shards, "iter_documents", lambda *a: pytest.fail("read the sources first"))
+    assert cli_error(capsys, "tokenizer", "train", "--source", str(tmp_path / "x.txt"), "--vocab-size", str(size),
+                     "--output", str(tmp_path / "tok.model")) == expected
+    assert not (tmp_path / "tok.model").exists()
+
+
+def test_a_tokenizer_with_far_fewer_pieces_than_asked_says_so_in_one_line(corpus, tmp_path, capsys):
+    main(["tokenizer", "train", "--source", str(corpus["en"]), "--vocab-size", "100000", "--output", "tok.model"])
+    pieces = Tokenizer.load("tok.model").vocab_size
+    out, err = capsys.readouterr()
+    assert pieces < 90_000 and out == f"wrote tok.model ({pieces} pieces)\n"
+    assert err == (f"warning: the tokenizer has {pieces:,} pieces, fewer than the 100,000 asked: its training text "
+                   "gives no more; train on more text for more\n")

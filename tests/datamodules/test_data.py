@@ -8,6 +8,7 @@ import fsspec
 import numpy as np
 import pytest
 
+from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.tokenizer import EOS
 from datamodules import shards
 from datamodules.mixture import Mixture
@@ -157,3 +158,39 @@ def test_ranks_split_the_global_sequence(corpus, world):
     ranks = [take(r, world, 12 // world) for r in range(world)]
     interleaved = [ranks[i % world][i // world] for i in range(12)]
     assert all((a == b).all() for a, b in zip(single, interleaved, strict=True))
+
+
+def test_a_batch_beyond_its_range_is_refused_before_any_data_is_read(tmp_path, corpus, capsys, monkeypatch):
+    from conftest import cli_error, write_config
+
+    from datamodules import prepare
+
+    monkeypatch.setattr(prepare, "expand", lambda *a: pytest.fail("listed the sources first"))
+    config = write_config(tmp_path / "config.yaml", corpus, **{"trainer.max_steps": 1})
+    assert cli_error(capsys, "fit", "--config", str(config), "--data.batch_size", "1000000000") == (
+        "data.batch_size must be in [1, 1048576], got 1000000000")
+
+
+def test_a_proposal_batch_or_sequence_beyond_its_range_fails_check(tmp_path, capsys):
+    from conftest import write_proposal
+
+    from cpm_lightning.cli.main import main
+
+    path = write_proposal(tmp_path / "reg", 1, {"data.batch_size": 10**9, "data.seq_len": 10**9}, kind="data")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["proposals", "check", str(tmp_path / "reg")])
+    lines = capsys.readouterr().out.splitlines()
+    assert exit_info.value.code == 2 and lines == [
+        f"{path}:12: changes.data.batch_size: data.batch_size must be in [1, 1048576], got 1000000000",
+        f"{path}:13: changes.data.seq_len: data.seq_len must be in [1, 1048576], got 1000000000"]
+
+
+def test_a_micro_batch_beyond_the_memory_a_batch_may_take_is_refused_with_the_bound(corpus):
+    dm = PretrainDataModule({"en": SourceConfig(url=str(corpus["en"]))}, seq_len=1 << 20, batch_size=1 << 10)
+    assert dm.micro_batch_size(64, 4) == 4  # 4 windows of 1 Mi tokens a device: within the bound
+    with pytest.raises(UserError) as e:
+        dm.micro_batch_size(8, 4)
+    assert str(e.value) == ("data.batch_size=1024 over 8 device(s) x trainer.accumulate_grad_batches=4 makes "
+                            "micro-batches of 32 windows of data.seq_len + 1 = 1048577 tokens, 33,554,464 tokens; at "
+                            "most 16,777,216 fit the memory a batch may take: raise trainer.accumulate_grad_batches "
+                            "or lower data.batch_size or data.seq_len")

@@ -3,15 +3,20 @@ over machines by `data prepare --part`, and the same token stream as one shard o
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
+import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import fsspec
 import pytest
 from conftest import EN, ZH, english_text, write_config
 
@@ -129,10 +134,11 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def served(tmp_path):
-    def serve(last_modified: bool = True):
+    def serve(last_modified: bool = True, handler: type = CountingHandler):
         requests = []
-        handler = type("Handler", (CountingHandler,), {"requests": requests, "last_modified": last_modified})
+        handler = type("Handler", (handler,), {"requests": requests, "last_modified": last_modified})
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(tmp_path)))
+        server.handle_error = lambda *args: None  # a client that closes early (a range probe) is no failure
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}", requests
@@ -396,3 +402,139 @@ def test_data_prepare_into_a_url_cache_that_cannot_be_used(url, expected, tmp_pa
     code, out, err = run_cli(capsys, "data", "prepare", "--config", config)
     assert code == 2 and err.startswith(expected) and err.count("\n") == 1 and not out, err
     assert (tmp_path / "file").read_text() == "not a directory"
+
+
+class RangeHandler(CountingHandler):
+    """A server that answers `Range: bytes=A-B` with 206 and those bytes, as most do."""
+
+    def send_head(self):
+        wanted = self.headers.get("Range")
+        if not wanted or self.command != "GET":
+            return super().send_head()
+        start, end = (int(x) for x in wanted.removeprefix("bytes=").split("-"))
+        data = Path(self.translate_path(self.path)).read_bytes()[start:end + 1]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/*")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        return io.BytesIO(data)
+
+
+def test_an_http_source_on_a_server_without_ranges_is_streamed_with_one_warning(tmp_path, tokenizer, served,
+                                                                                 monkeypatch, capsys):
+    """python -m http.server answers a range request with the whole file; fsspec reads a file
+    larger than its 5 MiB block by ranges, and stops at the second block with a ValueError."""
+    monkeypatch.setattr(shards, "PIECE_BYTES", 4000)  # a piece per file
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "a-big.txt").write_text(english_text(60_000))  # 16 MB: beyond the blocks fsspec reads from the start
+    (web / "b-small.txt").write_text(english_text(30))
+    url, requests = served()
+    src, tok = SourceConfig(url=f"{url}/web/*.txt"), Tokenizer.load(str(tokenizer))
+    manifest = prepare_source("web", src, tok, tmp_path / "cache")
+    warning = (f"warning: data.sources.web.url: the server of '{url}/web/*.txt' answers no range requests; its "
+               "files are streamed, each in one request from its start")
+    assert re.split(r"[\r\n]", capsys.readouterr().err).count(warning) == 1
+    assert stream(tmp_path / "cache", manifest) == whole_stream(SourceConfig(url=str(web / "*.txt")), tok)
+    gets = [p for method, p in requests if method == "GET" and p.endswith(".txt")]
+    assert sorted(gets) == ["/web/a-big.txt", "/web/a-big.txt", "/web/b-small.txt"]  # the probe, then one read each
+    small = json.loads(manifest.read_text())["pieces"][1]["key"]
+    shutil.rmtree(tmp_path / "cache" / "shards" / small)
+    requests.clear()
+    assert stream(tmp_path / "cache", prepare_source("web", src, tok, tmp_path / "cache")) == stream(
+        tmp_path / "cache", manifest)  # resumed per piece: the missing one only, and no second probe
+    assert [p for method, p in requests if method == "GET" and p.endswith(".txt")] == ["/web/b-small.txt"]
+    assert warning not in capsys.readouterr().err
+
+
+def test_an_http_server_that_answers_ranges_is_read_by_ranges(tmp_path, served):
+    from datamodules.sources import _answers_ranges
+
+    (tmp_path / "a.txt").write_text("hello")
+    fs = fsspec.filesystem("http")
+    url, _ = served()
+    assert not _answers_ranges(fs, f"{url}/a.txt")
+    url, requests = served(handler=RangeHandler)
+    assert _answers_ranges(fs, f"{url}/a.txt") and requests == [("HEAD", "/a.txt"), ("GET", "/a.txt")]
+
+
+def test_a_long_run_without_word_starts_is_cut_at_the_segment_size(monkeypatch):
+    monkeypatch.setattr(sources, "SEGMENT_CHARS", 100)
+    text = "x" * 1000 + " then words " + "y" * 450
+    cuts = list(sources.cut(iter(text[i:i + 64] for i in range(0, len(text), 64))))
+    assert "".join(s for s, _, _ in cuts) == text
+    assert max(len(s) for s, _, _ in cuts) <= sources.FORCED_CUT * 100 + 64  # a read more than the bound, at most
+    assert [first for _, first, _ in cuts] == [True] + [False] * (len(cuts) - 1) and cuts[-1][2]
+
+
+PEAK = """
+import random, re, string, sys
+from pathlib import Path
+from datamodules import shards
+from datamodules.shards import prepare_source
+from datamodules.sources import SourceConfig
+from cpm_lightning.core.tokenizer import Tokenizer
+
+path = Path(sys.argv[3]) / "minified.txt"
+letters = random.Random(0).choices(string.ascii_letters, k=1 << 20)
+path.write_text("".join(letters) * 8)  # 8 MiB, no whitespace: one word to SAFE_CUT
+shards.ENCODE_CHARS = 1 << 20  # tokens of 1 Mi characters at a time: ~40 MB
+tok = Tokenizer.load(sys.argv[1])
+
+def peak_kb():  # not ru_maxrss: a child started by a large parent (pytest) inherits its peak
+    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text())[1])
+
+before = peak_kb()
+prepare_source("s", SourceConfig(url=str(path)), tok, Path(sys.argv[2]))
+print((peak_kb() - before) // 1024)
+"""
+
+
+def test_a_file_without_whitespace_is_prepared_within_the_memory_bound(tmp_path, tokenizer):
+    """Whole, its 8 Mi characters would reach the tokenizer in one call: ~300 MB of token lists."""
+    run = subprocess.run([sys.executable, "-c", PEAK, str(tokenizer), str(tmp_path / "cache"), str(tmp_path)],
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 120, f"the build grew by {run.stdout.strip()} MB"
+
+
+@pytest.mark.parametrize("fails, written", [("save", "shards/[0-9a-f]{32}"), ("replace", "manifests/[0-9a-f]{32}.json")])
+def test_a_full_disk_under_data_prepare_is_one_line_naming_the_path_and_nothing_half_written(
+        fails, written, tmp_path, corpus, tokenizer, monkeypatch, capsys):
+    config = write_config(tmp_path / "config.yaml", corpus, **{"data.tokenizer": str(tokenizer)})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards.np if fails == "save" else shards.os, fails, full)  # index.npy, or the manifest
+    code, out, err = run_cli(capsys, "data", "prepare", "--config", config)
+    cache = tmp_path / "cache"
+    assert code == 2 and not out and re.fullmatch(
+        f"error: data.cache_dir: cannot write {cache}/{written} \\(No space left on device\\); nothing of it was "
+        "kept\n", err), err
+    assert not [p for p in cache.glob("*/*") if p.name.startswith(".") or p.parent.name == "manifests"]
+    pieces = [p for p in (cache / "shards").iterdir()]
+    assert (pieces == []) == (fails == "save")  # a piece is kept only once complete
+
+
+@pytest.mark.parametrize("read_only", [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into a read-only directory"))])
+def test_a_cache_that_cannot_be_written_is_refused_before_the_tokenizer_is_trained(read_only, tmp_path, corpus,
+                                                                                  monkeypatch, capsys):
+    from datamodules import prepare
+
+    if read_only:  # made when it could be written, then its permissions taken away
+        cache = tmp_path / "ro"
+        (cache / "shards").mkdir(parents=True)
+        (cache / "manifests").mkdir()
+        cache.chmod(0o555)
+    else:
+        (tmp_path / "file").write_text("not a directory")
+        cache = tmp_path / "file" / "cache"
+    monkeypatch.setattr(prepare, "train_tokenizer", lambda *a: pytest.fail("trained before the cache was checked"))
+    config = write_config(tmp_path / "config.yaml", corpus, **{"data.cache_dir": str(cache)})
+    code, _, err = run_cli(capsys, "data", "prepare", "--config", config)
+    reason = "Permission denied" if read_only else "Not a directory"
+    assert (code, err.strip()) == (2, f"error: data.cache_dir: cannot write the data cache {cache} ({reason}); "
+                                      "expected a writable directory (or set $CPM_LIGHTNING_CACHE)")

@@ -77,7 +77,7 @@ OUT_OF_RANGE = [
     ("architecture", "model.arch.num_ffn_layers", -1, "model.arch.num_ffn_layers must be >= 0, got -1"),
     ("architecture", "model.arch.norm_eps", 0.0, "model.arch.norm_eps must be in (0, 1], got 0.0"),
     ("data", "data.sources.en.weight", -1.0, "data.sources.en.weight must be in (0, 1000000], got -1.0"),
-    ("data", "data.seq_len", 0, "data.seq_len must be >= 1, got 0"),
+    ("data", "data.seq_len", 0, "data.seq_len must be in [1, 1048576], got 0"),
 ]
 
 
