@@ -32,7 +32,8 @@ class StrictLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value)} characters",
                                                     node.start_mark) from None
         if not -INT64_MAX - 1 <= value <= INT64_MAX:  # torch, numpy and every store of a number take int64
-            raise yaml.constructor.ConstructorError(None, None, f"integer {node.value} is out of range: expected "
+            shown = node.value if len(node.value) <= 30 else f"{node.value[:20]}... ({len(node.value)} characters)"
+            raise yaml.constructor.ConstructorError(None, None, f"integer {shown} is out of range: expected "
                                                     f"-{INT64_MAX + 1} to {INT64_MAX} (int64)", node.start_mark)
         return value
 
