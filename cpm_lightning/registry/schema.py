@@ -202,8 +202,8 @@ def load_proposal(path: Path) -> tuple[Proposal | None, list[Problem]]:
         return None, [at("file", f"expected a mapping of proposal fields, got {type(data).__name__}")]
     for name in data:
         if name not in FIELDS:
-            problems.append(at(escaped(str(name)), f"unknown field{closest(str(name), FIELDS)}; "
-                                          f"expected: {', '.join(FIELDS)}"))
+            problems.append(Problem(str(path), _line(lines, str(name)) or 1, escaped(str(name)),
+                                    f"unknown field{closest(str(name), FIELDS)}; expected: {', '.join(FIELDS)}"))
     for name, f in FIELDS.items():
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
