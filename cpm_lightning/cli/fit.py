@@ -23,6 +23,7 @@ from cpm_lightning.checkpoint.directory import resolve_ckpt_path
 from cpm_lightning.checkpoint.migrate_on_load import plan_from
 from cpm_lightning.checkpoint.store import Checkpoints, SavedCheckpoint, check_architecture, read_checkpoint
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.ranges import Range
 from cpm_lightning.inference.book import Prompt, load_prompts
 from cpm_lightning.inference.evaluation import runnable_tasks
 from cpm_lightning.inference.generate import book_tokens
@@ -37,7 +38,7 @@ from cpm_lightning.registry.run_args import RunArgs, read_run_args
 from cpm_lightning.tracking.config import TrackingConfig, check_reachable
 from cpm_lightning.tracking.logger import CPMLogger, TrackRun
 from cpm_lightning.train.callbacks import CarryProvenance, Evaluate, LogSamplesPerSource
-from cpm_lightning.train.config import EvalConfig
+from cpm_lightning.train.config import MAX_STEPS, EvalConfig
 from cpm_lightning.train.run_config import GROUPS, VERBS, kept_tokenizer
 from cpm_lightning.train.sharding import FSDP2Strategy
 
@@ -168,6 +169,12 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
     the registry's values (except at the keys the command line set, `cli_keys`), the starting
     step, the kept tokenizer, init_from's architecture."""
     fit = subcommand == "fit"
+    # Lightning's -1 is "no limit", and the training stream never ends an epoch: trainer.max_steps
+    # is what ends a fit, and what its schedule, checkpoints and live boundaries are keyed on.
+    steps = Range(1, MAX_STEPS)
+    if fit and not (isinstance(cfg.trainer.max_steps, int) and steps.admits(cfg.trainer.max_steps)):
+        raise UserError(f"trainer.max_steps must be {steps}, got {cfg.trainer.max_steps!r}: a fit trains until "
+                        "then (its data has no end; -1, Lightning's default, would train forever)")
     # `last` and (fit only) checkpoint.resume=auto become a path; its step picks the proposals,
     # its run id the MLflow run.
     path = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints", cfg.checkpoint.resume if fit else "never")

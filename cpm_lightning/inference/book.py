@@ -23,6 +23,7 @@ import yaml
 
 from cpm_lightning.core.errors import UserError, closest
 from cpm_lightning.core.strict_yaml import StrictLoader, walk
+from cpm_lightning.core.text import escaped, unsafe_text
 
 PROMPTS_FILE = "prompts.yaml"
 APPS_FILE = "apps.yaml"
@@ -221,6 +222,9 @@ def _wrong(value, hint) -> str | None:
 
 def _check(kind: type, name: str, value) -> str | None:
     """Checks of single fields beyond their types."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and (wrong := unsafe_text(text, multiline=kind is Prompt and name == "text")):
+            return wrong
     if kind is Prompt and name == "id" and not _SLUG.match(value):
         return f"expected a short slug (lowercase letters and digits, words joined by -), got {value!r}"
     if kind is Prompt and name == "max_tokens" and value < 1:
@@ -234,7 +238,7 @@ def _check(kind: type, name: str, value) -> str | None:
 
 def _one_line(text: str) -> str:
     """An entry's id or name as it is named in a message: one line, at most 60 characters."""
-    return " ".join(text.split())[:60]
+    return escaped(" ".join(text.split()))[:60]
 
 
 def _key_line(node, name) -> int | None:

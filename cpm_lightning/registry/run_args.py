@@ -22,8 +22,10 @@ from cpm_lightning.core.strict_yaml import StrictLoader
 from cpm_lightning.registry.schema import not_utf8, parse_yaml
 
 CONFIG_OPTIONS = ("--config", "-c")
-# A group's value may be a file of its own (`--trainer t.yaml`); jsonargparse tells it from a
-# value by the group's type, which this reader, without Lightning, knows by the name's suffix.
+# A group's value may be a file of its own (`--trainer t.yaml`): jsonargparse reads any existing
+# file given to a group (fit's groups: LightningCLI's and those cli/fit.py adds), whatever its
+# name, and a file named so given to a key inside a group (`--model.arch arch.yaml`).
+FIT_GROUPS = ("trainer", "model", "data", "tracking", "checkpoint", "eval", "registry", "live")
 GROUP_FILE_SUFFIXES = (".yaml", ".yml")
 # Mapping-valued fields of the groups: jsonargparse merges a group key by key, but such a field
 # is a value, replaced whole (a later file's data.sources are the run's sources, not added to
@@ -64,7 +66,7 @@ def read_run_args(argv: list[str]) -> RunArgs:
             run.cli_keys.add(name[2:])
         elif name.startswith("--"):
             key = name[2:]
-            if value.endswith(GROUP_FILE_SUFFIXES):  # a group's own file: all of the group is the command line's
+            if _is_group_file(key, value):  # a group's own file: all of the group is the command line's
                 _set(run.config, key, read_run_config(Path(value)))
                 run.cli_keys.add(key)
             else:
@@ -92,6 +94,10 @@ def read_run_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a run config: {_GROUPS}, got {type(data).__name__}")
     return data
+
+
+def _is_group_file(key: str, value: str) -> bool:
+    return value.endswith(GROUP_FILE_SUFFIXES) or (key in FIT_GROUPS and Path(value).is_file())
 
 
 def _is_option(arg: str) -> bool:

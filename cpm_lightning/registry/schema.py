@@ -22,6 +22,7 @@ import yaml
 
 from cpm_lightning.core.errors import closest
 from cpm_lightning.core.strict_yaml import StrictLoader, walk
+from cpm_lightning.core.text import escaped, unsafe_text
 from cpm_lightning.registry.typecheck import mismatch, python_name, strings
 
 MAX_BYTES = 1 << 20
@@ -201,8 +202,8 @@ def load_proposal(path: Path) -> tuple[Proposal | None, list[Problem]]:
         return None, [at("file", f"expected a mapping of proposal fields, got {type(data).__name__}")]
     for name in data:
         if name not in FIELDS:
-            problems.append(at(str(name), f"unknown field{closest(str(name), FIELDS)}; "
-                                          f"expected: {', '.join(FIELDS)}"))
+            problems.append(Problem(str(path), _line(lines, str(name)) or 1, escaped(str(name)),
+                                    f"unknown field{closest(str(name), FIELDS)}; expected: {', '.join(FIELDS)}"))
     for name, f in FIELDS.items():
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -216,6 +217,9 @@ def load_proposal(path: Path) -> tuple[Proposal | None, list[Problem]]:
             if module := python_name(s):
                 problems.append(at(str(name), f"{s!r} names Python code (module {module!r}); "
                                               "a proposal is data and cannot refer to code"))
+            # Line breaks are text here: the one-line fields have checks of their own.
+            if wrong := unsafe_text(s, multiline=True):
+                problems.append(at(str(name), wrong))
     if problems:
         return None, problems
     changes, twice = _flatten(data.get("changes", {}))

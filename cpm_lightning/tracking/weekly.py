@@ -82,11 +82,12 @@ def weekly_report(monday: dt.date, experiment: str, registry_dir: Path, out: Pat
 
 
 def read_proposals(directory: Path) -> tuple[list[Proposal], int]:
-    """The proposals of a registry directory that can be read, by id, and how many files cannot.
-    Their `changes` are not checked: the digest needs only their dates, status and links."""
+    """The proposals of a registry directory whose fields `proposals check` accepts, by id, and
+    how many files it refuses (a link it refuses is not shown as one). Their `changes` are not
+    checked: the digest needs only their dates, status and links."""
     if not directory.is_dir():
         raise UserError(f"--registry {directory}: no such directory; expected the proposal registry")
-    read = [load_proposal(path)[0] for path in proposal_files(directory)]
+    read = [None if problems else proposal for proposal, problems in map(load_proposal, proposal_files(directory))]
     return sorted((p for p in read if p is not None), key=lambda p: p.id), read.count(None)
 
 

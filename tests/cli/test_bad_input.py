@@ -719,6 +719,24 @@ def test_group_file_with_aliases(tmp_path, corpus, capsys):
     assert_user_error(code, err, "trainer.yaml:2: val_check_interval: YAML aliases (*name) are not allowed")
 
 
+@pytest.mark.parametrize("name", ["trainer.txt", "trainer"])
+def test_group_file_of_any_name_with_duplicate_keys(name, tmp_path, corpus, capsys):
+    # jsonargparse reads any existing file given to a group, not only *.yaml: so does the strict reader.
+    config = write_config(tmp_path / "config.yaml", corpus)
+    (tmp_path / name).write_text("max_steps: 3\nmax_steps: 1000\n")
+    code, _, err = run_cli(capsys, "fit", "--config", config, "--trainer", name)
+    assert_user_error(code, err, f"{name}:2: max_steps: duplicate key")
+
+
+@pytest.mark.parametrize("max_steps", [-1, 0, 10**9 + 1])
+def test_fit_without_a_bounded_max_steps(max_steps, tmp_path, corpus, tokenizer_path, capsys):
+    # Lightning's -1 is "no limit"; the training stream has no end, the schedule and `live` are keyed on it.
+    code, err = fit(capsys, tmp_path, corpus, f"--trainer.max_steps={max_steps}", **{"data.tokenizer": str(tokenizer_path)})
+    assert_user_error(code, err, f"trainer.max_steps must be in [1, 1000000000], got {max_steps}: a fit trains until "
+                                 "then (its data has no end; -1, Lightning's default, would train forever)")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("content, expected", [
     ("", "empty.yaml: empty; expected a run config: a mapping of config groups (trainer, model, data, ...)"),
     ("# nothing yet\n", "empty.yaml: empty; expected a run config: a mapping of config groups (trainer, model, data, ...)"),

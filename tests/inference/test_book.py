@@ -101,6 +101,28 @@ BAD = {  # case -> (file, its text, the one line load_* fails with, after the fi
     "nested too deeply": (PROMPTS_FILE, "prompts: " + "[" * 1200, ": yaml: nested too deeply for prompt entries"),
     "overlong integer": (PROMPTS_FILE, "prompts:\n  - {id: a, author: b, text: c, max_tokens: " + "9" * 5000 + "}\n",
                          ":2: yaml: an integer of 5000 characters"),
+    "integer beyond int64": (PROMPTS_FILE, "prompts:\n  - {id: a, author: b, text: c, max_tokens: 9223372036854775808}\n",
+                             ":2: yaml: integer 9223372036854775808 is out of range: expected -9223372036854775808 to "
+                             "9223372036854775807 (int64)"),
+    # Text a stranger wrote reaches terminals and the site: no control or bidi characters, and
+    # line breaks and tabs only in a prompt's text.
+    "NUL in a prompt": (PROMPTS_FILE, 'prompts:\n  - {id: a, author: b, text: "x\\0y", max_tokens: 1}\n',
+                        ":2: prompts[0] (id a): text: holds U+0000 (a control character) at character 2; expected plain text"),
+    "ESC in an author": (PROMPTS_FILE, 'prompts:\n  - {id: a, author: "@b\\e[2J", text: c, max_tokens: 1}\n',
+                         ":2: prompts[0] (id a): author: holds U+001B (a control character) at character 3; "
+                         "expected plain text"),
+    "line break in an author": (PROMPTS_FILE, 'prompts:\n  - {id: a, author: "@b\\nc", text: "two\\nlines", '
+                                              "max_tokens: 1}\n",
+                                ":2: prompts[0] (id a): author: holds U+000A (a control character) at character 3; "
+                                "expected plain text"),
+    "OSC in an app's name": (APPS_FILE, 'apps:\n  - {name: "\\e]0;owned\\a", authors: ["@a"], link: "https://x.org", '
+                                        "release: 'models:/d/1'}\n",
+                             ":2: apps[0] (name \\x1b]0;owned\\x07): name: holds U+001B (a control character) at "
+                             "character 1; expected plain text"),
+    "bidi in an app's authors": (APPS_FILE, 'apps:\n  - {name: x, authors: ["@a\\u202e"], link: "https://x.org/", '
+                                         "release: 'models:/d/1'}\n",
+                              ":2: apps[0] (name x): authors: holds U+202E (a bidirectional control) at character 3; "
+                              "expected plain text"),
 }
 
 

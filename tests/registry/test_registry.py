@@ -105,6 +105,8 @@ BAD_FILES = {
     "custom tag": (edit(VALID, "summary: One paragraph.", "summary: !include x.yaml"), ":13: yaml:",
                    "YAML tag !include is not allowed"),
     "unknown field": (VALID + "colour: red\n", ":18: colour:", "unknown field; expected: id, title, kind"),
+    "unknown field with a control character": (VALID + '"col\\e[2Jour": red\n', ":18: col\\x1b[2Jour:",
+                                               "unknown field; expected: id, title, kind"),
     "misspelt field": (edit(VALID, "motivation:", "motivaton:"), ":14: motivaton:",
                        "unknown field (did you mean 'motivation'?)"),
     "missing field": (edit(VALID, "summary: One paragraph.\n", ""), ":1: summary:", "missing (required)"),

@@ -107,6 +107,57 @@ def test_huge_integer_in_a_proposal_is_a_yaml_problem(capsys, tmp_path):
     assert code == 2 and lines == [f"{path}:{line_of(path, 'model.arch.dim')}: yaml: an integer of 5000 characters"]
 
 
+@pytest.mark.parametrize("value", ["100000000000000000000000", "9223372036854775808", "-9223372036854775809"])
+def test_an_integer_beyond_int64_is_refused(value, capsys, tmp_path):
+    path = write_proposal(tmp_path / "reg", 1, {"model.arch.dim": 1}, kind="architecture", effective_from_step=5)
+    path.write_text(path.read_text().replace("effective_from_step: 5", f"effective_from_step: {value}"))
+    code, lines, _ = run(capsys, "proposals", "check", tmp_path / "reg")
+    assert code == 2 and lines == [f"{path}:{line_of(path, 'effective_from_step')}: yaml: integer {value} is out of "
+                                   "range: expected -9223372036854775808 to 9223372036854775807 (int64)"]
+
+
+def test_fit_refuses_a_proposal_with_an_integer_beyond_int64(capsys, tmp_path, corpus):
+    path = write_proposal(tmp_path / "reg", 1, {"model.arch.dim": 1}, kind="architecture", effective_from_step=5)
+    path.write_text(path.read_text().replace("effective_from_step: 5", "effective_from_step: 100000000000000000000000"))
+    config = write_config(tmp_path / "config.yaml", corpus, **{"registry.path": str(tmp_path / "reg")})
+    code, _, err = run(capsys, "fit", "--config", config)
+    assert code == 2 and err == (f"error: 1 problem(s) in the proposal registry {tmp_path / 'reg'}; nothing is applied:\n"
+                                 f"{path}:{line_of(path, 'effective_from_step')}: yaml: integer 100000000000000000000000 "
+                                 "is out of range: expected -9223372036854775808 to 9223372036854775807 (int64)\n")
+    assert not (tmp_path / "run").exists()
+
+
+# field -> (its YAML in the proposal, the column-free problem `proposals check` prints after the line)
+HOSTILE_TEXT = {
+    "title": ('"Rotary \\e[2J\\e[H"', "holds U+001B (a control character) at character 8"),
+    "title ": ('"\\e]0;owned\\a"', "holds U+001B (a control character) at character 1"),
+    "title  ": ('"Rotary\\a"', "holds U+0007 (a control character) at character 7"),
+    "title   ": ('"Rotary \\u202egnp.exe"', "holds U+202E (a bidirectional control) at character 8"),
+    "summary": ('"One\\nparagraph\\x00."', "holds U+0000 (a control character) at character 14"),
+    "motivation": ('"Why \\u2066isolated\\u2069."', "holds U+2066 (a bidirectional control) at character 5"),
+    "discussion": ('"https://github.com/x/y/discussions/1\\e[2J"', "holds U+001B (a control character) at character 37"),
+    "evidence": ('[{run: 0123456789abcdef0123456789abcdef, verdict: "better\\u200f"}]',
+                 "holds U+200F (a bidirectional control) at character 7"),
+}
+
+
+@pytest.mark.parametrize("field", HOSTILE_TEXT)
+def test_control_and_bidi_characters_in_a_text_field_are_refused(field, capsys, tmp_path):
+    yaml_value, problem = HOSTILE_TEXT[field]
+    name = field.strip()
+    path = write_proposal(tmp_path / "reg", 1, {"model.arch.dim": 64}, kind="architecture",
+                          motivation="Why.", evidence=[])
+    text = path.read_text().splitlines()
+    i = next(i for i, line in enumerate(text) if line.startswith(f"{name}:"))
+    text[i] = f"{name}: {yaml_value}"
+    path.write_text("\n".join(text) + "\n")
+    code, lines, _ = run(capsys, "proposals", "check", tmp_path / "reg")
+    assert code == 2 and lines == [f"{path}:{i + 1}: {name}: {problem}; expected plain text"]
+    # Refused, the proposal never reaches the terminal: `proposals list` leaves it out.
+    code, out, err = run(capsys, "proposals", "list", "--dir", tmp_path / "reg")
+    assert code == 0 and out == [] and err.startswith("warning: 1 problem(s) in ")
+
+
 def _numeric(hint) -> bool:
     """int or float, alone, optional or in a tuple."""
     if hint in (int, float):
@@ -148,9 +199,10 @@ def test_integers_where_floats_belong_reach_the_run_as_floats(tmp_path):
 
 
 def test_an_integer_no_float_can_hold_is_refused(capsys, tmp_path):
+    # The strict loader refuses it, as every integer beyond int64, naming the bound.
     path, lines = check_one(capsys, tmp_path, "training", {"model.optim.lr": 10**400})
-    assert lines == [f"{path}:{line_of(path, 'model.optim.lr')}: changes.model.optim.lr: expected a number, got "
-                     f"{str(10**400)[:57]}... (an integer)"]
+    assert lines == [f"{path}:{line_of(path, 'model.optim.lr')}: yaml: integer {str(10**400)[:20]}... (401 characters) "
+                     "is out of range: expected -9223372036854775808 to 9223372036854775807 (int64)"]
 
 
 # -- class 2: size ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cpm_lightning.cli.main import main
+from cpm_lightning.core.strict_yaml import INT64_MAX
 from cpm_lightning.core.tokenizer import save_tokenizer, train_tokenizer
 from cpm_lightning.registry.keys import NAMED, SCOPES, ConfigSchema
 from cpm_lightning.registry.limits import LOCATION_KEYS
@@ -80,11 +81,11 @@ def _numbers(key: str, hint):
     low, high = RUN_BOUNDS.get(key, (None, None))
     low = rng.low + (1 if is_int and rng.low_open else 0) if low is None else low
     high = rng.high if high is None else high
-    if is_int:
+    if is_int:  # within int64: the strict loader refuses what is beyond it, before any field is read
         inside = st.one_of(st.just(low), st.integers(low, low + 64 if high is None else min(high, low + 64)),
-                           st.integers(low, high if high is not None else 10**40))
-        outside = st.one_of(st.integers(max_value=rng.low - (0 if rng.low_open else 1)), st.just(-(10**30)),
-                            *([st.integers(min_value=rng.high + 1)] if rng.high is not None else []))
+                           st.integers(low, high if high is not None else INT64_MAX))
+        outside = st.one_of(st.integers(-INT64_MAX - 1, rng.low - (0 if rng.low_open else 1)), st.just(-INT64_MAX - 1),
+                            *([st.integers(rng.high + 1, INT64_MAX)] if rng.high is not None else []))
     else:
         top = high if high is not None else 1e300
         inside = st.one_of(st.floats(low, top, exclude_min=rng.low_open, exclude_max=rng.high_open),

@@ -11,7 +11,7 @@ import pytest
 from conftest import cli_error
 
 from cpm_lightning.core.errors import UserError
-from cpm_lightning.registry.run_args import REPLACED, read_run_args, read_run_config
+from cpm_lightning.registry.run_args import FIT_GROUPS, REPLACED, read_run_args, read_run_config
 from cpm_lightning.train.run_config import GROUPS
 
 A = "data:\n  sources:\n    a: {url: a.txt}\n  seq_len: 64\ntrainer:\n  max_steps: 5\n  val_check_interval: 5\n"
@@ -135,6 +135,40 @@ def test_fit_refuses_with_the_readers_line(tmp_path, capsys):
         "--trainer:1: b: YAML aliases (*name) are not allowed"
     assert cli_error(capsys, "validate", "--config=nope.yaml") == \
         "nope.yaml: cannot read the run config: No such file or directory"
+
+
+def test_a_group_file_of_any_name_is_read_strictly(files):
+    # jsonargparse reads any existing file given to a group, whatever its name; so does the reader.
+    (files / "t.txt").write_text("max_steps: 2\n")
+    (files / "twice.conf").write_text("max_steps: 1\nmax_steps: 2\n")
+    assert config("--config", "a.yaml", "--trainer", "t.txt") == config("--config", "a.yaml", "--trainer", "t.yaml")
+    assert error("--trainer=twice.conf") == "twice.conf:2: max_steps: duplicate key"
+    assert read_run_args(["--trainer", "t.txt"]).cli_keys == {"trainer"}
+
+
+def test_a_file_given_to_a_key_that_is_not_a_group_is_its_value(files):
+    (files / "tok.model").write_bytes(b"\x00\x01 not yaml")
+    (files / "step-5.ckpt").write_bytes(b"PK")
+    assert config("--data.tokenizer", "tok.model", "--ckpt_path=step-5.ckpt") == {
+        "data": {"tokenizer": "tok.model"}, "ckpt_path": "step-5.ckpt"}
+
+
+def test_the_groups_are_fits():
+    from cpm_lightning.cli.fit import CPMCLI
+
+    class Parser:  # records the groups CPMCLI adds to LightningCLI's trainer, model and data
+        def __init__(self):
+            self.groups = ["trainer", "model", "data"]
+
+        def add_class_arguments(self, cls, name):
+            self.groups.append(name)
+
+        def link_arguments(self, *args, **kwargs):
+            pass
+
+    parser = Parser()
+    CPMCLI.add_arguments_to_parser(None, parser)
+    assert sorted(parser.groups) == sorted(FIT_GROUPS)
 
 
 def test_replaced_names_every_mapping_valued_field():

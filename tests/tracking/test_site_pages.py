@@ -55,3 +55,15 @@ def test_an_experiment_without_runs_gives_pages_that_say_so(tmp_path):
     assert "Nothing yet: no run has logged a metric." in pages["metrics.html"]
     assert "No release yet." in pages["releases.html"] and '<p class="empty">None.</p>' in pages["incidents.html"]
     assert all(page.startswith("<!DOCTYPE html>") and "<title>" in page for page in pages.values())
+
+
+def test_a_proposal_check_refuses_is_not_shown(tmp_path):
+    # As apps.yaml's links: a discussion URL `proposals check` refuses is not a link on the site,
+    # and neither is the rest of that proposal; the site counts it and points to `check`.
+    s = site(tmp_path, [])
+    write_proposal(tmp_path / "registry", 7, {"model.optim.lr": 0.004}, status="discussion", kind="training",
+                   discussion="javascript:alert(1)", title="Unchecked")
+    s.proposals, s.unreadable = read_proposals(tmp_path / "registry")
+    assert [p.id for p in s.proposals] == [1, 2, 3, 4, 5, 6] and s.unreadable == 1
+    page = built(tmp_path, s)["proposals.html"]
+    assert "Unchecked" not in page and "javascript" not in page and "1 proposal file(s) could not be read" in page
