@@ -118,8 +118,9 @@ class SeriesCache:
     get_metric_history_bulk_interval, samples and is the UI server's, not the client's); what
     every store offers is the history in pages, in logging order (timestamp, step, value), each
     page's token an offset. The cache keeps, per run and metric, the series (one point per step,
-    the latest), the token of the last page read and that page's rows: a rebuild asks for that
-    page again and reads on from its end. A page that no longer starts with the cached rows (a
+    the latest), the token of the last page read and that page's rows: a rebuild reads that page
+    again and on from its end (so it reads again what the previous build read last: after a
+    full read, up to HISTORY_PAGE rows; after that, what was new then). A page that no longer starts with the cached rows (a
     point logged late with an earlier timestamp, a run rewritten) is a full read."""
 
     def __init__(self, path: Path | None):
@@ -155,7 +156,9 @@ def _history(client: MlflowClient, run_id: str, key: str, cached: dict | None) -
     # The paged call is the store's: MlflowClient.get_metric_history reads every page, always.
     store = client._tracking_client.store
     token, page = (cached["token"], cached["page"]) if cached else (None, [])
-    rows, following = _page(store, run_id, key, token)
+    # The cached page again, exactly (the store's next token is then where it ended), so that a
+    # rebuild reads again only what the previous one read last.
+    rows, following = _page(store, run_id, key, token, len(page) or HISTORY_PAGE)
     if json.dumps(rows[:len(page)]) != json.dumps(page):  # json: NaN is not equal to itself
         return _history(client, run_id, key, None)
     latest = {p[0]: p for p in cached["points"]} if cached else {}
@@ -167,14 +170,15 @@ def _history(client: MlflowClient, run_id: str, key: str, cached: dict | None) -
         if following is None:
             break
         token = following
-        rows, following = _page(store, run_id, key, token)
+        rows, following = _page(store, run_id, key, token, HISTORY_PAGE)
         fresh = rows
     return {"token": token, "page": rows, "points": sorted(latest.values())}  # mostly in order: linear
 
 
-def _page(store, run_id: str, key: str, token: str | None) -> tuple[list[list], str | None]:
-    """One page of a metric's history as [step, timestamp ms, value] rows, and the next page's token."""
-    paged = store.get_metric_history(run_id, key, max_results=HISTORY_PAGE, page_token=token)
+def _page(store, run_id: str, key: str, token: str | None, size: int) -> tuple[list[list], str | None]:
+    """Up to `size` rows of a metric's history from `token` on, as [step, timestamp ms, value],
+    and the token of the rows after them (None: there are none)."""
+    paged = store.get_metric_history(run_id, key, max_results=size, page_token=token)
     following = paged.token.decode() if isinstance(paged.token, bytes) else paged.token
     return [[m.step, m.timestamp, m.value] for m in paged], following
 

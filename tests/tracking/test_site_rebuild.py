@@ -69,8 +69,12 @@ def test_a_rebuild_reads_what_was_logged_since_and_charts_what_a_full_read_does(
     log(client, run_id, range(25, 30))
     build()
     assert sum(rows_read) == 10  # the last page again (20-24) and the 5 new rows, not 30
+    rows_read.clear()
+    log(client, run_id, range(30, 33))
+    build()
+    assert sum(rows_read) == 8  # what the previous rebuild read last (25-29) and the 3 new rows
     full = [list(p) for p in SeriesCache(None).series(client, run_id, "train/loss")]
-    assert cached(out, run_id) == full and [p[0] for p in full] == list(range(30))
+    assert cached(out, run_id) == full and [p[0] for p in full] == list(range(33))
 
 
 def test_a_point_logged_late_before_the_cached_page_is_a_full_read(store, rows_read):
