@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, STEP_ARTIFACT, App, Prompt, load_apps, load_prompts
 from cpm_lightning.registry.schema import Proposal
@@ -120,8 +121,9 @@ class SeriesCache:
     page's token an offset. The cache keeps, per run and metric, the series (one point per step,
     the latest), the token of the last page read and that page's rows: a rebuild reads that page
     again and on from its end (so it reads again what the previous build read last: after a
-    full read, up to HISTORY_PAGE rows; after that, what was new then). A page that no longer starts with the cached rows (a
-    point logged late with an earlier timestamp, a run rewritten) is a full read."""
+    full read, up to HISTORY_PAGE rows; after that, what was new then). A page that no longer
+    starts with the cached rows (a point logged late with an earlier timestamp, a run
+    rewritten), or a cache entry the store does not take, is a full read."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -135,8 +137,14 @@ class SeriesCache:
 
     def series(self, client: MlflowClient, run_id: str, key: str) -> list[tuple[int, int, float]]:
         """(step, timestamp ms, value) of metric `key`, one per step (the latest), by step."""
-        cached = self.previous.get(run_id, {}).get(key)
-        history = _history(client, run_id, key, cached if isinstance(cached, dict) else None)
+        of_run = self.previous.get(run_id)
+        cached = of_run.pop(key, None) if isinstance(of_run, dict) else None  # popped: one copy in memory
+        try:
+            history = _history(client, run_id, key, cached)
+        except (KeyError, TypeError, IndexError, ValueError, MlflowException):
+            if cached is None:
+                raise
+            history = _history(client, run_id, key, None)  # an entry that does not fit (edited, old)
         self.now.setdefault(run_id, {})[key] = history
         return [tuple(p) for p in history["points"]]
 

@@ -92,13 +92,16 @@ def test_a_point_logged_late_before_the_cached_page_is_a_full_read(store, rows_r
     assert points[3] == [3, T0 + 3500, 99.0]
 
 
-def test_a_cache_that_cannot_be_read_is_a_full_read(store, rows_read):
+@pytest.mark.parametrize("cache", ["{not json", "[]", '{"RUN": {"train/loss": {"token": "not a token", "page": [], '
+                                   '"points": []}}}', '{"RUN": {"train/loss": {"page": 3}}}', '{"RUN": 1}'])
+def test_a_cache_that_cannot_be_read_or_does_not_fit_is_a_full_read(store, cache):
     client, run_id, out, build = store
     log(client, run_id, range(5))
     build()
-    out.with_name(f"{out.name}.builds").joinpath(SERIES_CACHE).write_text("{not json")
+    out.with_name(f"{out.name}.builds").joinpath(SERIES_CACHE).write_text(cache.replace("RUN", run_id))
+    log(client, run_id, range(5, 7))
     build()
-    assert [p[0] for p in cached(out, run_id)] == list(range(5))
+    assert [p[0] for p in cached(out, run_id)] == list(range(7))
 
 
 def test_a_killed_build_s_staging_directory_is_removed_by_the_next(store):
