@@ -71,7 +71,7 @@ footer { color: #666; font-size: 0.85em; padding: 1em 1.5em; }
 
 STAGE_GRACE_S = 60.0
 """Seconds a staging directory is left alone after it was made (see _remove_stale_stages)."""
-SERIES_CACHE = "series.json"
+SERIES_CACHE = ".series.json"
 """In OUT.builds/: the charted series of the last build (site_data.SeriesCache)."""
 
 

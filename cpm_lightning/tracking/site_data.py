@@ -112,7 +112,7 @@ class Site:
 class SeriesCache:
     """The charted series of the previous build, so that a rebuild reads only what was logged
     since (a months-long run has millions of points; reading them all took most of a rebuild:
-    docs/benchmarks.md). Kept in one JSON file, `path` (OUT.builds/series.json), written after a
+    docs/benchmarks.md). Kept in one JSON file, `path` (OUT.builds/.series.json), written after a
     build.
 
     MLflow has no "points after step N" query for a metric's history (the step-range one,
@@ -150,7 +150,7 @@ class SeriesCache:
 
     def save(self) -> None:
         """The series of this build (those of runs gone from the experiment are dropped)."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp = self.path.with_name(f"{self.path.name}.tmp")
         tmp.write_text(json.dumps(self.now))
         tmp.replace(self.path)
 
