@@ -13,7 +13,9 @@ What was published is kept in live/published.json, so a new supervisor neither r
 skips a day, a week or a release. The segment pins the checkpoint of a release step as it writes
 it (segment.py: hard links in live/publish/), so checkpoint.keep_last cannot remove it before
 the release has read it; the pinned checkpoints are the queue of releases, and a step trained
-again after a rollback is not released twice.
+again after a rollback is not released twice. A rollback drops the pins of the steps it took off
+the run's timeline (the supervisor calls `rolled_back`): the weights the run abandoned are never
+released.
 """
 
 from __future__ import annotations
@@ -144,6 +146,15 @@ class Publisher:
                 "--out", str(Path(self.live.site_dir).absolute())]
         self.site_at = time.monotonic() + 60 * self.live.site_every_minutes  # from this build's start
         return Job("the site", "site", argv, lambda: None)
+
+    def rolled_back(self, step: int) -> list[Path]:
+        """The run went back to `step`: the pinned checkpoints after it are dropped (the steps
+        trained again are pinned again as they are written). Returns those dropped. A release
+        already running goes on: it was started from a checkpoint of the timeline at the time."""
+        dropped = [p for p in self.dir.glob("step-*.ckpt") if step_of(p) > step]
+        for path in dropped:
+            remove(path)
+        return dropped
 
     def _advance(self, **fields) -> None:
         for key, value in fields.items():

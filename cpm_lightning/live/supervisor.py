@@ -58,6 +58,19 @@ from cpm_lightning.train.run_config import GROUPS
 EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*")  # the last line of a traceback
 
 
+QUIET = ("enable_progress_bar", "enable_model_summary")
+"""Trainer options that are on by default and that `live` turns off for its segments, unless the
+run config sets them. A segment's output goes to logs (its stderr to segment-NNNN.log, both on to
+live's output, which a service manager keeps), where a progress bar is a line per redraw
+(`Epoch 0/-2 ...`: max_epochs is unset) and the model summary is repeated by every segment."""
+
+
+def quiet_options(config: dict) -> list[str]:
+    """fit's options that turn off the QUIET ones the run config (`config`, merged) leaves unset."""
+    trainer = config.get("trainer") or {}
+    return [f"--trainer.{key}=false" for key in QUIET if key not in trainer]
+
+
 class LiveStopped(Exception):
     """`live` stopped on an error a human must fix (exit status 1); the ledger's last line says
     which."""
@@ -233,6 +246,7 @@ class Supervisor:
         self._beat()
         watch.prune_snapshots(self.files.registry, self.reading.snapshot)
         argv = [*(self.s.live.launcher or [sys.executable]), "-m", "cpm_lightning.cli", "fit", *self.s.argv,
+                *quiet_options(self.s.config),
                 "--registry.path", str(self.reading.snapshot) if self.reading.snapshot else "null",
                 "--registry.exclude", str(change.exclude),  # registry.exclude among them
                 *(["--ckpt_path", str(ckpt)] if ckpt else [])]
@@ -352,15 +366,21 @@ class Supervisor:
         self._resume_check(resume, d)
         if decided.suspend is not None:
             reason, evidence = policy.suspension(d, decided.suspend, self.state, self.s.live, resume)
-            removed = roll_back(self.files.checkpoints, target)
+            removed = self._roll_back(target)
             self.record("suspended", d["step"], reason, proposals=[decided.suspend], resume_step=resume,
                         evidence=evidence, removed=[p.name for p in removed])
             return
         start = status.checkpoints.get(str(resume), status.checkpoints[str(status.start_step)])
-        removed = roll_back(self.files.checkpoints, target)
+        removed = self._roll_back(target)
         self.record("rollback", d["step"], policy.rollback_reason(d, self.s.live, resume, d["end_index"] - start),
                     resume_step=resume, skipped_samples=[start, d["end_index"]], divergence=d,
                     removed=[p.name for p in removed])
+
+    def _roll_back(self, target: Path) -> list[Path]:
+        """The checkpoints after `target` removed, and the releases pinned after it dropped."""
+        if self.publisher is not None:
+            self.publisher.rolled_back(step_of(target))
+        return roll_back(self.files.checkpoints, target)
 
     def _checkpoint_at_or_before(self, step: int, d: dict) -> Path:
         found = [p for p in complete_checkpoints(self.files.checkpoints) if step_of(p) <= step]

@@ -298,12 +298,19 @@ class CPMLogger(MLFlowLogger):
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
         params = {k: str(v)[:PARAM_CHARS] for k, v in _flatten_dict(_convert_params(params)).items()}
-        # MLflow params cannot change; a resumed run keeps the first values (config.yaml has the new ones).
-        logged = self.experiment.get_run(self.run_id).data.params if self.resumed else {}
-        changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+        # MLflow params cannot change: a resumed run keeps the first values, and a value changed
+        # since (a migrated shape, a new learning rate) is the run's tag of the same name, set
+        # again at every start that has one (back to the param's value when it changed back).
+        client = self.experiment
+        data = client.get_run(self.run_id).data if self.resumed else None
+        logged, tagged = (data.params, data.tags) if data else ({}, {})
+        now = {k: v for k, v in params.items() if k in logged and (logged[k] != v or k in tagged)}
+        changed = sorted(k for k, v in now.items() if logged[k] != v)
         if changed:
-            warn(f"MLflow params keep their first value; changed since: {', '.join(changed)}")
-        self._sender.put([Param(k, v) for k, v in params.items() if k not in logged])
+            warn(f"MLflow params keep their first value; changed since: {', '.join(changed)} "
+                 "(the run's tags of the same names have the values now)")
+        self._sender.put([Param(k, v) for k, v in params.items() if k not in logged]
+                         + [RunTag(k, v) for k, v in now.items()])
 
     @rank_zero_only
     def set_tags(self, tags: dict[str, object]) -> None:

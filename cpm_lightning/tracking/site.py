@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -33,7 +34,7 @@ from cpm_lightning.core.errors import UserError
 from cpm_lightning.registry.schema import Proposal
 from cpm_lightning.tracking.html import esc, line_chart, link, markdown
 from cpm_lightning.tracking.releases import HF_DIR
-from cpm_lightning.tracking.site_data import PROMPT_STEPS, REPORTS, RunData, Site, read_site
+from cpm_lightning.tracking.site_data import PROMPT_STEPS, REPORTS, RunData, SeriesCache, Site, read_site
 from cpm_lightning.tracking.weekly import INCIDENTS, record_line
 
 PAGES = (("index.html", "Overview"), ("metrics.html", "Metrics"), ("logs.html", "Logs"),
@@ -68,6 +69,12 @@ footer { color: #666; font-size: 0.85em; padding: 1em 1.5em; }
 
 
 
+STAGE_GRACE_S = 60.0
+"""Seconds a staging directory is left alone after it was made (see _remove_stale_stages)."""
+SERIES_CACHE = ".series.json"
+"""In OUT.builds/: the charted series of the last build (site_data.SeriesCache)."""
+
+
 def build_site(experiment: str, registry_dir: Path, out: Path, secrets: list[str]) -> Path:
     """Build the site into a new directory of OUT.builds and point OUT at it; `secrets` (the
     tracking URI, its password) must be in no file. Returns the build directory."""
@@ -81,13 +88,16 @@ def build_site(experiment: str, registry_dir: Path, out: Path, secrets: list[str
     builds = out.with_name(f"{out.name}.builds")
     # Staged beside OUT (one file system: the rename into OUT.builds is atomic) and published
     # only once complete: any failure leaves nothing behind.
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as stage:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as stage, _held(Path(stage)):
         staged = Path(stage) / "site"
         staged.mkdir()
-        render_site(read_site(MlflowClient(), experiment, registry_dir, staged), staged)
+        cache = SeriesCache(builds / SERIES_CACHE)
+        render_site(read_site(MlflowClient(), experiment, registry_dir, staged, cache), staged)
         _check_secrets(staged, secrets)
         builds.mkdir(exist_ok=True)
         with _lock(builds):
+            _remove_stale_stages(out)
+            cache.save()
             build = builds / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
             staged.rename(build)
             if out.is_dir() and not out.is_symlink():
@@ -107,6 +117,37 @@ def _lock(builds: Path) -> Iterator[None]:
     with open(builds / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+@contextlib.contextmanager
+def _held(stage: Path) -> Iterator[None]:
+    """A lock on a staging directory while its build runs: one whose lock is free is a killed
+    build's (SIGKILL, a machine gone), which the next build removes."""
+    fd = os.open(stage, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_stages(out: Path) -> None:
+    """The staging directories of killed builds of OUT (`.OUT.xxxxxxxx`, tempfile's names): those
+    whose lock is free. One made in the last STAGE_GRACE_S may be a build's that has not taken
+    its lock yet."""
+    name = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}")
+    for stage in out.parent.iterdir():
+        if (not name.fullmatch(stage.name) or stage.is_symlink() or not stage.is_dir()
+                or time.time() - stage.stat().st_mtime < STAGE_GRACE_S):
+            continue
+        fd = os.open(stage, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(stage, ignore_errors=True)
+        except BlockingIOError:
+            pass  # a build running
+        finally:
+            os.close(fd)
 
 
 def _check_secrets(build: Path, secrets: list[str]) -> None:

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, STEP_ARTIFACT, App, Prompt, load_apps, load_prompts
 from cpm_lightning.registry.schema import Proposal
 from cpm_lightning.tracking.releases import RUN_TAG, version_aliases
-from cpm_lightning.tracking.report import dedup, experiment_runs
+from cpm_lightning.tracking.report import experiment_runs
 from cpm_lightning.tracking.weekly import ledger_records, read_proposals
 
 CHARTED = ("train/loss", "val/loss", "train/tokens_per_sec", "train/grad_norm", "train/tokens_seen")
@@ -108,11 +109,95 @@ class Site:
     """daily/weekly -> the report names (2026-11-20, 2026-W47) copied into the build, newest first."""
 
 
-def read_site(client: MlflowClient, experiment: str, registry_dir: Path, build: Path) -> Site:
-    """What the pages show; the reports are downloaded into `build`/daily and `build`/weekly."""
+class SeriesCache:
+    """The charted series of the previous build, so that a rebuild reads only what was logged
+    since (a months-long run has millions of points; reading them all took most of a rebuild:
+    docs/benchmarks.md). Kept in one JSON file, `path` (OUT.builds/.series.json), written after a
+    build.
+
+    MLflow has no "points after step N" query for a metric's history (the step-range one,
+    get_metric_history_bulk_interval, samples and is the UI server's, not the client's); what
+    every store offers is the history in pages, in logging order (timestamp, step, value), each
+    page's token an offset. The cache keeps, per run and metric, the series (one point per step,
+    the latest), the token of the last page read and that page's rows: a rebuild reads that page
+    again and on from its end (so it reads again what the previous build read last: after a
+    full read, up to HISTORY_PAGE rows; after that, what was new then). A page that no longer
+    starts with the cached rows (a point logged late with an earlier timestamp, a run
+    rewritten), or a cache entry the store does not take, is a full read."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.previous: dict[str, dict[str, dict]] = {}
+        try:
+            loaded = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+            self.previous = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            pass  # a cache that cannot be read is a full read, not a failed build
+        self.now: dict[str, dict[str, dict]] = {}
+
+    def series(self, client: MlflowClient, run_id: str, key: str) -> list[tuple[int, int, float]]:
+        """(step, timestamp ms, value) of metric `key`, one per step (the latest), by step."""
+        of_run = self.previous.get(run_id)
+        cached = of_run.pop(key, None) if isinstance(of_run, dict) else None  # popped: one copy in memory
+        try:
+            history = _history(client, run_id, key, cached)
+        except (KeyError, TypeError, IndexError, ValueError, MlflowException):
+            if cached is None:
+                raise
+            history = _history(client, run_id, key, None)  # an entry that does not fit (edited, old)
+        self.now.setdefault(run_id, {})[key] = history
+        return [tuple(p) for p in history["points"]]
+
+    def save(self) -> None:
+        """The series of this build (those of runs gone from the experiment are dropped)."""
+        tmp = self.path.with_name(f"{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.now))
+        tmp.replace(self.path)
+
+
+HISTORY_PAGE = 25_000
+"""Rows of a metric's history per request: MLflow's own page size (GET_METRIC_HISTORY_MAX_RESULTS)."""
+
+
+def _history(client: MlflowClient, run_id: str, key: str, cached: dict | None) -> dict:
+    """The cache entry of one metric (SeriesCache), from `cached` and what was logged since."""
+    # The paged call is the store's: MlflowClient.get_metric_history reads every page, always.
+    store = client._tracking_client.store
+    token, page = (cached["token"], cached["page"]) if cached else (None, [])
+    # The cached page again, exactly (the store's next token is then where it ended), so that a
+    # rebuild reads again only what the previous one read last.
+    rows, following = _page(store, run_id, key, token, len(page) or HISTORY_PAGE)
+    if json.dumps(rows[:len(page)]) != json.dumps(page):  # json: NaN is not equal to itself
+        return _history(client, run_id, key, None)
+    latest = {p[0]: p for p in cached["points"]} if cached else {}
+    fresh = rows[len(page):]
+    while True:
+        for row in fresh:  # as report.dedup: the latest timestamp of a step wins, then the later row
+            if row[0] not in latest or row[1] >= latest[row[0]][1]:
+                latest[row[0]] = row
+        if following is None:
+            break
+        token = following
+        rows, following = _page(store, run_id, key, token, HISTORY_PAGE)
+        fresh = rows
+    return {"token": token, "page": rows, "points": sorted(latest.values())}  # mostly in order: linear
+
+
+def _page(store, run_id: str, key: str, token: str | None, size: int) -> tuple[list[list], str | None]:
+    """Up to `size` rows of a metric's history from `token` on, as [step, timestamp ms, value],
+    and the token of the rows after them (None: there are none)."""
+    paged = store.get_metric_history(run_id, key, max_results=size, page_token=token)
+    following = paged.token.decode() if isinstance(paged.token, bytes) else paged.token
+    return [[m.step, m.timestamp, m.value] for m in paged], following
+
+
+def read_site(client: MlflowClient, experiment: str, registry_dir: Path, build: Path,
+              cache: SeriesCache | None = None) -> Site:
+    """What the pages show; the reports are downloaded into `build`/daily and `build`/weekly.
+    The metrics are read through `cache` (none: all of them)."""
     proposals, unreadable = read_proposals(registry_dir)
     prompts, apps = load_prompts(registry_dir), load_apps(registry_dir)
-    runs = _runs(client, experiment_runs(client, experiment))
+    runs = _runs(client, experiment_runs(client, experiment), cache or SeriesCache(None))
     ledger = sorted(((r, rec) for r in runs for rec in ledger_records(client, r.run.info.run_id)),
                     key=lambda item: item[1]["time"])
     releases = _releases(client, {r.run.info.run_id for r in runs})
@@ -122,12 +207,11 @@ def read_site(client: MlflowClient, experiment: str, registry_dir: Path, build: 
     return site
 
 
-def _runs(client: MlflowClient, runs: list) -> list[RunData]:
+def _runs(client: MlflowClient, runs: list, cache: SeriesCache) -> list[RunData]:
     out = []
     for run in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
         keys = [k for k in run.data.metrics if k in CHARTED or k.startswith("eval/")]
-        out.append(RunData(run, {k: dedup(client.get_metric_history(run.info.run_id, k), float("inf"))[0]
-                                 for k in keys}))
+        out.append(RunData(run, {k: cache.series(client, run.info.run_id, k) for k in keys}))
     return out
 
 
