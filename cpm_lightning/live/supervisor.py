@@ -254,9 +254,10 @@ class Supervisor:
             self.last_loss = status.loss if status.state != "diverged" else None
         error = _error(list(errors))
         if self.signal is not None:
-            name = signal.Signals(self.signal).name
-            self._stop(f"{name}: the segment saved a checkpoint at step {self.step}" if rc == 0 else
-                       f"{name}: the segment ended ({_how(rc)}) before it could save a checkpoint")
+            saved = latest(self.files.checkpoints)
+            saved_step = step_of(saved) if saved else None
+            self._stop(policy.signal_stop(signal.Signals(self.signal).name, rc, step, saved and saved.name, saved_step),
+                       max(self.step, saved_step or 0))
             return True
         if rc == 0 and status.state == "finished":
             self.finished = True
@@ -329,7 +330,7 @@ class Supervisor:
 
     # -- crashes, divergence ----------------------------------------------------------------------------
     def _crashed(self, rc: int, error: str | None) -> bool:
-        self.record("crash", self.step, f"the segment died ({_how(rc)})", exit=rc, error=error)
+        self.record("crash", self.step, f"the segment died ({policy.how(rc)})", exit=rc, error=error)
         ckpt = latest(self.files.checkpoints)
         resume = step_of(ckpt) if ckpt else 0
         attempt, backoff = policy.backoff(self.state, resume, self.s.live)
@@ -430,10 +431,6 @@ def _error(lines: list[str]) -> str | None:
     if at is None:
         return None
     return " ".join([lines[at], *(line.strip() for line in lines[at + 1:])]) if lines[at].endswith(":") else lines[at]
-
-
-def _how(rc: int) -> str:
-    return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
 
 
 def _labels(ids) -> str:

@@ -165,3 +165,16 @@ def test_a_restarted_supervisor_s_start_carries_since(tmp_path):
     crash, start = read_records(ledger.path)[-2:]
     assert crash["kind"] == "crash" and start["kind"] == "start"
     assert (start["in_effect"], start["since"]) == ([1, 3], {"1": 0, "3": 12})
+
+
+def test_the_stop_record_after_a_signal_names_the_checkpoint_the_segment_saved():
+    """A SIGTERM that reaches the segment twice (sent to the process group) may end it after its
+    checkpoint was saved: the record names that checkpoint, not a save that did not happen."""
+    assert policy.signal_stop("SIGTERM", -15, 4, "step-00000007.ckpt", 7) == (
+        "SIGTERM: the segment saved checkpoint step-00000007.ckpt at step 7, then ended (killed by SIGTERM)")
+    assert policy.signal_stop("SIGINT", 0, 4, "step-00000007.ckpt", 7) == (
+        "SIGINT: the segment saved checkpoint step-00000007.ckpt at step 7")
+    assert policy.signal_stop("SIGTERM", -9, 4, "step-00000004.ckpt", 4) == (
+        "SIGTERM: the segment ended (killed by SIGKILL) before it could save a checkpoint")
+    assert policy.signal_stop("SIGTERM", 0, 4, "step-00000004.ckpt", 4) == (
+        "SIGTERM: the segment stopped before training past step 4 (last checkpoint: step-00000004.ckpt)")
