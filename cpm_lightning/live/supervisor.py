@@ -22,6 +22,8 @@ The records it writes, beyond time/step/kind/proposals/changes/reason (ledger.py
              those added), migrations (those the model went through: name, key, old, new, exact)
   deferred   sha256
   rejected   sha256 (ids and versions left out; none when the registry itself was unreadable)
+  unfollowed (the registry's git pull fails: nothing new reaches the run; an incident), then
+  followed   once it works again
   rollback   resume_step, skipped_samples ([start, end) global indices), divergence, removed
              (checkpoint names)
   suspended  resume_step, evidence (loss before the proposal, the divergences after it), removed
@@ -187,8 +189,6 @@ class Supervisor:
 
     def _take(self, reading: watch.Reading, step: int) -> None:
         """Take a reading of the registry: record what it refuses, and keep it if it is good."""
-        if reading.warning:
-            print(f"warning: {reading.warning}; reading the working copy as it is", file=sys.stderr, flush=True)
         if reading.error:
             if reading.error != self.registry_error:
                 self.record("rejected", step, f"{reading.error}; the run goes on with the last good registry "
@@ -198,6 +198,7 @@ class Supervisor:
         if self.registry_error:
             print(f"live: registry {self.registry_dir} can be read again", file=sys.stderr, flush=True)
             self.registry_error = None
+        self._follow(reading.warning, step)
         for r in reading.rejected:
             # A proposal the run excludes is left out of the snapshot like a rejected one, unrecorded.
             if r.shas and not set(r.shas.items()) <= self.state.refused and not set(r.ids) <= set(self.s.registry.exclude):
@@ -208,6 +209,17 @@ class Supervisor:
         self.reading = reading
         for i in reading.registry.proposals:
             self.first_seen.setdefault(i, step)
+
+    def _follow(self, failure: str | None, step: int) -> None:
+        """Record once that the registry's upstream can no longer be followed (`failure`: a failed
+        git pull, after a force-push or with the remote gone), and once that it can again: every
+        poll would fail the same way while nothing new reaches the run."""
+        if failure and self.state.unfollowed is None:
+            self.record("unfollowed", step, f"{failure}; the run no longer follows the registry's upstream and "
+                        "goes on with its working copy as it is (fix the clone, e.g. `git reset --hard @{upstream}`)")
+        elif not failure and self.state.unfollowed is not None:
+            self.record("followed", step, f"git pull in {self.registry_dir} works again: the run follows the "
+                        "registry's upstream")
 
     def _eligible(self, step: int, arch_ok: bool = False) -> dict[int, Proposal]:
         """policy.eligible of the last good reading; records those deferred."""
