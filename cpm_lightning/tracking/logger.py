@@ -11,6 +11,7 @@ unreachable store left unsent.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -38,6 +39,26 @@ BATCH_ITEMS, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
 DEFAULT_INTERVAL_S = 5.0
 INTERVAL_ENV = "CPM_LIGHTNING_MLFLOW_INTERVAL"
 """Environment variable: seconds between the sender's requests, default DEFAULT_INTERVAL_S."""
+
+
+SENDER_THREAD = "cpm-mlflow-sender"
+
+
+class _QuietSender(logging.Filter):
+    """Drops what is logged in the sender's thread: MLflow's and urllib3's own lines about each
+    failed request and its retries (some with the server's traceback; 18 in a 15 s outage). The
+    sender says once that the store is unreachable and once that it is back."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != SENDER_THREAD
+
+
+def _quiet_sender_logs() -> None:
+    """Add _QuietSender to the handlers MLflow's and urllib3's lines reach (MLflow's own, the root's)."""
+    for name in ("mlflow", "urllib3", ""):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _QuietSender) for f in handler.filters):
+                handler.addFilter(_QuietSender())
 
 
 def warn(message: str) -> None:
@@ -91,7 +112,8 @@ class Sender:
                   file=sys.stderr)
         journal.parent.mkdir(parents=True, exist_ok=True)
         self._rewrite_journal()
-        threading.Thread(target=self._loop, name="cpm-mlflow-sender", daemon=True).start()
+        _quiet_sender_logs()
+        threading.Thread(target=self._loop, name=SENDER_THREAD, daemon=True).start()
 
     def put(self, items: list[Metric | Param | RunTag]) -> None:
         with self._cond:
