@@ -172,3 +172,16 @@ def test_seeds_and_steps_are_bounded_with_the_bound_in_the_message(bench, capsys
     assert cli_error(capsys, "proposals", "trial", "2", "--config", str(bench.config()),
                      *(x for kv in argv.items() for x in kv)) == (
         f"{flag} must be at most {most} (a trial is a short paired comparison), got 1,000,000,000")
+
+
+@pytest.mark.slow
+def test_a_trial_beside_a_broken_proposal_trains_both_arms_on_the_copy(bench, capsys):
+    from cpm_lightning.cli.main import main
+
+    (bench.registry / "0005-broken.yaml").write_text("id: 5\ntitle: [unclosed\n")
+    main(["proposals", "trial", "2", "--config", str(bench.config()), "--steps", "1", "--seeds", "1"])
+    out, err = capsys.readouterr()
+    assert "| baseline + 0002 |" in out and "note: 0005 left out of both arms, their files have a problem: " in err
+    (copy,) = (bench.root / "run" / "trials").glob("*/registry")
+    assert sorted(p.name for p in copy.iterdir()) == sorted(
+        p.name for p in bench.registry.iterdir() if p.name != "0005-broken.yaml")
