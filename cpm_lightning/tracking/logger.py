@@ -215,14 +215,14 @@ class Sender:
                     continue
                 warn(f"the tracking store refused {len(batch)} metrics/params/tags: {str(e).splitlines()[0][:200]}")
             sent = time.monotonic()  # not after a failure: that retries every retry_s instead
+            if self._failing:  # before the batch is settled: a close() waiting for it returns after this line
+                print("the tracking store is back; queued metrics sent", file=sys.stderr, flush=True)
+                self._failing = False
             with self._cond:
                 if self._closed:  # the journal is closed: replay sends the batch again (see _settle)
                     return
                 self._settle(len(batch))
                 self._cond.notify_all()
-            if self._failing:
-                print("the tracking store is back; queued metrics sent", file=sys.stderr, flush=True)
-                self._failing = False
 
 
 def _fsync(path: Path) -> None:
