@@ -44,13 +44,18 @@ INTERVAL_ENV = "CPM_LIGHTNING_MLFLOW_INTERVAL"
 SENDER_THREAD = "cpm-mlflow-sender"
 
 
+MONITOR = ("SystemMetricsMonitor", "mlflow.system_metrics.system_metrics_monitor")
+"""MLflow's system metrics thread and the logger of its requests to the store (its GPU readings log elsewhere)."""
+
+
 class _QuietSender(logging.Filter):
-    """Drops what is logged in the sender's thread: MLflow's and urllib3's own lines about each
-    failed request and its retries (some with the server's traceback; 18 in a 15 s outage). The
-    sender says once that the store is unreachable and once that it is back."""
+    """Drops MLflow's and urllib3's own lines about each failed request to the store, and its
+    retries, made by the sender's thread or by MLflow's system metrics thread (some with the
+    server's traceback; 18 in a 15 s outage). The sender says once that the store is unreachable
+    and once that it is back."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.threadName != SENDER_THREAD
+        return record.threadName != SENDER_THREAD and (record.threadName, record.name) != MONITOR
 
 
 def _quiet_sender_logs() -> None:

@@ -35,6 +35,10 @@ def test_an_outage_is_two_lines_on_stderr(tmp_path, capfd):
     sender = Sender(client, "run", tmp_path / "journal.jsonl", retry_s=0.01, interval=0)
     sender.put([Metric("train/loss", 2.5, 1000, 1)])
     assert client.sent.wait(HANG_GUARD_S) and sender.close(timeout=HANG_GUARD_S)
+    monitor = threading.Thread(name="SystemMetricsMonitor", target=lambda: logging.getLogger(
+        "mlflow.system_metrics.system_metrics_monitor").warning("Failed to get mlflow run: API request failed"))
+    monitor.start()
+    monitor.join()
     logging.getLogger("mlflow.tracking").warning("a line of another thread")  # still shown
     err = capfd.readouterr().err.splitlines()
     assert err[:2] == ["warning: tracking store unreachable (connection refused); training goes on, metrics are kept "
