@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from cpm_lightning.checkpoint.config import CheckpointConfig
-from cpm_lightning.checkpoint.directory import SIGNALS, complete_checkpoints, point_last, remove, step_of
+from cpm_lightning.checkpoint.directory import SIGNALS, complete_checkpoints, latest, point_last, remove, step_of
 from cpm_lightning.checkpoint.files import (
     MODEL_KEY,
     MODEL_PREFIX,
@@ -305,11 +305,19 @@ class Checkpoints(Checkpoint):
         if trainer.is_global_zero:
             remove(partial)
         trainer.strategy.barrier("cpm-checkpoint-start")
-        trainer.save_checkpoint(partial)  # returns on every rank after all have written
-        hashes = gather_hashes(trainer, partial)  # each rank hashes what it wrote; rank 0 gets all
+        try:
+            trainer.save_checkpoint(partial)  # returns on every rank after all have written
+            hashes = gather_hashes(trainer, partial)  # each rank hashes what it wrote; rank 0 gets all
+            if trainer.is_global_zero:
+                write_checkpoint_hashes(partial, hashes)
+        except OSError as e:  # a full disk, a quota: the half-written checkpoint goes, the older ones stay
+            if trainer.is_global_zero:
+                remove(partial)
+            last = latest(self.dirpath)
+            raise UserError(f"checkpoint {final} could not be written ({e.strerror or e}); nothing of it is kept, "
+                            f"and the run can resume from {last or 'its start'} once there is room") from None
         if trainer.is_global_zero:
             remove(final)  # the same step saved again after resuming from an earlier checkpoint
-            write_checkpoint_hashes(partial, hashes)
             os.replace(partial, final)
             point_last(self.dirpath, final)
             if self.on_saved is not None:

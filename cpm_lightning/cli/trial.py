@@ -84,6 +84,8 @@ def run_trial(trial: Trial) -> tuple[str, str, str]:
     tags = {PROPOSAL_TAG: trial.label}
     parent = client.create_run(experiment_id, run_name=f"trial-{trial.label}", tags={**tags, ROLE_TAG: "trial"})
     parent_id = parent.info.run_id
+    if trial.left_out:
+        trial.copy_registry(trial.root / parent_id / "registry")
     client.log_batch(parent_id, params=_params(trial))
     client.log_artifact(parent_id, str(trial.config))
     arms, shared, child, preset = [], {}, None, ""

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.registry.apply import RegistryConfig
 from cpm_lightning.registry.commands import checked_group, config_schema, registry_settings
-from cpm_lightning.registry.resolve import load_registry, resolve, trial_problems
+from cpm_lightning.registry.resolve import Registry, load_registry, resolve, trial_problems
 from cpm_lightning.registry.run_args import read_run_config
 from cpm_lightning.registry.schema import Proposal
 from cpm_lightning.tracking.config import TrackingConfig
@@ -27,6 +28,9 @@ ROLES = ("baseline", "proposal")
 NOTED = ("rejected", "superseded", "retired")  # tried with a note; `withdrawn` is refused
 TOKENIZER_KEYS = ("data.tokenizer", "data.tokenizer_vocab_size")
 SOURCE_URL = re.compile(r"^data\.sources\.([^.]+)\.url$")
+# A trial is a short paired comparison; more seeds than this is a sweep, more steps a run (and a
+# typo of either would train for months before anyone noticed).
+MOST = {"steps": 1_000_000, "seeds": 100}
 
 
 @dataclass(kw_only=True)
@@ -54,6 +58,13 @@ class Trial:
     """Where the arms' trainer.default_root_dir go: <the run config's>/trials."""
     note: str | None = None
     """Said before the trial and in its table (a rejected proposal is tried anyway)."""
+    left_out: list[int] = field(default_factory=list)
+    """Proposals whose files have a problem that does not involve the one tried: both arms read
+    a copy of the registry without them (`copy_registry`), as `live` follows a registry."""
+    registry_copy: Path | None = None
+    """That copy, once written; None: the arms read registry.path."""
+    proposals: list[Path] = field(default_factory=list)
+    """The proposal files the copy holds."""
 
     @property
     def label(self) -> str:
@@ -72,11 +83,22 @@ class Trial:
                 f"--registry.at_step={self.at_step}", f"--tracking.run_id={run_id}"]
         if self.start is not None:
             argv += [f"--checkpoint.init_from={self.start}"] if _is_model_dir(self.start) else ["--ckpt_path", str(self.start)]
+        exclude = [i for i in self.registry.exclude if i not in self.left_out]
+        if self.registry_copy is not None:
+            argv += [f"--registry.path={self.registry_copy}"]
+            argv += [f"--registry.exclude={json.dumps(exclude)}"] if role == "baseline" else []
         if role == "proposal":
-            exclude = [i for i in self.registry.exclude if i != self.proposal.id]
+            exclude = [i for i in exclude if i != self.proposal.id]
             argv += [f"--registry.trial={self.proposal.id}", f"--registry.exclude={json.dumps(exclude)}"]
             argv += [f"--data.{key}={value}" for key, value in shared.items()]
         return argv
+
+    def copy_registry(self, directory: Path) -> None:
+        """Write the registry without `left_out` to `directory`, for both arms."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in self.proposals:
+            shutil.copyfile(path, directory / path.name)
+        self.registry_copy = directory
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -87,9 +109,12 @@ def _is_model_dir(path: Path) -> bool:
 
 def plan(args) -> Trial:
     """The trial `args` ask for, or a UserError that says why it cannot be run fairly."""
-    for name, least in (("steps", 1), ("seeds", 1)):
-        if getattr(args, name) < least:
-            raise UserError(f"--{name} must be at least {least}, got {getattr(args, name)}")
+    for name, most in MOST.items():
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+        if getattr(args, name) > most:
+            raise UserError(f"--{name} must be at most {most:,} (a trial is a short paired comparison), "
+                            f"got {getattr(args, name):,}")
     if args.at_step is not None and args.at_step < 0:
         raise UserError(f"--at-step must be >= 0, got {args.at_step}")
     config = read_run_config(args.config)
@@ -106,11 +131,7 @@ def plan(args) -> Trial:
                        ("data.val_windows", data.get("val_windows"))):
         if value == 0:
             raise UserError(f"{args.config}: {key}: 0 leaves no validation; a trial compares the arms' validation loss")
-    reg = load_registry(settings.path, config_schema(), settings)
-    own = [p for p in reg.problems if args.id in p.ids]
-    if own:
-        raise UserError(f"proposal {args.id:04d} cannot be tried: {own[0]}")
-    reg.raise_problems("no trial runs")
+    reg, left_out = _registry_for(args.id, settings)
     proposal = reg.get(args.id)
     if proposal.status == "withdrawn":
         raise UserError(f"proposal {proposal.label} ({proposal.path}) is withdrawn: its authors took it back; "
@@ -118,11 +139,22 @@ def plan(args) -> Trial:
     trial = Trial(proposal=proposal, config=args.config, registry=settings, steps=args.steps, seeds=args.seeds,
                   at_step=0, tracking=TrackingConfig(**checked_group(config.get("tracking") or {}, TrackingConfig,
                                                                      "tracking", args.config)))
+    trial.left_out, trial.proposals = sorted(left_out), [p.path for p in reg.proposals.values()]
+    notes = []
     if proposal.status in NOTED:
-        trial.note = f"proposal {proposal.label} is {proposal.status} ({proposal.decided}); tried anyway"
+        notes.append(f"proposal {proposal.label} is {proposal.status} ({proposal.decided}); tried anyway")
+    if left_out:
+        notes.append(f"{_labels(left_out)} left out of both arms, their files have a problem: "
+                     f"{'; '.join(dict.fromkeys(left_out.values()))}")
+    trial.note = "; ".join(notes) or None
     arch = _start(trial, args.start)
     trial.at_step = next(s for s in (args.at_step, settings.at_step, trial.start_step) if s is not None)  # as fit's
-    baseline = resolve(reg, trial.at_step, settings.kinds, settings.exclude)
+    try:
+        baseline = resolve(reg, trial.at_step, settings.kinds, [i for i in settings.exclude if i not in left_out])
+    except UserError as e:  # every problem, one a line: the first one says enough
+        first, *rest = str(e).splitlines()
+        raise UserError(f"no trial runs: the baseline of {args.config} does not resolve at step {trial.at_step}: "
+                        f"{rest[0] if rest else first}" + (f" (and {len(rest) - 1} more)" if len(rest) > 1 else "")) from None
     if proposal in baseline.applied:
         earlier = (f" or give --at-step below its effective_from_step {proposal.effective_from_step}"
                    if proposal.effective_from_step else "")
@@ -145,6 +177,27 @@ def plan(args) -> Trial:
                         data.get("seed", 0))
     trial.root = Path(trainer.get("default_root_dir") or os.getcwd()) / "trials"
     return trial
+
+
+def _registry_for(pid: int, settings: RegistryConfig) -> tuple[Registry, dict[int, str]]:
+    """The registry a trial of proposal `pid` reads, and the proposals left out of it with their
+    first problem. A problem that involves `pid`, or the registry as a whole, refuses the
+    trial; one of another proposal only leaves that one out."""
+    reg = load_registry(settings.path, config_schema(), settings)
+    if own := [p for p in reg.problems if pid in p.ids]:
+        raise UserError(f"proposal {pid:04d} cannot be tried: {own[0]}")
+    if whole := [p for p in reg.problems if not p.ids]:
+        raise UserError(f"no trial runs: {whole[0]}")
+    left_out: dict[int, str] = {}
+    for problem in reg.problems:
+        for i in sorted(problem.ids):
+            left_out.setdefault(i, str(problem))
+    good = Registry(reg.path, {i: p for i, p in reg.proposals.items() if i not in left_out})
+    return good, left_out
+
+
+def _labels(ids) -> str:
+    return ", ".join(f"{i:04d}" for i in sorted(ids))
 
 
 def _start(trial: Trial, start: str | None) -> dict | None:

@@ -46,8 +46,8 @@ def main(argv: list[str]) -> None:
 
 
 def status_text(root: Path) -> str:
-    """The run's state: step, tokens, last loss, proposals in effect, pending, deferred and
-    suspended, the last incident and the last checkpoint."""
+    """The run's state: step, tokens, last loss, proposals in effect, a registry it no longer
+    follows, pending, deferred and suspended, the last incident and the last checkpoint."""
     from cpm_lightning.checkpoint.directory import latest
     from cpm_lightning.live.ledger import RunState, read_records
     from cpm_lightning.live.protocol import LiveDir, Status, read_json
@@ -70,6 +70,8 @@ def status_text(root: Path) -> str:
              f"tokens           {status.tokens if status else 0:,}",
              f"last loss        {status.loss if status and status.loss is not None else 'none yet'}",
              f"in effect        {labels(state.in_effect)}",
+             *([f"registry         not followed since step {u['step']} ({u['time']}): {u['reason']}"]
+               if (u := state.unfollowed) else []),
              f"pending          {_pending(state, status.step if status else last['step'])}",
              f"deferred         {labels(state.deferred)}",
              f"suspended        {labels(state.suspended)}"]

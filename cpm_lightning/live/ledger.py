@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-KINDS = ("start", "applied", "deferred", "rejected", "suspended", "rollback", "crash", "restart", "stop")
+KINDS = ("start", "applied", "deferred", "rejected", "suspended", "rollback", "crash", "restart", "unfollowed",
+         "followed", "stop")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -152,7 +153,9 @@ class RunState:
     loss_at: dict[int, float | None] = field(default_factory=dict)
     """The last loss before each change of the proposals in effect, by its step."""
     incident: dict | None = None
-    """The last crash, rollback or suspension."""
+    """The last crash, rollback, suspension or registry no longer followed."""
+    unfollowed: dict | None = None
+    """The `unfollowed` record of a registry whose upstream the run cannot follow now; None while it does."""
     start: dict | None = None
     """The first start record."""
 
@@ -177,7 +180,9 @@ class RunState:
         elif kind == "rollback":
             self.skip.append(r["skipped_samples"])
             self.rollbacks.append(r["divergence"])
-        if kind in ("crash", "rollback", "suspended"):
+        elif kind in ("unfollowed", "followed"):
+            self.unfollowed = r if kind == "unfollowed" else None
+        if kind in ("crash", "rollback", "suspended", "unfollowed"):
             self.incident = r
         if "resume_step" in r:
             self.resumes[r["resume_step"]] += 1

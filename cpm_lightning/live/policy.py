@@ -8,6 +8,7 @@ answer (registry.resolve.in_effect), which each segment's `fit` applies too.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -114,6 +115,26 @@ def why_not(pid: int, step: int, state: RunState) -> str:
     if pid in state.since and state.since[pid] > step:
         return f"the run rolled back to step {step}, before it took effect (step {state.since[pid]})"
     return "no longer accepted in the registry, or left out with a proposal it requires"
+
+
+# -- signals, crashes and divergence ------------------------------------------------------------------
+def how(rc: int) -> str:
+    """How a process with exit status `rc` (negative: the signal that killed it) ended."""
+    return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+
+
+def signal_stop(name: str, rc: int, start: int, checkpoint: str | None, checkpoint_step: int | None) -> str:
+    """The reason of the stop record after signal `name` ended the segment that started at step
+    `start` with exit status `rc`; `checkpoint` is the run's newest checkpoint then. A checkpoint
+    newer than `start` is the one the segment saved, whatever its exit status: the signal sent to
+    the whole process group (a terminal's Ctrl-C, a scheduler's kill) reaches it twice, and the
+    second may end it after the save."""
+    if checkpoint_step is not None and checkpoint_step > start:
+        ended = "" if rc == 0 else f", then ended ({how(rc)})"
+        return f"{name}: the segment saved checkpoint {checkpoint} at step {checkpoint_step}{ended}"
+    if rc == 0:
+        return f"{name}: the segment stopped before training past step {start} (last checkpoint: {checkpoint})"
+    return f"{name}: the segment ended ({how(rc)}) before it could save a checkpoint"
 
 
 # -- crashes and divergence ---------------------------------------------------------------------------

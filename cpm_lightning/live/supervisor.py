@@ -22,6 +22,8 @@ The records it writes, beyond time/step/kind/proposals/changes/reason (ledger.py
              those added), migrations (those the model went through: name, key, old, new, exact)
   deferred   sha256
   rejected   sha256 (ids and versions left out; none when the registry itself was unreadable)
+  unfollowed (the registry's git pull fails: nothing new reaches the run; an incident), then
+  followed   once it works again
   rollback   resume_step, skipped_samples ([start, end) global indices), divergence, removed
              (checkpoint names)
   suspended  resume_step, evidence (loss before the proposal, the divergences after it), removed
@@ -200,8 +202,6 @@ class Supervisor:
 
     def _take(self, reading: watch.Reading, step: int) -> None:
         """Take a reading of the registry: record what it refuses, and keep it if it is good."""
-        if reading.warning:
-            print(f"warning: {reading.warning}; reading the working copy as it is", file=sys.stderr, flush=True)
         if reading.error:
             if reading.error != self.registry_error:
                 self.record("rejected", step, f"{reading.error}; the run goes on with the last good registry "
@@ -211,6 +211,7 @@ class Supervisor:
         if self.registry_error:
             print(f"live: registry {self.registry_dir} can be read again", file=sys.stderr, flush=True)
             self.registry_error = None
+        self._follow(reading.warning, step)
         for r in reading.rejected:
             # A proposal the run excludes is left out of the snapshot like a rejected one, unrecorded.
             if r.shas and not set(r.shas.items()) <= self.state.refused and not set(r.ids) <= set(self.s.registry.exclude):
@@ -221,6 +222,17 @@ class Supervisor:
         self.reading = reading
         for i in reading.registry.proposals:
             self.first_seen.setdefault(i, step)
+
+    def _follow(self, failure: str | None, step: int) -> None:
+        """Record once that the registry's upstream can no longer be followed (`failure`: a failed
+        git pull, after a force-push or with the remote gone), and once that it can again: every
+        poll would fail the same way while nothing new reaches the run."""
+        if failure and self.state.unfollowed is None:
+            self.record("unfollowed", step, f"{failure}; the run no longer follows the registry's upstream and "
+                        "goes on with its working copy as it is (fix the clone, e.g. `git reset --hard @{upstream}`)")
+        elif not failure and self.state.unfollowed is not None:
+            self.record("followed", step, f"git pull in {self.registry_dir} works again: the run follows the "
+                        "registry's upstream")
 
     def _eligible(self, step: int, arch_ok: bool = False) -> dict[int, Proposal]:
         """policy.eligible of the last good reading; records those deferred."""
@@ -268,9 +280,10 @@ class Supervisor:
             self.last_loss = status.loss if status.state != "diverged" else None
         error = _error(list(errors))
         if self.signal is not None:
-            name = signal.Signals(self.signal).name
-            self._stop(f"{name}: the segment saved a checkpoint at step {self.step}" if rc == 0 else
-                       f"{name}: the segment ended ({_how(rc)}) before it could save a checkpoint")
+            saved = latest(self.files.checkpoints)
+            saved_step = step_of(saved) if saved else None
+            self._stop(policy.signal_stop(signal.Signals(self.signal).name, rc, step, saved and saved.name, saved_step),
+                       max(self.step, saved_step or 0))
             return True
         if rc == 0 and status.state == "finished":
             self.finished = True
@@ -343,7 +356,7 @@ class Supervisor:
 
     # -- crashes, divergence ----------------------------------------------------------------------------
     def _crashed(self, rc: int, error: str | None) -> bool:
-        self.record("crash", self.step, f"the segment died ({_how(rc)})", exit=rc, error=error)
+        self.record("crash", self.step, f"the segment died ({policy.how(rc)})", exit=rc, error=error)
         ckpt = latest(self.files.checkpoints)
         resume = step_of(ckpt) if ckpt else 0
         attempt, backoff = policy.backoff(self.state, resume, self.s.live)
@@ -450,10 +463,6 @@ def _error(lines: list[str]) -> str | None:
     if at is None:
         return None
     return " ".join([lines[at], *(line.strip() for line in lines[at + 1:])]) if lines[at].endswith(":") else lines[at]
-
-
-def _how(rc: int) -> str:
-    return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
 
 
 def _labels(ids) -> str:

@@ -11,6 +11,7 @@ unreachable store left unsent.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -38,6 +39,31 @@ BATCH_ITEMS, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
 DEFAULT_INTERVAL_S = 5.0
 INTERVAL_ENV = "CPM_LIGHTNING_MLFLOW_INTERVAL"
 """Environment variable: seconds between the sender's requests, default DEFAULT_INTERVAL_S."""
+
+
+SENDER_THREAD = "cpm-mlflow-sender"
+
+
+MONITOR = ("SystemMetricsMonitor", "mlflow.system_metrics.system_metrics_monitor")
+"""MLflow's system metrics thread and the logger of its requests to the store (its GPU readings log elsewhere)."""
+
+
+class _QuietSender(logging.Filter):
+    """Drops MLflow's and urllib3's own lines about each failed request to the store, and its
+    retries, made by the sender's thread or by MLflow's system metrics thread (some with the
+    server's traceback; 18 in a 15 s outage). The sender says once that the store is unreachable
+    and once that it is back."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != SENDER_THREAD and (record.threadName, record.name) != MONITOR
+
+
+def _quiet_sender_logs() -> None:
+    """Add _QuietSender to the handlers MLflow's and urllib3's lines reach (MLflow's own, the root's)."""
+    for name in ("mlflow", "urllib3", ""):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _QuietSender) for f in handler.filters):
+                handler.addFilter(_QuietSender())
 
 
 def warn(message: str) -> None:
@@ -91,7 +117,8 @@ class Sender:
                   file=sys.stderr)
         journal.parent.mkdir(parents=True, exist_ok=True)
         self._rewrite_journal()
-        threading.Thread(target=self._loop, name="cpm-mlflow-sender", daemon=True).start()
+        _quiet_sender_logs()
+        threading.Thread(target=self._loop, name=SENDER_THREAD, daemon=True).start()
 
     def put(self, items: list[Metric | Param | RunTag]) -> None:
         with self._cond:
@@ -193,14 +220,14 @@ class Sender:
                     continue
                 warn(f"the tracking store refused {len(batch)} metrics/params/tags: {str(e).splitlines()[0][:200]}")
             sent = time.monotonic()  # not after a failure: that retries every retry_s instead
+            if self._failing:  # before the batch is settled: a close() waiting for it returns after this line
+                print("the tracking store is back; queued metrics sent", file=sys.stderr, flush=True)
+                self._failing = False
             with self._cond:
                 if self._closed:  # the journal is closed: replay sends the batch again (see _settle)
                     return
                 self._settle(len(batch))
                 self._cond.notify_all()
-            if self._failing:
-                print("the tracking store is back; queued metrics sent", file=sys.stderr, flush=True)
-                self._failing = False
 
 
 def _fsync(path: Path) -> None:

@@ -5,7 +5,9 @@ a sealed MLflow model from code and registered as a version with tags and an ali
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,6 +33,9 @@ from datamodules.config import DataConfig
 
 VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+PROCESS_TAG = "cpm.release.process"
+"""On a release run: "host:pid" of the `release` that runs it, so that a later release can tell
+one whose process is gone (a SIGKILL cannot end its own run)."""
 
 
 def _val_metrics(client: MlflowClient, run_id: str | None, step: int) -> dict[str, float]:
@@ -159,6 +164,30 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
         return False
 
 
+def fail_abandoned(client: MlflowClient, experiment_id: str) -> None:
+    """Mark FAILED the release runs of the experiment left RUNNING by a `release` of this host
+    whose process is gone (killed while it uploaded: nothing else would ever end them). Those of
+    other hosts are left as they are: whether their process lives cannot be told from here."""
+    host = socket.gethostname()
+    for run in client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                                 f"tags.`{PROCESS_TAG}` LIKE '{host}:%'"):
+        where, _, pid = run.data.tags[PROCESS_TAG].rpartition(":")
+        if where == host and pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, "FAILED")
+            print(f"release: MLflow run {run.info.run_id} ({run.info.run_name}) was left running by a release that "
+                  f"was killed (pid {pid}); marked FAILED", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class _SealedPyfunc:
     """mlflow.pyfunc as the flavor `Model.log` saves with, then the manifest (and signature)
     written into the saved model before MLflow uploads it, so they cover MLflow's own files
@@ -197,7 +226,8 @@ def _log_and_register(client: MlflowClient, name: str, directory: Path, trained:
                                                    for k, v in PARAMS.items()]))
     flavor = _SealedPyfunc(sign_key)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"release {name} step {trained.step}",
-                          tags={RUN_TAG: run_id or "none"}):
+                          tags={RUN_TAG: run_id or "none", PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}) as run:
+        fail_abandoned(client, run.info.experiment_id)
         # Model.log is what mlflow.pyfunc.log_model calls, with mlflow.pyfunc as the flavor.
         info = Model.log(artifact_path=None, name="model", flavor=flavor, python_model=str(MODEL_CODE),
                          artifacts={"model_dir": str(directory)}, signature=signature,

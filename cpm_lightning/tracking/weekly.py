@@ -24,8 +24,8 @@ from cpm_lightning.tracking.trials import PROPOSAL_TAG, VERDICT_TAG, trial_runs
 
 WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
 LEDGER = "changes.jsonl"  # the artifact of a `live` run (live/ledger.py)
-INCIDENTS = ("crash", "restart", "rollback", "suspended")
-"""Ledger records that are incidents; the others (start, applied, deferred, rejected, stop) are changes."""
+INCIDENTS = ("crash", "restart", "rollback", "suspended", "unfollowed")
+"""Ledger records that are incidents; the others (start, applied, deferred, rejected, followed, stop) are changes."""
 
 
 def parse_week(text: str | None) -> dt.date:

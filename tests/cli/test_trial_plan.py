@@ -16,6 +16,8 @@ from scipy.stats import t
 from cpm_lightning.cli.trial_plan import plan
 from cpm_lightning.cli.trial_stats import Arm, Comparison, render
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.registry.commands import config_schema
+from cpm_lightning.registry.resolve import load_registry
 
 
 @pytest.fixture
@@ -133,3 +135,53 @@ def test_the_verdict_and_the_table(bench):
     assert ["| 0 | 3.0000 | 2.9000 | -0.1000 |", "| 1 | 3.2000 | 3.0000 | -0.2000 |"] == [
         line for line in lines if line.startswith(("| 0 |", "| 1 |"))]
     assert f"**Verdict:** {verdict}." in lines
+
+
+def test_a_broken_proposal_elsewhere_in_the_registry_is_left_out_of_both_arms(bench, capsys):
+    """One invalid proposal file used to refuse every trial, even of an unknown id, in lines
+    without `error:`: now only a trial that involves it is refused, in one line."""
+    (bench.registry / "0005-broken.yaml").write_text("id: 5\ntitle: [unclosed\n")
+    config = bench.config()
+    trial = plan(args(config))
+    assert trial.left_out == [5] and trial.note.startswith(
+        f"0005 left out of both arms, their files have a problem: {bench.registry / '0005-broken.yaml'}:")
+    trial.copy_registry(bench.root / "copy")
+    assert sorted(p.name for p in (bench.root / "copy").iterdir()) == sorted(
+        p.name for p in bench.registry.iterdir() if p.name != "0005-broken.yaml")
+    copy = load_registry(bench.root / "copy", config_schema(), trial.registry)
+    assert copy.problems == [] and sorted(copy.proposals) == [1, 2, 3, 4]
+    baseline = trial.argv("baseline", 0, "r", bench.root / "b", {})
+    treated = trial.argv("proposal", 0, "r", bench.root / "p", {})
+    assert f"--registry.path={bench.root / 'copy'}" in baseline and "--registry.exclude=[1]" in baseline
+    assert f"--registry.path={bench.root / 'copy'}" in treated and treated[-1] == "--registry.exclude=[1]"
+    refused = lambda *argv: cli_error(capsys, "proposals", "trial", *argv, "--config", str(config), "--steps", "1")  # noqa: E731
+    assert refused("5").startswith(f"proposal 0005 cannot be tried: {bench.registry / '0005-broken.yaml'}:")
+    assert refused("99") == f"no proposal 99 in {bench.registry}"
+
+
+def test_a_baseline_that_does_not_resolve_is_one_line(bench, capsys):
+    config = bench.config(**{"registry.exclude": [1, 7]})
+    assert cli_error(capsys, "proposals", "trial", "2", "--config", str(config), "--steps", "1") == (
+        f"no trial runs: the baseline of {config} does not resolve at step 0: "
+        f"registry.exclude: no proposal 7 in {bench.registry}")
+
+
+@pytest.mark.parametrize(("flag", "most"), [("--seeds", "100"), ("--steps", "1,000,000")])
+def test_seeds_and_steps_are_bounded_with_the_bound_in_the_message(bench, capsys, flag, most):
+    argv = {"--steps": "1", "--seeds": "1", flag: "1000000000"}
+    assert cli_error(capsys, "proposals", "trial", "2", "--config", str(bench.config()),
+                     *(x for kv in argv.items() for x in kv)) == (
+        f"{flag} must be at most {most} (a trial is a short paired comparison), got 1,000,000,000")
+
+
+@pytest.mark.slow
+def test_a_trial_beside_a_broken_proposal_trains_both_arms_on_the_copy(bench, capsys):
+    from cpm_lightning.cli.main import main
+
+    (bench.registry / "0005-broken.yaml").write_text("id: 5\ntitle: [unclosed\n")
+    main(["proposals", "trial", "2", "--config", str(bench.config()), "--steps", "1", "--seeds", "1"])
+    out, err = capsys.readouterr()
+    assert "| baseline + 0002 |" in out and "note: 0005 left out of both arms, their files have a problem: " in err
+    (copy,) = (bench.root / "run" / "trials").glob("*/registry")
+    assert sorted(p.name for p in copy.iterdir()) == sorted(
+        p.name for p in bench.registry.iterdir() if p.name != "0005-broken.yaml")

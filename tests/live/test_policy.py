@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import yaml
 from conftest import write_proposal
+from live_support import git, git_registry
 
 from cpm_lightning.live import policy
+from cpm_lightning.live.commands import status_text
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.ledger import Ledger, RunState, read_records
 from cpm_lightning.live.settings import read_settings
@@ -165,3 +167,44 @@ def test_a_restarted_supervisor_s_start_carries_since(tmp_path):
     crash, start = read_records(ledger.path)[-2:]
     assert crash["kind"] == "crash" and start["kind"] == "start"
     assert (start["in_effect"], start["since"]) == ([1, 3], {"1": 0, "3": 12})
+
+
+def test_the_stop_record_after_a_signal_names_the_checkpoint_the_segment_saved():
+    """A SIGTERM that reaches the segment twice (sent to the process group) may end it after its
+    checkpoint was saved: the record names that checkpoint, not a save that did not happen."""
+    assert policy.signal_stop("SIGTERM", -15, 4, "step-00000007.ckpt", 7) == (
+        "SIGTERM: the segment saved checkpoint step-00000007.ckpt at step 7, then ended (killed by SIGTERM)")
+    assert policy.signal_stop("SIGINT", 0, 4, "step-00000007.ckpt", 7) == (
+        "SIGINT: the segment saved checkpoint step-00000007.ckpt at step 7")
+    assert policy.signal_stop("SIGTERM", -9, 4, "step-00000004.ckpt", 4) == (
+        "SIGTERM: the segment ended (killed by SIGKILL) before it could save a checkpoint")
+    assert policy.signal_stop("SIGTERM", 0, 4, "step-00000004.ckpt", 4) == (
+        "SIGTERM: the segment stopped before training past step 4 (last checkpoint: step-00000004.ckpt)")
+
+
+def test_a_registry_whose_upstream_was_force_pushed_is_recorded_once_and_shown_by_live_status(tmp_path):
+    """Every poll's `git pull --ff-only` fails after a force-push, and nothing new reaches the run:
+    one `unfollowed` record (an incident), `live status` says so, and `followed` once it pulls again."""
+    run, community = git_registry(tmp_path, {"README.md": "the registry\n"})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"max_steps": 24, "default_root_dir": str(tmp_path / "run"),
+                                                  "logger": False}, "registry": {"path": str(run)}}))
+    supervisor = Supervisor(read_settings(["--config", str(config)]))
+    supervisor._start(None)
+    git("commit", "-q", "--amend", "-m", "history rewritten", cwd=community)
+    git("push", "-q", "-f", "origin", "HEAD:main", cwd=community)
+    for step in (2, 4):
+        supervisor._take(supervisor._read_registry(), step)
+    records = read_records(supervisor.ledger.path)
+    assert [r["kind"] for r in records] == ["start", "unfollowed"]
+    assert records[-1]["step"] == 2 and records[-1]["reason"].startswith(f"git pull --ff-only in {run} failed: ")
+    assert records[-1]["reason"].endswith("; the run no longer follows the registry's upstream and goes on with its "
+                                          "working copy as it is (fix the clone, e.g. `git reset --hard @{upstream}`)")
+    lines = status_text(tmp_path / "run").splitlines()
+    assert f"registry         not followed since step 2 ({records[-1]['time']}): {records[-1]['reason']}" in lines
+    assert next(line for line in lines if line.startswith("last incident")).startswith("last incident    unfollowed at step 2")
+    git("fetch", "-q", cwd=run)
+    git("reset", "-q", "--hard", "@{upstream}", cwd=run)
+    supervisor._take(supervisor._read_registry(), 6)
+    assert [r["kind"] for r in read_records(supervisor.ledger.path)][-1] == "followed"
+    assert not any(line.startswith("registry ") for line in status_text(tmp_path / "run").splitlines())
