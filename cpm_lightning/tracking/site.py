@@ -369,7 +369,8 @@ def _apps(site: Site) -> str:
 
 def _incidents(site: Site) -> str:
     items = [f"{esc(record_line(rec))} (run {esc(r.label)})" for r, rec in reversed(site.ledger) if rec["kind"] in INCIDENTS]
-    return ("<p>Crashes, restarts, rollbacks, suspended proposals and a registry the run could not follow, from the runs' change ledgers, newest first.</p>"
+    return ("<p>Crashes, restarts, rollbacks, suspended proposals and a registry the run could not follow, "
+            "from the runs' change ledgers, newest first.</p>"
             + _list(items, "None."))
 
 
