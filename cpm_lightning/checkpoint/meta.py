@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from cpm_lightning.checkpoint.modeldir import check_arch
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.model.config import MAX_TRAINED_PARAMS
 
 VERSION = 1
 """The version this code writes and the newest it reads."""
@@ -73,7 +74,7 @@ class CPMMeta:
                             f"this one reads versions up to {VERSION}")
         for key, value in data.items():
             _check(key, value, where)
-        check_arch(data["arch"], where)
+        check_arch(data["arch"], where, MAX_TRAINED_PARAMS)  # a run config may train past MAX_PARAMS
         return cls(**data)
 
     @classmethod

@@ -175,11 +175,11 @@ def write_safetensors(path: Path, specs: Sequence[TensorSpec], tensors: Iterable
 
 
 # -- the model directory ------------------------------------------------------------------------
-def check_arch(arch: dict, where: str) -> None:
+def check_arch(arch: dict, where: str, max_params: int = MAX_PARAMS) -> None:
     """A UserError naming `where` and the first key or value of an architecture stored as a dict
     (config.json, a checkpoint's `cpm` section) that ArchConfig cannot take, as for a proposal:
     a file written by another version, edited or crafted. Checks each value's type, the declared
-    ranges and the size (MAX_PARAMS), so that torch never sees a shape it cannot build."""
+    ranges and the size (`max_params`), so that torch never sees a shape it cannot build."""
     if not isinstance(arch, dict):
         raise UserError(f"{where}: the architecture is {type(arch).__name__}; expected a mapping of "
                         "model.arch fields")
@@ -195,9 +195,9 @@ def check_arch(arch: dict, where: str) -> None:
         config = ArchConfig(**arch)
     except UserError as e:  # an unknown preset or component, a value out of its range
         raise UserError(f"{where}: {e}") from None
-    if (count := param_count(config)) > MAX_PARAMS:
+    if (count := param_count(config)) > max_params:
         shown = f"{count:,}" if count < 10**18 else "more than 10^18"
-        raise UserError(f"{where}: {shown} parameters, above the {MAX_PARAMS:,} the project builds (registry.max_params)")
+        raise UserError(f"{where}: {shown} parameters, above the {max_params:,} the project builds from it")
 
 
 def _type_problem(value, hint) -> str | None:

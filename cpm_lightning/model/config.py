@@ -34,6 +34,10 @@ PRESETS: dict[str, dict] = {
 MAX_PARAMS = 20_000_000_000
 """The largest model the project builds from what others wrote (registry.max_params' default, a
 model directory's config.json): twice the largest preset."""
+MAX_TRAINED_PARAMS = 10**12
+"""The largest architecture a checkpoint's `cpm` section may record: what an operator's run config
+trained may be larger than MAX_PARAMS, but no real run reaches a trillion, and a crafted section
+(a billion layers) is refused before torch sees it."""
 
 # What the large presets leave to CPM-Ant's own settings.
 CPM_ANT_DEFAULTS = {"num_buckets": 512, "max_distance": 2048, "max_len": 512}

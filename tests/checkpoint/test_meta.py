@@ -42,6 +42,15 @@ def test_the_hooks_writes_make_one_section():
     assert CPMMeta.of(checkpoint, "c") == CPMMeta(arch=ARCH, tokens_seen=5, tokenizer=b"t", proposals="3")
 
 
+def test_a_checkpoint_may_record_a_model_larger_than_strangers_may_hand_us_but_not_a_runaway():
+    """A run config may train past MAX_PARAMS (registry.max_params bounds proposals, not the
+    operator); its checkpoints reopen. A crafted section of a billion layers is one line."""
+    big = ArchConfig(preset="cpm-ant-10b", num_attn_layers=120, num_ffn_layers=120).to_dict()  # ~24 B
+    assert CPMMeta.from_dict({"arch": big}, "c").arch == big
+    with pytest.raises(UserError, match="c: .* parameters, above the 1,000,000,000,000 the project builds from it"):
+        CPMMeta.from_dict({"arch": {**ARCH, "num_attn_layers": 10**9}}, "c")
+
+
 def test_a_writer_of_an_unknown_key_is_a_bug():
     with pytest.raises(TypeError, match="unknown key 'tokens' in its cpm section"):
         write({}, tokens=5)

@@ -119,8 +119,8 @@ def test_a_link_out_of_the_directory_is_refused(model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"dim": 1073741824}, "parameters, above the {max:,} the project builds (registry.max_params)"),
-    ({"num_attn_layers": 1000000000}, "parameters, above the {max:,} the project builds (registry.max_params)"),
+    ({"dim": 1073741824}, "parameters, above the {max:,} the project builds from it"),
+    ({"num_attn_layers": 1000000000}, "parameters, above the {max:,} the project builds from it"),
     ({"dim": "64"}, "dim is str '64'; expected int or null"),
     ({"dim": 100000000000000000000000}, "dim is beyond a 64-bit integer"),
     ({"norm_eps": True}, "norm_eps is bool True; expected float"),
