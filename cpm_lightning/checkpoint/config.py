@@ -29,5 +29,10 @@ class CheckpointConfig:
     except max_len and split_qk_scale, which the run may change. A run that resumes a checkpoint
     (checkpoint.resume: auto) takes only the architecture; with --ckpt_path it is an error."""
 
+    trust_unverified: bool = False
+    """Read a starting checkpoint or init_from directory that has no integrity record (written by
+    other software or an older version) without verifying its bytes, with a warning; false:
+    refuse it. One with a record is always verified (the other verbs' --trust-unverified)."""
+
     def __post_init__(self):
         check_ranges(self, "checkpoint")

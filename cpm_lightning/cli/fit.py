@@ -23,6 +23,7 @@ from cpm_lightning.checkpoint.directory import resolve_ckpt_path
 from cpm_lightning.checkpoint.migrate_on_load import plan_from
 from cpm_lightning.checkpoint.store import Checkpoints, SavedCheckpoint, check_architecture, read_checkpoint
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.file_hashes import trust_unverified
 from cpm_lightning.core.ranges import Range
 from cpm_lightning.inference.book import Prompt, load_prompts
 from cpm_lightning.inference.evaluation import runnable_tasks
@@ -178,6 +179,7 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
     # `last` and (fit only) checkpoint.resume=auto become a path; its step picks the proposals,
     # its run id the MLflow run.
     path = resolve_ckpt_path(cfg.get("ckpt_path"), _root(cfg) / "checkpoints", cfg.checkpoint.resume if fit else "never")
+    trust_unverified(cfg.checkpoint.trust_unverified)  # for every read of this run: ours and Lightning's restore
     start = read_checkpoint(path) if path else None
     # Accepted proposals go in above the config files and below the command line; a resumed run
     # applies those in effect at the step it resumes from.

@@ -146,6 +146,7 @@ PLACEHOLDER = b"0" * DIGEST_LEN
 RECORD_TAG = "cpm-lightning-integrity v1"
 RECORD = re.compile(rf"{RECORD_TAG} size=(\d{{20}}) chunk=(\d{{1,12}}) sha256=([0-9a-f]{{{DIGEST_LEN}}})")
 TRUST_FLAG = "--trust-unverified"
+TRUST_KEY = "checkpoint.trust_unverified"  # fit's (and live's) spelling of TRUST_FLAG: a run-config key
 TRUST_HELP = ("read a checkpoint or model directory that has no integrity record (written by other software or "
               "an older version) without verifying its bytes; one with a record is always verified")
 
@@ -189,6 +190,12 @@ _trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_unverifie
 _unverified_warned: set[str] = set()
 
 
+def trust_unverified(trust: bool) -> None:
+    """From now on in this context (a `fit`: its whole run), read a file without an integrity
+    record with a warning (`trust`) or refuse it (checkpoint.trust_unverified)."""
+    _trusted.set(trust)
+
+
 @contextlib.contextmanager
 def trusting_unverified(trust: bool = True) -> Iterator[None]:
     """While it lasts, a file without any integrity record is read with a warning instead of
@@ -205,7 +212,7 @@ def unverified(path: Path, what: str) -> None:
     or, under trusting_unverified, read with one warning."""
     if not _trusted.get():
         raise UserError(f"{path}: {what} has no integrity record (written by other software or by an older "
-                        f"cpm-lightning); pass {TRUST_FLAG} to read it unverified")
+                        f"cpm-lightning); pass {TRUST_FLAG} to read it unverified (fit and live: {TRUST_KEY}: true)")
     if str(path) not in _unverified_warned:
         _unverified_warned.add(str(path))
         print(f"warning: {path}: {what} has no integrity record; its bytes are not verified ({TRUST_FLAG})",

@@ -202,12 +202,28 @@ def test_a_checkpoint_without_a_record_is_read_only_with_trust_unverified(made, 
         ckpt, what = unsealed(made.single, tmp_path / "foreign.ckpt"), "the checkpoint"
     code, err = run_cli(capsys, "generate", ckpt, "--prompt", "It is")
     assert_error(code, err, f"{ckpt}: {what} has no integrity record (written by other software or by an older "
-                            "cpm-lightning); pass --trust-unverified to read it unverified")
+                            "cpm-lightning); pass --trust-unverified to read it unverified (fit and live: "
+                            "checkpoint.trust_unverified: true)")
     main(["generate", str(ckpt), "--prompt", "It is", "--max-new-tokens", "3", "--trust-unverified"])
     out = capsys.readouterr()
     assert out.out.startswith("It is")
     assert out.err.splitlines() == [
         f"warning: {ckpt}: {what} has no integrity record; its bytes are not verified (--trust-unverified)"]
+
+
+def test_fit_resumes_a_checkpoint_without_a_record_only_with_checkpoint_trust_unverified(made, tmp_path, capsys):
+    ckpt = unsealed(made.single, tmp_path / "foreign.ckpt")
+    argv = ["fit", "--config", str(made.single_config), "--ckpt_path", str(ckpt), "--trainer.max_steps=3",
+            f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    code, err = run_cli(capsys, *argv)
+    assert_error(code, err, f"{ckpt}: the checkpoint has no integrity record (written by other software or by an "
+                            "older cpm-lightning); pass --trust-unverified to read it unverified (fit and live: "
+                            "checkpoint.trust_unverified: true)")
+    assert not (tmp_path / "run").exists()
+    with mock.patch.object(sys, "argv", ["cpm-lightning"]):
+        main([*argv, "--checkpoint.trust_unverified=true"])
+    assert f"warning: {ckpt}: the checkpoint has no integrity record" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003.ckpt").is_file()  # resumed at 2, trained step 3
 
 
 def test_a_copied_and_renamed_checkpoint_verifies(made, tmp_path, capsys):
