@@ -34,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from cpm_lightning.checkpoint.config import CheckpointConfig
@@ -310,12 +311,14 @@ class Checkpoints(Checkpoint):
             hashes = gather_hashes(trainer, partial)  # each rank hashes what it wrote; rank 0 gets all
             if trainer.is_global_zero:
                 write_checkpoint_hashes(partial, hashes)
-        except OSError as e:  # a full disk, a quota: the half-written checkpoint goes, the older ones stay
+        except (OSError, CheckpointException) as e:  # a full disk, a quota: the half-written checkpoint goes
+            if (disk := write_error(e)) is None:
+                raise
             if trainer.is_global_zero:
                 remove(partial)
             last = latest(self.dirpath)
-            raise UserError(f"checkpoint {final} could not be written ({e.strerror or e}); nothing of it is kept, "
-                            f"and the run can resume from {last or 'its start'} once there is room") from None
+            raise UserError(f"checkpoint {final} could not be written ({disk.strerror or disk}); nothing of it is "
+                            f"kept, and the run can resume from {last or 'its start'} once there is room") from None
         if trainer.is_global_zero:
             remove(final)  # the same step saved again after resuming from an earlier checkpoint
             os.replace(partial, final)
@@ -341,6 +344,16 @@ class Checkpoints(Checkpoint):
         # On a larger world size the new ranks keep their seeded state.
         if trainer.global_rank < len(states):
             _set_rng_state(states[trainer.global_rank])
+
+
+def write_error(e: BaseException) -> OSError | None:
+    """The OSError a save failed with: itself, or, from a sharded save, the first rank's inside
+    DCP's CheckpointException (every rank gets it, so all of them stop with the same line)."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, CheckpointException):
+        return next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), None)
+    return None
 
 
 def _rng_state() -> dict:

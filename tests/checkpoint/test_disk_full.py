@@ -7,8 +7,10 @@ import errno
 
 import lightning.pytorch as L
 from conftest import cli_error
+from torch.distributed.checkpoint.api import CheckpointException
 
 from cpm_lightning.checkpoint.directory import complete_checkpoints, step_of
+from cpm_lightning.checkpoint.store import write_error
 from cpm_lightning.cli.main import main
 
 
@@ -32,3 +34,12 @@ def test_a_full_disk_under_a_checkpoint_save_is_one_line_and_the_last_checkpoint
     monkeypatch.setattr(L.Trainer, "save_checkpoint", save)
     main(["fit", "--config", str(tiny_config), "--trainer.logger", "false", "--ckpt_path", "last"])
     assert [step_of(p) for p in complete_checkpoints(checkpoints)] == [3, 6]
+
+
+def test_a_sharded_save_s_disk_error_is_found_inside_dcp_s_exception():
+    """DCP's save raises a CheckpointException on every rank, holding each failed rank's error:
+    a rank's full disk is the same one line as a single file's; any other failure is not."""
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert write_error(full) is full
+    assert write_error(CheckpointException("save", {1: (full, None)})) is full
+    assert write_error(CheckpointException("save", {0: (ValueError("bad"), None)})) is None
