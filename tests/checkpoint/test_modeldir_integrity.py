@@ -102,7 +102,7 @@ def test_a_directory_without_a_record_is_read_only_with_trust_unverified(model, 
     code, err = run_cli(capsys, "model", "info", model)
     assert_error(code, err, f"{model / WEIGHTS}: the model directory's weights file has no integrity record (written "
                             "by other software or by an older cpm-lightning); pass --trust-unverified to read it "
-                            "unverified")
+                            "unverified (fit and live: checkpoint.trust_unverified: true)")
     main(["model", "info", str(model), "--trust-unverified"])
     assert "its bytes are not verified" in capsys.readouterr().err
     write_safetensors(model / "resealed.safetensors", specs, tensors)  # what write_model_dir writes verifies
