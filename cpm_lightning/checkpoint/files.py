@@ -233,6 +233,12 @@ class PlainDataPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)  # known to be plain data now
 
 
+def rank_failure(e: CheckpointException, kind: type[BaseException]) -> BaseException | None:
+    """The first rank's exception of type `kind` inside DCP's CheckpointException (which holds
+    every failed rank's, with its traceback), or None."""
+    return next((exc for exc, _ in e.failures.values() if isinstance(exc, kind)), None)
+
+
 @contextlib.contextmanager
 def user_errors():
     """DCP wraps each rank's exception in a CheckpointException that prints every rank's
@@ -240,9 +246,8 @@ def user_errors():
     try:
         yield
     except CheckpointException as e:
-        for exc, _ in e.failures.values():
-            if isinstance(exc, UserError):
-                raise exc from None
+        if (exc := rank_failure(e, UserError)) is not None:
+            raise exc from None
         raise
 
 

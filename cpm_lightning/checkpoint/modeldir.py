@@ -48,6 +48,7 @@ from cpm_lightning.core.file_hashes import (
     sha256,
     unverified,
 )
+from cpm_lightning.core.strict_yaml import INT64_MAX
 from cpm_lightning.core.tokenizer import CpmAntTokenizer, SentencePieceTokenizer, Tokenizer
 from cpm_lightning.model import ArchConfig, CPMAnt
 from cpm_lightning.model.config import MAX_PARAMS
@@ -210,7 +211,7 @@ def _type_problem(value, hint) -> str | None:
         ok = bool in allowed
     elif isinstance(value, int):
         ok = int in allowed or float in allowed
-        if ok and not -(2**63) <= value < 2**63:
+        if ok and not -INT64_MAX - 1 <= value <= INT64_MAX:
             return "is beyond a 64-bit integer"
     else:
         ok = any(isinstance(value, t) for t in allowed if t in (float, str))

@@ -47,6 +47,7 @@ from cpm_lightning.checkpoint.files import (
     check_file,
     file_weights,
     gather_hashes,
+    rank_failure,
     user_errors,
     write_checkpoint_hashes,
 )
@@ -351,9 +352,7 @@ def write_error(e: BaseException) -> OSError | None:
     DCP's CheckpointException (every rank gets it, so all of them stop with the same line)."""
     if isinstance(e, OSError):
         return e
-    if isinstance(e, CheckpointException):
-        return next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), None)
-    return None
+    return rank_failure(e, OSError) if isinstance(e, CheckpointException) else None
 
 
 def _rng_state() -> dict:
