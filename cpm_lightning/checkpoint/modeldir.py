@@ -48,10 +48,12 @@ from cpm_lightning.core.file_hashes import (
     sha256,
     unverified,
 )
+from cpm_lightning.core.precision import QUANTIZATION_KEY, Precision
 from cpm_lightning.core.strict_yaml import INT64_MAX
 from cpm_lightning.core.tokenizer import CpmAntTokenizer, SentencePieceTokenizer, Tokenizer
-from cpm_lightning.model import ArchConfig, CPMAnt
+from cpm_lightning.model import ArchConfig, CPMAnt, quantize
 from cpm_lightning.model.config import MAX_PARAMS
+from cpm_lightning.model.quantize import stored_shapes
 from cpm_lightning.model.stats import param_count
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "MODEL_CARD.md"
@@ -224,11 +226,16 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_shapes(saved: Mapping[str, Sequence[int]], arch: dict | ArchConfig, where: str, expected_by: str) -> None:
+def check_shapes(saved: Mapping[str, Sequence[int]], arch: dict | ArchConfig, where: str, expected_by: str,
+                 precision: Precision | None = None) -> None:
     """A UserError naming the first weight that is missing from `saved`, has another shape than
-    the model `arch` builds, or is not in that model. `where` names the weights, `expected_by`
-    what the architecture came from."""
-    expected = model_shapes(arch)
+    the model `arch` builds (stored at `precision`, when quantized), or is not in that model.
+    `where` names the weights, `expected_by` what the architecture came from."""
+    if precision is not None and precision.quantize:
+        config = arch if isinstance(arch, ArchConfig) else ArchConfig(**arch)
+        expected = {name: shape for name, (shape, _) in stored_shapes(config, precision).items()}
+    else:
+        expected = model_shapes(arch)
     for name, shape in expected.items():
         if name not in saved:
             raise UserError(f"{where}: {name} {shape} is missing; {expected_by} expects it")
@@ -244,14 +251,6 @@ def model_shapes(arch: dict | ArchConfig) -> dict[str, list[int]]:
     arch = arch if isinstance(arch, ArchConfig) else ArchConfig(**arch)
     with torch.device("meta"):
         return {name: list(t.shape) for name, t in CPMAnt(arch).state_dict().items()}
-
-
-def model_from_state(arch: dict, weights: dict[str, torch.Tensor], where: str, device: str = "cpu") -> CPMAnt:
-    """A CPMAnt in eval mode from its arch dict and weights (keys as in CPMAnt.state_dict())."""
-    check_shapes({k: v.shape for k, v in weights.items()}, arch, where, "its architecture")
-    model = CPMAnt(ArchConfig(**arch))
-    model.load_state_dict(weights)
-    return model.to(device).eval()
 
 
 @dataclass(kw_only=True)
@@ -275,6 +274,9 @@ class StoredModel:
     migrations: list[dict] = dataclasses.field(default_factory=list)
     """The migrations the model went through, with their steps (a checkpoint's cpm.migrations;
     model/migrate.py)."""
+    precision: Precision | None = None
+    """How the weights are stored, for a quantized model directory (a release's variant); None
+    for float weights."""
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -284,28 +286,57 @@ class StoredModel:
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: self.read(name) for name in self.shapes}
 
-    def build(self, device: str = "cpu") -> CPMAnt:
-        return model_from_state(self.arch, self.weights(), self.where, device)
+    def build(self, device: str = "cpu", precision: Precision | None = None) -> CPMAnt:
+        """The model in eval mode on `device` at `precision` (unset: as stored, float32 for float
+        weights), its weights read and converted one at a time (model/quantize.py `build`)."""
+        stored = self.precision
+        if precision is None or (precision.quantize is None and precision.dtype is None):
+            precision = stored or Precision()
+        elif stored is not None and precision.quantize != stored.quantize:
+            raise UserError(f"{self.where}: its weights are stored as {stored}; it runs with --quantize "
+                            f"{stored.quantize} or with no --quantize, not {_asked(precision)} (a release's float32 "
+                            "variant can be quantized any way)")
+        elif stored is not None:
+            precision = dataclasses.replace(precision, group_size=stored.group_size)
+        config = ArchConfig(**self.arch)
+        quantize.check(precision, config, self.where)
+        check_shapes(self.shapes, config, self.where, "its architecture", stored)
+        return quantize.build(config, self.read, precision, stored, device)
+
+
+def _asked(precision: Precision) -> str:
+    return f"--quantize {precision.quantize}" if precision.quantize else f"--dtype {precision.dtype}"
 
 
 def write_model_dir(out: Path, weights: Mapping[str, torch.Tensor] | StoredModel, arch: dict, tokenizer: Tokenizer | None,
-                    card_body: str | None = None, beside: Callable[[Path], list[Path]] | None = None) -> list[Path]:
+                    card_body: str | None = None, beside: Callable[[Path], list[Path]] | None = None,
+                    precision: Precision | None = None) -> list[Path]:
     """Write weights (a dict, or a StoredModel read one tensor at a time), config and tokenizer
     (when there is one) into `out`, then what `beside(out)` writes (a release's Hugging Face
     layout); with `card_body`, also the card: the body, then the sha256 of every file written.
-    Returns the files written."""
+    With `precision`, the float weights are stored at it, converted one at a time (a release's
+    variant; model/quantize.py). Returns the files written."""
     out = Path(out)
-    if isinstance(weights, StoredModel):
-        specs, read = [TensorSpec(n, tuple(s), weights.dtypes[n]) for n, s in weights.shapes.items()], weights.read
+    read = weights.read if isinstance(weights, StoredModel) else weights.__getitem__
+    metadata = {}
+    if precision is not None:
+        config = ArchConfig(**arch)
+        quantize.check(precision, config, str(out))
+        specs = [TensorSpec(n, tuple(shape), dtype) for n, (shape, dtype) in stored_shapes(config, precision).items()]
+        tensors = quantize.stored_tensors(config, read, precision)
+        metadata[QUANTIZATION_KEY] = precision.metadata()
     else:
-        specs, read = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in weights.items()], weights.__getitem__
+        specs = ([TensorSpec(n, tuple(s), weights.dtypes[n]) for n, s in weights.shapes.items()]
+                 if isinstance(weights, StoredModel) else
+                 [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in weights.items()])
+        tensors = (read(s.name) for s in specs)
     files = {WEIGHTS: b"", CONFIG: (json.dumps(arch, indent=2) + "\n").encode()}
     if tokenizer is not None:
         files[tokenizer.file_name] = tokenizer.model_bytes
     digests = {name: hashlib.sha256(content).hexdigest() for name, content in files.items() if name != WEIGHTS}
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_safetensors(out / WEIGHTS, specs, (read(s.name) for s in specs), {FILES_KEY: json.dumps(digests)})
+        write_safetensors(out / WEIGHTS, specs, tensors, {FILES_KEY: json.dumps(digests), **metadata})
         for name, content in files.items():
             if name != WEIGHTS:
                 (out / name).write_bytes(content)
@@ -387,10 +418,12 @@ def open_model_dir(path: str | Path) -> StoredModel:
     if not (root / CARD).is_file():  # a release: verified by its card
         weights.verify()
         _check_listed(root, weights.metadata.get(FILES_KEY))
-    check_shapes(weights.shapes, arch, str(root / WEIGHTS), CONFIG)
+    stored = weights.metadata.get(QUANTIZATION_KEY)
+    precision = Precision.from_metadata(stored, str(root / WEIGHTS)) if stored is not None else None
+    check_shapes(weights.shapes, arch, str(root / WEIGHTS), CONFIG, precision)
     tokenizer = Tokenizer.from_bytes(tokenizers[0].read_bytes(), str(tokenizers[0]))
     return StoredModel(arch=arch, shapes=weights.shapes, dtypes=weights.dtypes, read=weights.read, tokenizer=tokenizer,
-                       where=str(root))
+                       where=str(root), precision=precision)
 
 
 def _check_listed(root: Path, listed: str | None) -> None:
@@ -411,7 +444,7 @@ def _check_listed(root: Path, listed: str | None) -> None:
                             f"when it was written; {REMEDY}")
 
 
-def load_model_dir(path: str | Path, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
+def load_model_dir(path: str | Path, device: str = "cpu", precision: Precision | None = None) -> tuple[CPMAnt, Tokenizer]:
     """Model and tokenizer from a model directory (see open_model_dir)."""
     stored = open_model_dir(path)
-    return stored.build(device), stored.require_tokenizer()
+    return stored.build(device, precision), stored.require_tokenizer()

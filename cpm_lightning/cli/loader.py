@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cpm_lightning.checkpoint.modeldir import StoredModel, is_model_dir, open_model_dir
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.precision import Precision
 from cpm_lightning.core.tokenizer import Tokenizer
 from cpm_lightning.model import CPMAnt
 
@@ -41,11 +42,11 @@ def open_model(source: str) -> Iterator[StoredModel]:
         raise UserError(f"{source!r} is not a checkpoint file or model directory")
 
 
-def load_model(source: str, device: str = "cpu") -> tuple[CPMAnt, Tokenizer]:
-    """Model (eval mode, on `device`) and tokenizer from `source`."""
+def load_model(source: str, device: str = "cpu", precision: Precision | None = None) -> tuple[CPMAnt, Tokenizer]:
+    """Model (eval mode, on `device`, at `precision`: unset, as stored) and tokenizer from `source`."""
     check_device(device)
     with open_model(source) as stored:
-        return stored.build(device), stored.require_tokenizer()
+        return stored.build(device, precision), stored.require_tokenizer()
 
 
 def check_device(device: str) -> None:

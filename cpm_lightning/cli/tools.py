@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from cpm_lightning.core import precision
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.file_hashes import TRUST_FLAG, TRUST_HELP
 
@@ -90,6 +91,8 @@ def add_commands(sub) -> None:
         verb.set_defaults(func=func)
     for verb in (info, gen, ev, cons, to):  # the verbs that read a checkpoint or model directory (cli/main.py)
         verb.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
+    for verb in (gen, ev):
+        precision.add_arguments(verb)
 
 
 def model_info(args) -> None:
@@ -176,7 +179,7 @@ def generate(args) -> None:
     from cpm_lightning.inference.generate import check_sampling, sample
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    model, tokenizer = load_model(args.checkpoint, args.device)
+    model, tokenizer = load_model(args.checkpoint, args.device, precision.of(args))
     generator = torch.Generator().manual_seed(args.seed)
     prompt = tokenizer.encode(args.prompt)
     ids = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -203,7 +206,7 @@ def evaluate(args) -> None:
         print(f"warning: {skipped}", file=sys.stderr)
     data = data_configs(args.config)[0] if args.config else None  # the run config's data group at its start
     start = time.perf_counter()
-    model, tokenizer = load_model(args.source, args.device)
+    model, tokenizer = load_model(args.source, args.device, precision.of(args))
     scores = evaluate_model(model, tokenizer, tasks, args.limit, data, args.batch_size)
     if args.json:
         print(json.dumps(scores))
