@@ -79,9 +79,9 @@ def _hf_layout(trained: TrainedModel, name: str) -> tuple[Callable[[Path], list[
 def variant_precision(variant: str, arch: dict, where: str) -> Precision:
     """The Precision of a release's variant (integrity.VARIANT_NAMES) of the model `arch`: int4
     in groups of the largest of INT4_GROUP_SIZES its linears take; a UserError when none fits."""
-    if variant in quantize.PARTS:
+    if variant == "int4":
         config = ArchConfig(**arch)
-        for group_size in INT4_GROUP_SIZES if variant == "int4" else (Precision.group_size,):
+        for group_size in INT4_GROUP_SIZES:
             precision = Precision(quantize=variant, group_size=group_size)
             try:
                 quantize.check(precision, config, where)
@@ -89,7 +89,7 @@ def variant_precision(variant: str, arch: dict, where: str) -> Precision:
             except UserError as e:
                 refused = e
         raise refused
-    return Precision(dtype=variant)
+    return Precision(quantize=variant) if variant in quantize.PARTS else Precision(dtype=variant)
 
 
 @dataclass
@@ -100,8 +100,8 @@ class Variant:
     directory: Path
     scores: dict[str, dict[str, float]]
     """Its heldout scores, when the release scores heldout."""
-    fidelity: fidelity.Fidelity | None
-    """Against float32 on the prompt book, when the registry has one."""
+    measured: fidelity.Fidelity | None
+    """Its fidelity to float32 on the prompt book, when the registry has one."""
 
 
 class Fidelities:
@@ -186,7 +186,7 @@ def _variants_section(name: str, weights: Path, variants: list[Variant], scores:
         lines.append(f"- {v.precision.name} ({v.precision}): {modeldir.WEIGHTS} {size / 2**20:.2f} MiB, "
                      f"{size / float32:.0%} of float32's"
                      + (f"; heldout bits per byte: {', '.join(bpb)}" if bpb else "")
-                     + (f"; fidelity: {v.fidelity.line().partition(': ')[2]}" if v.fidelity else ""))
+                     + (f"; fidelity: {v.measured.line().partition(': ')[2]}" if v.measured else ""))
         lines += [f"  - `{p.relative_to(v.directory.parent.parent).as_posix()}` sha256 {sha256(p)}"
                   for p in sorted(v.directory.iterdir())]
     lines += ["", "## Fidelity", ""]
