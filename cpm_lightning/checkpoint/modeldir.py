@@ -309,11 +309,12 @@ def _asked(precision: Precision) -> str:
 
 
 def write_model_dir(out: Path, weights: Mapping[str, torch.Tensor] | StoredModel, arch: dict, tokenizer: Tokenizer | None,
-                    card_body: str | None = None, beside: Callable[[Path], list[Path]] | None = None,
+                    card_body: str | Callable[[], str] | None = None, beside: Callable[[Path], list[Path]] | None = None,
                     precision: Precision | None = None) -> list[Path]:
     """Write weights (a dict, or a StoredModel read one tensor at a time), config and tokenizer
     (when there is one) into `out`, then what `beside(out)` writes (a release's Hugging Face
-    layout); with `card_body`, also the card: the body, then the sha256 of every file written.
+    layout); with `card_body`, also the card: the body (a function is called once `beside` has
+    written, so the card can report on it), then the sha256 of every file written.
     With `precision`, the float weights are stored at it, converted one at a time (a release's
     variant; model/quantize.py). Returns the files written."""
     out = Path(out)
@@ -343,7 +344,8 @@ def write_model_dir(out: Path, weights: Mapping[str, torch.Tensor] | StoredModel
         written = [out / name for name in files] + (beside(out) if beside else [])
         if card_body is not None:
             hashes = "\n".join(f"{sha256(path)}  {path.relative_to(out)}" for path in written)
-            (out / CARD).write_text(f"{card_body.rstrip()}\n\n## Files (sha256)\n\n```\n{hashes}\n```\n")
+            body = card_body() if callable(card_body) else card_body
+            (out / CARD).write_text(f"{body.rstrip()}\n\n## Files (sha256)\n\n```\n{hashes}\n```\n")
             written.append(out / CARD)
     except OSError as e:
         raise UserError(f"cannot write the model directory {out}: {e.strerror or e}") from None

@@ -1,6 +1,6 @@
 """One loader for every place a trained model can be: a checkpoint written by `fit` (sharded
 or one file), a model directory (consolidated, released or imported), a release written by `pull`,
-or a `models:/` URI of the MLflow Model Registry. `generate` and `convert to-hf` use it; so can
+(whole, or one variant of it: `pull --variant`) or a `models:/` URI of the MLflow Model Registry. `generate` and `convert to-hf` use it; so can
 any tool that needs a model and its tokenizer."""
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def open_model(source: str) -> Iterator[StoredModel]:
     elif is_model_dir(path):
         yield open_model_dir(path)
     elif (path / "MLmodel").is_file():  # a release `pull` wrote: the MLflow model around a model directory
-        from cpm_lightning.tracking.integrity import MODEL_DIR
+        from cpm_lightning.tracking.integrity import MODEL_DIR, VARIANTS_DIR, release_model_dir
 
-        yield open_model_dir(path / MODEL_DIR)
+        yield open_model_dir(release_model_dir(path / MODEL_DIR, path / VARIANTS_DIR))
     # A checkpoint file, a sharded checkpoint directory (meta.pt is Lightning's name), or a path
     # that does not exist (the checkpoint reader says so).
     elif path.is_file() or not path.exists() or (path / "meta.pt").is_file():

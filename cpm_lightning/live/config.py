@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.tracking.integrity import check_variants
 
 
 @dataclass(kw_only=True)
@@ -43,6 +44,9 @@ class LiveConfig:
     release_every_n_steps: int = 0
     """Release the checkpoint of every this many steps (a multiple of checkpoint.every_n_steps)
     to the Model Registry with alias `nightly`, evaluated on the `eval` group's tasks; 0: never."""
+    release_quantize: list[str] | None = None
+    """Variants each of those releases adds (`release --quantize`): some of int8, int4, bfloat16,
+    float16, so every published checkpoint comes in sizes people can run; unset: none."""
     release_name: str | None = None
     """Registered model name of those releases; unset: the MLflow experiment's name."""
     site_dir: str | None = None
@@ -65,5 +69,10 @@ class LiveConfig:
         for key in ("max_restarts", "restart_backoff", "release_every_n_steps"):
             if getattr(self, key) < 0:
                 raise UserError(f"live.{key} must be 0 or more, got {getattr(self, key)}")
+        if self.release_quantize:
+            check_variants(self.release_quantize, "live.release_quantize")
+            if not self.release_every_n_steps:
+                raise UserError("live.release_quantize: the variants of nightly releases, and live.release_every_n_steps "
+                                "is 0 (no releases); set it, or unset live.release_quantize")
         if self.launcher is not None and not self.launcher:
             raise UserError("live.launcher is empty; expected a command such as [srun, python], or null")

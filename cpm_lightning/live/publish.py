@@ -1,6 +1,7 @@
 """Publishing a live run on a schedule (docs/ARCHITECTURE.md, "Publishing"): the daily training
 log once a UTC day has ended, the weekly digest once an ISO week has ended, a release of the
-checkpoint of every live.release_every_n_steps (alias `nightly`), and the static site every
+checkpoint of every live.release_every_n_steps (alias `nightly`, with the variants of
+live.release_quantize), and the static site every
 live.site_every_minutes.
 
 Each is the command an operator would run (`cpm-lightning report daily`, `report weekly`,
@@ -119,6 +120,8 @@ class Publisher:
                 "--eval-tasks", ",".join(tasks) or "none", "--eval-limit", str(self.s.eval.limit or 10**9)]
         if self.registry:
             argv += ["--proposals", str(self.registry)]
+        if self.live.release_quantize:
+            argv += ["--quantize", ",".join(self.live.release_quantize)]
         if "heldout" in tasks:  # the sources of the run config (as the live run merged it)
             config = self.dir / "run-config.yaml"
             config.write_text(yaml.safe_dump(self.s.config, sort_keys=False))

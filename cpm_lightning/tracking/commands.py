@@ -50,6 +50,10 @@ def add_commands(sub) -> None:
                      "and heldout with --eval-config)")
     rel.add_argument("--eval-limit", type=int, default=100, help="examples per task (default 100)")
     rel.add_argument("--eval-config", type=Path, metavar="CONFIG", help="the run config whose data sources heldout scores")
+    rel.add_argument("--quantize", metavar="NAMES", help="also add these variants of the weights to the version, "
+                     "comma-separated: int8, int4 (its group size the largest of 128, 64, 32 the model takes), "
+                     "bfloat16, float16; each with its held-out bits per byte and its fidelity to float32 in the card "
+                     "(`pull --variant NAME` downloads one alone)")
     rel.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     rel.set_defaults(func=release)
 
@@ -64,6 +68,8 @@ def add_commands(sub) -> None:
     pull.add_argument("--dst", required=True, type=Path, help="directory to write (new or empty)")
     pull.add_argument("--verify-key", type=Path, metavar="PUB",
                       help="require a signature by this PEM public key (default: $CPM_LIGHTNING_TRUSTED_KEY, if set)")
+    pull.add_argument("--variant", metavar="NAME", help="download only this variant of the release (int8, int4, ...: "
+                      "`release --quantize`), not its float32 weights")
     pull.set_defaults(func=pull_model)
 
     models = sub.add_parser("models", help="the Model Registry").add_subparsers(metavar="ACTION")
@@ -126,17 +132,20 @@ def report_site(args) -> None:
 def release(args) -> None:
     from cpm_lightning.inference.evaluation import task_list
     from cpm_lightning.registry.commands import data_configs
+    from cpm_lightning.tracking.integrity import check_variants
     from cpm_lightning.tracking.make_release import release as do_release
 
     if args.eval_limit < 1:
         raise UserError(f"--eval-limit must be at least 1, got {args.eval_limit}")
+    variants = check_variants(args.quantize.split(",") if args.quantize else [], f"--quantize {args.quantize}")
     tasks = [] if args.eval_tasks == "none" else task_list(args.eval_tasks, args.eval_config is not None)
     data = data_configs(args.eval_config)[0] if args.eval_config else None
     _use_tracking_uri(args)
     version = do_release(args.checkpoint, args.name, args.alias, args.out, args.proposals, args.sign_key, tasks,
-                         args.eval_limit, data)
+                         args.eval_limit, data, variants)
     signed = f", signed with {args.sign_key}" if args.sign_key else ""
-    print(f"registered models:/{args.name}/{version}{signed}; models:/{args.name}@{args.alias} points at it")
+    added = f", with the variants {', '.join(variants)}" if variants else ""
+    print(f"registered models:/{args.name}/{version}{added}{signed}; models:/{args.name}@{args.alias} points at it")
 
 
 def promote(args) -> None:
@@ -153,7 +162,9 @@ def pull_model(args) -> None:
     key = trusted_key(args.verify_key)
     _use_tracking_uri(args)
     signed = f"; signature verified with {key}" if key else "; no signature checked (no --verify-key)"
-    print(f"wrote {pull(args.uri, args.dst, key)} (every file verified against the release's manifest{signed})")
+    what = f"the variant {args.variant} of the release" if args.variant else "the release"
+    print(f"wrote {pull(args.uri, args.dst, key, args.variant)} ({what}; every file verified against the release's "
+          f"manifest{signed})")
 
 
 def models_list(args) -> None:
@@ -161,7 +172,7 @@ def models_list(args) -> None:
 
     _use_tracking_uri(args)
     rows = list_models(args.name)
-    cols = ("name", "version", "aliases", "step", "tokens", "val_loss", "proposals")
+    cols = ("name", "version", "aliases", "step", "tokens", "val_loss", "proposals", "variants")
     widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
     for row in [dict(zip(cols, cols, strict=True))] + rows:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())

@@ -8,6 +8,10 @@ anchored by a tag outside the artifact store, and optionally an OpenSSF model-si
     model.sig       with `release --sign-key`: a model-signing bundle over every file, the
                     manifest included; checked with the public key of `pull --verify-key`
     artifacts/model the model directory (cpm_lightning/checkpoint/modeldir.py)
+    artifacts/variants/NAME
+                    with `release --quantize`: the same weights as a model directory at another
+                    precision (int8, int4, bfloat16, ...); `pull --variant NAME` downloads it,
+                    MLflow's files and the card, and verifies them against the manifest alone
 
 No MLflow: the checks work on a local directory, so nothing downloaded is imported before them.
 """
@@ -17,12 +21,17 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.file_hashes import sha256
+from cpm_lightning.core.precision import DTYPE_NAMES, METHODS
 
 MANIFEST, SIGNATURE, MODEL_DIR = "MANIFEST.json", "model.sig", Path("artifacts/model")
+VARIANTS_DIR = Path("artifacts/variants")
+VARIANT_NAMES = tuple(n for n in (*METHODS, *DTYPE_NAMES) if n != "float32")  # float32 is the release itself
+CARD, WEIGHTS = "MODEL_CARD.md", "model.safetensors"  # modeldir's names (importing it brings torch)
 MANIFEST_TAG = "cpm.manifest_sha256"
 # model-signing signs with elliptic-curve keys on the curves Sigstore's bundle format names.
 CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
@@ -43,10 +52,9 @@ def write_manifest(root: Path) -> str:
     return sha256(root / MANIFEST)
 
 
-def verify_manifest(root: Path, expected_sha256: str, where: str) -> None:
-    """A UserError unless root/MANIFEST.json has the sha256 the tag records and `root` holds
-    exactly the files it lists, each with its size and sha256. Every problem is named in one
-    line."""
+def read_manifest(root: Path, expected_sha256: str, where: str) -> dict[str, dict]:
+    """The files root/MANIFEST.json lists ('/'-separated path -> sha256 and size), once its
+    sha256 is the one the tag records; a UserError otherwise."""
     manifest = root / MANIFEST
     if not manifest.is_file():
         raise UserError(f"{where}: the release has no {MANIFEST}; its tag {MANIFEST_TAG} expects one")
@@ -54,7 +62,16 @@ def verify_manifest(root: Path, expected_sha256: str, where: str) -> None:
     if actual != expected_sha256:
         raise UserError(f"{where}: {MANIFEST} has sha256 {actual[:16]}..., but the tag {MANIFEST_TAG} records "
                         f"{expected_sha256[:16]}...; the release was changed in the artifact store")
-    listed = json.loads(manifest.read_text())["files"]  # trusted from here on: its hash is the tag's
+    return json.loads(manifest.read_text())["files"]  # trusted from here on: its hash is the tag's
+
+
+def verify_manifest(root: Path, expected_sha256: str, where: str, only: Collection[str] | None = None) -> None:
+    """A UserError unless root/MANIFEST.json has the sha256 the tag records and `root` holds
+    exactly the files it lists (those of `only`, for a partial download: `variant_files`), each
+    with its size and sha256. Every problem is named in one line."""
+    listed = read_manifest(root, expected_sha256, where)
+    if only is not None:
+        listed = {rel: entry for rel, entry in listed.items() if rel in only}
     present = _covered(root)
     problems = []
     for rel in sorted(listed.keys() | present.keys()):
@@ -71,6 +88,44 @@ def verify_manifest(root: Path, expected_sha256: str, where: str) -> None:
             problems.append(f"{rel}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}...")
     if problems:
         raise UserError(f"{where}: the release does not match its manifest: {'; '.join(problems)}")
+
+
+def check_variants(names: Iterable[str], where: str) -> list[str]:
+    """`names` (what `release --quantize` or live.release_quantize asks for), each a variant a
+    release can add, each once; a UserError naming `where` otherwise."""
+    names = list(names)
+    for name in names:
+        if name not in VARIANT_NAMES:
+            raise UserError(f"{where}: {name!r} is not a variant; expected some of {', '.join(VARIANT_NAMES)} "
+                            "(float32 is the release itself)")
+    if len(set(names)) < len(names):
+        raise UserError(f"{where}: {', '.join(names)} names a variant twice")
+    return names
+
+
+def variants(listed: Iterable[str]) -> list[str]:
+    """The variants of a release, from the paths of its files."""
+    prefix = f"{VARIANTS_DIR.as_posix()}/"
+    return sorted({rel.removeprefix(prefix).split("/")[0] for rel in listed if rel.startswith(prefix)})
+
+
+def variant_files(listed: Iterable[str], variant: str) -> list[str]:
+    """What `pull --variant` downloads of a release's files: MLflow's own (outside artifacts/,
+    the manifest and signature among them), the card, and the variant's model directory."""
+    card, own = (MODEL_DIR / CARD).as_posix(), f"{(VARIANTS_DIR / variant).as_posix()}/"
+    return [rel for rel in listed if not rel.startswith("artifacts/") or rel == card or rel.startswith(own)]
+
+
+def release_model_dir(model_dir: Path, variants_dir: Path | None) -> Path:
+    """The model directory a pulled release runs: the float weights when they were pulled, else
+    the one variant `pull --variant` wrote."""
+    if (model_dir / WEIGHTS).is_file() or variants_dir is None or not variants_dir.is_dir():
+        return model_dir
+    pulled = sorted(p for p in variants_dir.iterdir() if p.is_dir())
+    if len(pulled) != 1:
+        raise UserError(f"{model_dir.parents[1]}: the release has no {WEIGHTS} and {len(pulled)} variants; expected "
+                        "what `pull` writes (the whole release, or one --variant)")
+    return pulled[0]
 
 
 def check_key(path: Path, flag: str, private: bool) -> None:

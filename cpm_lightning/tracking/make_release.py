@@ -11,6 +11,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,18 +21,22 @@ from mlflow.exceptions import MlflowException
 from cpm_lightning.checkpoint import modeldir
 from cpm_lightning.checkpoint.store import TrainedModel, trained_model
 from cpm_lightning.core.errors import UserError
-from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, PROMPTS_FILE, completions_json, load_prompts
+from cpm_lightning.core.file_hashes import sha256
+from cpm_lightning.core.precision import Precision
+from cpm_lightning.inference import fidelity
+from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, PROMPTS_FILE, Prompt, completions_json, load_prompts
 from cpm_lightning.inference.evaluation import flat, runnable_tasks
-from cpm_lightning.inference.generate import complete_book
-from cpm_lightning.model import CPMAnt
+from cpm_lightning.inference.generate import complete_book, default_prompting
+from cpm_lightning.model import ArchConfig, CPMAnt, quantize
 from cpm_lightning.model.migrate import migration_text
 from cpm_lightning.tracking import integrity
-from cpm_lightning.tracking.integrity import MODEL_DIR
-from cpm_lightning.tracking.releases import HF_DIR, RUN_TAG, applied_proposals, check_alias
+from cpm_lightning.tracking.integrity import MODEL_DIR, VARIANTS_DIR
+from cpm_lightning.tracking.releases import HF_DIR, RUN_TAG, VARIANTS_TAG, applied_proposals, check_alias
 from cpm_lightning.train.run_config import evaluate_model
 from datamodules.config import DataConfig
 
 VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
+INT4_GROUP_SIZES = (128, 64, 32)  # a variant's, the largest the model takes: fewer scales, the same kernel
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 PROCESS_TAG = "cpm.release.process"
 """On a release run: "host:pid" of the `release` that runs it, so that a later release can tell
@@ -48,24 +53,73 @@ def _val_metrics(client: MlflowClient, run_id: str | None, step: int) -> dict[st
     return out
 
 
-def _hf_layout(trained: TrainedModel, name: str) -> tuple[Callable[[Path], list[Path]] | None, str]:
+def _hf_layout(trained: TrainedModel, name: str) -> tuple[Callable[[Path], list[Path]] | None, str, str | None]:
     """(what writes the release's Hugging Face layout into its hf/ folder, or None; the card's
-    line about it, with the folder's path after the card's `pull` line)."""
+    line about it, with the folder's path after the card's `pull` line; the prompting of
+    inference/generate.py that presents an input as the `transformers` model reads it)."""
     from cpm_lightning.inference.hf.convert import hf_target, require_transformers, write_hf
+    from cpm_lightning.inference.hf.mapping import CpmAnt
 
     try:
         require_transformers()
         target = hf_target(trained.arch)
     except UserError as e:
         print(f"warning: the release has no Hugging Face layout: {e}", file=sys.stderr)
-        return None, f"No Hugging Face layout: {e}."
+        return None, f"No Hugging Face layout: {e}.", None
 
     def write(directory: Path) -> list[Path]:
         (directory / HF_DIR).mkdir()
         return write_hf(trained.model, directory / HF_DIR)
     pulled = f"{name}/{MODEL_DIR.as_posix()}/{HF_DIR}"  # `pull` writes the MLflow model, the model directory in it
     return write, (f"`{HF_DIR}/` is the model as `{target.architecture}`; after the `pull` above it is `{pulled}`: "
-                   f"`transformers.AutoModelForCausalLM.from_pretrained(\"{pulled}\")` and `AutoTokenizer` open it.")
+                   f"`transformers.AutoModelForCausalLM.from_pretrained(\"{pulled}\")` and `AutoTokenizer` open it."), \
+        "cpm-ant" if isinstance(target, CpmAnt) else "causal"
+
+
+def variant_precision(variant: str, arch: dict, where: str) -> Precision:
+    """The Precision of a release's variant (integrity.VARIANT_NAMES) of the model `arch`: int4
+    in groups of the largest of INT4_GROUP_SIZES its linears take; a UserError when none fits."""
+    if variant == "int4":
+        config = ArchConfig(**arch)
+        for group_size in INT4_GROUP_SIZES:
+            precision = Precision(quantize=variant, group_size=group_size)
+            try:
+                quantize.check(precision, config, where)
+                return precision
+            except UserError as e:
+                refused = e
+        raise refused
+    return Precision(quantize=variant) if variant in quantize.PARTS else Precision(dtype=variant)
+
+
+@dataclass
+class Variant:
+    """A variant as the release measured it."""
+
+    precision: Precision
+    directory: Path
+    scores: dict[str, dict[str, float]]
+    """Its heldout scores, when the release scores heldout."""
+    measured: fidelity.Fidelity | None
+    """Its fidelity to float32 on the prompt book, when the registry has one."""
+
+
+class Fidelities:
+    """The float32 side of the release's fidelity lines (fidelity.py), one Reference per way of
+    presenting the input, and the lines measured against it."""
+
+    def __init__(self, model: CPMAnt, paths: list[tuple[list[int], list[int]]], promptings: set[str]):
+        self.default = default_prompting(model.cfg)
+        self.references = {p: fidelity.reference(fidelity.model_logits(model, p), paths) for p in promptings | {self.default}}
+        self.measured: list[fidelity.Fidelity] = []
+
+    def measure(self, name: str, logits: fidelity.Logits, prompting: str | None = None) -> fidelity.Fidelity:
+        """The hook of every converted form of the release (a variant, the Hugging Face layout,
+        a GGUF file): `logits` compared with float32's, its input presented as `prompting`
+        says (unset: as `generate` presents it)."""
+        measured = fidelity.measure(name, logits, self.references[prompting or self.default])
+        self.measured.append(measured)
+        return measured
 
 
 def _model(trained: TrainedModel, needed: bool) -> CPMAnt | None:
@@ -78,7 +132,8 @@ def _model(trained: TrainedModel, needed: bool) -> CPMAnt | None:
 
 
 def _card(name: str, trained: TrainedModel, val: dict[str, float], scores: dict, limit: int | None, proposals: list[dict],
-          hf_line: str, book: dict | None, registry_dir: Path) -> str:
+          hf_line: str, book: dict | None, registry_dir: Path, variants: list[str]) -> str:
+    """The card's body; `variants`: its Variants section (`_variants_section`)."""
     lines = [f"# {name} at step {trained.step}", "",
              "A CPM-Ant-style base language model trained in public with cpm-lightning: it continues "
              "text, it is not a chat model.", "",
@@ -92,6 +147,7 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], scores: dict,
                      "(validation windows of each source, for heldout; docs/ARCHITECTURE.md, \"Evaluation\"):", "",
                      *evaluated]
     lines += ["", "## Evaluation", "", *(evaluated or ["Not evaluated."])]
+    lines += variants
     lines += ["", "## Applied proposals", ""]
     lines += [f"- {p['id']} {p['title']} {p['discussion']}".rstrip() for p in proposals] or ["None."]
     lines += ["", "## Migrations", "", "Architecture changes folded into the model while it trained (docs/ARCHITECTURE.md, "
@@ -110,13 +166,77 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], scores: dict,
     return "\n".join(lines)
 
 
+def _variants_section(name: str, weights: Path, variants: list[Variant], scores: dict, fidelities: Fidelities | None,
+                      registry_dir: Path) -> list[str]:
+    """The card's Variants and Fidelity sections: each variant's size and files, its heldout
+    bits per byte beside float32's, and every fidelity line measured (the Hugging Face layout's
+    too: `fidelities` is read once the whole release is written)."""
+    float32 = weights.stat().st_size
+    lines = []
+    if variants:
+        lines += ["", "## Variants", "", f"The same weights at lower precision, each a model directory of its own "
+                  f"(`{VARIANTS_DIR.as_posix()}/NAME/` in the MLflow model). `cpm-lightning pull models:/{name}@stable "
+                  f"--variant NAME --dst {name}` downloads one alone, without the float32 weights "
+                  f"({float32 / 2**20:.2f} MiB), and `cpm-lightning generate {name}` runs it.", ""]
+    for v in variants:
+        size = (v.directory / modeldir.WEIGHTS).stat().st_size
+        bpb = [f"{metric} {value:.4f} (float32 {scores['heldout'][metric]:.4f}, "
+               f"{value / scores['heldout'][metric] - 1:+.2%})"
+               for metric, value in v.scores.get("heldout", {}).items() if metric.endswith("/bpb")]
+        lines.append(f"- {v.precision.name} ({v.precision}): {modeldir.WEIGHTS} {size / 2**20:.2f} MiB, "
+                     f"{size / float32:.0%} of float32's"
+                     + (f"; heldout bits per byte: {', '.join(bpb)}" if bpb else "")
+                     + (f"; fidelity: {v.measured.line().partition(': ')[2]}" if v.measured else ""))
+        lines += [f"  - `{p.relative_to(v.directory.parent.parent).as_posix()}` sha256 {sha256(p)}"
+                  for p in sorted(v.directory.iterdir())]
+    lines += ["", "## Fidelity", ""]
+    if fidelities is None:
+        lines.append(f"Not measured: the registry {registry_dir} has no {PROMPTS_FILE}, the prompts it is measured on.")
+    else:
+        lines += [f"Against float32 on the prompt book: {fidelity.DEFINITION}. The Hugging Face layout is compared with "
+                  "float32 reading its input as `transformers` reads it.", ""]
+        lines += [f"- {f.line()}" for f in fidelities.measured] or ["Nothing to compare: no variant, no Hugging Face "
+                                                                    "layout."]
+    return lines
+
+
+def _measure_variants(trained: TrainedModel, tokenizer, directory: Path, precisions: list[Precision], device: str,
+                      heldout: Callable[[CPMAnt], dict] | None, fidelities: Fidelities | None) -> list[Variant]:
+    """Write each variant into directory/NAME, streaming from the float weights, then load it as
+    a user would and measure it (heldout, and fidelity), one variant in memory at a time."""
+    out = []
+    for precision in precisions:
+        where = directory / precision.name
+        modeldir.write_model_dir(where, trained.model, trained.arch, tokenizer, precision=precision)
+        model = modeldir.open_model_dir(where).build(device)
+        scores = heldout(model) if heldout else {}
+        measured = fidelities.measure(precision.name, fidelity.model_logits(model)) if fidelities else None
+        out.append(Variant(precision, where, scores, measured))
+        del model
+    return out
+
+
+def _hf_fidelity(hf_dir: Path, prompting: str, fidelities: Fidelities) -> None:
+    """The Hugging Face layout's fidelity line, loaded with `transformers` as a user loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        fidelities.measure(HF_DIR, lambda ids: hf(ids).logits[0], prompting)
+
+
 def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Path, sign_key: Path | None = None,
-            eval_tasks: list[str] = (), eval_limit: int | None = None, eval_data: DataConfig | None = None) -> int:
+            eval_tasks: list[str] = (), eval_limit: int | None = None, eval_data: DataConfig | None = None,
+            variants: list[str] = ()) -> int:
     """Checkpoint -> its scores on `eval_tasks` (evaluation.py; heldout on the sources of
     `eval_data`; the default list without the tasks whose data is not installed, with a warning)
-    -> model directory -> pyfunc model from code, sealed by its manifest (and
-    signed with `sign_key`) -> a new registered version with tags, the manifest's sha256 and the
-    scores (eval/<task>/<metric>) among them, and `alias` pointing at it. Returns the version."""
+    -> model directory, and one per variant (integrity.VARIANT_NAMES, checked by the caller),
+    each scored on heldout and measured against float32 on the prompt book, as the Hugging Face
+    layout is -> pyfunc model from code, sealed by its manifest (and signed with `sign_key`) ->
+    a new registered version with tags (the manifest's sha256, the scores eval/<task>/<metric>,
+    the variants' eval/<variant>/<task>/<metric> and fidelity/<variant>/...) and `alias`
+    pointing at it. Returns the version."""
     check_alias(alias)
     if eval_tasks:
         eval_tasks, skipped = runnable_tasks(list(eval_tasks), "--eval-tasks", eval_data is not None)
@@ -126,34 +246,63 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
         integrity.check_key(sign_key, "--sign-key", private=True)
     has_book, prompts = (registry_dir / PROMPTS_FILE).exists(), load_prompts(registry_dir)
     trained = trained_model(ckpt)
+    precisions = [variant_precision(v, trained.arch, ckpt) for v in variants]  # before any work
     tokenizer = trained.model.require_tokenizer()
     client = MlflowClient()
     run_id = trained.run_id if trained.run_id and _run_exists(client, trained.run_id) else None
     val = _val_metrics(client, run_id, trained.step)
+    write_hf_layout, hf_line, hf_prompting = _hf_layout(trained, name)
     model = _model(trained, bool(eval_tasks) or has_book)
     scores = evaluate_model(model, tokenizer, eval_tasks, eval_limit, eval_data) if eval_tasks else {}
     book = complete_book(model, tokenizer, prompts, trained.step) if has_book else None
-    del model  # before the model directory is written
+    fidelities = _fidelities(model, tokenizer, prompts, hf_prompting) if has_book and (precisions or write_hf_layout) \
+        else None
+    device = str(model.embedding.device) if model is not None else "cpu"
+    del model  # before the model directories are written
     proposals = applied_proposals(client, run_id, registry_dir, trained.proposals)
-    write_hf_layout, hf_line = _hf_layout(trained, name)
+    heldout = ((lambda m: evaluate_model(m, tokenizer, ["heldout"], eval_limit, eval_data)) if "heldout" in eval_tasks
+               else None)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / MODEL_DIR.name  # MLflow names the artifact after it: MODEL_DIR in the release
-        modeldir.write_model_dir(directory, trained.model, trained.arch, tokenizer,
-                                 _card(name, trained, val, scores, eval_limit, proposals, hf_line, book, registry_dir),
-                                 write_hf_layout)
+        variants_dir = Path(tmp) / VARIANTS_DIR.name  # and VARIANTS_DIR
+        measured = _measure_variants(trained, tokenizer, variants_dir, precisions, device, heldout, fidelities)
+
+        def beside(out: Path) -> list[Path]:
+            written = write_hf_layout(out) if write_hf_layout else []
+            if written and fidelities is not None:
+                _hf_fidelity(out / HF_DIR, hf_prompting, fidelities)
+            return written
+
+        def card() -> str:
+            section = _variants_section(name, directory / modeldir.WEIGHTS, measured, scores, fidelities, registry_dir)
+            return _card(name, trained, val, scores, eval_limit, proposals, hf_line, book, registry_dir, section)
+        modeldir.write_model_dir(directory, trained.model, trained.arch, tokenizer, card, beside)
         if out is not None:
             try:
                 shutil.copytree(directory, out, dirs_exist_ok=True)
             except OSError as e:
                 raise UserError(f"--out {out}: cannot write the model directory ({e.strerror or e})") from None
-        version, manifest_sha256 = _log_and_register(client, name, directory, trained, run_id, sign_key, book)
+        version, manifest_sha256 = _log_and_register(client, name, directory, variants_dir if measured else None,
+                                                     trained, run_id, sign_key, book)
     tags = {"step": trained.step, "tokens": trained.tokens_seen, "proposals": ",".join(p["id"] for p in proposals) or "none",
             "val_loss": f"{val['val/loss']:.4f}" if "val/loss" in val else "none", RUN_TAG: run_id or "none",
-            integrity.MANIFEST_TAG: manifest_sha256, **{k: f"{v:.4f}" for k, v in flat(scores, "eval").items()}}
+            integrity.MANIFEST_TAG: manifest_sha256, **{k: f"{v:.4f}" for k, v in flat(scores, "eval").items()},
+            VARIANTS_TAG: ",".join(v.precision.name for v in measured) or "none"}
+    for v in measured:
+        tags |= {k: f"{value:.4f}" for k, value in flat(v.scores, f"eval/{v.precision.name}").items()}
+    for f in fidelities.measured if fidelities else ():
+        tags |= f.tags()
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, str(value))
     client.set_registered_model_alias(name, alias, str(version))
     return version
+
+
+def _fidelities(model: CPMAnt, tokenizer, prompts: list[Prompt], hf_prompting: str | None) -> Fidelities:
+    """The float32 side of the fidelity lines: the prompt book's greedy paths and float32's
+    logits along them, as `generate` presents the input and as the Hugging Face layout reads it."""
+    paths = fidelity.greedy_paths(model, tokenizer, prompts)
+    return Fidelities(model, paths, {hf_prompting} if hf_prompting else set())
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:
@@ -207,10 +356,11 @@ class _SealedPyfunc:
             integrity.sign(root, self.sign_key)
 
 
-def _log_and_register(client: MlflowClient, name: str, directory: Path, trained: TrainedModel, run_id: str | None,
-                      sign_key: Path | None, book: dict | None) -> tuple[int, str]:
+def _log_and_register(client: MlflowClient, name: str, directory: Path, variants: Path | None, trained: TrainedModel,
+                      run_id: str | None, sign_key: Path | None, book: dict | None) -> tuple[int, str]:
     """Log the sealed model from code in a release run (beside the training run, which may
-    still be running and must keep its status), register it under `name`, and log the prompt
+    still be running and must keep its status), with the model directory and the `variants`
+    directory (when there are variants), register it under `name`, and log the prompt
     book's completions (`book`, when the registry has one) on the release run with the version
     they are of. Returns the version and the manifest's sha256."""
     from importlib.metadata import version
@@ -230,7 +380,8 @@ def _log_and_register(client: MlflowClient, name: str, directory: Path, trained:
         fail_abandoned(client, run.info.experiment_id)
         # Model.log is what mlflow.pyfunc.log_model calls, with mlflow.pyfunc as the flavor.
         info = Model.log(artifact_path=None, name="model", flavor=flavor, python_model=str(MODEL_CODE),
-                         artifacts={"model_dir": str(directory)}, signature=signature,
+                         artifacts={"model_dir": str(directory), **({"variants": str(variants)} if variants else {})},
+                         signature=signature,
                          pip_requirements=[f"cpm-lightning=={version('cpm-lightning')}"], registered_model_name=name)
         if book is not None:
             release = f"models:/{name}/{info.registered_model_version}"

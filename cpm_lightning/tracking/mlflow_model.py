@@ -4,7 +4,7 @@
     mlflow.pyfunc.load_model("NAME").predict(["Once upon a time"])
 
 on a directory `cpm-lightning pull models:/NAME@stable --dst NAME` wrote returns one
-continuation per prompt. Params (all optional): max_new_tokens, temperature (0 is greedy),
+continuation per prompt (by the variant `pull --variant` wrote, if it wrote one). Params (all optional): max_new_tokens, temperature (0 is greedy),
 top_k, top_p (0 turns each off), seed.
 
 MLflow runs the copy of this file stored with the release, and `mlflow.pyfunc.load_model` on a
@@ -23,12 +23,17 @@ PARAMS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 0, "top_p": 0.0, "
 
 class CPMGenerator(PythonModel):
     def load_context(self, context):
+        from pathlib import Path
+
         import torch
 
         from cpm_lightning.checkpoint.modeldir import load_model_dir
+        from cpm_lightning.tracking.integrity import release_model_dir
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_model_dir(context.artifacts["model_dir"], self.device)
+        variants = context.artifacts.get("variants")
+        directory = release_model_dir(Path(context.artifacts["model_dir"]), Path(variants) if variants else None)
+        self.model, self.tokenizer = load_model_dir(directory, self.device)
 
     def predict(self, context, model_input, params=None):
         import torch

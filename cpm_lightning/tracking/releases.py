@@ -24,6 +24,7 @@ RESERVED_ALIASES = ("latest",)  # MLflow resolves models:/NAME@latest itself
 RUN_TAG = "cpm.run_id"  # on a model version: the training run it was released from
 TRUSTED_KEY_ENV = "CPM_LIGHTNING_TRUSTED_KEY"  # a public key: pulls then require its signature
 HF_DIR = "hf"  # in a release: the Hugging Face layout (cpm_lightning.inference.hf)
+VARIANTS_TAG = "variants"  # on a model version: its variants (integrity.VARIANTS_DIR), comma-separated, or none
 
 
 def applied_proposals(client: MlflowClient, run_id: str | None, registry_dir: Path, ids: str | None = None) -> list[dict]:
@@ -95,10 +96,11 @@ def trusted_key(flag: Path | None) -> Path | None:
     return Path(env)
 
 
-def pull(uri: str, dst: Path, verify_key: Path | None = None) -> Path:
-    """Download the MLflow model of a registered version beside `dst`, verify it (the manifest
-    against the version's tag, every file against the manifest, and the signature when
-    `verify_key` is given), then rename it to `dst`. On any failure `dst` is as it was."""
+def pull(uri: str, dst: Path, verify_key: Path | None = None, variant: str | None = None) -> Path:
+    """Download the MLflow model of a registered version beside `dst` (with `variant`, only that
+    variant of it: integrity.variant_files), verify it (the manifest against the version's tag,
+    every file against the manifest, and the signature when `verify_key` is given), then rename
+    it to `dst`. On any failure `dst` is as it was."""
     client = MlflowClient()
     name, version = resolve_version(client, uri)
     where = f"models:/{name}/{version}"
@@ -107,6 +109,10 @@ def pull(uri: str, dst: Path, verify_key: Path | None = None) -> Path:
                         "empty directory")
     if not dst.absolute().parent.is_dir():
         raise UserError(f"--dst {dst}: its parent directory {dst.absolute().parent} does not exist")
+    if variant is not None and verify_key is not None:
+        # model-signing verifies a signature over every file of the release, never a part of it.
+        raise UserError(f"--variant {variant}: a signature covers the whole release, so with a trusted key "
+                        f"({verify_key}) pull it without --variant")
     expected = client.get_model_version(name, version).tags.get(integrity.MANIFEST_TAG)
     if not expected:
         raise UserError(f"{where}: no tag {integrity.MANIFEST_TAG}, so its files cannot be verified; expected a "
@@ -115,14 +121,37 @@ def pull(uri: str, dst: Path, verify_key: Path | None = None) -> Path:
     source = client.get_model_version_download_uri(name, version)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.absolute().parent))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging)))
-        integrity.verify_manifest(local, expected, where)
+        if variant is None:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging)))
+            integrity.verify_manifest(local, expected, where)
+        else:
+            local = _pull_variant(source, staging / "release", expected, where, variant)
         if verify_key is not None:
             integrity.verify_signature(local, verify_key, where)
         local.replace(dst)  # onto an empty directory, or a new name
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dst
+
+
+def _pull_variant(source: str, local: Path, expected: str, where: str, variant: str) -> Path:
+    """Download into `local` the manifest, then the files of `variant` it lists, and verify them."""
+    def download(rel: str) -> None:
+        parent = (local / rel).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{rel}", dst_path=str(parent))
+
+    download(integrity.MANIFEST)
+    listed = integrity.read_manifest(local, expected, where)
+    have = integrity.variants(listed)
+    if variant not in have:
+        raise UserError(f"--variant {variant}: {where} has no variant {variant!r}; its variants: "
+                        f"{', '.join(have) or 'none'} (without --variant: the float32 release)")
+    files = integrity.variant_files(listed, variant)
+    for rel in files:
+        download(rel)
+    integrity.verify_manifest(local, expected, where, only=files)
+    return local
 
 
 @contextlib.contextmanager
@@ -152,5 +181,6 @@ def list_models(name: str | None) -> list[dict]:
         aliases = version_aliases(model)
         for v in sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)):
             rows.append({"name": model.name, "version": int(v.version), "aliases": ",".join(aliases.get(str(v.version), [])),
-                         **{k: v.tags.get(k, "") for k in ("step", "tokens", "val_loss", "proposals")}})
+                         **{k: v.tags.get(k, "") for k in ("step", "tokens", "val_loss", "proposals")},
+                         VARIANTS_TAG: v.tags.get(VARIANTS_TAG, "none")})
     return rows

@@ -1,7 +1,8 @@
 """Publishing inside `live` (issue 15, docs/ARCHITECTURE.md "Publishing"): one real live run on
 the tiny preset, logging to a real `mlflow server`, whose schedule's clock is set a few seconds
 before the end of this week's Sunday (UTC): while it trains the day and the week end, and it
-releases the checkpoints of steps 4 and 8 with alias `nightly`. The site is built when nothing else is due, and once more at the end
+releases the checkpoints of steps 4 and 8 with alias `nightly` (each with the int8 variant
+of live.release_quantize). The site is built when nothing else is due, and once more at the end
 (tests/tracking/test_site.py looks at a site in a browser)."""
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def published(tmp_path_factory, live_env, mlflow_server):
     cfg = live_config(root, write_corpus(root), [], **{
         "trainer.max_steps": 8, "registry.path": str(root / "registry"),
         "tracking.uri": mlflow_server.uri, "tracking.experiment": "publish",
-        "eval.tasks": ["piqa"], "eval.limit": 4, "live.release_every_n_steps": 4,
+        "eval.tasks": ["piqa"], "eval.limit": 4, "live.release_every_n_steps": 4, "live.release_quantize": ["int8"],
         "live.site_dir": str(root / "site"), "live.site_every_minutes": 60})
     end, started = sunday_before_midnight(5), []
 
@@ -80,6 +81,7 @@ def test_every_fourth_step_is_released_as_nightly(published):
     assert client.get_model_version_by_alias("publish", "nightly").version == versions[-1].version
     assert [v.tags["proposals"] for v in versions] == ["0001", "0001"]  # the checkpoints' (test_live_fleet.py)
     assert all(0 <= float(v.tags["eval/piqa/acc"]) <= 1 for v in versions)  # the `eval` group's task
+    assert [v.tags["variants"] for v in versions] == ["int8", "int8"]  # live.release_quantize
     assert not list((root / "run" / "live" / "publish").glob("step-*"))  # the pinned checkpoints are gone
     log = (root / "run" / "live" / "publish.log").read_text()
     assert "live: published the nightly release of step 4" in log and "failed" not in log
