@@ -14,6 +14,7 @@ The tokenizer (a SentencePiece model) is in the file. Weights stream one tensor 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -95,7 +96,10 @@ def check_gguf(arch: dict, tokenizer: Tokenizer | None, weights: str, where: str
         raise UserError(f"{where}: model.arch.position is {cfg.position}: llama.cpp has no T5-style relative position "
                         "buckets with segment biases (CPM-Ant's); only rotary models convert to GGUF (convert to-hf "
                         "writes this one as CpmAntForCausalLM)")
-    _AdjacentPairs().refuse(cfg)
+    try:
+        _AdjacentPairs().refuse(cfg)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     if cfg.ffn != "swiglu":
         raise UserError(f"{where}: model.arch.ffn is {cfg.ffn}: llama.cpp's llama architecture gates its FFN with "
                         "SiLU only (swiglu), and its GeLU-gated architectures use the tanh approximation, not the exact "
@@ -235,35 +239,67 @@ def staged_file(out: Path, force: bool) -> Iterator[Path]:
 
 
 # -- llama.cpp ---------------------------------------------------------------------------------
+class LlamaCpp:
+    """A GGUF file run by llama.cpp, through llama-cpp-python's bindings of its C API: the
+    logits of the last token evaluated, from an empty cache or continuing it.
+
+    Loaded without llama.cpp's extra CPU buffer types (`llama-cli --no-repack`): on a CPU with
+    AMX, as this project's machines have, its AMX matrix product crashes on q8_0 and q4_0 weights
+    (llama.cpp issue 20824, in the llama.cpp of llama-cpp-python 0.3.36)."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise UserError("running a GGUF file needs llama-cpp-python (pip install llama-cpp-python==0.3.36, which "
+                            "builds llama.cpp)") from None
+        self.lib = llama_cpp
+        # llama.cpp logs every load at length; what Llama(verbose=False) does to its logger.
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = False
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise UserError(f"{path}: llama.cpp cannot load it")
+        context = llama_cpp.llama_context_default_params()
+        context.n_ctx = context.n_batch = context.n_ubatch = n_ctx
+        context.n_threads = context.n_threads_batch = threads or os.cpu_count()
+        self.ctx = llama_cpp.llama_init_from_model(self.model, context)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise UserError(f"{path}: llama.cpp cannot make a context of {n_ctx} tokens for it")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+
+    def eval(self, ids: Sequence[int], fresh: bool = False) -> np.ndarray:
+        """The logits [vocab] after `ids`, which continue the cache (`fresh`: an empty one)."""
+        if fresh:
+            self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        tokens = (self.lib.llama_token * len(ids))(*ids)
+        if self.lib.llama_decode(self.ctx, self.lib.llama_batch_get_one(tokens, len(ids))) != 0:
+            raise UserError(f"llama.cpp could not evaluate {len(ids)} tokens (beyond its context?)")
+        logits = self.lib.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
+
+
 @contextlib.contextmanager
-def llama_cpp(path: Path, n_ctx: int, threads: int | None = None) -> Iterator[object]:
-    """llama-cpp-python's Llama on the GGUF file `path`, with room for `n_ctx` tokens; freed
-    when the context ends."""
-    try:
-        from llama_cpp import Llama as LlamaCpp
-    except ImportError:
-        raise UserError("running a GGUF file needs llama-cpp-python; install cpm-lightning[gguf]") from None
-    try:
-        model = LlamaCpp(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads or os.cpu_count(), verbose=False)
-    except ValueError as e:  # its one error for a file llama.cpp cannot load
-        raise UserError(f"{path}: llama.cpp cannot load it ({e})") from None
+def llama_cpp(path: Path, n_ctx: int, threads: int | None = None) -> Iterator[LlamaCpp]:
+    model = LlamaCpp(path, n_ctx, threads)
     try:
         yield model
     finally:
         model.close()
 
 
-def _last_logits(model, ids: Sequence[int]) -> np.ndarray:
-    model.reset()
-    model.eval(list(ids))
-    return np.array(model.scores[model.n_tokens - 1], dtype=np.float32)
-
-
 def gguf_logits(path: Path, prompts: Sequence[Sequence[int]], threads: int | None = None) -> list[np.ndarray]:
     """llama.cpp's logits [vocab] at the last position of each token list, each run from an
     empty cache (a release compares them with its float32 model's)."""
     with llama_cpp(path, max(len(p) for p in prompts), threads) as model:
-        return [_last_logits(model, p) for p in prompts]
+        return [model.eval(p, fresh=True) for p in prompts]
 
 
 def gguf_greedy(path: Path, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None = None,
@@ -274,7 +310,7 @@ def gguf_greedy(path: Path, prompts: Sequence[Sequence[int]], max_new_tokens: in
     with llama_cpp(path, max(len(p) for p in prompts) + max_new_tokens, threads) as model:
         for prompt in prompts:
             new: list[int] = []
-            logits = _last_logits(model, prompt)
+            logits = model.eval(prompt, fresh=True)
             while len(new) < max_new_tokens:
                 token = int(np.argmax(logits))
                 if token == eos_id:
@@ -282,7 +318,6 @@ def gguf_greedy(path: Path, prompts: Sequence[Sequence[int]], max_new_tokens: in
                 new.append(token)
                 if len(new) == max_new_tokens:
                     break
-                model.eval([token])
-                logits = np.array(model.scores[model.n_tokens - 1], dtype=np.float32)
+                logits = model.eval([token])
             out.append(new)
     return out
