@@ -155,12 +155,14 @@ def write_gguf(stored: StoredModel, out: Path, weights: str = "float32") -> list
             byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
             writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
         plan.append((spec.name, name, qtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for ours, _, qtype in plan:
-        writer.write_tensor_data(gguf.quants.quantize(make[ours]().float().contiguous().numpy(), qtype))
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for ours, _, qtype in plan:
+            writer.write_tensor_data(gguf.quants.quantize(make[ours]().float().contiguous().numpy(), qtype))
+    finally:
+        writer.close()
     return [(name, qtype.name) for _, name, qtype in plan]
 
 
