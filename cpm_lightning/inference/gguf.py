@@ -88,7 +88,7 @@ def weights_of(dtype: str | None, quantize: str | None) -> str:
     return quantize or dtype or "float32"
 
 
-def check_gguf(arch: dict, tokenizer: Tokenizer | None, weights: str, where: str) -> ArchConfig:
+def check_gguf(arch: dict, tokenizer: Tokenizer, weights: str, where: str) -> ArchConfig:
     """The resolved architecture; a UserError naming what llama.cpp lacks when it cannot run the
     model, or when `weights` (a WEIGHT_TYPES name) cannot store its matrices."""
     cfg = ArchConfig(**arch).resolved()
@@ -107,8 +107,6 @@ def check_gguf(arch: dict, tokenizer: Tokenizer | None, weights: str, where: str
     if isinstance(tokenizer, CpmAntTokenizer):
         raise UserError(f"{where}: the tokenizer is CPM-Ant's vocab.txt: llama.cpp has no tokenizer for it (it "
                         "reads SentencePiece, BPE and WordPiece vocabularies); only a SentencePiece model converts")
-    if tokenizer is None:
-        raise UserError(f"{where}: no tokenizer; a GGUF file carries its tokenizer")
     check_vocab(tokenizer, cfg.vocab_size, where)
     if weights in QUANTIZATIONS:
         for field in ("dim", "ff_dim"):
@@ -129,8 +127,8 @@ def write_gguf(stored: StoredModel, out: Path, weights: str = "float32") -> list
     if stored.precision is not None:
         raise UserError(f"{stored.where}: its weights are stored as {stored.precision}; convert the float weights "
                         "(a release's float32 variant) and choose the GGUF file's with --quantize")
-    cfg = check_gguf(stored.arch, stored.tokenizer, weights, stored.where)
-    tokenizer = stored.require_tokenizer()
+    tokenizer = stored.require_tokenizer()  # a GGUF file carries its tokenizer
+    cfg = check_gguf(stored.arch, tokenizer, weights, stored.where)
     assert isinstance(tokenizer, SentencePieceTokenizer)
     _, specs, make = _AdjacentPairs().plan(cfg, stored.read, set(stored.shapes))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_blocks)
