@@ -1,5 +1,5 @@
 """Core verbs: `model info`, `tokenizer train`, `data prepare`, `generate`, `evaluate`, `checkpoint consolidate`,
-`convert`."""
+`convert` (to-hf, from-hf, to-gguf)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def add_commands(sub) -> None:
     cons.add_argument("out_dir", help="model directory to write (new or empty); `cpm-lightning generate OUT_DIR` "
                       "reads it")
 
-    conv = sub.add_parser("convert", help="Hugging Face transformers directories, both ways").add_subparsers(metavar="WAY")
+    conv = sub.add_parser("convert", help="Hugging Face transformers directories, both ways; GGUF files for "
+                          "llama.cpp").add_subparsers(metavar="WAY")
     to = conv.add_parser("to-hf", help="write a directory that transformers' AutoModelForCausalLM and AutoTokenizer "
                          "open (CpmAntForCausalLM or LlamaForCausalLM)")
     to.add_argument("source", help="a checkpoint written by fit, a model directory or a models:/ URI")
@@ -89,7 +90,16 @@ def add_commands(sub) -> None:
     for verb, func in ((cons, consolidate), (to, convert_to_hf), (frm, convert_from_hf)):
         verb.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
         verb.set_defaults(func=func)
-    for verb in (info, gen, ev, cons, to):  # the verbs that read a checkpoint or model directory (cli/main.py)
+    gg = conv.add_parser("to-gguf", help="write one GGUF file, tokenizer inside, that llama.cpp and Ollama run "
+                         "(rotary swiglu models: llama.cpp's llama architecture)")
+    gg.add_argument("source", help="a checkpoint written by fit, a model directory or a models:/ URI")
+    gg.add_argument("out", help="the .gguf file to write (its directory must exist)")
+    gg.add_argument("--quantize", help="q8_0 or q4_0: llama.cpp's blocks of 32 weights with one scale, 8.5 or 4.5 bits "
+                    "a weight (q4_0 keeps the output embedding at q8_0); default: float weights (--dtype)")
+    gg.add_argument("--dtype", help="float32 (default: the model's own weights), float16 or bfloat16")
+    gg.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    gg.set_defaults(func=convert_to_gguf)
+    for verb in (info, gen, ev, cons, to, gg):  # the verbs that read a checkpoint or model directory (cli/main.py)
         verb.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     for verb in (gen, ev):
         precision.add_arguments(verb)
@@ -238,6 +248,17 @@ def convert_to_hf(args) -> None:
     with open_model(args.source) as stored, staged_dir(Path(args.out_dir), args.force) as tmp:
         write_hf(stored, tmp)
     print(f"wrote {args.out_dir}: transformers.AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r}) opens it")
+
+
+def convert_to_gguf(args) -> None:
+    from cpm_lightning.cli.loader import open_model
+    from cpm_lightning.inference.gguf import staged_file, weights_of, write_gguf
+
+    weights, out = weights_of(args.dtype, args.quantize), Path(args.out)
+    with open_model(args.source) as stored, staged_file(out, args.force) as tmp:
+        tensors = write_gguf(stored, tmp, weights)
+    print(f"wrote {out} ({len(tensors)} tensors, {weights}, {out.stat().st_size / 2**20:.1f} MiB): "
+          f"`llama-cli -m {out}` or an Ollama Modelfile `FROM {out}` runs it")
 
 
 def convert_from_hf(args) -> None:
