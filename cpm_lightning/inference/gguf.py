@@ -281,6 +281,11 @@ class LlamaCpp:
         logits = self.lib.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
 
+    def sequence_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """The logits [len(ids), vocab] at every position of `ids`, from an empty cache (one token
+        at a time: the C API's batch keeps the logits of its last token only)."""
+        return np.stack([self.eval(ids[:1], fresh=True)] + [self.eval([t]) for t in ids[1:]])
+
     def close(self) -> None:
         self.lib.llama_free(self.ctx)
         self.lib.llama_model_free(self.model)

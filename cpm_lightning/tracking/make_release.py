@@ -162,7 +162,7 @@ def _card(name: str, trained: TrainedModel, val: dict[str, float], scores: dict,
         lines += [f"- `{c['id']}` ({c['author']}): {json.dumps(c['text'], ensure_ascii=False)} → "
                   f"{json.dumps(c['completion'], ensure_ascii=False)}" for c in book["completions"]] or ["No prompts."]
     lines += ["", "## Use", "", "```", f"cpm-lightning pull models:/{name}@stable --dst {name}",
-              f"cpm-lightning generate {name} --prompt \"...\"", "```", "", "## Hugging Face", "", hf_line]
+              f"cpm-lightning generate {name} --prompt \"...\"", "```", "", "## Hugging Face and llama.cpp", "", hf_line]
     return "\n".join(lines)
 
 
@@ -226,6 +226,38 @@ def _hf_fidelity(hf_dir: Path, prompting: str, fidelities: Fidelities) -> None:
         fidelities.measure(HF_DIR, lambda ids: hf(ids).logits[0], prompting)
 
 
+GGUF_FIDELITY = ("float16", "q8_0")
+"""The `convert to-gguf` weights whose fidelity a release card states (run by llama.cpp)."""
+
+
+def _gguf_fidelity(trained: TrainedModel, tmp: Path, fidelities: Fidelities) -> str:
+    """Measure `convert to-gguf` of the release at each of GGUF_FIDELITY, run by llama.cpp; the
+    card's line about it (why there is none, for a model llama.cpp cannot run or without
+    llama-cpp-python)."""
+    import importlib.util
+
+    import torch
+
+    from cpm_lightning.inference import gguf
+
+    try:
+        gguf.require_gguf()
+        gguf.check_gguf(trained.arch, trained.model.require_tokenizer(), "q8_0", trained.model.where)
+    except UserError as e:
+        return f"No GGUF fidelity: {e}."
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "No GGUF fidelity: llama-cpp-python is not installed where the release was made."
+    longest = max(s.shape[1] for s in fidelities.references[fidelities.default].sequences)
+    for weights in GGUF_FIDELITY:
+        path = tmp / f"model-{weights}.gguf"
+        gguf.write_gguf(trained.model, path, weights)
+        with gguf.llama_cpp(path, longest) as model:
+            fidelities.measure(f"gguf {weights}", lambda ids: torch.from_numpy(model.sequence_logits(ids[0].tolist())))
+        path.unlink()
+    return (f"`cpm-lightning convert to-gguf` of this release at {' and '.join(GGUF_FIDELITY)}, run by llama.cpp, "
+            "is measured under Fidelity.")
+
+
 def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Path, sign_key: Path | None = None,
             eval_tasks: list[str] = (), eval_limit: int | None = None, eval_data: DataConfig | None = None,
             variants: list[str] = ()) -> int:
@@ -267,6 +299,8 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
         variants_dir = Path(tmp) / VARIANTS_DIR.name  # and VARIANTS_DIR
         measured = _measure_variants(trained, tokenizer, variants_dir, precisions, device, heldout, fidelities)
 
+        gguf_line = _gguf_fidelity(trained, Path(tmp), fidelities) if fidelities is not None else ""
+
         def beside(out: Path) -> list[Path]:
             written = write_hf_layout(out) if write_hf_layout else []
             if written and fidelities is not None:
@@ -275,7 +309,8 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
 
         def card() -> str:
             section = _variants_section(name, directory / modeldir.WEIGHTS, measured, scores, fidelities, registry_dir)
-            return _card(name, trained, val, scores, eval_limit, proposals, hf_line, book, registry_dir, section)
+            return _card(name, trained, val, scores, eval_limit, proposals, f"{hf_line} {gguf_line}".rstrip(), book,
+                         registry_dir, section)
         modeldir.write_model_dir(directory, trained.model, trained.arch, tokenizer, card, beside)
         if out is not None:
             try:

@@ -240,3 +240,30 @@ def test_variant_files_are_the_mlflow_files_the_card_and_the_variant():
     assert integrity.variants(listed) == ["int4", "int4x", "int8"]
     assert integrity.variant_files(listed, "int4") == ["MLmodel", "mlflow_model.py", "artifacts/model/MODEL_CARD.md",
                                                        "artifacts/variants/int4/model.safetensors"]
+
+
+@pytest.mark.slow
+def test_a_rotary_release_states_the_fidelity_of_its_gguf_conversion(mlflow_server, tmp_path):
+    """A model llama.cpp runs: the card and the tags measure `convert to-gguf` of it, run by llama.cpp."""
+    config = write_config(tmp_path / "config.yaml", write_corpus(tmp_path), **{
+        "trainer.logger": False, "trainer.max_steps": 3, "model.arch.position": "rotary", "model.arch.ffn": "swiglu"})
+    main(["fit", "--config", str(config)])
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / PROMPTS_FILE).write_text(yaml.safe_dump({"prompts": BOOK}, allow_unicode=True))
+    main(["release", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--name", "rotary-lm", "--proposals",
+          str(registry), "--tracking-uri", mlflow_server.uri])
+    tags = MlflowClient(mlflow_server.uri).get_model_version("rotary-lm", "1").tags
+    card = (Path(mlflow.artifacts.download_artifacts(
+        "models:/rotary-lm/1", dst_path=str(tmp_path / "pulled"), tracking_uri=mlflow_server.uri))
+        / "artifacts" / "model" / "MODEL_CARD.md").read_text()
+    for weights, bound in (("float16", 1e-2), ("q8_0", 0.2)):
+        assert float(tags[f"fidelity/gguf {weights}/max_logit_diff"]) <= bound
+        assert f"- gguf {weights}: max |Δlogit| {tags[f'fidelity/gguf {weights}/max_logit_diff']}" in card
+    assert tags["fidelity/gguf float16/agreement"] == "1.0000"
+    assert "`cpm-lightning convert to-gguf` of this release at float16 and q8_0, run by llama.cpp" in card
+
+
+def test_a_relative_bucket_release_says_why_it_has_no_gguf_fidelity(released):
+    card = (released / "artifacts" / "model" / "MODEL_CARD.md").read_text()
+    assert "No GGUF fidelity: " in card and "llama.cpp has no T5-style relative position buckets" in card
