@@ -234,6 +234,10 @@ def create_app(model: CPMAnt, tokenizer: Tokenizer, name: str, api_key: str | No
     async def invalid_body(request, e: RequestValidationError):
         return error_response(400, *_validation_message(e.errors(), BODIES.get(request.url.path)))
 
+    @app.exception_handler(UserError)  # from inside a generation: the model's, not the request's
+    async def model_failed(request, e: UserError):
+        return error_response(500, str(e))
+
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code="not_found"
@@ -253,8 +257,9 @@ def create_app(model: CPMAnt, tokenizer: Tokenizer, name: str, api_key: str | No
                              "model_not_found", 404)
         return model_card()
 
-    def job(body: Sampling, prompt: str, param: str, max_tokens: int | None, default: int | None,
-            stops: tuple[str, ...], strip: bool) -> _Job:
+    def prepare(body: Sampling, prompt: str, param: str, max_tokens: int | None, default: int | None,
+                stops: tuple[str, ...], strip: bool) -> _Job:
+        """The generation `body` asks for, or a BadRequest; `param` names the field of the prompt."""
         if body.model != name:
             raise BadRequest(f"model {body.model!r} does not exist; this server serves {name!r}", "model",
                              "model_not_found")
@@ -280,7 +285,10 @@ def create_app(model: CPMAnt, tokenizer: Tokenizer, name: str, api_key: str | No
         """The text of `job` as it is generated, waiting for its turn first; records it in the log."""
         async with turn:
             generator = torch.Generator()
-            generator.manual_seed(job.seed) if job.seed is not None else generator.seed()
+            if job.seed is None:
+                generator.seed()  # a fresh random seed: torch's default seed is a constant
+            else:
+                generator.manual_seed(job.seed)
             steps = tokens(model, job.prompt, job.max_tokens, job.temperature, None,
                            job.top_p if job.top_p < 1 else None, tokenizer.eos_id, generator, prompting)
             text = _Text(tokenizer, job)
@@ -310,7 +318,8 @@ def create_app(model: CPMAnt, tokenizer: Tokenizer, name: str, api_key: str | No
     async def respond(body: Sampling, job: _Job, kind: str, choice: Callable[[str, str | None], dict],
                       first: dict | None = None):
         """The whole response (`choice(text, finish_reason)`), or its stream of chunks."""
-        head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{job.id}", "created": int(time.time()), "model": name}
+        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+        head = {"id": f"{prefix}-{job.id}", "created": int(time.time()), "model": name}
         if not body.stream:
             text = "".join([piece async for piece in pieces(job)])
             return {**head, "object": kind, "choices": [choice(text, job.finish_reason)], "usage": usage(job)}
@@ -339,14 +348,14 @@ def create_app(model: CPMAnt, tokenizer: Tokenizer, name: str, api_key: str | No
             raise BadRequest(f"prompt: a list of {len(body.prompt)} texts; this server completes one per request",
                              "prompt")
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        work = job(body, prompt, "prompt", body.max_tokens, COMPLETION_MAX_TOKENS, (), strip=False)
+        work = prepare(body, prompt, "prompt", body.max_tokens, COMPLETION_MAX_TOKENS, (), strip=False)
         return await respond(body, work, "text_completion", lambda text, reason: {
             "index": 0, "text": text, "logprobs": None, "finish_reason": reason})
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        work = job(body, chat_prompt(body.messages), "messages", body.max_completion_tokens or body.max_tokens, None,
-                   TURN_MARKERS, strip=True)
+        work = prepare(body, chat_prompt(body.messages), "messages", body.max_completion_tokens or body.max_tokens,
+                       None, TURN_MARKERS, strip=True)
         if body.stream:
             return await respond(body, work, "chat.completion", lambda text, reason: {
                 "index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason},
@@ -366,7 +375,8 @@ def _validation_message(errors, body: type[BaseModel] | None) -> tuple[str, str 
     # ("str", "list[str]"): messages[0].content, not body.messages.0.content.list[TextPart].
     # (An unknown field, last in its location, is kept.)
     last = len(e["loc"]) - 1 if e["type"] == "extra_forbidden" else None
-    loc = [part for i, part in enumerate(e["loc"]) if i and (isinstance(part, int) or part in _FIELD_NAMES or i == last)]
+    loc = [part for i, part in enumerate(e["loc"])
+           if i and (isinstance(part, int) or part in _FIELD_NAMES or i == last)]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     if e["type"] == "json_invalid":
         return f"the body is not valid JSON: {e['ctx']['error']} at character {e['loc'][1]}", None

@@ -272,10 +272,11 @@ def bad_cases(tokenizer) -> dict[str, tuple[str, dict, str, str | None]]:
     prompt_tokens = len(tokenizer.encode(PROMPT))
     user = [{"role": "user", "content": "Hi"}]
     chat_tokens = len(tokenizer.encode("User: Hi\nAssistant:"))
-    completion_fields = ("model, max_tokens, temperature, top_p, stop, seed, stream, stream_options, n, user, prompt")
+    completion_fields = "model, max_tokens, temperature, top_p, stop, seed, stream, stream_options, n, user, prompt"
     return {
         "unknown field": ("completions", {"frequency_penalty": 0.5},
-                          f"frequency_penalty: unknown field; expected one of: {completion_fields}", "frequency_penalty"),
+                          f"frequency_penalty: unknown field; expected one of: {completion_fields}",
+                          "frequency_penalty"),
         "wrong type": ("completions", {"max_tokens": "ten"}, "max_tokens: Input should be a valid integer",
                        "max_tokens"),
         "max_tokens beyond the length": ("completions", {"max_tokens": 1000}, f"max_tokens 1000: the prompt is "
@@ -343,6 +344,20 @@ def test_malformed_bodies_are_400s(served):
     missing = httpx.get(f"{url}/engines")
     assert missing.status_code == 404 and missing.json()["error"]["message"] == "GET /v1/engines: Not Found"
     assert httpx.get(f"{url}/models").status_code == 200
+
+
+def test_a_model_that_fails_is_a_500_and_the_server_keeps_serving(served, client, loaded, monkeypatch):
+    model, tokenizer = loaded
+    monkeypatch.setattr(model, "forward", lambda ids, **kwargs: torch.full((*ids.shape, tokenizer.vocab_size),
+                                                                           float("nan")))
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4)
+    assert e.value.body["message"] == "the model's output is not finite (NaN or infinite logits): its weights are " \
+        "damaged" and e.value.body["type"] == "server_error"
+    assert served[1].state.log[-1].finish_reason == "error"
+    monkeypatch.undo()
+    assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text \
+        == greedy(loaded, PROMPT, 4)[0]
 
 
 def test_an_api_key_is_required_when_given(loaded):
