@@ -64,6 +64,7 @@ VERBS: dict[str, Runs | str] = {
                                          "after crashes and rolls back from divergence (live --help)"),
     **dict.fromkeys(["model", "tokenizer", "data", "generate", "evaluate", "checkpoint", "convert"], TOOLS),
     **dict.fromkeys(["report", "release", "promote", "pull", "models"], TRACKING),
+    "serve": "cpm_lightning.cli.serve",
     "proposals": "cpm_lightning.registry.commands",
     "proposals trial": "cpm_lightning.cli.trial",  # and the trials of `proposals show`
 }

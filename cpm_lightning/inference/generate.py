@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -49,39 +50,55 @@ def prompt_inputs(model: CPMAnt, input_ids: torch.Tensor, prompting: str, attent
     return kwargs
 
 
-@torch.inference_mode()
 def sample(model: CPMAnt, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
            top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
            generator: torch.Generator | None = None, prompting: str | None = None) -> list[int]:
     """Continue `prompt` by up to `max_new_tokens` ids; temperature 0 is greedy. Stops at EOS.
     `prompting`: one of PROMPTINGS; unset, the model's default_prompting. Callers check
     user-given settings with `check_sampling` first."""
-    device = model.embedding.device
+    return list(tokens(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, generator, prompting))
+
+
+def tokens(model: CPMAnt, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
+           top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+           generator: torch.Generator | None = None, prompting: str | None = None) -> Iterator[int]:
+    """`sample`'s ids one at a time, each as soon as it is picked (`serve` streams them), with a
+    KV cache of the call's own. The prompt is checked here, at the call, not at the first id.
+    Closing the iterator early stops the generation and frees its cache."""
     prompting = prompting or default_prompting(model.cfg)
+    max_new_tokens = min(max_new_tokens, room(model.cfg, prompt, prompting))
+    return _tokens(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, generator, prompting)
+
+
+def room(cfg: ArchConfig, prompt: list[int], prompting: str | None = None) -> int:
+    """How many new ids fit after `prompt` (and the task prompt `prompting` presents) within the
+    model's maximum length; a UserError when the prompt is empty or leaves no room."""
     if not prompt:
         raise UserError("the prompt is empty; expected some text")
+    left = cfg.max_len - len(prompt) - task_prompt_len(cfg, prompting)
+    if left <= 0:
+        raise UserError(f"the prompt is {len(prompt)} tokens; the model's maximum length is {cfg.max_len}")
+    return left
+
+
+@torch.inference_mode()  # around each step of the generator, on whichever thread runs it
+def _tokens(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, generator, prompting):
+    device = model.embedding.device
     ids = torch.tensor([prompt], device=device)
     first = prompt_inputs(model, ids, prompting)
-    used = len(prompt) + task_prompt_len(model.cfg, prompting)
-    room = model.cfg.max_len - used
-    if room <= 0:
-        raise UserError(f"the prompt is {len(prompt)} tokens; the model's maximum length is {model.cfg.max_len}")
-    max_new_tokens = min(max_new_tokens, room)
-    cache = KVCache(model, 1, used + max_new_tokens)
+    cache = KVCache(model, 1, len(prompt) + task_prompt_len(model.cfg, prompting) + max_new_tokens)
     logits = model(ids, **first, cache=cache)[0, -1]
-    out: list[int] = []
-    while len(out) < max_new_tokens:
+    for n in range(1, max_new_tokens + 1):
         if not torch.isfinite(logits).all():  # sampling would fail inside torch.multinomial
             raise UserError("the model's output is not finite (NaN or infinite logits): its weights are damaged")
         token = _pick(logits.float(), temperature, top_k, top_p, generator)
         if token == eos_id:
-            break
-        out.append(token)
-        if len(out) == max_new_tokens:
-            break
+            return
+        yield token
+        if n == max_new_tokens:
+            return
         ids = torch.tensor([[token]], device=device)
         logits = model(ids, **prompt_inputs(model, ids, prompting, first=False), cache=cache)[0, -1]
-    return out
 
 
 def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
