@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -248,3 +249,29 @@ def live_env():
         mp.setenv("PYTHONPATH", f"{repo}{os.pathsep}{repo / 'tests'}")
         mp.setenv("OMP_NUM_THREADS", "1")
         yield mp
+
+
+@contextlib.contextmanager
+def running(app):
+    """`app` (inference/server.py) served by uvicorn in a thread on a free port of 127.0.0.1;
+    yields the API's base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from cpm_lightning.cli.serve import listen
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn stopped while starting"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()

@@ -23,15 +23,13 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
-from conftest import ZH, cli_error, english_text
+from conftest import ZH, cli_error, english_text, running
 from openai import OpenAI
 
 from cpm_lightning.checkpoint.modeldir import write_model_dir
 from cpm_lightning.cli import loader
 from cpm_lightning.cli.loader import load_model
 from cpm_lightning.cli.main import main
-from cpm_lightning.cli.serve import listen
 from cpm_lightning.core.precision import Precision
 from cpm_lightning.core.tokenizer import train_tokenizer
 from cpm_lightning.inference.generate import continuation, sample
@@ -48,24 +46,6 @@ from openai import OpenAI
 client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
 print(client.completions.create(model="demo", prompt="It is a truth", max_tokens=16, temperature=0).choices[0].text)
 """
-
-
-@contextlib.contextmanager
-def running(app):
-    """`app` served by uvicorn in a thread on a free port of 127.0.0.1; yields the API's base URL."""
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped while starting"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join()
-        sock.close()
 
 
 def client_of(url: str, api_key: str = "none") -> OpenAI:

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import cli_error, write_config, write_corpus
+from conftest import cli_error, running, write_config, write_corpus
 from mlflow import MlflowClient
 
 from cpm_lightning.cli.loader import load_model
@@ -267,3 +267,18 @@ def test_a_rotary_release_states_the_fidelity_of_its_gguf_conversion(mlflow_serv
 def test_a_relative_bucket_release_says_why_it_has_no_gguf_fidelity(released):
     card = (released / "artifacts" / "model" / "MODEL_CARD.md").read_text()
     assert "No GGUF fidelity: " in card and "llama.cpp has no T5-style relative position buckets" in card
+
+
+@pytest.mark.slow
+def test_a_pulled_variant_is_served(int4):
+    """A user's path: `pull --variant int4`, then `serve` it and ask with the official client."""
+    from openai import OpenAI
+
+    from cpm_lightning.inference.server import create_app
+
+    model, tokenizer = load_model(str(int4))
+    with running(create_app(model, tokenizer, "var-lm")) as url:
+        client = OpenAI(base_url=url, api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["var-lm"]
+        text = client.completions.create(model="var-lm", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    assert PROMPT + text == tokenizer.decode(tokenizer.encode(PROMPT) + greedy(str(int4)))
