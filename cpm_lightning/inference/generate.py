@@ -8,7 +8,9 @@ import math
 import torch
 
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.tasks import input_text
 from cpm_lightning.core.tokenizer import Tokenizer
+from cpm_lightning.inference import tasks
 from cpm_lightning.inference.book import Prompt
 from cpm_lightning.model import ArchConfig, CPMAnt, KVCache
 
@@ -94,9 +96,9 @@ def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str
 def book_tokens(prompts: list[Prompt], tokenizer: Tokenizer, cfg: ArchConfig) -> tuple[list[list[int]], list[str]]:
     """(the tokens of each prompt, problems): a prompt whose tokens, task prompt and max_tokens
     new tokens do not fit the model's maximum length is a problem, one line naming it."""
-    tokens = [tokenizer.encode(p.text) for p in prompts]
-    task = task_prompt_len(cfg)
-    problems = [length_problem(p, len(ids), task, cfg.max_len) for p, ids in zip(prompts, tokens, strict=True)]
+    tokens = [tokenizer.encode(input_text(p.text, p.context)) for p in prompts]
+    problems = [length_problem(p, len(ids), tasks.prompt_len(cfg, p.task) if p.task else task_prompt_len(cfg), cfg.max_len)
+                for p, ids in zip(prompts, tokens, strict=True)]
     return tokens, [p for p in problems if p]
 
 
@@ -116,7 +118,8 @@ def complete_book(model: CPMAnt, tokenizer: Tokenizer, prompts: list[Prompt], st
                   release: str | None = None) -> dict:
     """The greedy completion of every prompt of the book, as the JSON the site reads
     (docs/ARCHITECTURE.md, "The prompt book"): {step, model (the release's models:/NAME/VERSION
-    or None), completions: [{id, author, text, max_tokens, completion}]}. A prompt that does not
+    or None), completions: [{id, author, text, max_tokens, [task, context,] completion}]}; a
+    prompt naming a task is laid out as that task's input (inference/tasks.py). A prompt that does not
     fit the model is a UserError before any forward pass. Under FSDP2 every rank calls this with
     the same prompts: greedy decoding takes the same tokens on every rank, so all run the same
     (collective) forward passes."""
@@ -125,9 +128,14 @@ def complete_book(model: CPMAnt, tokenizer: Tokenizer, prompts: list[Prompt], st
         raise UserError(problems[0])
     completions = []
     for p, ids in zip(prompts, tokens, strict=True):
-        new = sample(model, ids, p.max_tokens, temperature=0, eos_id=tokenizer.eos_id)
+        if p.task:  # the output is a segment of its own, not a continuation of the text
+            completion = tokenizer.decode(tasks.decode(model, ids, p.task, p.max_tokens, tokenizer.eos_id))
+        else:
+            completion = continuation(tokenizer, ids, sample(model, ids, p.max_tokens, temperature=0,
+                                                             eos_id=tokenizer.eos_id))
         completions.append({"id": p.id, "author": p.author, "text": p.text, "max_tokens": p.max_tokens,
-                            "completion": continuation(tokenizer, ids, new)})
+                            **{k: getattr(p, k) for k in ("task", "context") if getattr(p, k)},
+                            "completion": completion})
     return {"step": step, "model": release, "completions": completions}
 
 

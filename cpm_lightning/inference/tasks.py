@@ -10,6 +10,7 @@ the demo's 0) reads the same input without the prompt: `prompt_note` says so. To
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from cpm_lightning.inference import task_metrics
 from cpm_lightning.model import ArchConfig, CPMAnt, KVCache
 
 DATA = Path(__file__).parent / "task_data"
+EVAL_INSTALL = 'pip install "cpm-lightning[eval]"'
+"""The extra that brings the evaluation's optional packages (setup.cfg)."""
 
 
 def task_row(cfg: ArchConfig, task: str) -> int | None:
@@ -141,10 +144,15 @@ class TaskEval:
     """(outputs, examples) -> {metric: value}."""
     max_new_tokens: int
     """Tokens decoded at most per example."""
+    package: str | None = None
+    """The module its metric comes from, of the `eval` extra (None: no package)."""
 
     def check(self, name: str, where: str, has_heldout: bool) -> None:
         if not (DATA / self.file).is_file():
             raise UserError(f"{where}: task {name}: its data {DATA / self.file} is missing; reinstall cpm-lightning")
+        if self.package and importlib.util.find_spec(self.package) is None:
+            raise UserError(f"{where}: task {name}: its metric comes from the package {self.package}, which is not "
+                            f"installed; install it with `{EVAL_INSTALL}`")
 
     def examples(self, limit: int | None) -> list[Example]:
         with open(DATA / self.file, encoding="utf-8") as f:
@@ -169,7 +177,9 @@ class TaskEval:
 
 TASK_EVALS: dict[str, TaskEval] = {
     "qa": TaskEval("qa", "squad.jsonl", _squad, _qa_scores, max_new_tokens=32),
-    "summarize": TaskEval("summarize", "shijing_mao.jsonl", _summary, _summary_scores, max_new_tokens=32),
-    "translate": TaskEval("translate", "analects_legge.jsonl", _translation, _translation_scores, max_new_tokens=160),
+    "summarize": TaskEval("summarize", "shijing_mao.jsonl", _summary, _summary_scores, max_new_tokens=32,
+                          package="rouge_score"),
+    "translate": TaskEval("translate", "analects_legge.jsonl", _translation, _translation_scores,
+                          max_new_tokens=160, package="sacrebleu"),
 }
 """The task evaluations, by task name (evaluation.TASKS holds them beside the others)."""
