@@ -10,13 +10,15 @@ one with task prompt embeddings, one without (as the demo, num_tasks 0).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import sacrebleu
 import torch
 import yaml
-from conftest import EN, ZH, cli_error, english_text
+from conftest import EN, ZH, cli_error, english_text, write_config, write_corpus
+from mlflow import MlflowClient
 from rouge_score import rouge_scorer
 
 from cpm_lightning.checkpoint.modeldir import write_model_dir
@@ -245,3 +247,44 @@ def test_a_bad_task_entry_fails_with_its_line(change, message, tmp_path):
         load_prompts(_book(tmp_path, [entry]))
     assert str(e.value).startswith(f"{tmp_path / PROMPTS_FILE}:") and str(e.value).endswith(
         f"prompts[0] (id who): {message}")
+
+
+# -- training, releases and the site ----------------------------------------------------------
+@pytest.mark.slow
+def test_the_tasks_reach_the_training_metrics_a_release_card_and_the_site(tmp_path, mlflow_server, monkeypatch,
+                                                                          capsys):
+    """Registered in evaluation.TASKS, a task goes where the others go: the `eval` group's
+    callback logs eval/qa/* (as `evaluate` scores the checkpoint), `release --eval-tasks` tags and
+    lists them on the card, and the site charts them and shows them with the release."""
+    monkeypatch.setattr(sys, "argv", ["cpm-lightning"])  # LightningCLI warns about pytest's arguments
+    uri = mlflow_server.uri
+    config = write_config(tmp_path / "config.yaml", write_corpus(tmp_path), **{
+        "model.arch.num_tasks": 6, "model.arch.prompt_len": PROMPT_LEN, "trainer.max_steps": 2,
+        "trainer.val_check_interval": 100, "checkpoint.every_n_steps": 2, "data.cache_dir": str(tmp_path / "cache"),
+        "tracking.uri": uri, "tracking.experiment": "tasks", "eval.every_n_steps": 2, "eval.tasks": ["qa"],
+        "eval.limit": 2})
+    main(["fit", "--config", str(config)])
+    capsys.readouterr()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002.ckpt"
+    main(["evaluate", str(ckpt), "--tasks", "qa,translate", "--limit", "2", "--json"])
+    scores = json.loads(capsys.readouterr().out)
+    client = MlflowClient(uri)
+    run_id = client.search_runs([client.get_experiment_by_name("tasks").experiment_id])[0].info.run_id
+    logged = {m: client.get_metric_history(run_id, f"eval/qa/{m}") for m in ("exact_match", "f1")}
+    assert {m: [(h.step, h.value) for h in history] for m, history in logged.items()} == {
+        m: [(2, pytest.approx(v, rel=1e-6))] for m, v in scores["qa"].items()}
+
+    (tmp_path / "registry").mkdir()
+    main(["release", str(ckpt), "--name", "task-lm", "--eval-tasks", "qa,translate", "--eval-limit", "2",
+          "--out", str(tmp_path / "released"), "--proposals", str(tmp_path / "registry"), "--tracking-uri", uri])
+    tags = client.get_model_version("task-lm", "1").tags
+    expected = {f"eval/{t}/{m}": f"{v:.4f}" for t, metrics in scores.items() for m, v in metrics.items()}
+    assert {k: v for k, v in tags.items() if k.startswith("eval/")} == expected
+    card = (tmp_path / "released" / "MODEL_CARD.md").read_text()
+    assert all(f"- {k.removeprefix('eval/')}: {v}\n" in card for k, v in expected.items())
+
+    main(["report", "site", "--experiment", "tasks", "--registry", str(tmp_path / "registry"),
+          "--out", str(tmp_path / "site"), "--tracking-uri", uri])
+    assert "<h2>Evaluation: qa</h2>" in (tmp_path / "site" / "metrics.html").read_text()
+    releases = (tmp_path / "site" / "releases.html").read_text()
+    assert f"<li>qa/f1: {expected['eval/qa/f1']}</li>" in releases and "<li>translate/chrf: " in releases
