@@ -97,9 +97,13 @@ def book_tokens(prompts: list[Prompt], tokenizer: Tokenizer, cfg: ArchConfig) ->
     """(the tokens of each prompt, problems): a prompt whose tokens, task prompt and max_tokens
     new tokens do not fit the model's maximum length is a problem, one line naming it."""
     tokens = [tokenizer.encode(input_text(p.text, p.context)) for p in prompts]
-    problems = [length_problem(p, len(ids), tasks.prompt_len(cfg, p.task) if p.task else task_prompt_len(cfg), cfg.max_len)
-                for p, ids in zip(prompts, tokens, strict=True)]
+    problems = [length_problem(p, len(ids), book_prompt_len(cfg, p), cfg.max_len) for p, ids in zip(prompts, tokens, strict=True)]
     return tokens, [p for p in problems if p]
+
+
+def book_prompt_len(cfg: ArchConfig, p: Prompt) -> int:
+    """Positions the task prompt takes before prompt `p`'s text: its task's, or generation's."""
+    return tasks.prompt_len(cfg, p.task) if p.task else task_prompt_len(cfg)
 
 
 def length_problem(p: Prompt, tokens: int, task: int, max_len: int, bound: bool = False,

@@ -17,7 +17,7 @@ import pytest
 import sacrebleu
 import torch
 import yaml
-from conftest import EN, ZH, cli_error, english_text, write_config, write_corpus
+from conftest import EN, ZH, cli_error, english_text, write_config, write_corpus, write_proposal
 from mlflow import MlflowClient
 from rouge_score import rouge_scorer
 
@@ -234,6 +234,27 @@ def test_a_book_entry_may_name_a_task_and_complete_book_lays_it_out(with_prompts
     ids, _ = input_ids(tokenizer, model.cfg, "qa", QA["text"], QA["context"], 5)
     assert book["completions"][0] == {**QA, "completion": tokenizer.decode(decode(model, ids, "qa", 5, tokenizer.eos_id))}
     assert "task" not in book["completions"][1]
+
+
+def test_proposals_check_counts_a_task_entrys_context_and_prompt(with_prompts, tmp_path, capsys):
+    long = {**QA, "context": " ".join(EN), "max_tokens": 100}
+    path = _book(tmp_path, [long])
+    write_proposal(path, 1, status="draft")
+    bound = len(input_text(long["text"], long["context"]).encode()) + 1
+    with pytest.raises(SystemExit):  # without a model: UTF-8 bytes + 1 of the context and the question
+        main(["proposals", "check", str(path)])
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path / PROMPTS_FILE}:2: prompts[0] (id who): text: at most {bound} tokens (its UTF-8 bytes + 1) + max_tokens "
+        f"100 = {bound + 100}, above --max-len 256 (--against CKPT counts the model's own tokens)"]
+    model, tokenizer = load_model(str(with_prompts))
+    tokens = len(tokenizer.encode(input_text(QA["text"], QA["context"])))
+    long = {**QA, "max_tokens": 257 - tokens - PROMPT_LEN}
+    _book(path, [long])
+    with pytest.raises(SystemExit):  # with it: its tokens and the task's prompt positions
+        main(["proposals", "check", str(path), "--against", str(with_prompts)])
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path / PROMPTS_FILE}:2: prompts[0] (id who): text: {tokens} tokens + {PROMPT_LEN} task prompt tokens + "
+        f"max_tokens {long['max_tokens']} = 257, above the model's maximum length 256"]
 
 
 @pytest.mark.parametrize(("change", "message"), [
