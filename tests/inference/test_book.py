@@ -70,7 +70,7 @@ BAD = {  # case -> (file, its text, the one line load_* fails with, after the fi
     "invalid yaml": (PROMPTS_FILE, "prompts:\n  - id: a\n   author: b\n",
                      ":3: yaml: while parsing a block collection expected <block end>, but found '<block mapping start>'"),
     "unknown key": (PROMPTS_FILE, "prompts:\n  - id: a\n    author: b\n    text: c\n    max_tokens: 1\n    temperature: 0\n",
-                    ":6: prompts[0] (id a): temperature: unknown field; expected: id, author, text, max_tokens"),
+                    ":6: prompts[0] (id a): temperature: unknown field; expected: id, author, text, max_tokens, task, context"),
     "duplicate id": (PROMPTS_FILE, "prompts:\n  - {id: a, author: b, text: c, max_tokens: 1}\n"
                                    "  - {id: a, author: d, text: e, max_tokens: 2}\n",
                      ":3: prompts[1] (id a): id: also the id of prompts[0]; expected each once"),

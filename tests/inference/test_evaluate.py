@@ -280,12 +280,12 @@ def test_lm_eval_adapter_scores_long_texts_and_generates(run):
 
 
 # -- bad input --------------------------------------------------------------------------------
-VALID = "expected one of: arc_easy, heldout, hellaswag, piqa"
+VALID = "expected one of: arc_easy, heldout, hellaswag, piqa, qa, summarize, translate"
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--tasks", "piqa,mmlu"], f"--tasks: unknown task 'mmlu'; {VALID}"),
-    (["--tasks", ","], "--tasks: no task; expected some of: heldout, hellaswag, piqa, arc_easy"),
+    (["--tasks", ","], "--tasks: no task; expected some of: heldout, hellaswag, piqa, arc_easy, qa, summarize, translate"),
     (["--tasks", "heldout"], "--tasks: task heldout scores the validation windows of a run config's data sources; "
                              "give the run config (--config FILE)"),
     (["--limit", "0"], "--limit must be at least 1, got 0"),
