@@ -1,5 +1,5 @@
 """`cpm-lightning serve`: a model behind the OpenAI-compatible HTTP API of
-cpm_lightning/inference/server.py, run by uvicorn (docs/INFERENCE.md, "Serving")."""
+cpm_lightning/inference/server.py, run by uvicorn (docs/inference.md, "Serving")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """How a model is held in memory to run it: its dtype and the quantization of its linear layers
-(docs/INFERENCE.md). The names and their checks, without torch, so that a verb's `--help` and
+(docs/inference.md). The names and their checks, without torch, so that a verb's `--help` and
 argument errors come before torch is imported; the kernels are cpm_lightning/model/quantize.py."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def add_arguments(parser) -> None:
                         "as stored: float32 for a float32 model, bfloat16 for a quantized one)")
     parser.add_argument("--quantize", choices=METHODS, help="weight-only quantization of the attention and FFN "
                         "projections, done as the weights load: int8 (a scale per row) or int4 (a scale and zero per "
-                        "group of --group-size inputs); default: as stored (docs/INFERENCE.md)")
+                        "group of --group-size inputs); default: as stored (docs/inference.md)")
     parser.add_argument("--group-size", type=int, default=Precision.group_size, metavar="N",
                         help=f"with --quantize int4: inputs that share a scale, one of "
                         f"{', '.join(map(str, INT4_GROUP_SIZES))} (default {Precision.group_size})")

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API that `cpm-lightning serve` runs (docs/INFERENCE.md, "Serving"):
+"""The OpenAI-compatible HTTP API that `cpm-lightning serve` runs (docs/inference.md, "Serving"):
 `create_app` wraps one loaded model and its tokenizer in a FastAPI app with `GET /v1/models`,
 `POST /v1/completions` and `POST /v1/chat/completions`, streamed as server-sent events on request.
 

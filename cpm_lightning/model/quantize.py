@@ -1,4 +1,4 @@
-"""Lower precision and weight-only quantization for inference (docs/INFERENCE.md).
+"""Lower precision and weight-only quantization for inference (docs/inference.md).
 
 A model runs in float32, bfloat16 or float16; with `int8` or `int4` its linear layers (the
 attention and FFN projections) keep integer weights and a scale per group of them, and every

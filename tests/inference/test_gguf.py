@@ -174,7 +174,7 @@ def test_llama_cpp_computes_our_logits_and_greedy_tokens(files, model, sp, ours,
 
 def test_llama_cpp_q4_0_stays_near_our_logits(files, model, ours):
     """4 bits a weight change the logits visibly; the greedy agreement is stated in
-    docs/INFERENCE.md, not asserted. What is asserted: the logits stay correlated with ours."""
+    docs/inference.md, not asserted. What is asserted: the logits stay correlated with ours."""
     prompts, _ = ours
     for prompt, theirs in zip(prompts, gguf_logits(files["q4_0"], prompts, threads=1), strict=True):
         expected = model(torch.tensor([prompt]))[0, -1].detach().numpy()
@@ -194,7 +194,7 @@ def test_llama_cpp_logits_along_a_continuation_are_ours(files, model, ours):
 def test_llama_cpp_reads_the_tokenizer(files, sp):
     """llama.cpp decodes our ids to our text, and its own tokens of a text decode to that text.
     Its ids are not always SentencePiece's: it merges pieces greedily by score where SentencePiece
-    finds the likeliest split (docs/INFERENCE.md), so comparisons go through token ids."""
+    finds the likeliest split (docs/inference.md), so comparisons go through token ids."""
     from llama_cpp import Llama
 
     llm = Llama(str(files["q8_0"]), vocab_only=True, verbose=False)

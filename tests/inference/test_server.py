@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import os
 import signal
 import socket
@@ -39,13 +40,10 @@ from cpm_lightning.model import ArchConfig, CPMAnt
 PROMPT = "It is a truth universally"
 NAME = "model"  # what `serve` calls the model directory, .../model
 
-# The README's client (docs/INFERENCE.md, "Serving"), run by test_readme_snippet against a server
-# started as `cpm-lightning serve models:/demo@stable --model-name demo` would be.
-SNIPPET = """\
-from openai import OpenAI
-client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
-print(client.completions.create(model="demo", prompt="It is a truth", max_tokens=16, temperature=0).choices[0].text)
-"""
+# The README's client ("Run it on your own computer"), run by test_readme_snippet against a
+# server started as the README's `cpm-lightning serve demo-int4 --model-name demo` is.
+README = Path(__file__).parents[2] / "README.md"
+SNIPPET = re.search(r"^## Run it on your own computer$.*?^```python\n(.*?)^```", README.read_text(), re.M | re.S)[1]
 
 
 def client_of(url: str, api_key: str = "none") -> OpenAI:
