@@ -22,3 +22,9 @@ TASK_PROMPTS: dict[str, int] = {"qa": 3, "summarize": 4, "translate": 5}
 """Task name -> its row block in the model's prompt embeddings. 0-2 are CPM-Ant's own (2 is
 plain generation); a run config may name more tasks, after these."""
 INPUT_SEGMENT, OUTPUT_SEGMENT = 1, 2
+
+
+def input_text(input: str, context: str | None = None) -> str:
+    """The text of a sample's input: its context (a QA line's passage), if any, a newline, then
+    the input itself (the question)."""
+    return f"{context}\n{input}" if context else input
