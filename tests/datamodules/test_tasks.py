@@ -189,6 +189,10 @@ def test_long_inputs_are_cut_from_the_left_with_a_count_or_refused(corpus, tmp_p
     with pytest.raises(UserError, match=r"data.sources.tasks: 1 of 41 samples are longer than data.seq_len=64 "
                                         r"\(the first: sample 0\)"):
         task_dm(corpus, url, seq_len=64, task_overflow="refuse")
+    too_long = write_tasks(tmp_path / "out.jsonl", [{**long, "input": "Sum up.", "output": long["input"]}, *task_lines(80)[::2]])
+    with pytest.raises(UserError, match=r"data.sources.tasks: sample 0 has an output of \d+ tokens: with its prompt \(4\) "
+                                        r"and an input token it does not fit data.seq_len=64"):
+        task_dm(corpus, too_long, seq_len=64)
 
 
 def test_a_run_config_may_name_more_tasks_with_their_rows(corpus, tmp_path):
