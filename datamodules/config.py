@@ -4,9 +4,11 @@ checks `data.*` keys against its fields, and `PretrainDataModule` *is* a `DataCo
 # No `from __future__ import annotations`: jsonargparse resolves the string hints of the
 # dataclass __init__ that PretrainDataModule inherits in the subclass's module, where these names are not.
 from dataclasses import dataclass
+from typing import Literal
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.ranges import check_ranges, ranged
+from cpm_lightning.core.tasks import TASK_PROMPTS
 from cpm_lightning.core.tokenizer import MAX_VOCAB, MIN_VOCAB
 from datamodules.sources import SourceConfig, where
 
@@ -18,6 +20,28 @@ MAX_BATCH_TOKENS = 1 << 24
 """Tokens of one device's micro-batch at most (16 Mi, 100 times what a GPU trains on at once): its
 windows and the batch collated from them take 24 bytes a token of host memory (384 MiB), twice
 with the next batch fetched ahead."""
+
+FIRST_EXTRA_ROW = max(TASK_PROMPTS.values()) + 1
+"""data.tasks' rows come after the built-in tasks' (core/tasks.py)."""
+
+
+def task_rows(extra: dict[str, int] | None) -> dict[str, int]:
+    """Task name -> prompt row: core/tasks.py's, then data.tasks' (checked)."""
+    for name, row in (extra or {}).items():
+        if name in TASK_PROMPTS:
+            raise UserError(f"data.tasks.{name}: {name!r} is a built-in task (row {TASK_PROMPTS[name]}); "
+                            "data.tasks names other tasks")
+        if not isinstance(row, int) or row < FIRST_EXTRA_ROW:
+            raise UserError(f"data.tasks.{name}: the prompt row must be an integer from {FIRST_EXTRA_ROW} "
+                            f"(rows up to {FIRST_EXTRA_ROW - 1} are CPM-Ant's and the built-in tasks'), got {row!r}")
+    rows = {**TASK_PROMPTS, **(extra or {})}
+    taken: dict[int, str] = {}
+    for name, row in rows.items():
+        if row in taken:
+            raise UserError(f"data.tasks.{name}: prompt row {row} is already task {taken[row]!r}'s")
+        taken[row] = name
+    return rows
+
 
 # eq/repr off: PretrainDataModule inherits this class and is compared and printed as itself.
 # Not kw_only: PretrainDataModule(sources, ...) keeps working positionally.
@@ -51,6 +75,12 @@ class DataConfig:
     """Where shards and trained tokenizers are cached: a local directory, or an fsspec URL
     (s3://, gs://, file://...) shared by machines, mirrored in `local_cache`; unset:
     $CPM_LIGHTNING_CACHE (a directory or a URL) or ~/.cache/cpm-lightning."""
+    tasks: dict[str, int] | None = None
+    """Task names beyond qa, summarize and translate (cpm_lightning/core/tasks.py) that task
+    sources may name -> the row of the model's prompt embeddings each uses (from 6 on)."""
+    task_overflow: Literal["truncate", "refuse"] = "truncate"
+    """A task sample longer than seq_len: truncate (its input is cut from the left, and the
+    count said in a warning) or refuse (an error, before anything trains)."""
     local_cache: str | None = None
     """With a URL as cache: the local directory its pieces, manifests and tokenizers are
     downloaded into and memory-mapped from; unset: ~/.cache/cpm-lightning."""
@@ -65,5 +95,7 @@ class DataConfig:
         for name in self.val_sources or []:
             if name not in self.sources:
                 raise UserError(f"data.val_sources: no source {name!r}; the sources are {', '.join(sorted(self.sources))}")
+        self.task_rows = task_rows(self.tasks)
+        """Task name -> prompt row, of the tasks task sources may name."""
         if self.val_sources == []:
             raise UserError("data.val_sources is empty; name at least one source, or leave it unset for all")

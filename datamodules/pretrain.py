@@ -1,4 +1,5 @@
-"""PretrainDataModule: sources -> tokenizer -> shards -> mixture -> packed windows."""
+"""PretrainDataModule: sources -> tokenizer -> shards -> mixture -> packed windows (of text, and
+of task samples: datamodules/tasks.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from datamodules.config import MAX_BATCH_TOKENS, DataConfig
 from datamodules.mixture import Mixture
 from datamodules.prepare import PreparedData
 from datamodules.shards import SourceTokens, open_source
+from datamodules.tasks import TaskPrompts, TaskSource, as_packed
 
 
 def window(shard: SourceTokens, i: int, seq_len: int) -> dict:
@@ -40,7 +42,7 @@ class TrainStream(IterableDataset):
                 for r in range(self.world):
                     name, i = mix.next()
                     if r == self.rank:
-                        sample = window(dm.shards[name], i, dm.seq_len)
+                        sample = dm.window(name, i)
                 yield sample
             batch += 1
             self.history[batch] = mix.state.to_dict()
@@ -52,15 +54,14 @@ class ValWindows(Dataset):
 
     def __init__(self, dm: "PretrainDataModule"):
         self.dm = dm
-        self.items = [(n, dm.train_windows[n] + j) for n in sorted(dm.val_sources or dm.shards)
+        self.items = [(n, dm.train_windows[n] + j) for n in sorted(dm.val_sources or dm.sources)
                       for j in range(dm.val_windows_of[n])]
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, k):
-        name, i = self.items[k]
-        return window(self.dm.shards[name], i, self.dm.seq_len)
+        return self.dm.window(*self.items[k])
 
 
 class PretrainDataModule(DataConfig, L.LightningDataModule):
@@ -82,6 +83,9 @@ class PretrainDataModule(DataConfig, L.LightningDataModule):
         """[start, end) global sample indices the mixture draws past without training on them
         (set by `live` after a rollback: the window before a loss spike)."""
         self._stream: TrainStream | None = None
+        self.prompts: TaskPrompts | None = None
+        """The model's prompt table, which task samples need (set by `fit` from model.arch);
+        unset: none, so task samples have no prompt positions."""
 
     # -- tokenizer ----------------------------------------------------------------------------
     @property
@@ -98,19 +102,36 @@ class PretrainDataModule(DataConfig, L.LightningDataModule):
             self.prepared.manifest(name)
 
     def setup(self, stage: str | None = None):
-        self.shards, self.train_windows, self.val_windows_of = {}, {}, {}
-        for name in self.sources:
-            shard = open_source(self.prepared.manifest(name), self.cache_path)
-            n = (len(shard) - 1) // self.seq_len
+        self.shards, self.task_sources, self.train_windows, self.val_windows_of = {}, {}, {}, {}
+        prompts = self.prompts or TaskPrompts(self.vocab_size, 0, 0)
+        for name, src in self.sources.items():
+            manifest = self.prepared.manifest(name)
+            if src.format == "task":
+                task = TaskSource(name, manifest, self.cache_path, self.task_rows, prompts, self.seq_len,
+                                  self.task_overflow, self.text_tokenizer.eos_id)
+                self.task_sources[name], n, what = task, len(task), f"{len(task.row)} samples"
+            else:
+                self.shards[name] = open_source(manifest, self.cache_path)
+                n, what = (len(self.shards[name]) - 1) // self.seq_len, f"{len(self.shards[name])} tokens"
             held_out = min(self.val_windows, max(1, n // 10))
             if n - held_out < 1:
-                raise UserError(f"data.sources.{name}: {len(shard)} tokens make fewer than 2 windows "
-                                f"of data.seq_len={self.seq_len}; add text or lower seq_len")
-            self.shards[name], self.train_windows[name], self.val_windows_of[name] = shard, n - held_out, held_out
+                raise UserError(f"data.sources.{name}: {what} make fewer than 2 windows "
+                                f"of data.seq_len={self.seq_len}; add {'samples' if src.format == 'task' else 'text'} "
+                                "or lower seq_len")
+            self.train_windows[name], self.val_windows_of[name] = n - held_out, held_out
+
+    def window(self, name: str, i: int) -> dict:
+        """Window i of source `name`; when the mixture has task sources, every window has their keys."""
+        if name in self.task_sources:
+            return self.task_sources[name].window(i)
+        w = window(self.shards[name], i, self.seq_len)
+        return as_packed(w) if self.task_sources else w
 
     def held_out_windows(self) -> dict[str, list[list[int]]]:
         """The tokens of each source's validation windows (seq_len + 1 each: the inputs and the
-        last target), as ValWindows cuts them: what `validate` and the held-out evaluation score."""
+        last target), as ValWindows cuts them: what `validate` and the held-out evaluation score.
+        Text sources only: a task source's held-out windows are in `validate`'s loss, its
+        scores are the task evaluation's."""
         L = self.seq_len
         return {name: [self.shards[name].read(i * L, (i + 1) * L + 1).tolist()
                        for i in range(self.train_windows[name], self.train_windows[name] + self.val_windows_of[name])]

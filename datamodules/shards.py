@@ -4,7 +4,8 @@ from what the store reports about the files (docs/ARCHITECTURE.md, "Data").
 A source's files, sorted, are grouped into *pieces* of about PIECE_BYTES (a larger file is a
 piece of its own). Each piece is a directory `<cache>/shards/<key>/` with
   tokens.bin   every document's tokens followed by EOS, back to back (uint16 or uint32)
-  index.npy    the end offset of each document in tokens.bin
+  index.npy    the end offset of each document in tokens.bin (of a task source: per sample, its
+               task, the end of its input and its end; TaskWriter)
   meta.json    counts, the source it came from, and each file's metadata and sha256 (hashed
                while it was tokenized)
   hashes.json  the sha256 of each chunk of the three (cpm_lightning/core/file_hashes.py): meta.json and
@@ -45,11 +46,14 @@ from datamodules.sources import (
     ReadStats,
     SourceConfig,
     SourceFile,
+    TaskRecord,
     check_stats,
     documents,
     expand,
+    lines,
     read_text,
     segments,
+    task_records,
     where,
 )
 
@@ -187,6 +191,88 @@ class SourceTokens:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+class TextWriter:
+    """Writes documents' tokens, each followed by EOS, to tokens.bin, and their end offsets."""
+
+    def __init__(self, out, tokenizer: Tokenizer, dtype):
+        self.out, self.tokenizer, self.dtype = out, tokenizer, dtype
+        self.batch: list = []
+        self.chars = self.total = 0
+        self.ends: list[int] = []
+
+    @staticmethod
+    def items(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, hasher):
+        return segments(name, src, f, stats, hasher)
+
+    def add(self, item) -> None:
+        self.batch.append(item)
+        self.chars += self.size(item)
+        if self.chars >= ENCODE_CHARS:
+            self.flush()
+
+    @staticmethod
+    def size(item) -> int:
+        return len(item[0])
+
+    def write(self, ids: list[int]) -> None:
+        self.out.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.total += len(ids)
+
+    def flush(self) -> None:
+        firsts = iter(self.tokenizer.encode_batch([s for s, first, _ in self.batch if first]))
+        rest = iter(self.tokenizer.encode_batch([s for s, first, _ in self.batch if not first], continued=True))
+        for _, first, last in self.batch:
+            ids = next(firsts) if first else next(rest)
+            if last:
+                ids.append(self.tokenizer.eos_id)
+            self.write(ids)
+            if last:
+                self.ends.append(self.total)
+        self.batch, self.chars = [], 0
+
+    def index(self) -> np.ndarray:
+        return np.asarray(self.ends, dtype=np.int64)
+
+    def meta(self) -> dict:
+        return {}
+
+
+class TaskWriter(TextWriter):
+    """Writes task samples (datamodules/tasks.py): each one's input tokens, then its output's
+    tokens and EOS; its index rows are (task, end of the input, end of the sample), the task an
+    index into meta.json's `tasks`, so that the cache does not depend on which prompt row a
+    run gives a task."""
+
+    def __init__(self, out, tokenizer: Tokenizer, dtype):
+        super().__init__(out, tokenizer, dtype)
+        self.tasks: dict[str, int] = {}
+        self.rows: list[tuple[int, int, int]] = []
+
+    @staticmethod
+    def items(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, hasher):
+        return task_records(name, f, lines(read_text(name, src, f, stats, hasher)), stats)
+
+    @staticmethod
+    def size(item: TaskRecord) -> int:
+        return len(item.input) + len(item.output)
+
+    def flush(self) -> None:
+        inputs = self.tokenizer.encode_batch([r.input for r in self.batch])
+        outputs = self.tokenizer.encode_batch([r.output for r in self.batch])
+        for record, input_ids, output_ids in zip(self.batch, inputs, outputs, strict=True):
+            self.write(input_ids)
+            input_end = self.total
+            self.write([*output_ids, self.tokenizer.eos_id])
+            self.rows.append((self.tasks.setdefault(record.task, len(self.tasks)), input_end, self.total))
+        self.batch, self.chars = [], 0
+
+    def index(self) -> np.ndarray:
+        return np.asarray(self.rows, dtype=np.int64).reshape(-1, 3)
+
+    def meta(self) -> dict:
+        return {"tasks": list(self.tasks)}
+
+
 class _Changed(Exception):
     """A file's metadata changed while it was being tokenized."""
 
@@ -247,45 +333,27 @@ def build_piece(name: str, src: SourceConfig, piece: Piece, tokenizer: Tokenizer
         raise _cannot_write(final, e) from None
     try:
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-        stats, ends, total, files = ReadStats(), [], 0, []
+        stats, files = ReadStats(), []
         bar = tqdm(desc=f"tokenizing {name}", unit="B", unit_scale=True, total=piece.size, file=sys.stderr,
                    disable=piece.size < PIECE_BYTES // 4)
         with open(tmp / "tokens.bin", "wb") as out:
-            batch, chars = [], 0
-
-            def flush():
-                nonlocal total, batch, chars
-                firsts = iter(tokenizer.encode_batch([s for s, first, _ in batch if first]))
-                rest = iter(tokenizer.encode_batch([s for s, first, _ in batch if not first], continued=True))
-                for _, first, last in batch:
-                    ids = next(firsts) if first else next(rest)
-                    if last:
-                        ids.append(tokenizer.eos_id)
-                    out.write(np.asarray(ids, dtype=dtype).tobytes())
-                    total += len(ids)
-                    if last:
-                        ends.append(total)
-                batch, chars = [], 0
-
+            writer = (TaskWriter if src.format == "task" else TextWriter)(out, tokenizer, dtype)
             for f in piece.files:
                 h = hashlib.sha256()
-                for segment in segments(name, src, f, stats, h):
-                    batch.append(segment)
-                    chars += len(segment[0])
-                    if chars >= ENCODE_CHARS:
-                        flush()
+                for item in writer.items(name, src, f, stats, h):
+                    writer.add(item)
                 if not f.still_the_same():
                     raise _Changed(f.path)
                 files.append({"path": f.path, "metadata": f.metadata(), "sha256": h.hexdigest()})
                 bar.update(f.size)
-            flush()
+            writer.flush()
         bar.close()
         if alone:
             check_stats(name, src, stats)
-        np.save(tmp / "index.npy", np.asarray(ends, dtype=np.int64))
+        np.save(tmp / "index.npy", writer.index())
         meta = {"source": name, "url": src.url, "format": src.format, "dtype": np.dtype(dtype).name,
-                "tokens": total, "documents": stats.documents, "bad_lines": stats.bad_lines,
-                "replaced_bytes": stats.replaced_bytes, "files": files}
+                "tokens": writer.total, "documents": stats.documents, "bad_lines": stats.bad_lines,
+                "replaced_bytes": stats.replaced_bytes, "files": files, **writer.meta()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         write_hashes(tmp / HASHES_FILE, {f: hash_file(tmp / f) for f in FILES})
         try:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.ranges import ranged
+from cpm_lightning.core.tasks import input_text
 
 STDLIB = "stdlib://"  # the running Python's standard library: real text on every machine
 
@@ -37,9 +38,11 @@ class SourceConfig:
     stdlib://GLOB matches files of the running Python's standard library."""
     weight: float = ranged(1.0, gt=0, le=1_000_000)
     """Share of training samples drawn from this source, relative to the other weights."""
-    format: Literal["text", "jsonl", "python_docstrings"] = "text"
+    format: Literal["text", "jsonl", "python_docstrings", "task"] = "text"
     """text: each file is one document. jsonl: each line is a JSON object, one document.
-    python_docstrings: each docstring of each Python file is one document."""
+    python_docstrings: each docstring of each Python file is one document. task: each line is a
+    task sample, {"task": NAME, "input": TEXT, "output": TEXT, "context": TEXT (optional)}
+    (datamodules/tasks.py)."""
     field: str = "text"
     """jsonl: the key that holds the document's text."""
 
@@ -239,8 +242,12 @@ def segments(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats, hash
         stats.documents += 1
         yield head
         yield from out
+    elif src.format == "task":  # a tokenizer trained on the source learns its inputs and outputs
+        for record in task_records(name, f, lines(text), stats):
+            yield from cut([record.input])
+            yield from cut([record.output])
     else:
-        docs = _jsonl(src.field, _lines(text), stats) if src.format == "jsonl" else _docstrings("".join(text))
+        docs = _jsonl(src.field, lines(text), stats) if src.format == "jsonl" else _docstrings("".join(text))
         for doc in docs:
             stats.documents += 1
             yield from cut([doc])
@@ -256,7 +263,7 @@ def documents(name: str, src: SourceConfig, f: SourceFile, stats: ReadStats) -> 
             parts = []
 
 
-def _lines(text: Iterable[str]) -> Iterator[str]:
+def lines(text: Iterable[str]) -> Iterator[str]:
     """The lines of text given in pieces, as str.splitlines() would split the whole."""
     rest = ""
     for piece in text:
@@ -279,6 +286,43 @@ def _jsonl(field: str, lines: Iterable[str], stats: ReadStats) -> Iterator[str]:
             yield value
         else:
             stats.bad_lines += 1
+
+
+@dataclass
+class TaskRecord:
+    """One line of a task source: its task's name, and the input (with its context) and output texts."""
+
+    task: str
+    input: str
+    output: str
+
+
+def task_records(name: str, f: SourceFile, lines: Iterable[str], stats: ReadStats) -> Iterator[TaskRecord]:
+    """The samples of a task file; a line that is not one is an error naming it (a sample trained
+    without its output, or with half of it, would teach the task wrong)."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        at = f"{where(name)}: {f.path}:{number}"
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UserError(f"{at}: not JSON; expected a task sample {TASK_LINE}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{at}: not a JSON object; expected a task sample {TASK_LINE}")
+        for key in ("task", "input", "output"):
+            if not isinstance(record.get(key), str):
+                raise UserError(f"{at}: no string {key!r}; expected a task sample {TASK_LINE}")
+            if not record[key].strip():
+                raise UserError(f"{at}: the {key} is empty")
+        context = record.get("context")
+        if context is not None and not isinstance(context, str):
+            raise UserError(f"{at}: 'context' is not a string")
+        stats.documents += 1
+        yield TaskRecord(record["task"], input_text(record["input"], context), record["output"])
+
+
+TASK_LINE = '{"task": ..., "input": ..., "output": ..., "context": ... (optional)}'
 
 
 def _docstrings(text: str) -> Iterator[str]:

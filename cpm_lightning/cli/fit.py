@@ -42,6 +42,7 @@ from cpm_lightning.train.callbacks import CarryProvenance, Evaluate, LogSamplesP
 from cpm_lightning.train.config import MAX_STEPS, EvalConfig
 from cpm_lightning.train.run_config import GROUPS, VERBS, kept_tokenizer
 from cpm_lightning.train.sharding import FSDP2Strategy
+from datamodules.tasks import TaskPrompts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +108,7 @@ class CPMCLI(LightningCLI):
     def instantiate_classes(self):
         super().instantiate_classes()
         plan, arch, seq_len = self.run_plan, self.model.arch, self.datamodule.seq_len
+        self.datamodule.prompts = TaskPrompts(arch.vocab_size, arch.num_tasks, arch.prompt_len)
         if plan.init_from:
             if arch.vocab_size != plan.init_arch["vocab_size"]:
                 raise UserError(f"checkpoint.init_from {plan.init_from}: its tokenizer has {arch.vocab_size} tokens, "

@@ -129,13 +129,16 @@ class Rotary(nn.Module):
 
     def rotate(self, q, k, pos):
         inv_freq = self.base ** -(torch.arange(0, self.head_dim, 2, device=q.device).float() / self.head_dim)
-        angle = pos.float()[:, None] * inv_freq[None]  # [T, D/2]
+        angle = pos.float()[..., None] * inv_freq  # [T, D/2], or [B, T, D/2] per sample of a packed window
         turn = torch.polar(torch.ones_like(angle), angle)
+        if turn.ndim == 3:
+            turn = turn[:, None]  # over the heads
         return _turn(q, turn), _turn(k, turn)
 
 
 def _turn(x, turn):
-    """Rotate each pair (x[2i], x[2i+1]) of x [B, H, T, D] by the angle of turn [T, D/2], as one
+    """Rotate each pair (x[2i], x[2i+1]) of x [B, H, T, D] by the angle of turn [T, D/2] (or
+    [B, 1, T, D/2]), as one
     complex multiply: an order of magnitude faster on CPU than four real multiplies and a stack."""
     z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(z * turn).flatten(-2).type_as(x)

@@ -86,29 +86,46 @@ class CPMAnt(nn.Module):
                 m.reset_parameters()
 
     def forward(self, input_ids, segment_ids=None, context=None, task=None, attention_mask=None,
-                cache: KVCache | None = None):
+                cache: KVCache | None = None, sample_ids=None):
         """input_ids [B, T] -> logits [B, T, V].
 
         segment_ids [B, T]: segment of each token (default: all 0). context [B, T] bool: tokens
         every position may see (the prefix of a prefix LM); others attend causally. task [B]:
         prepend that task's prompt embeddings as context, in segment 0. attention_mask [B, T]
         bool: False at padding, which no other position sees (its own logits are meaningless).
-        cache: continue after the positions it holds (generation)."""
+        cache: continue after the positions it holds (generation).
+
+        A packed window of several samples (training, no cache): sample_ids [B, T] numbers the
+        samples, each a run of consecutive positions that no position of another sample sees;
+        ids from vocab_size on are prompt positions, rows of the prompt embeddings (CPM-Ant's
+        scheme, and the HF export's one table), so each sample carries its own task prompt."""
         B, T = input_ids.shape
-        x = F.embedding(input_ids, self.embedding)
+        x = self._embed(input_ids)
         if task is not None:
             x, segment_ids, context, attention_mask = self._prepend_prompt(x, task, segment_ids, context, attention_mask)
         segment = self.segment_embedding[0] if segment_ids is None else F.embedding(segment_ids, self.segment_embedding)
         x = (x + segment) * self.cfg.dim**-0.5  # CPM-Ant scales every embedding by 1/sqrt(dim)
         start = cache.length if cache is not None else 0
         pos = torch.arange(start, start + x.shape[1], device=x.device)
-        mask = self._mask(pos, segment_ids, context, attention_mask, cache)
+        mask = self._mask(pos, segment_ids, context, attention_mask, cache, sample_ids)
+        # Rotary turns q and k by each sample's own positions, as the sample alone would be. The
+        # relative-bucket bias needs no such thing: it depends on key - query position only,
+        # the same counted from the window's start, and across samples nothing is seen.
+        rot_pos = pos if sample_ids is None else _positions_in_sample(sample_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, self.position, pos, cache.slot(i) if cache is not None else None)
+            x = block(x, mask, self.position, rot_pos, cache.slot(i) if cache is not None else None)
         if cache is not None:
             cache.length += x.shape[1]
         x = self.norm(x[:, -T:])
         return scaled_linear(x, self.embedding, self.cfg.dim**-0.5)
+
+    def _embed(self, ids):
+        if self.prompt_embedding is None:
+            return F.embedding(ids, self.embedding)
+        V = self.cfg.vocab_size
+        prompt = ids >= V
+        x = F.embedding(ids.masked_fill(prompt, 0), self.embedding)
+        return torch.where(prompt[..., None], F.embedding((ids - V).clamp(min=0), self.prompt_embedding), x)
 
     def _prepend_prompt(self, x, task, segment_ids, context, attention_mask):
         """Prompt positions: the task's prompt embeddings, segment 0, context, never padding."""
@@ -124,7 +141,7 @@ class CPMAnt(nn.Module):
             attention_mask = torch.cat([torch.ones(B, L, dtype=torch.bool, device=x.device), attention_mask], dim=1)
         return x, seg, ctx, attention_mask
 
-    def _mask(self, pos, segment_ids, context, attention_mask, cache):
+    def _mask(self, pos, segment_ids, context, attention_mask, cache, sample_ids=None):
         """Additive attention mask [B or 1, H or 1, T, S], or None when queries see every key up
         to their own position without a bias (SDPA's is_causal, or one new token)."""
         T, S = len(pos), int(pos[-1]) + 1
@@ -135,7 +152,7 @@ class CPMAnt(nn.Module):
                 segment_ids = torch.zeros_like(k_seg[:, -T:])
         k_pos = torch.arange(S, device=pos.device)
         bias = self.position.bias(pos, k_pos, segment_ids, k_seg)
-        if bias is None and context is None and k_valid is None and (T == S or T == 1):
+        if bias is None and context is None and k_valid is None and sample_ids is None and (T == S or T == 1):
             return None
         visible = k_pos[None, None, :] <= pos[None, :, None]  # [1, T, S]
         if context is not None:
@@ -143,8 +160,18 @@ class CPMAnt(nn.Module):
             # Earlier (cached) positions precede every query, so they count as context here.
             k_ctx = torch.cat([context.new_ones(context.shape[0], S - T), context], dim=1)
             visible = k_ctx[:, None, :] | (~context[:, :, None] & visible)
+        if sample_ids is not None:
+            visible = visible & (sample_ids[:, :, None] == sample_ids[:, None, :])
         if k_valid is not None:
             # Nothing sees padding; a padding query sees itself, so that no row is all -inf.
             visible = (visible & k_valid[:, None, :]) | (k_pos[None, None, :] == pos[None, :, None])
         bias = torch.zeros((), device=pos.device) if bias is None else bias
         return bias.masked_fill(~visible[:, None], float("-inf")).to(self.embedding.dtype)
+
+
+def _positions_in_sample(sample_ids):
+    """[B, T] position of each token counted from the start of its sample (a run of equal ids)."""
+    idx = torch.arange(sample_ids.shape[1], device=sample_ids.device).expand_as(sample_ids)
+    starts = torch.ones_like(sample_ids, dtype=torch.bool)
+    starts[:, 1:] = sample_ids[:, 1:] != sample_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values

@@ -399,7 +399,8 @@ class TrackRun(L.Callback):
             tags["cpm.planned_tokens"] = tokens_per_step * trainer.max_steps
         tokenizer = getattr(trainer.datamodule, "text_tokenizer", None)
         if tokenizer is not None:  # for "GB of text" in the daily log
-            text = "".join(tokenizer.decode(row) for row in ids.tolist())
+            # Ids from vocab_size on are task prompt positions (datamodules/tasks.py), not text.
+            text = "".join(tokenizer.decode([i for i in row if i < tokenizer.vocab_size]) for row in ids.tolist())
             tags["cpm.bytes_per_token"] = f"{len(text.encode()) / ids.numel():.4f}"
         self.logger.set_tags(tags)
 

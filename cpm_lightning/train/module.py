@@ -30,7 +30,8 @@ class CausalLM(ModelConfig, L.LightningModule):
     Its fields are the run config's `model` group (ModelConfig).
 
     Batches are dicts with `input_ids` and `targets` [B, T] (targets IGNORE where no loss is
-    taken) and optionally `segment_ids`, `context` and `task` (see CPMAnt.forward)."""
+    taken: only the outputs of task samples, datamodules/tasks.py) and optionally `segment_ids`,
+    `context`, `task` and, in windows of packed task samples, `sample_ids` (see CPMAnt.forward)."""
 
     def __post_init__(self):
         L.LightningModule.__init__(self)
@@ -72,7 +73,8 @@ class CausalLM(ModelConfig, L.LightningModule):
         self.val_acc = MulticlassAccuracy(self.arch.vocab_size, ignore_index=IGNORE, average="micro")
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["input_ids"], batch.get("segment_ids"), batch.get("context"), batch.get("task"))
+        return self.model(batch["input_ids"], batch.get("segment_ids"), batch.get("context"), batch.get("task"),
+                          sample_ids=batch.get("sample_ids"))
 
     # -- training -----------------------------------------------------------------------------
     def _loss(self, logits, targets, z_loss: float | None = None):

@@ -66,3 +66,21 @@ def test_cross_entropy_matches_autograd_through_logsumexp(z_loss):
     expected_grad, = torch.autograd.grad(expected * 3, logits)
     torch.testing.assert_close(grad, expected_grad)
     assert grad[0].abs().max() == 0  # an ignored row gets no gradient
+
+
+@pytest.mark.parametrize("position", ["relative_buckets", "rotary"])
+def test_a_window_of_one_sample_reads_as_the_plain_window_and_prompt_ids_are_prompt_rows(position):
+    torch.manual_seed(0)
+    model = CPMAnt(ArchConfig(preset="tiny", vocab_size=64, num_tasks=2, prompt_len=3, position=position))
+    model.init_weights()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        plain = model(ids)
+        torch.testing.assert_close(model(ids, sample_ids=torch.ones_like(ids)), plain, atol=1e-6, rtol=0)
+        # Task 1's prompt as ids past the vocabulary, in a window: what task=1 prepends.
+        prompt = 64 + 1 * 3 + torch.arange(3).expand(2, 3)
+        zeros, ones = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+        window = model(torch.cat([prompt, ids], 1), segment_ids=torch.cat([zeros, torch.zeros_like(ids)], 1),
+                       context=torch.cat([ones, torch.zeros_like(ids, dtype=torch.bool)], 1),
+                       sample_ids=torch.ones(2, 15, dtype=torch.long))[:, 3:]
+        torch.testing.assert_close(window, model(ids, task=torch.tensor([1, 1])), atol=1e-5, rtol=0)
