@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,10 @@ def add_commands(sub) -> None:
     info.add_argument("--preset", help="preset name, e.g. cpm-ant-10b")
     info.add_argument("--devices", type=int, default=1, help="devices the model is sharded over (FSDP)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--inference", action="store_true", help="memory to run the model (given, or every preset when "
+                      "none is): weights at float32, bfloat16, int8 and int4 plus the KV cache at max_len for batch 1")
+    info.add_argument("--memory", metavar="SIZE", help="with --inference: say whether each fits in SIZE (e.g. 16GiB, "
+                      "24GB, 512MiB)")
     info.set_defaults(func=model_info)
 
     tok = sub.add_parser("tokenizer", help="SentencePiece tokenizers").add_subparsers(metavar="ACTION")
@@ -113,11 +118,14 @@ def add_commands(sub) -> None:
 
 def model_info(args) -> None:
     from cpm_lightning.model import ArchConfig
-    from cpm_lightning.model.stats import bytes_per_device, model_stats
+    from cpm_lightning.model.config import PRESETS
 
     if args.devices < 1:
         raise UserError(f"--devices must be at least 1, got {args.devices}")
-    if (args.source is None) == (args.preset is None):
+    if args.memory is not None and not args.inference:
+        raise UserError("--memory goes with --inference (the memory to run the model)")
+    memory = parse_size(args.memory, "--memory") if args.memory is not None else None
+    if args.source is not None and args.preset is not None or not (args.source or args.preset or args.inference):
         raise UserError("model info: give a preset (--preset NAME) or a trained model (a checkpoint, model directory "
                         "or models:/ URI), one of them")
     migrations = []
@@ -126,37 +134,124 @@ def model_info(args) -> None:
 
         with open_model(args.source) as stored:
             arch, migrations = ArchConfig(**stored.arch), stored.migrations
+    elif args.preset is None:  # --inference for every preset
+        infos = {name: _model_facts(ArchConfig(preset=name), None, [], args.devices, memory) for name in PRESETS}
+        if args.json:
+            print(json.dumps({"presets": infos, "memory": memory}))
+        else:
+            _print_inference(infos, memory)
+        return
     else:
         arch = ArchConfig(preset=args.preset)
-    stats = model_stats(arch)
-    memory = bytes_per_device(stats.params, args.devices)
-    shape = arch.resolved()
+    facts = _model_facts(arch, args.source, migrations, args.devices, memory if args.inference else False)
     if args.json:
-        print(json.dumps({"preset": shape.preset, "source": args.source, "arch": shape.to_dict(), "migrations": migrations,
-                          "devices": args.devices, "params": stats.params,
-                          "non_embedding_params": stats.non_embedding_params,
-                          "flops_per_token": stats.flops_per_token, "seq_len": stats.seq_len,
-                          "bytes_per_device": memory}))
-        return
-    gib = 1 << 30
-    if args.source:
-        print(f"model                  {args.source} ({shape.preset}-based)")
+        print(json.dumps(facts))
+    elif args.inference:
+        _print_inference({args.source or args.preset: facts}, memory)
     else:
-        print(f"preset                 {args.preset}")
+        _print_facts(facts, args.source, args.preset, arch)
+
+
+INFERENCE_PRECISIONS = {"float32": precision.Precision(dtype="float32"),
+                        "bfloat16": precision.Precision(dtype="bfloat16"),
+                        "int8": precision.Precision(quantize="int8"), "int4": precision.Precision(quantize="int4")}
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes of a size like 16GiB, 24GB, 512MiB or 1000000 (bytes)."""
+    number, unit = re.fullmatch(r"\s*([0-9]*\.?[0-9]*)\s*([a-zA-Z]*)\s*", text).groups()
+    try:
+        size = float(number) * SIZE_UNITS[unit.lower()]
+    except (ValueError, KeyError):
+        size = 0
+    if not size > 0:
+        raise UserError(f"{flag} {text!r}: expected a size above zero, like 16GiB, 24GB or 512MiB")
+    return int(size)
+
+
+def _model_facts(arch, source: str | None, migrations: list, devices: int, memory: int | None | bool) -> dict:
+    """What `model info --json` prints; with `memory` not False, the "inference" entry too: for
+    each precision of INFERENCE_PRECISIONS, the bytes of the weights (model/quantize.py), of the
+    KV cache at max_len for batch 1 in the activation dtype (as KVCache allocates it), their total
+    and whether it fits in `memory` (None: not asked), or why the model cannot be quantized so."""
+    from cpm_lightning.model.stats import bytes_per_device, model_stats
+
+    stats = model_stats(arch)
+    shape = arch.resolved()
+    facts = {"preset": shape.preset, "source": source, "arch": shape.to_dict(), "migrations": migrations,
+             "devices": devices, "params": stats.params, "non_embedding_params": stats.non_embedding_params,
+             "flops_per_token": stats.flops_per_token, "seq_len": stats.seq_len,
+             "bytes_per_device": bytes_per_device(stats.params, devices)}
+    if memory is False:
+        return facts
+    import dataclasses
+
+    from cpm_lightning.model import quantize
+
+    sized = dataclasses.replace(shape, vocab_size=arch.preset_vocab_size)
+    # Keys and values of every block, the segment id (int64) and padding flag (bool) of each position.
+    positions = sized.max_len
+    kv_elements = 2 * sized.num_blocks * sized.num_kv_heads * positions * sized.head_dim
+    inference = {}
+    for name, p in INFERENCE_PRECISIONS.items():
+        try:
+            quantize.check(p, sized, shape.preset if source is None else source)
+        except UserError as e:
+            inference[name] = {"error": str(e)}
+            continue
+        weights = quantize.resident_bytes(sized, p)
+        kv = kv_elements * quantize.torch_dtype(p).itemsize + positions * 9
+        inference[name] = {"weights": weights, "kv_cache": kv, "total": weights + kv,
+                           "fits": None if memory is None else weights + kv <= memory}
+    facts["inference"] = inference
+    return facts
+
+
+def _print_inference(infos: dict[str, dict], memory: int | None) -> None:
+    gib = 1 << 30
+    fits = f", and whether it fits in {memory / gib:.2f} GiB" if memory is not None else ""
+    print(f"memory to run, batch 1 at max_len: weights + KV cache (in the activation dtype: bfloat16 for int8 and "
+          f"int4){fits}")
+    width = max(len(name) for name in infos) + 2
+    print(f"{'model':<{width}}" + "".join(f"{name:<20}" for name in INFERENCE_PRECISIONS))
+    refused = []
+    for model, facts in infos.items():
+        cells = []
+        for name, entry in facts["inference"].items():
+            if "error" in entry:
+                cells.append("n/a")
+                refused.append(f"{model} at {name}: {entry['error']}")
+                continue
+            verdict = {None: "", True: " fits", False: " no"}[entry["fits"]]
+            cells.append(f"{entry['total'] / gib:.2f} GiB{verdict}")
+        print(f"{model:<{width}}" + "".join(f"{cell:<20}" for cell in cells))
+    for line in refused:
+        print(f"  n/a: {line}")
+
+
+def _print_facts(facts: dict, source: str | None, preset: str | None, arch) -> None:
+    gib = 1 << 30
+    shape = arch.resolved()
+    if source:
+        print(f"model                  {source} ({shape.preset}-based)")
+    else:
+        print(f"preset                 {preset}")
     print(f"shape                  dim {shape.dim}, {shape.num_heads} heads x {shape.head_dim} ({shape.num_kv_heads} "
           f"key/value), ff_dim {shape.ff_dim}, {shape.num_attn_layers} attention + {shape.num_ffn_layers} FFN layers, "
           f"max_len {shape.max_len}, {shape.position}, {shape.ffn}")
-    if args.source:
+    if source:
         from cpm_lightning.model.migrate import migration_text
 
-        for i, m in enumerate(migrations):
+        for i, m in enumerate(facts["migrations"]):
             print(f"{'migrations' if i == 0 else '':<22} step {m['step']}: {migration_text(m)}")
-    print(f"parameters             {stats.params:,} ({stats.non_embedding_params:,} non-embedding)")
-    print(f"training FLOPs/token   {stats.flops_per_token:,} at length {stats.seq_len} "
+    print(f"parameters             {facts['params']:,} ({facts['non_embedding_params']:,} non-embedding)")
+    print(f"training FLOPs/token   {facts['flops_per_token']:,} at length {facts['seq_len']} "
           f"(6 x matmul weights + 12 x layers x width x length)")
-    print(f"memory per device      over {args.devices} device(s), fp32 weights + grads + AdamW:")
+    print(f"memory per device      over {facts['devices']} device(s), fp32 weights + grads + AdamW:")
     for key in ("params", "gradients", "optimizer", "total"):
-        print(f"  {key:<20} {memory[key] / gib:10.2f} GiB")
+        print(f"  {key:<20} {facts['bytes_per_device'][key] / gib:10.2f} GiB")
 
 
 def tokenizer_train(args) -> None:
