@@ -292,11 +292,11 @@ class StoredModel:
         stored = self.precision
         if precision is None or (precision.quantize is None and precision.dtype is None):
             precision = stored or Precision()
-        elif stored is not None and precision.quantize != stored.quantize:
+        elif stored is not None and stored.quantize and precision.quantize != stored.quantize:
             raise UserError(f"{self.where}: its weights are stored as {stored}; it runs with --quantize "
                             f"{stored.quantize} or with no --quantize, not {_asked(precision)} (a release's float32 "
                             "variant can be quantized any way)")
-        elif stored is not None:
+        elif stored is not None and stored.quantize:
             precision = dataclasses.replace(precision, group_size=stored.group_size)
         config = ArchConfig(**self.arch)
         quantize.check(precision, config, self.where)

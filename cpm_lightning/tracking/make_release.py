@@ -403,7 +403,7 @@ def _log_and_register(client: MlflowClient, name: str, directory: Path, variants
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from cpm_lightning.tracking.mlflow_model import PARAMS
+    from cpm_lightning.tracking.mlflow_model import MODEL_CONFIG, PARAMS
 
     experiment_id = client.get_run(run_id).info.experiment_id if run_id else None
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
@@ -416,7 +416,7 @@ def _log_and_register(client: MlflowClient, name: str, directory: Path, variants
         # Model.log is what mlflow.pyfunc.log_model calls, with mlflow.pyfunc as the flavor.
         info = Model.log(artifact_path=None, name="model", flavor=flavor, python_model=str(MODEL_CODE),
                          artifacts={"model_dir": str(directory), **({"variants": str(variants)} if variants else {})},
-                         signature=signature,
+                         signature=signature, model_config=MODEL_CONFIG,
                          pip_requirements=[f"cpm-lightning=={version('cpm-lightning')}"], registered_model_name=name)
         if book is not None:
             release = f"models:/{name}/{info.registered_model_version}"

@@ -4,8 +4,10 @@
     mlflow.pyfunc.load_model("NAME").predict(["Once upon a time"])
 
 on a directory `cpm-lightning pull models:/NAME@stable --dst NAME` wrote returns one
-continuation per prompt (by the variant `pull --variant` wrote, if it wrote one). Params (all optional): max_new_tokens, temperature (0 is greedy),
-top_k, top_p (0 turns each off), seed.
+continuation per prompt (by the variant `pull --variant` wrote, if it wrote one). Params (all
+optional): max_new_tokens, temperature (0 is greedy), top_k, top_p (0 turns each off), seed.
+`load_model(..., model_config={"dtype": "bfloat16", "quantize": "int8", "group_size": 128})`
+holds the model as `generate --dtype/--quantize/--group-size` does (each key optional).
 
 MLflow runs the copy of this file stored with the release, and `mlflow.pyfunc.load_model` on a
 models:/ URI runs it straight from the artifact store, before anything has checked it; `pull`
@@ -19,6 +21,9 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 PARAMS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 0, "top_p": 0.0, "seed": 0}
+MODEL_CONFIG = {"dtype": None, "quantize": None, "group_size": 128}
+"""The release is logged with these (None: as stored): MLflow lets `load_model` override only the
+keys a model was logged with."""
 
 
 class CPMGenerator(PythonModel):
@@ -28,12 +33,15 @@ class CPMGenerator(PythonModel):
         import torch
 
         from cpm_lightning.checkpoint.modeldir import load_model_dir
+        from cpm_lightning.core.precision import Precision
         from cpm_lightning.tracking.integrity import release_model_dir
+
+        config = {**MODEL_CONFIG, **(context.model_config or {})}  # MLflow drops keys MODEL_CONFIG lacks
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         variants = context.artifacts.get("variants")
         directory = release_model_dir(Path(context.artifacts["model_dir"]), Path(variants) if variants else None)
-        self.model, self.tokenizer = load_model_dir(directory, self.device)
+        self.model, self.tokenizer = load_model_dir(directory, self.device, Precision(**config))
 
     def predict(self, context, model_input, params=None):
         import torch

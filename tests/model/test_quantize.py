@@ -155,6 +155,19 @@ def test_a_stored_quantized_directory_gives_the_logits_of_quantizing_on_load(tra
     assert torch.equal(logits(out, ids), logits(path, ids, precision))
 
 
+def test_a_bfloat16_directory_quantizes_as_it_loads(trained, tmp_path):
+    """Float weights stored in bfloat16 (a release's bfloat16 variant) take any --quantize: the
+    same int8 model as quantizing those bfloat16 weights held as float32."""
+    path, ids = trained
+    float32 = open_model_dir(path)
+    write_model_dir(tmp_path / "bf16", float32, float32.arch, float32.tokenizer, precision=Precision(dtype="bfloat16"))
+    int8 = Precision(quantize="int8")
+    stored = open_model_dir(tmp_path / "bf16")
+    widened = {name: stored.read(name).float() for name in stored.shapes}
+    write_model_dir(tmp_path / "widened", widened, stored.arch, stored.tokenizer)
+    assert torch.equal(logits(tmp_path / "bf16", ids, int8), logits(tmp_path / "widened", ids, int8))
+
+
 def test_generate_runs_quantized(trained, capsys):
     """Greedy from a prompt the model learnt: int8 says what float32 says; int4 runs (its tokens
     may part from float32's once the learnt sequence ends)."""

@@ -282,3 +282,13 @@ def test_a_pulled_variant_is_served(int4):
         assert [m.id for m in client.models.list()] == ["var-lm"]
         text = client.completions.create(model="var-lm", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
     assert PROMPT + text == tokenizer.decode(tokenizer.encode(PROMPT) + greedy(str(int4)))
+
+
+@pytest.mark.slow
+def test_the_pyfunc_model_quantizes_as_its_model_config_says(released):
+    model = mlflow.pyfunc.load_model(str(released), model_config={"quantize": "int4", "group_size": 64})
+    predicted = model.predict([PROMPT], params={"temperature": 0.0, "max_new_tokens": 12})
+    _, tokenizer = load_model(str(released))
+    assert predicted == [tokenizer.decode(greedy(str(released), INT4))]
+    with pytest.raises(UserError, match="--quantize 'int3': expected one of int8, int4"):
+        mlflow.pyfunc.load_model(str(released), model_config={"quantize": "int3"})
