@@ -349,7 +349,7 @@ def test_a_grown_checkpoint_tells_its_shape_its_migrations_and_what_else_folds_i
     out = capsys.readouterr().out
     assert "ff_dim 192, 2 attention + 2 FFN layers" in out
     assert f"step {2 * N}: grow_ff_dim (model.arch.ff_dim 128 -> 192)" in out
-    card = _card("cpm-demo", trained_model(ckpt), {}, {}, None, [], "", None, REPO / "proposals")
+    card = _card("cpm-demo", trained_model(ckpt), {}, {}, None, [], "", None, REPO / "proposals", [])
     assert "## Migrations\n\nArchitecture changes folded" in card and f"- step {2 * N}: grow_ff_dim" in card
     # The seed registry against it: the migration, or why none, for each architecture proposal.
     main(["proposals", "check", str(REPO / "proposals"), "--against", str(ckpt)])
