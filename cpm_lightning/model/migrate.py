@@ -5,6 +5,9 @@ Each migration changes one `model.arch` field, taking the weights and AdamW stat
 architecture to those of the new one:
 
   max_len, split_qk_scale  no parameter changes: the same weights compute the same function
+  grow_num_tasks           new rows of the task prompt embeddings drawn as the init draws them,
+                           N(0, 0.02^2) (a model without prompts gains the table): every old
+                           task's prompt and plain text compute what they did
   grow_ff_dim              new rows of w_0 and w_1 drawn as the init draws them, new columns of w_out zero
   add_attention_layers     attention sublayers in the blocks that lack one, then new blocks on top:
   add_ffn_layers           output projection zero and norm one, so the residual stream is unchanged
@@ -34,6 +37,7 @@ import torch
 
 from cpm_lightning.core.errors import UserError
 
+PROMPT_INIT_STD = 0.02  # CPM-Ant's init of its embeddings (CPMAnt.init_weights)
 Moments = dict[str, torch.Tensor]  # AdamW's state of one parameter: exp_avg, exp_avg_sq, step
 
 
@@ -71,6 +75,18 @@ class TrainState:
 # -- the migrations -------------------------------------------------------------------------------
 def _unchanged(state: TrainState, old: dict, new: dict) -> None:
     pass
+
+
+def _grow_num_tasks(state: TrainState, old: dict, new: dict) -> None:
+    # Task t's prompt is rows t*prompt_len .. (t+1)*prompt_len - 1 (CPMAnt._embed): appended rows
+    # leave every old task's rows where they were.
+    name, d = "prompt_embedding", old["dim"]
+    extra = (new["num_tasks"] - old["num_tasks"]) * old["prompt_len"]
+    rows = PROMPT_INIT_STD * state.draw(name, (extra, d))
+    if not old["num_tasks"]:  # a new parameter: fresh AdamW moments, step count 0
+        state.set(name, rows)
+        return
+    state.set(name, torch.cat([state.weights[name], rows]), lambda key, m: torch.cat([m, m.new_zeros(extra, d)]))
 
 
 def _grow_ff_dim(state: TrainState, old: dict, new: dict) -> None:
@@ -157,6 +173,7 @@ class Migration:
 MIGRATIONS: dict[str, Migration] = {
     "max_len": Migration("max_len", True, _any, _unchanged),
     "split_qk_scale": Migration("split_qk_scale", True, _any, _unchanged),
+    "grow_num_tasks": Migration("num_tasks", True, _grows, _grow_num_tasks),
     "pool_kv_heads": Migration("num_kv_heads", False, _pools, _pool_kv_heads),
     "grow_ff_dim": Migration("ff_dim", True, _grows, _grow_ff_dim),
     "add_attention_layers": Migration("num_attn_layers", True, _grows, _add_attention),

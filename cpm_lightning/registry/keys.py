@@ -23,12 +23,22 @@ from cpm_lightning.registry.schema import Problem, Proposal
 from cpm_lightning.registry.typecheck import as_hinted, mismatch, python_name
 from cpm_lightning.train.config import LossConfig, OptimConfig, ScheduleConfig
 
-# What each kind of proposal may change (docs/ARCHITECTURE.md, "The registry").
+# What each kind of proposal may change (docs/ARCHITECTURE.md, "The registry"). A data proposal
+# that adds a task source may also give the model the task's prompt rows (model.arch.num_tasks):
+# the task and its rows are reviewed and take effect as one change, and growing num_tasks is exact
+# on everything the model computed before (model/migrate.py grow_num_tasks), so a run that takes
+# data proposals takes no change to what its model does on its old inputs.
 SCOPES: dict[str, tuple[str, ...]] = {
-    "architecture": ("model.arch",),
-    "training": ("model.optim", "model.schedule", "model.loss"),
-    "data": ("data",),
+    "architecture": ("model.arch.*",),
+    "training": ("model.optim.*", "model.schedule.*", "model.loss.*"),
+    "data": ("data.*", "model.arch.num_tasks"),
 }
+
+
+def in_scope(key: str, kind: str) -> bool:
+    """Whether a proposal of `kind` may set `key` (SCOPES: a group, GROUP.*, or one key); the
+    group itself is in scope, so that its key check says it is a group, not a value."""
+    return any(key == s.removesuffix(".*") or (s.endswith(".*") and key.startswith(s[:-1])) for s in SCOPES[kind])
 # Keys that are the operator's, not the community's (docs/ARCHITECTURE.md, "Configuration": where and how a run runs).
 OPERATOR_KEYS = {"data.cache_dir": "where a run caches its shards is the operator's choice",
                  "data.local_cache": "where a machine mirrors a shared data cache is the operator's choice"}
@@ -138,9 +148,8 @@ def check_changes(p: Proposal, schema: ConfigSchema, limits: Limits) -> list[Pro
                                              "chooses components by name"))
         elif key in OPERATOR_KEYS:
             problems.append(p.problem(where, OPERATOR_KEYS[key]))
-        elif not any(key == s or key.startswith(s + ".") for s in scope):
-            problems.append(p.problem(where, f"outside the scope of a {p.kind} proposal "
-                                             f"({', '.join(s + '.*' for s in scope)})"))
+        elif not in_scope(key, p.kind):
+            problems.append(p.problem(where, f"outside the scope of a {p.kind} proposal ({', '.join(scope)})"))
         else:
             hint, wrong = schema.lookup(key)
             wrong = wrong or _check_value(key, value, hint, schema.range(key), limits)

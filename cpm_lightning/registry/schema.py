@@ -77,7 +77,7 @@ class Proposal:
     title: str
     """One line saying what changes."""
     kind: Kind
-    """architecture (model.arch.*), training (model.optim/schedule/loss.*) or data (data.*)."""
+    """architecture (model.arch.*), training (model.optim/schedule/loss.*) or data (data.*, and model.arch.num_tasks: the prompt rows of the tasks it adds)."""
     status: Status
     """Only accepted proposals are applied; superseded ones are named in another's `supersedes`."""
     authors: list[str]

@@ -18,6 +18,7 @@ GROWTH = {  # one exact migration each, from the tiny preset (ff_dim 128, 2 + 2 
     "add_attention_layers": {"num_attn_layers": 3},  # a new block on top, attention only
     "add_ffn_layers": {"num_ffn_layers": 3},
     "attention_into_ffn_blocks": {"num_attn_layers": 3, "num_ffn_layers": 4},  # block 2 gets one, block 3 is new
+    "grow_num_tasks": {"num_tasks": 4},  # prompts from none: plain text computes what it did
     "max_len": {"max_len": 512},
     "split_qk_scale": {"split_qk_scale": True},
     "all_at_once": {"ff_dim": 256, "num_ffn_layers": 4, "num_attn_layers": 3, "max_len": 512, "split_qk_scale": True},
@@ -133,6 +134,73 @@ def test_adamw_state_is_carried_extended_and_fresh(capsys):
     assert all(torch.equal(again.weights[n], state.weights[n]) for n in state.weights)
 
 
+def trained_on_a_task(arch: ArchConfig, task: int, steps: int = 4) -> tuple[CPMAnt, torch.optim.AdamW]:
+    """A tiny model trained a few steps on plain text and on samples of `task` (its prompt rows
+    trained, so they and their AdamW moments are not what the init drew)."""
+    torch.manual_seed(0)
+    model = CPMAnt(arch)
+    model.init_weights()
+    opt = _optimizer(model)
+    x = _batch()[:-1].view(-1, 48)
+    for _ in range(steps):
+        opt.zero_grad()
+        prompted = model(x, task=torch.full((x.shape[0],), task))[:, -48:]  # logits of the text after the prompt
+        loss = _loss(model, _batch()) + torch.nn.functional.cross_entropy(
+            prompted[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("position", ["relative_buckets", "rotary"])
+def test_growing_num_tasks_is_exact_on_every_old_task_and_draws_new_rows_as_the_init(position):
+    old = ArchConfig(preset="tiny", vocab_size=512, position=position, num_tasks=4, prompt_len=8).resolved()
+    new = dataclasses.replace(old, num_tasks=8).resolved()
+    model, opt = trained_on_a_task(old, task=3)
+    x = _batch()[:-1].view(-1, 48)
+    tasks = [torch.full((x.shape[0],), t) for t in range(4)]
+    with torch.no_grad():
+        before = [model(x)] + [model(x, task=t) for t in tasks]
+    state = state_of(model, opt)
+    moments_before = {k: v.clone() for k, v in state.moments["prompt_embedding"].items()}
+    steps = plan(old.to_dict(), new.to_dict())
+    assert [(s.name, s.old, s.new, s.exact) for s in steps] == [("grow_num_tasks", 4, 8, True)]
+    migrate(state, steps)
+    grown_model, _ = grown(state)
+    with torch.no_grad():
+        after = [grown_model(x)] + [grown_model(x, task=t) for t in tasks]
+    for b, a in zip(before, after, strict=True):  # plain text, then each old task's prompt
+        assert (a - b).abs().max() <= 1e-6
+    rows = state.weights["prompt_embedding"]
+    assert rows.shape == (8 * 8, 64) and torch.equal(rows[:32], model.prompt_embedding.detach())
+    assert abs(float(rows[32:].std()) - 0.02) < 0.002 and abs(float(rows[32:].mean())) < 0.002
+    # AdamW: the old rows' moments carried (task 3's trained), the new rows' zero, the step count carried.
+    m = state.moments["prompt_embedding"]
+    assert moments_before["exp_avg"][24:32].any()
+    assert torch.equal(m["exp_avg"][:32], moments_before["exp_avg"])
+    assert torch.equal(m["exp_avg_sq"][:32], moments_before["exp_avg_sq"])
+    assert not m["exp_avg"][32:].any() and not m["exp_avg_sq"][32:].any() and float(m["step"]) == 4
+    # Drawn the same wherever it is drawn (every rank, a redone migration).
+    again = state_of(model, opt)
+    migrate(again, steps)
+    assert torch.equal(again.weights["prompt_embedding"], rows)
+
+
+def test_a_model_without_prompts_gains_the_table_with_fresh_moments():
+    old = ArchConfig(preset="tiny", vocab_size=512).resolved()  # num_tasks 0: no prompt embeddings
+    new = dataclasses.replace(old, num_tasks=4).resolved()
+    model, opt = trained(old)
+    state = state_of(model, opt)
+    migrate(state, plan(old.to_dict(), new.to_dict()))
+    rows, m = state.weights["prompt_embedding"], state.moments["prompt_embedding"]
+    assert rows.shape == (4 * 32, 64) and abs(float(rows.std()) - 0.02) < 0.002
+    assert not m["exp_avg"].any() and not m["exp_avg_sq"].any() and float(m["step"]) == 0
+    bigger, _ = grown(state)
+    x = _batch()[:-1].view(-1, 48)
+    with torch.no_grad():
+        assert (bigger(x) - model(x)).abs().max() <= 1e-6
+
+
 @pytest.mark.parametrize("position", ["relative_buckets", "rotary"])
 def test_pooling_key_value_heads_is_not_exact_and_its_jump_is_measured(position, record_property):
     old = ArchConfig(preset="tiny", vocab_size=512, position=position).resolved()  # 4 heads
@@ -163,11 +231,12 @@ def test_pooling_key_value_heads_is_not_exact_and_its_jump_is_measured(position,
     ({"ff_dim": 64}, "model.arch.ff_dim 128 -> 64: a migration only grows it (128 -> 64 would drop what the "
                      "model learned)"),
     ({"num_kv_heads": 3, "num_heads": 6}, "model.arch.num_heads 4 -> 6: no migration changes it"),
+    ({"num_tasks": 0}, "model.arch.num_tasks 4 -> 0: a migration only grows it"),
     ({"dim": 128}, "model.arch.dim 64 -> 128: no migration changes it; it waits for the next model generation"),
     ({"num_kv_heads": 8, "num_heads": 8}, "model.arch.num_heads 4 -> 8"),
 ])
 def test_a_change_without_a_migration_says_why(change, reason):
-    old = ArchConfig(preset="tiny", vocab_size=512).resolved().to_dict()
+    old = ArchConfig(preset="tiny", vocab_size=512, num_tasks=4).resolved().to_dict()
     with pytest.raises(NoMigration) as e:
         plan(old, {**old, **change})
     assert str(e.value).startswith(reason)

@@ -198,7 +198,7 @@ BAD_CHANGES = [
      "outside the scope of a architecture proposal (model.arch.*)"),
     ("training", "model.arch.dim: 64", "changes.model.arch.dim:",
      "outside the scope of a training proposal (model.optim.*, model.schedule.*, model.loss.*)"),
-    ("data", "model.loss.z_loss: 0.1", "changes.model.loss.z_loss:", "outside the scope of a data proposal (data.*)"),
+    ("data", "model.loss.z_loss: 0.1", "changes.model.loss.z_loss:", "outside the scope of a data proposal (data.*, model.arch.num_tasks)"),
     ("architecture", "model.arch.postion: rotary", "changes.model.arch.postion:",
      "unknown config key 'model.arch.postion' (did you mean 'model.arch.position'?)"),
     ("training", "model.optim.learning_rate: 0.1", "changes.model.optim.learning_rate:",

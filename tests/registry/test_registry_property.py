@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from cpm_lightning.cli.main import main
 from cpm_lightning.core.strict_yaml import INT64_MAX
 from cpm_lightning.core.tokenizer import save_tokenizer, train_tokenizer
-from cpm_lightning.registry.keys import NAMED, SCOPES, ConfigSchema
+from cpm_lightning.registry.keys import NAMED, SCOPES, ConfigSchema, in_scope
 from cpm_lightning.registry.limits import LOCATION_KEYS
 from cpm_lightning.registry.typecheck import as_hinted
 from cpm_lightning.train.run_config import GROUPS
@@ -152,7 +152,7 @@ def proposals(draw) -> tuple[str, dict[str, tuple]]:
     """(kind, {key: (value, surely bad)}): mostly keys of the kind's scope, sometimes one of
     any other."""
     kind = draw(st.sampled_from(sorted(SCOPES)))
-    scoped = [k for k in KEYS if k.startswith(tuple(s + "." for s in SCOPES[kind]))]
+    scoped = [k for k in KEYS if in_scope(k, kind)]
     keys = draw(st.lists(st.sampled_from(scoped), min_size=0 if kind == "data" else 1, max_size=3, unique=True))
     changes = {k: draw(values(k)) for k in keys}
     if kind == "data" and (not keys or draw(st.booleans())):
