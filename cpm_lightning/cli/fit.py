@@ -38,6 +38,8 @@ from cpm_lightning.registry.keys import OPERATOR_KEYS, ConfigSchema
 from cpm_lightning.registry.run_args import RunArgs, read_run_args
 from cpm_lightning.tracking.config import TrackingConfig, check_reachable
 from cpm_lightning.tracking.logger import CPMLogger, TrackRun
+from cpm_lightning.train import adapters
+from cpm_lightning.train.adapters import AdapterConfig
 from cpm_lightning.train.callbacks import CarryProvenance, Evaluate, LogSamplesPerSource
 from cpm_lightning.train.config import MAX_STEPS, EvalConfig
 from cpm_lightning.train.run_config import GROUPS, VERBS, kept_tokenizer
@@ -73,10 +75,11 @@ class RunPlan:
 
 
 class CPMCLI(LightningCLI):
-    def __init__(self, *args, run_args: RunArgs, **kwargs):
+    def __init__(self, *args, run_args: RunArgs, adapter: AdapterConfig | None = None, **kwargs):
         # The run config as run_args.py read the command line (which keys it set): parsed once,
         # before LightningCLI parses it again into its namespace.
         self.run_args = run_args
+        self.adapter = adapter  # `tune`: only this adapter trains
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -120,11 +123,18 @@ class CPMCLI(LightningCLI):
                             f"model.arch.max_len={arch.max_len}")
         if problems := book_tokens(plan.book, self.datamodule.text_tokenizer, arch)[1]:
             raise UserError(problems[0])
+        if self.adapter:  # checked here, before a trainer or an MLflow run exists
+            self.model.adapter = self.adapter.for_tasks(self.datamodule.task_rows)
+            adapters.check(arch, self.model.adapter)
 
     def instantiate_trainer(self, **kwargs):
         cfg, plan = self.config_init[self.subcommand], self.run_plan
         root = _root(cfg)
         cfg["ckpt_path"] = plan.start and str(plan.start.path)
+        if cfg.trainer.strategy == "fsdp" and self.adapter:
+            # peft wraps plain projections; FSDP2 shards them while the model is built (sharding.py)
+            raise UserError("tune: trainer.strategy fsdp is not supported; an adapter trains on one device "
+                            "(or under ddp) with the base held whole")
         if cfg.trainer.strategy == "fsdp":  # FSDP2; Lightning's "fsdp" is FSDP1 (sharding.py)
             kwargs["strategy"] = FSDP2Strategy()
         segment = plan.segment
@@ -296,9 +306,10 @@ def _leaves(prefix: str, value) -> list[tuple[str, object]]:
     return [(prefix, list(value) if isinstance(value, tuple) else value)]
 
 
-def run(argv: list[str] | None, run_args: RunArgs | None = None) -> CPMCLI:
+def run(argv: list[str] | None, run_args: RunArgs | None = None, adapter: AdapterConfig | None = None) -> CPMCLI:
     """argv None: LightningCLI reads sys.argv itself (it warns when given both). `run_args`: the
-    run config as registry/run_args.py read argv (read here when not given). Returns the CLI,
+    run config as registry/run_args.py read argv (read here when not given). `adapter`: train
+    only it, the model frozen (`tune`, cli/tune.py). Returns the CLI,
     whose trainer and model a caller in the same process may read (`proposals trial`)."""
     import jsonargparse
 
@@ -312,5 +323,5 @@ def run(argv: list[str] | None, run_args: RunArgs | None = None) -> CPMCLI:
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=asked)
     # exit_on_error=False: jsonargparse raises ArgumentError instead of printing its usage block,
     # and cli.main() prints the message as one line.
-    return CPMCLI(*training_classes(), run_args=run_args, args=argv, save_config_callback=None, seed_everything_default=0,
+    return CPMCLI(*training_classes(), run_args=run_args, adapter=adapter, args=argv, save_config_callback=None, seed_everything_default=0,
                   parser_kwargs={"exit_on_error": False})

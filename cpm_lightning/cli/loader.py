@@ -1,25 +1,33 @@
 """One loader for every place a trained model can be: a checkpoint written by `fit` (sharded
 or one file), a model directory (consolidated, released or imported), a release written by `pull`,
 (whole, or one variant of it: `pull --variant`) or a `models:/` URI of the MLflow Model Registry. `generate` and `convert to-hf` use it; so can
-any tool that needs a model and its tokenizer."""
+any tool that needs a model and its tokenizer. With `--adapter DIR` (generate, evaluate, serve),
+the model carries an adapter `tune` wrote, checked against its base (train/adapters.py)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cpm_lightning.checkpoint.modeldir import StoredModel, is_model_dir, open_model_dir
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.precision import Precision
-from cpm_lightning.core.tokenizer import Tokenizer
-from cpm_lightning.model import CPMAnt
+
+if TYPE_CHECKING:  # torch: the verbs' parsers import this module for add_adapter_arguments
+    from cpm_lightning.checkpoint.modeldir import StoredModel
+    from cpm_lightning.core.tokenizer import Tokenizer
+    from cpm_lightning.model import CPMAnt
 
 
 @contextlib.contextmanager
 def open_model(source: str) -> Iterator[StoredModel]:
     """The model at `source`, its weights read one at a time while the context lasts. Lightning
     and MLflow are imported only for the kinds of source that need them."""
+    from cpm_lightning.checkpoint.modeldir import is_model_dir, open_model_dir
+
     path = Path(source)
     if source.startswith("models:/"):
         from cpm_lightning.tracking.releases import pulled
@@ -42,11 +50,57 @@ def open_model(source: str) -> Iterator[StoredModel]:
         raise UserError(f"{source!r} is not a checkpoint file or model directory")
 
 
-def load_model(source: str, device: str = "cpu", precision: Precision | None = None) -> tuple[CPMAnt, Tokenizer]:
-    """Model (eval mode, on `device`, at `precision`: unset, as stored) and tokenizer from `source`."""
+@contextlib.contextmanager
+def model_directory(source: str) -> Iterator[Path]:
+    """`source` as a model directory, while the context lasts (checkpoint.init_from reads one):
+    itself, a pulled `models:/` URI's, or, for any other source, its weights written into a
+    temporary one."""
+    from cpm_lightning.checkpoint.modeldir import is_model_dir, write_model_dir
+
+    if is_model_dir(Path(source)):
+        yield Path(source)
+    elif source.startswith("models:/"):
+        from cpm_lightning.tracking.releases import pulled
+
+        with pulled(source) as directory:
+            yield Path(directory)
+    else:
+        with open_model(source) as stored, tempfile.TemporaryDirectory(prefix="cpm-base-") as tmp:
+            write_model_dir(Path(tmp), stored, stored.arch, stored.tokenizer)
+            yield Path(tmp)
+
+
+def base_sha256(stored: StoredModel) -> str:
+    """The identity of a base model that adapters are checked against (train/adapters.py)."""
+    from cpm_lightning.train.adapters import weights_sha256
+
+    return weights_sha256(list(stored.shapes), stored.read)
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """--adapter and --merge, for the verbs that run a model (generate, evaluate, serve)."""
+    parser.add_argument("--adapter", metavar="DIR", help="apply the adapter `cpm-lightning tune` wrote to DIR "
+                        "(LoRA or prompt rows); refused unless tuned on this model")
+    parser.add_argument("--merge", action="store_true", help="fold --adapter's LoRA into the weights (as fast as "
+                        "the base) instead of running it beside them")
+
+
+def load_model(source: str, device: str = "cpu", precision: Precision | None = None, adapter: str | None = None,
+               merge: bool = False) -> tuple[CPMAnt, Tokenizer]:
+    """Model (eval mode, on `device`, at `precision`: unset, as stored) and tokenizer from `source`,
+    with `adapter` (a directory `tune` wrote) applied, folded into the weights if `merge`."""
     check_device(device)
+    if merge and not adapter:
+        raise UserError("--merge folds an adapter into the weights; give --adapter DIR")
+    if adapter and precision is not None and precision.quantize:
+        raise UserError("--adapter applies to float weights; give --dtype, not --quantize")
     with open_model(source) as stored:
-        return stored.build(device, precision), stored.require_tokenizer()
+        model = stored.build(device, precision)
+        if adapter:
+            from cpm_lightning.train.adapters import apply_adapter
+
+            apply_adapter(model, Path(adapter), base_sha256(stored), merge)
+        return model, stored.require_tokenizer()
 
 
 def check_device(device: str) -> None:

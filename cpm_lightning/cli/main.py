@@ -65,6 +65,7 @@ VERBS: dict[str, Runs | str] = {
     **dict.fromkeys(["model", "tokenizer", "data", "generate", "evaluate", "checkpoint", "convert"], TOOLS),
     **dict.fromkeys(["report", "release", "promote", "pull", "models"], TRACKING),
     "serve": "cpm_lightning.cli.serve",
+    "tune": "cpm_lightning.cli.tune",
     "proposals": "cpm_lightning.registry.commands",
     "proposals trial": "cpm_lightning.cli.trial",  # and the trials of `proposals show`
 }

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from cpm_lightning.cli.loader import add_adapter_arguments
 from cpm_lightning.core import precision
 from cpm_lightning.core.errors import UserError
 
@@ -30,6 +31,7 @@ def add_commands(sub) -> None:
                        f"${API_KEY_ENV}, else no key)")
     serve.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     precision.add_arguments(serve)
+    add_adapter_arguments(serve)
     serve.set_defaults(func=serve_model)
 
 
@@ -45,7 +47,7 @@ def serve_model(args) -> None:
     wanted = precision.of(args)
     sock = listen(args.host, args.port)  # before the model loads: a port in use fails in a second, not minutes
     try:
-        model, tokenizer = load_model(args.source, args.device, wanted)
+        model, tokenizer = load_model(args.source, args.device, wanted, args.adapter, args.merge)
         name = args.model_name or model_name(args.source)
         host, port = sock.getsockname()[:2]
         print(f"serving {name!r} at http://{f'[{host}]' if ':' in host else host}:{port}/v1"

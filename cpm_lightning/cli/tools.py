@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from cpm_lightning.cli.loader import add_adapter_arguments
 from cpm_lightning.core import precision
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.file_hashes import TRUST_FLAG, TRUST_HELP
@@ -114,6 +115,7 @@ def add_commands(sub) -> None:
         verb.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     for verb in (gen, ev):
         precision.add_arguments(verb)
+        add_adapter_arguments(verb)
 
 
 def model_info(args) -> None:
@@ -291,7 +293,7 @@ def generate(args) -> None:
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     check_task_prompt(args)
-    model, tokenizer = load_model(args.checkpoint, args.device, precision.of(args))
+    model, tokenizer = load_model(args.checkpoint, args.device, precision.of(args), args.adapter, args.merge)
     generator = torch.Generator().manual_seed(args.seed)
     if args.task:
         print(task_output(args, model, tokenizer, generator))
@@ -356,7 +358,7 @@ def evaluate(args) -> None:
         print(f"warning: {skipped}", file=sys.stderr)
     data = data_configs(args.config)[0] if args.config else None  # the run config's data group at its start
     start = time.perf_counter()
-    model, tokenizer = load_model(args.source, args.device, precision.of(args))
+    model, tokenizer = load_model(args.source, args.device, precision.of(args), args.adapter, args.merge)
     notes: list[str] = []
     scores = evaluate_model(model, tokenizer, tasks, args.limit, data, args.batch_size, notes)
     for note in notes:

@@ -20,6 +20,7 @@ from cpm_lightning.core.perf import peak_flops
 from cpm_lightning.model import CPMAnt
 from cpm_lightning.model.migrate import Step
 from cpm_lightning.model.stats import model_stats
+from cpm_lightning.train.adapters import AdapterConfig, attach
 from cpm_lightning.train.config import ModelConfig
 from cpm_lightning.train.sharding import apply_parallel, build_sharded, load_full_weights
 
@@ -40,6 +41,8 @@ class CausalLM(ModelConfig, L.LightningModule):
             name: dataclasses.asdict(getattr(self, name)) for name in ("optim", "schedule", "loss", "parallel")}})
         self.model: CPMAnt | None = None
         self.init_from: str | None = None  # a model directory whose weights replace the init (checkpoint.init_from)
+        self.adapter: AdapterConfig | None = None
+        """Set by `tune`: the model is frozen and only this adapter trains (train/adapters.py)."""
         self.tokens_seen = 0
         self.skipped_steps = 0
         """Optimizer steps skipped for a non-finite loss or gradient, over the whole run."""
@@ -67,6 +70,8 @@ class CausalLM(ModelConfig, L.LightningModule):
                 self.model.init_weights()
             else:
                 load_full_weights(self.model, weights)
+            if self.adapter is not None:
+                attach(self.model, self.adapter)
             apply_parallel(self.model, self.parallel)
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE)

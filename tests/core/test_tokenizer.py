@@ -112,7 +112,7 @@ def test_generate_prints_the_prompt_and_continuation_with_the_space_between(toke
     continuation = tokenizer.encode(text)[len(tokenizer.encode(prompt)):]
     assert tokenizer.decode(tokenizer.encode(prompt)) == prompt
     assert tokenizer.sp.id_to_piece(continuation[0]).startswith("▁")
-    monkeypatch.setattr(cpm_lightning.cli.loader, "load_model", lambda source, device, precision: (None, tokenizer))
+    monkeypatch.setattr(cpm_lightning.cli.loader, "load_model", lambda source, device, precision, *adapter: (None, tokenizer))
     monkeypatch.setattr(cpm_lightning.inference.generate, "sample", lambda model, ids, *args: continuation)
     main(["generate", "model.ckpt", "--prompt", prompt])
     assert capsys.readouterr().out == text + "\n"

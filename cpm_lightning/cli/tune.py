@@ -1,0 +1,88 @@
+"""`cpm-lightning tune SRC --config FILE`: parameter-efficient tuning of a trained model (a
+checkpoint, a model directory, a pulled release or a `models:/` URI) on a run config's data, its
+task sources most usefully. It runs `fit` (cli/fit.py: LightningCLI, MLflow, checkpoints) from
+SRC's weights (checkpoint.init_from) with the model frozen and only the adapter training, then
+writes the adapter directory (train/adapters.py) that `generate`, `evaluate` and `serve` take with
+`--adapter DIR`.
+
+Torch, Lightning and peft are imported when the verb runs: `--help` imports every verb module.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.file_hashes import TRUST_FLAG, TRUST_HELP
+
+DEFAULTS = {"method": "lora", "rank": 8, "alpha": 16.0, "tasks": "qa"}
+
+
+def add_commands(sub) -> None:
+    tune = sub.add_parser("tune", help="tune a trained model with LoRA or its task prompts (an adapter of a few MB)",
+                          description="Train an adapter on a frozen model through `fit` and write it to --out.")
+    tune.add_argument("source", help="a checkpoint written by fit, a model directory, a pulled release or a models:/ URI")
+    tune.add_argument("--config", required=True, help="run config (fit's) whose data the adapter trains on, "
+                      "typically task sources (format: task)")
+    tune.add_argument("--method", default=DEFAULTS["method"], help="lora (default): low-rank updates of the "
+                      "projections; prompt: the task prompt rows alone (CPM-Ant's P-tuning)")
+    tune.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="LoRA's rank (default 8)")
+    tune.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="LoRA's alpha; its update is scaled by "
+                      "alpha/rank (default 16)")
+    tune.add_argument("--targets", help="LoRA: comma-separated projections (default: all of attention's and the FFN's, "
+                      "project_q,project_k,project_v,attention_out,w_0,w_1,w_out)")
+    tune.add_argument("--tasks", default=DEFAULTS["tasks"], help="prompt: comma-separated tasks whose prompt rows "
+                      "train (default qa)")
+    tune.add_argument("--out", default="adapter", help="adapter directory to write, new or empty (default ./adapter)")
+    tune.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    tune.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
+    tune.set_defaults(func=run_tune)
+
+
+def run_tune(args) -> None:
+    from cpm_lightning.checkpoint.modeldir import open_model_dir, staged_dir
+    from cpm_lightning.cli.fit import run
+    from cpm_lightning.cli.loader import base_sha256, model_directory
+    from cpm_lightning.train.adapters import PROJECTIONS, AdapterConfig, save_adapter
+
+    out = Path(args.out)
+    if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: exists and is not empty; expected a new or empty directory (--force replaces it)")
+    targets = tuple(args.targets.split(",")) if args.targets else PROJECTIONS
+    cfg = AdapterConfig(method=args.method, rank=args.rank, alpha=args.alpha, targets=targets,
+                        tasks=tuple(args.tasks.split(",")))
+    with model_directory(args.source) as directory:
+        sha256 = base_sha256(open_model_dir(directory))
+        start = time.perf_counter()
+        cli = run(["fit", "--config", args.config, f"--checkpoint.init_from={directory}"], adapter=cfg)
+        minutes = (time.perf_counter() - start) / 60
+    trainer, module = cli.trainer, cli.model
+    if not trainer.is_global_zero:
+        return
+    trained = module.adapter  # with the rows of its tasks
+    n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    loss = trainer.callback_metrics.get("train/loss")
+    base = {"sha256": sha256, "source": args.source}
+    run_id = getattr(trainer.logger, "run_id", None)
+    with staged_dir(out, args.force) as tmp:
+        files = save_adapter(tmp, module.model, trained, base, _card(args, trained, base, n_params, trainer.global_step,
+                                                                     loss, minutes, run_id))
+        size = sum(f.stat().st_size for f in files)
+    print(f"{out}: {trained.method} adapter, {n_params:,} parameters, {size / 1024:.1f} KiB, "
+          f"{trainer.global_step} steps in {minutes:.1f} min; base weights sha256 {sha256[:16]}…")
+
+
+def _card(args, cfg, base: dict, n_params: int, steps: int, loss, minutes: float, run_id: str | None) -> str:
+    what = (f"LoRA of rank {cfg.rank} (alpha {cfg.alpha:g}) on {', '.join(cfg.targets)}" if cfg.method == "lora"
+            else f"the prompt rows of {', '.join(f'{t} (row {r})' for t, r in zip(cfg.tasks, cfg.rows, strict=True))}")
+    return "\n".join([
+        "# Adapter", "",
+        f"Tuned with `cpm-lightning tune {args.source} --config {args.config} --method {cfg.method}`: {what}, "
+        f"{n_params:,} trained parameters.", "",
+        f"- base: `{base['source']}`, weights sha256 `{base['sha256']}` (`--adapter` refuses any other base)",
+        f"- steps: {steps}, {minutes:.1f} min; last train/loss: {float(loss):.4f}" if loss is not None
+        else f"- steps: {steps}, {minutes:.1f} min",
+        f"- MLflow run: `{run_id}`" if run_id else "- MLflow run: none (trainer.logger off)",
+        "",
+        f"Use: `cpm-lightning generate {base['source']} --adapter DIR [--merge] ...` (also evaluate, serve).", ""])
