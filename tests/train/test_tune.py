@@ -132,6 +132,12 @@ def test_tune_trains_only_the_adapter_and_its_loss_falls(tmp_path, corpus, capsy
     files = {p.name: p.stat().st_size for p in (tmp_path / "adapter").iterdir()}
     assert set(files) == {"adapter.json", "adapter.safetensors", "README.md"}
     assert files["adapter.safetensors"] < 200_000
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss falls
     main(["generate", str(base), "--adapter", str(tmp_path / "adapter"), "--merge", "--prompt", "It is",
           "--max-new-tokens", "3"])
 
