@@ -95,6 +95,9 @@ def load_model(source: str, device: str = "cpu", precision: Precision | None = N
     if adapter and precision is not None and precision.quantize:
         raise UserError("--adapter applies to float weights; give --dtype, not --quantize")
     with open_model(source) as stored:
+        if adapter and stored.precision is not None and stored.precision.quantize:
+            raise UserError(f"--adapter applies to float weights; {stored.where} holds {stored.precision} (a release's "
+                            "variant): give the float32 release")
         model = stored.build(device, precision)
         if adapter:
             from cpm_lightning.train.adapters import apply_adapter

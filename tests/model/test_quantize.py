@@ -244,6 +244,12 @@ def test_a_quantized_directory_runs_only_at_its_quantization(int8_dir, capsys):
                    "int8 or with no --quantize, not --quantize int4 (a release's float32 variant can be quantized any way)")
 
 
+def test_an_adapter_on_a_quantized_directory_is_one_line(int8_dir, tmp_path, capsys):
+    msg = cli_error(capsys, "generate", str(int8_dir), "--prompt", "x", "--adapter", str(tmp_path / "adapter"))
+    assert msg == (f"--adapter applies to float weights; {int8_dir} holds int8 weights, bfloat16 activations (a "
+                   "release's variant): give the float32 release")
+
+
 # The subprocess: RSS now (after imports and the model directory's header), then the model built
 # at int8 streaming from a float32 file, then the peak RSS. The peak is /proc's VmHWM, what
 # getrusage's ru_maxrss reports for a process of its own: Linux carries ru_maxrss across fork
