@@ -374,7 +374,8 @@ def score_apps(apps: list[App], build: Callable[[], CPMAnt], base_sha256: str, t
     tags = {}
     for app in apps:
         try:
-            with pulled_adapter(app.adapter) as directory:
+            # From the store this release is made in (the verb's --tracking-uri), not $MLFLOW_TRACKING_URI's.
+            with pulled_adapter(app.adapter, mlflow.get_tracking_uri()) as directory:
                 model = build()
                 cfg = adapters.apply_adapter(model, directory, base_sha256, any_base=True)
             tasks = [t for t in cfg.tasks if t in TASK_EVALS]  # a run config's own task has no evaluation
@@ -412,7 +413,7 @@ def release_adapter(adapter: Path, base_uri: str, name: str, alias: str, sign_ke
     if ADAPTER_OF in client.get_model_version(*base_uri.removeprefix("models:/").split("/")).tags:
         raise UserError(f"--base {base_uri}: an adapter version, not a base release; expected the release the "
                         "adapter was tuned on")
-    with pulled(base_uri) as directory:
+    with pulled(base_uri, tracking_uri=mlflow.get_tracking_uri()) as directory:  # the verb's store
         stored = modeldir.open_model_dir(directory)
         sha256_of_base = adapters.base_sha256(stored)
         if base.get("sha256") != sha256_of_base:

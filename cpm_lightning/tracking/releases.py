@@ -165,26 +165,27 @@ def _pull_variant(source: str, local: Path, expected: str, where: str, variant: 
 
 
 @contextlib.contextmanager
-def pulled(uri: str, inside: Path = MODEL_DIR) -> Iterator[Path]:
+def pulled(uri: str, inside: Path = MODEL_DIR, tracking_uri: str | None = None) -> Iterator[Path]:
     """The model directory of models:/NAME@ALIAS or models:/NAME/VERSION (its `inside`), pulled
-    to a temporary directory and verified (with $CPM_LIGHTNING_TRUSTED_KEY when set) before any
-    of it is read; it lasts as long as the context."""
-    mlflow.set_tracking_uri(TrackingConfig().resolved_uri)
+    from the store at `tracking_uri` (unset: $MLFLOW_TRACKING_URI's, as `generate` reads a models:/
+    source) to a temporary directory and verified (with $CPM_LIGHTNING_TRUSTED_KEY when set)
+    before any of it is read; it lasts as long as the context."""
+    mlflow.set_tracking_uri(tracking_uri or TrackingConfig().resolved_uri)
     with tempfile.TemporaryDirectory() as tmp:
         yield pull(uri, Path(tmp) / "release", trusted_key(None)) / inside
 
 
 @contextlib.contextmanager
-def pulled_adapter(uri: str) -> Iterator[Path]:
+def pulled_adapter(uri: str, tracking_uri: str | None = None) -> Iterator[Path]:
     """The adapter directory of an adapter version (`release --adapter`: the adapter's files at
     the version's root, beside its manifest), pulled and verified as `pulled` does; any other
     version is a UserError before anything is downloaded."""
-    mlflow.set_tracking_uri(TrackingConfig().resolved_uri)
+    mlflow.set_tracking_uri(tracking_uri or TrackingConfig().resolved_uri)
     name, version = resolve_version(MlflowClient(), uri)
     if ADAPTER_OF not in MlflowClient().get_model_version(name, version).tags:
         raise UserError(f"--adapter {uri}: models:/{name}/{version} is not an adapter version (no tag {ADAPTER_OF}); "
                         "expected one `cpm-lightning release --adapter` registered")
-    with pulled(f"models:/{name}/{version}", Path()) as directory:
+    with pulled(f"models:/{name}/{version}", Path(), tracking_uri) as directory:
         yield directory
 
 
