@@ -70,17 +70,11 @@ def model_directory(source: str) -> Iterator[Path]:
             yield Path(tmp)
 
 
-def base_sha256(stored: StoredModel) -> str:
-    """The identity of a base model that adapters are checked against (train/adapters.py)."""
-    from cpm_lightning.train.adapters import weights_sha256
-
-    return weights_sha256(list(stored.shapes), stored.read)
-
-
 def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     """--adapter and --merge, for the verbs that run a model (generate, evaluate, serve)."""
     parser.add_argument("--adapter", metavar="DIR", help="apply the adapter `cpm-lightning tune` wrote to DIR "
-                        "(LoRA or prompt rows); refused unless tuned on this model")
+                        "(LoRA or prompt rows), or an adapter version models:/NAME/VERSION (`release --adapter`); "
+                        "refused unless tuned on this model")
     parser.add_argument("--merge", action="store_true", help="fold --adapter's LoRA into the weights (as fast as "
                         "the base) instead of running it beside them")
 
@@ -100,10 +94,24 @@ def load_model(source: str, device: str = "cpu", precision: Precision | None = N
                             "variant): give the float32 release")
         model = stored.build(device, precision)
         if adapter:
-            from cpm_lightning.train.adapters import apply_adapter
+            from cpm_lightning.train.adapters import apply_adapter, base_sha256
 
-            apply_adapter(model, Path(adapter), base_sha256(stored), merge)
+            with adapter_directory(adapter) as directory:
+                apply_adapter(model, directory, base_sha256(stored), merge)
         return model, stored.require_tokenizer()
+
+
+@contextlib.contextmanager
+def adapter_directory(adapter: str) -> Iterator[Path]:
+    """--adapter as a directory while the context lasts: itself, or an adapter version of the
+    Model Registry (`release --adapter`) pulled and verified."""
+    if not adapter.startswith("models:/"):
+        yield Path(adapter)
+        return
+    from cpm_lightning.tracking.releases import pulled_adapter
+
+    with pulled_adapter(adapter) as directory:
+        yield directory
 
 
 def check_device(device: str) -> None:

@@ -43,8 +43,8 @@ def add_commands(sub) -> None:
 def run_tune(args) -> None:
     from cpm_lightning.checkpoint.modeldir import open_model_dir, staged_dir
     from cpm_lightning.cli.fit import run
-    from cpm_lightning.cli.loader import base_sha256, model_directory
-    from cpm_lightning.train.adapters import PROJECTIONS, AdapterConfig, save_adapter
+    from cpm_lightning.cli.loader import model_directory
+    from cpm_lightning.train.adapters import PROJECTIONS, AdapterConfig, base_sha256, save_adapter
 
     out = Path(args.out)
     if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):

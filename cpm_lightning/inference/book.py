@@ -72,7 +72,12 @@ class App:
     link: str
     """Where it is: an http(s) URL."""
     release: str
-    """The release it builds on: models:/NAME/VERSION or models:/NAME@ALIAS."""
+    """The release it builds on (it was tuned on, with `adapter`): models:/NAME/VERSION or
+    models:/NAME@ALIAS."""
+    adapter: str | None = None
+    """Optional: its adapter, an adapter version (`release --adapter`) models:/NAME/VERSION or
+    models:/NAME@ALIAS; every nightly release re-scores it on the new weights (its tasks, on the
+    site's applications page)."""
 
 
 # kind -> (file name, its list's key, the field that names an entry)
@@ -250,6 +255,9 @@ def _check(kind: type, name: str, value) -> str | None:
         return f"expected an http(s):// URL, got {value!r}"
     if kind is App and name == "release" and not _RELEASE.match(value):
         return f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {value!r}"
+    if kind is App and name == "adapter" and not _RELEASE.match(value):
+        return (f"expected an adapter version (`cpm-lightning release --adapter`), models:/NAME/VERSION or "
+                f"models:/NAME@ALIAS, got {value!r}")
     return None
 
 

@@ -73,12 +73,13 @@ def tokens(model: CPMAnt, prompt: list[int], max_new_tokens: int, temperature: f
     return _tokens(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, generator, prompting)
 
 
-def room(cfg: ArchConfig, prompt: list[int], prompting: str | None = None) -> int:
-    """How many new ids fit after `prompt` (and the task prompt `prompting` presents) within the
-    model's maximum length; a UserError when the prompt is empty or leaves no room."""
+def room(cfg: ArchConfig, prompt: list[int], prompting: str | None = None, reserved: int | None = None) -> int:
+    """How many new ids fit after `prompt` (and the task prompt `prompting` presents, or the
+    `reserved` positions a task's prompt takes) within the model's maximum length; a UserError
+    when the prompt is empty or leaves no room."""
     if not prompt:
         raise UserError("the prompt is empty; expected some text")
-    left = cfg.max_len - len(prompt) - task_prompt_len(cfg, prompting)
+    left = cfg.max_len - len(prompt) - (task_prompt_len(cfg, prompting) if reserved is None else reserved)
     if left <= 0:
         raise UserError(f"the prompt is {len(prompt)} tokens; the model's maximum length is {cfg.max_len}")
     return left

@@ -19,6 +19,11 @@ The model is a base model, so chat is plain text in a template this project defi
 and the reply ends at the next turn marker (a line starting `User:` or `Assistant:`), at the
 end-of-text token, at a `stop` string or at `max_tokens`.
 
+A request may name a `task` (qa, summarize, translate; core/tasks.py) and, for qa, the `context`
+passage: the prompt (of a chat, its one user message) is then that task's input, laid out as
+`generate --task` lays it out (the task's prompt embeddings, the input as context in its own
+segment) and the output, in a segment of its own, is the text returned.
+
 Every error a client can cause is a 400 (401 for a missing or wrong API key) with OpenAI's
 body, `{"error": {"message", "type": "invalid_request_error", "param", "code"}}`, FastAPI's
 422 for a body it cannot validate included; the server keeps serving.
@@ -44,9 +49,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from cpm_lightning.core.errors import UserError
+from cpm_lightning.core.errors import UserError, lookup
+from cpm_lightning.core.tasks import TASK_PROMPTS, input_text
 from cpm_lightning.core.tokenizer import Tokenizer
-from cpm_lightning.inference.generate import continuation, room, tokens
+from cpm_lightning.inference import tasks
+from cpm_lightning.inference.generate import continuation, pick, room, tokens
 from cpm_lightning.model import CPMAnt
 
 # The chat template (the module docstring): how each role's message is written, what the reply
@@ -97,6 +104,11 @@ class Sampling(_Body):
     """Choices per request: only 1."""
     user: str | None = None
     """The caller's end user, as OpenAI takes it (not used)."""
+    task: str | None = None
+    """This server's own: qa, summarize or translate, whose input the prompt is (the module
+    docstring); unset: the prompt is continued as text."""
+    context: str | None = None
+    """With `task`: the passage a question is about, read before it."""
 
 
 class CompletionRequest(Sampling):
@@ -165,6 +177,8 @@ class _Job:
     stops: tuple[str, ...]
     strip: bool
     """Drop the leading spaces of the text (a chat reply, which follows `Assistant:`)."""
+    task: str | None = None
+    """The task whose input `prompt` is: its output is decoded alone, not after the prompt."""
     completion_tokens: int = 0
     finish_reason: str = "disconnected"  # until the generation ends otherwise
 
@@ -199,7 +213,7 @@ class _Text:
         return "" if self.stopped else self._release(self._text())
 
     def _text(self) -> str:
-        text = continuation(self.tokenizer, self.job.prompt, self.new)
+        text = continuation(self.tokenizer, [] if self.job.task else self.job.prompt, self.new)
         return text.lstrip() if self.job.strip else text
 
     def _release(self, upto: str) -> str:
@@ -268,9 +282,16 @@ def create_app(model: CPMAnt, tokenizer: Tokenizer, name: str, api_key: str | No
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(stop) > MAX_STOPS or "" in stop:
             raise BadRequest(f"stop: expected up to {MAX_STOPS} non-empty strings, got {stop!r}", "stop")
-        ids = tokenizer.encode(prompt)
+        if body.context is not None and body.task is None:
+            raise BadRequest("context: the passage of a task's input; give the task too (task: qa)", "context")
+        if body.task is not None:
+            try:
+                lookup(TASK_PROMPTS, body.task, "task")
+            except UserError as e:
+                raise BadRequest(f"task: {e}", "task") from None
+        ids = tokenizer.encode(input_text(prompt, body.context) if body.task else prompt)
         try:
-            left = room(model.cfg, ids, prompting)
+            left = room(model.cfg, ids, prompting, tasks.prompt_len(model.cfg, body.task) if body.task else None)
         except UserError as e:
             raise BadRequest(str(e), param, "context_length_exceeded") from None
         wanted = max_tokens or default or left
@@ -279,7 +300,7 @@ def create_app(model: CPMAnt, tokenizer: Tokenizer, name: str, api_key: str | No
                              f"{model.cfg.max_len}, so at most {left} new tokens fit", "max_tokens",
                              "context_length_exceeded")
         return _Job(f"{uuid.uuid4().hex}", ids, wanted, body.temperature, body.top_p, body.seed,
-                    (*stops, *stop), strip)
+                    (*stops, *stop), strip, body.task)
 
     async def pieces(job: _Job) -> AsyncIterator[str]:
         """The text of `job` as it is generated, waiting for its turn first; records it in the log."""
@@ -289,8 +310,11 @@ def create_app(model: CPMAnt, tokenizer: Tokenizer, name: str, api_key: str | No
                 generator.seed()  # a fresh random seed: torch's default seed is a constant
             else:
                 generator.manual_seed(job.seed)
-            steps = tokens(model, job.prompt, job.max_tokens, job.temperature, None,
-                           job.top_p if job.top_p < 1 else None, tokenizer.eos_id, generator, prompting)
+            top_p = job.top_p if job.top_p < 1 else None
+            steps = (tasks.steps(model, job.prompt, job.task, job.max_tokens, tokenizer.eos_id,
+                                 lambda logits: pick(logits, job.temperature, None, top_p, generator)) if job.task
+                     else tokens(model, job.prompt, job.max_tokens, job.temperature, None, top_p, tokenizer.eos_id,
+                                 generator, prompting))
             text = _Text(tokenizer, job)
             try:
                 while not text.stopped:
@@ -354,8 +378,15 @@ def create_app(model: CPMAnt, tokenizer: Tokenizer, name: str, api_key: str | No
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        work = prepare(body, chat_prompt(body.messages), "messages", body.max_completion_tokens or body.max_tokens,
-                       None, TURN_MARKERS, strip=True)
+        if body.task is None:
+            work = prepare(body, chat_prompt(body.messages), "messages", body.max_completion_tokens or body.max_tokens,
+                           None, TURN_MARKERS, strip=True)
+        elif [m.role for m in body.messages] != ["user"]:
+            raise BadRequest(f"messages: with task {body.task}, one user message (the task's input); got the roles "
+                             f"{', '.join(m.role for m in body.messages)}", "messages")
+        else:
+            work = prepare(body, body.messages[0].text, "messages", body.max_completion_tokens or body.max_tokens,
+                           None, (), strip=False)
         if body.stream:
             return await respond(body, work, "chat.completion", lambda text, reason: {
                 "index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason},

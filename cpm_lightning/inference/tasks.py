@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,14 +71,20 @@ def decode(model: CPMAnt, ids: list[int], task: str, max_new_tokens: int, eos_id
     makes them) for `task`: up to max_new_tokens ids, stopping at EOS, each chosen by `choose`
     from the logits (greedy by default). Greedy decoding takes the same tokens on every rank, so
     under FSDP2 every rank runs the same (collective) forward passes."""
+    return list(steps(model, ids, task, max_new_tokens, eos_id, choose))
+
+
+def steps(model: CPMAnt, ids: list[int], task: str, max_new_tokens: int, eos_id: int | None,
+          choose: Callable[[torch.Tensor], int] = greedy) -> Iterator[int]:
+    """`decode`'s ids one at a time, each as soon as it is chosen (`serve` streams them)."""
     device, row = model.embedding.device, task_row(model.cfg, task)
     x = torch.tensor([ids], device=device)
     first = {"segment_ids": torch.full_like(x, INPUT_SEGMENT), "context": torch.ones_like(x, dtype=torch.bool)}
     if row is not None:
         first["task"] = torch.tensor([row], device=device)
     # The output segment, causal (no context): each token sees the input and the tokens before it.
-    return list(decoded(model, x, first, lambda new: {"segment_ids": torch.full_like(new, OUTPUT_SEGMENT)},
-                        prompt_len(model.cfg, task) + max_new_tokens, choose, eos_id))
+    return decoded(model, x, first, lambda new: {"segment_ids": torch.full_like(new, OUTPUT_SEGMENT)},
+                   prompt_len(model.cfg, task) + max_new_tokens, choose, eos_id)
 
 
 # -- evaluation -------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class LiveConfig:
     float16, so every published checkpoint comes in sizes people can run; unset: none."""
     release_name: str | None = None
     """Registered model name of those releases; unset: the MLflow experiment's name."""
+    apps_limit: int = 20
+    """Examples per task each of those releases re-scores the applications' adapters on
+    (apps.yaml `adapter`; `release --apps-limit`)."""
     site_dir: str | None = None
     """Where `report site` builds the run's public static site (a link swapped in one rename,
     docs/ARCHITECTURE.md, "Publishing"); unset: no site."""
@@ -66,6 +69,8 @@ class LiveConfig:
         for key in ("spike_window", "max_nonfinite", "suspend_window"):
             if getattr(self, key) < 1:
                 raise UserError(f"live.{key} must be at least 1, got {getattr(self, key)}")
+        if self.apps_limit < 1:
+            raise UserError(f"live.apps_limit must be at least 1, got {self.apps_limit}")
         for key in ("max_restarts", "restart_backoff", "release_every_n_steps"):
             if getattr(self, key) < 0:
                 raise UserError(f"live.{key} must be 0 or more, got {getattr(self, key)}")

@@ -1,8 +1,8 @@
 """Publishing a live run on a schedule (docs/ARCHITECTURE.md, "Publishing"): the daily training
 log once a UTC day has ended, the weekly digest once an ISO week has ended, a release of the
 checkpoint of every live.release_every_n_steps (alias `nightly`, with the variants of
-live.release_quantize), and the static site every
-live.site_every_minutes.
+live.release_quantize, and the adapters of the registry's applications re-scored on it with
+live.apps_limit examples per task), and the static site every live.site_every_minutes.
 
 Each is the command an operator would run (`cpm-lightning report daily`, `report weekly`,
 `release`, `report site`), in a subprocess, one at a time, beside the training: the training
@@ -118,8 +118,8 @@ class Publisher:
         # eval.limit unset is every example: release's --eval-limit has no word for "all".
         argv = ["release", str(ckpt), "--name", self.live.release_name or self.s.experiment, "--alias", NIGHTLY,
                 "--eval-tasks", ",".join(tasks) or "none", "--eval-limit", str(self.s.eval.limit or 10**9)]
-        if self.registry:
-            argv += ["--proposals", str(self.registry)]
+        if self.registry:  # and its applications' adapters (apps.yaml), re-scored on the new weights
+            argv += ["--proposals", str(self.registry), "--apps-limit", str(self.live.apps_limit)]
         if self.live.release_quantize:
             argv += ["--quantize", ",".join(self.live.release_quantize)]
         if "heldout" in tasks:  # the sources of the run config (as the live run merged it)

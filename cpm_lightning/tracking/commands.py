@@ -37,8 +37,13 @@ def add_commands(sub) -> None:
                       help="the site: a symbolic link to the latest build in OUT.builds/, replaced atomically")
     site.set_defaults(func=report_site)
 
-    rel = sub.add_parser("release", help="release a checkpoint to the MLflow Model Registry")
-    rel.add_argument("checkpoint", help="a checkpoint written by fit")
+    rel = sub.add_parser("release", help="release a checkpoint (or an adapter: --adapter) to the MLflow Model Registry")
+    rel.add_argument("checkpoint", nargs="?", help="a checkpoint written by fit")
+    rel.add_argument("--adapter", type=Path, metavar="DIR", help="instead of a checkpoint: register the adapter "
+                     "`cpm-lightning tune` wrote to DIR as a version of its own, linked to --base (refused unless "
+                     "tuned on it)")
+    rel.add_argument("--base", metavar="URI", help="with --adapter: the release it was tuned on, models:/NAME/VERSION "
+                     "or models:/NAME@ALIAS")
     rel.add_argument("--name", required=True, help="registered model name")
     rel.add_argument("--alias", default="candidate", help="alias to point at the new version (default: candidate)")
     rel.add_argument("--out", type=Path, help="also keep the model directory here")
@@ -54,6 +59,10 @@ def add_commands(sub) -> None:
                      "comma-separated: int8, int4 (its group size the largest of 128, 64, 32 the model takes), "
                      "bfloat16, float16; each with its held-out bits per byte and its fidelity to float32 in the card "
                      "(`pull --variant NAME` downloads one alone)")
+    rel.add_argument("--apps-limit", type=int, metavar="N", help="also re-score the adapter of every application of "
+                     "the registry's apps.yaml on this release, N examples per task of the adapter (tags "
+                     "app/NAME/TASK/METRIC and app/NAME/status: ok, or broken and why); the nightly releases of "
+                     "`live` do (live.apps_limit)")
     rel.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     rel.set_defaults(func=release)
 
@@ -130,6 +139,13 @@ def report_site(args) -> None:
 
 
 def release(args) -> None:
+    if args.adapter is not None:
+        release_adapter(args)
+        return
+    if args.checkpoint is None:
+        raise UserError("release: give a checkpoint written by fit, or --adapter DIR --base models:/NAME/VERSION")
+    if args.base is not None:
+        raise UserError("--base names the release an adapter was tuned on; give --adapter DIR too")
     from cpm_lightning.inference.evaluation import task_list
     from cpm_lightning.registry.commands import data_configs
     from cpm_lightning.tracking.integrity import check_variants
@@ -137,15 +153,38 @@ def release(args) -> None:
 
     if args.eval_limit < 1:
         raise UserError(f"--eval-limit must be at least 1, got {args.eval_limit}")
+    if args.apps_limit is not None and args.apps_limit < 1:
+        raise UserError(f"--apps-limit must be at least 1, got {args.apps_limit}")
     variants = check_variants(args.quantize.split(",") if args.quantize else [], f"--quantize {args.quantize}")
     tasks = [] if args.eval_tasks == "none" else task_list(args.eval_tasks, args.eval_config is not None)
     data = data_configs(args.eval_config)[0] if args.eval_config else None
     _use_tracking_uri(args)
     version = do_release(args.checkpoint, args.name, args.alias, args.out, args.proposals, args.sign_key, tasks,
-                         args.eval_limit, data, variants)
+                         args.eval_limit, data, variants, args.apps_limit)
     signed = f", signed with {args.sign_key}" if args.sign_key else ""
     added = f", with the variants {', '.join(variants)}" if variants else ""
     print(f"registered models:/{args.name}/{version}{added}{signed}; models:/{args.name}@{args.alias} points at it")
+
+
+ADAPTER_REFUSES = ("quantize", "eval_tasks", "eval_config", "out", "apps_limit")
+"""release's options about a checkpoint's release: an adapter is registered as it is."""
+
+
+def release_adapter(args) -> None:
+    from cpm_lightning.tracking.make_release import release_adapter as do_release
+
+    if args.checkpoint is not None:
+        raise UserError(f"release: a checkpoint ({args.checkpoint}) or --adapter {args.adapter}, not both")
+    if args.base is None:
+        raise UserError(f"--adapter {args.adapter}: give --base models:/NAME/VERSION, the release it was tuned on")
+    if given := [f"--{k.replace('_', '-')}" for k in ADAPTER_REFUSES if getattr(args, k) is not None]:
+        raise UserError(f"{', '.join(given)}: not with --adapter, which registers the adapter as it is (they are "
+                        "about a checkpoint's release)")
+    _use_tracking_uri(args)
+    version, base = do_release(args.adapter, args.base, args.name, args.alias, args.sign_key)
+    signed = f", signed with {args.sign_key}" if args.sign_key else ""
+    print(f"registered models:/{args.name}/{version}, an adapter of {base}{signed}; models:/{args.name}@{args.alias} "
+          "points at it")
 
 
 def promote(args) -> None:

@@ -1,9 +1,12 @@
 """Making a release (`cpm-lightning release`; docs/ARCHITECTURE.md, "Releases"): a checkpoint,
 evaluated and its prompt book completed, written as a model directory with its card, logged as
-a sealed MLflow model from code and registered as a version with tags and an alias."""
+a sealed MLflow model from code and registered as a version with tags and an alias; or an
+adapter `tune` wrote (`release --adapter`), checked against the base release it names and
+registered, sealed by the same manifest, as a version of its own linked to that base."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,14 +27,36 @@ from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.file_hashes import sha256
 from cpm_lightning.core.precision import Precision
 from cpm_lightning.inference import fidelity
-from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, PROMPTS_FILE, Prompt, completions_json, load_prompts
+from cpm_lightning.inference.book import (
+    COMPLETIONS_ARTIFACT,
+    PROMPTS_FILE,
+    App,
+    Prompt,
+    completions_json,
+    load_apps,
+    load_prompts,
+)
 from cpm_lightning.inference.evaluation import flat, runnable_tasks
 from cpm_lightning.inference.generate import complete_book, default_prompting
+from cpm_lightning.inference.tasks import TASK_EVALS
 from cpm_lightning.model import ArchConfig, CPMAnt, quantize
 from cpm_lightning.model.migrate import migration_text
 from cpm_lightning.tracking import integrity
 from cpm_lightning.tracking.integrity import MODEL_DIR, VARIANTS_DIR
-from cpm_lightning.tracking.releases import HF_DIR, RUN_TAG, VARIANTS_TAG, applied_proposals, check_alias
+from cpm_lightning.tracking.releases import (
+    ADAPTER_OF,
+    APP_STATUS,
+    HF_DIR,
+    RUN_TAG,
+    VARIANTS_TAG,
+    app_tag,
+    applied_proposals,
+    check_alias,
+    pulled,
+    pulled_adapter,
+    resolve_version,
+)
+from cpm_lightning.train import adapters
 from cpm_lightning.train.run_config import evaluate_model
 from datamodules.config import DataConfig
 
@@ -260,7 +285,7 @@ def _gguf_fidelity(trained: TrainedModel, tmp: Path, fidelities: Fidelities) -> 
 
 def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Path, sign_key: Path | None = None,
             eval_tasks: list[str] = (), eval_limit: int | None = None, eval_data: DataConfig | None = None,
-            variants: list[str] = ()) -> int:
+            variants: list[str] = (), apps_limit: int | None = None) -> int:
     """Checkpoint -> its scores on `eval_tasks` (evaluation.py; heldout on the sources of
     `eval_data`; the default list without the tasks whose data is not installed, with a warning)
     -> model directory, and one per variant (integrity.VARIANT_NAMES, checked by the caller),
@@ -268,7 +293,8 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     layout is -> pyfunc model from code, sealed by its manifest (and signed with `sign_key`) ->
     a new registered version with tags (the manifest's sha256, the scores eval/<task>/<metric>,
     the variants' eval/<variant>/<task>/<metric> and fidelity/<variant>/...) and `alias`
-    pointing at it. Returns the version."""
+    pointing at it. With `apps_limit`, the adapter of every application of the registry's apps.yaml
+    is re-scored on the release too (`score_apps`: tags app/NAME/...). Returns the version."""
     check_alias(alias)
     if eval_tasks:
         eval_tasks, skipped = runnable_tasks(list(eval_tasks), "--eval-tasks", eval_data is not None)
@@ -277,6 +303,7 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     if sign_key is not None:
         integrity.check_key(sign_key, "--sign-key", private=True)
     has_book, prompts = (registry_dir / PROMPTS_FILE).exists(), load_prompts(registry_dir)
+    apps = [a for a in load_apps(registry_dir) if a.adapter] if apps_limit else []
     trained = trained_model(ckpt)
     precisions = [variant_precision(v, trained.arch, ckpt) for v in variants]  # before any work
     tokenizer = trained.model.require_tokenizer()
@@ -291,6 +318,8 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
         else None
     device = str(model.embedding.device) if model is not None else "cpu"
     del model  # before the model directories are written
+    app_tags = score_apps(apps, lambda: trained.model.build(device), adapters.base_sha256(trained.model), tokenizer,
+                          apps_limit) if apps else {}
     proposals = applied_proposals(client, run_id, registry_dir, trained.proposals)
     heldout = ((lambda m: evaluate_model(m, tokenizer, ["heldout"], eval_limit, eval_data)) if "heldout" in eval_tasks
                else None)
@@ -322,15 +351,111 @@ def release(ckpt: str, name: str, alias: str, out: Path | None, registry_dir: Pa
     tags = {"step": trained.step, "tokens": trained.tokens_seen, "proposals": ",".join(p["id"] for p in proposals) or "none",
             "val_loss": f"{val['val/loss']:.4f}" if "val/loss" in val else "none", RUN_TAG: run_id or "none",
             integrity.MANIFEST_TAG: manifest_sha256, **{k: f"{v:.4f}" for k, v in flat(scores, "eval").items()},
-            VARIANTS_TAG: ",".join(v.precision.name for v in measured) or "none"}
+            VARIANTS_TAG: ",".join(v.precision.name for v in measured) or "none", **app_tags}
     for v in measured:
         tags |= {k: f"{value:.4f}" for k, value in flat(v.scores, f"eval/{v.precision.name}").items()}
     for f in fidelities.measured if fidelities else ():
         tags |= f.tags()
+    _tag(client, name, version, tags, alias)
+    return version
+
+
+BROKEN_CHARS = 500
+"""Characters of the reason an application's adapter broke that its status tag keeps."""
+
+
+def score_apps(apps: list[App], build: Callable[[], CPMAnt], base_sha256: str, tokenizer, limit: int) -> dict[str, str]:
+    """The tags that record each application's adapter re-scored on the release being made (its
+    weights hash to `base_sha256`; `build` makes a fresh copy of them): its tasks' scores on
+    `limit` examples (app/NAME/TASK/METRIC) and app/NAME/status, ok or "broken: why". An adapter
+    tuned on an earlier base is applied all the same (that is the question asked: does it still
+    work?); one that cannot be pulled or applied (tensors of another architecture) or whose
+    evaluation fails is broken, not a failed release."""
+    tags = {}
+    for app in apps:
+        try:
+            # From the store this release is made in (the verb's --tracking-uri), not $MLFLOW_TRACKING_URI's.
+            with pulled_adapter(app.adapter, mlflow.get_tracking_uri()) as directory:
+                model = build()
+                # Merged: scored as fast as the base (unmerged LoRA took 1.5x as long, demo preset on a CPU).
+                cfg = adapters.apply_adapter(model, directory, base_sha256, merge=True, any_base=True)
+            tasks = [t for t in cfg.tasks if t in TASK_EVALS]  # a run config's own task has no evaluation
+            scores = evaluate_model(model, tokenizer, tasks, limit) if tasks else {}
+            del model
+        except (UserError, RuntimeError, ValueError) as e:
+            why = " ".join(str(e).split()) or type(e).__name__
+            tags[app_tag(app.name, APP_STATUS)] = f"broken: {why[:BROKEN_CHARS]}"
+            continue
+        tags |= {app_tag(app.name, key.removeprefix("eval/")): f"{v:.4f}" for key, v in flat(scores, "eval").items()}
+        tags[app_tag(app.name, APP_STATUS)] = "ok"
+    return tags
+
+
+def _tag(client: MlflowClient, name: str, version: int, tags: dict, alias: str) -> None:
+    """The version's tags, then `alias` pointing at it (a reader of the alias sees them all)."""
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, str(value))
     client.set_registered_model_alias(name, alias, str(version))
-    return version
+
+
+def release_adapter(adapter: Path, base_uri: str, name: str, alias: str, sign_key: Path | None = None) -> tuple[int, str]:
+    """An adapter directory `tune` wrote -> checked against the base release `base_uri` (pulled
+    and verified: the sha256 of its weights must be the one the adapter names, and the adapter's
+    tensors must fit it) -> the adapter's files and a card, sealed by a manifest (and signed with
+    `sign_key`), logged on a release run and registered under `name` with the tags ADAPTER_OF
+    (the base's models:/NAME/VERSION), base_sha256, method, rank and tasks, and `alias` pointing
+    at it. Nothing is registered when a check fails. Returns (the version, the base's URI)."""
+    check_alias(alias)
+    if sign_key is not None:
+        integrity.check_key(sign_key, "--sign-key", private=True)
+    cfg, base, _ = adapters.read_adapter(adapter)
+    client = MlflowClient()
+    base_uri = "models:/{}/{}".format(*resolve_version(client, base_uri))
+    if ADAPTER_OF in client.get_model_version(*base_uri.removeprefix("models:/").split("/")).tags:
+        raise UserError(f"--base {base_uri}: an adapter version, not a base release; expected the release the "
+                        "adapter was tuned on")
+    with pulled(base_uri, tracking_uri=mlflow.get_tracking_uri()) as directory:  # the verb's store
+        stored = modeldir.open_model_dir(directory)
+        sha256_of_base = adapters.base_sha256(stored)
+        if base.get("sha256") != sha256_of_base:
+            raise UserError(f"--adapter {adapter} was tuned on the base with weights sha256 {base.get('sha256')}, not "
+                            f"on {base_uri} (weights sha256 {sha256_of_base}); nothing registered")
+        adapters.apply_adapter(stored.build(), adapter, sha256_of_base)  # its tensors fit this base
+        base_run = client.get_model_version(*base_uri.removeprefix("models:/").split("/")).tags.get(RUN_TAG)
+    experiment_id = client.get_run(base_run).info.experiment_id if base_run and _run_exists(client, base_run) else None
+    tags = {ADAPTER_OF: base_uri, "base_sha256": sha256_of_base, "method": cfg.method,
+            "rank": cfg.rank if cfg.method == "lora" else "none", "tasks": ",".join(cfg.tasks)}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "adapter"
+        root.mkdir()
+        for file in (adapters.WEIGHTS, adapters.CONFIG):
+            shutil.copyfile(adapter / file, root / file)
+        tuned = (adapter / adapters.CARD).read_text(encoding="utf-8") if (adapter / adapters.CARD).is_file() else ""
+        (root / adapters.CARD).write_text(_adapter_card(name, base_uri, tags, tuned), encoding="utf-8")
+        manifest_sha256 = _seal(root, sign_key)
+        with _release_run(client, experiment_id, f"release {name} adapter of {base_uri}", base_run) as run:
+            mlflow.log_artifacts(str(root), "adapter")
+            try:
+                client.get_registered_model(name)
+            except MlflowException:
+                client.create_registered_model(name)
+            version = int(client.create_model_version(name, f"{run.info.artifact_uri}/adapter", run.info.run_id).version)
+    _tag(client, name, version, {**tags, integrity.MANIFEST_TAG: manifest_sha256}, alias)
+    return version, base_uri
+
+
+def _adapter_card(name: str, base_uri: str, tags: dict, tuned: str) -> str:
+    """An adapter version's card: what it is, how to use it, then the card `tune` wrote."""
+    rank = f" of rank {tags['rank']}" if tags["method"] == "lora" else ""
+    task = tags["tasks"].split(",")[0]
+    lines = [f"# {name}: an adapter of {base_uri}", "",
+             f"A {tags['method']} adapter{rank} for the task(s) {tags['tasks']}, tuned on {base_uri} (weights sha256 "
+             f"`{tags['base_sha256']}`).", "", "## Use", "", "```",
+             f"cpm-lightning generate {base_uri} --adapter models:/{name}/VERSION --task {task} --prompt \"...\"",
+             "```", ""]
+    if tuned:  # tune's card, its title dropped
+        lines += ["## Tuning", "", tuned.partition("\n")[2].strip(), ""]
+    return "\n".join(lines)
 
 
 def _fidelities(model: CPMAnt, tokenizer, prompts: list[Prompt], hf_prompting: str | None) -> Fidelities:
@@ -386,9 +511,27 @@ class _SealedPyfunc:
         root = Path(path)
         for cache in root.rglob("__pycache__"):  # Model.log deletes these before the upload
             shutil.rmtree(cache)
-        self.manifest_sha256 = integrity.write_manifest(root)
-        if self.sign_key is not None:
-            integrity.sign(root, self.sign_key)
+        self.manifest_sha256 = _seal(root, self.sign_key)
+
+
+def _seal(root: Path, sign_key: Path | None) -> str:
+    """The manifest over every file under `root` (and the signature, with `sign_key`); returns
+    the manifest's sha256, the version's tag."""
+    manifest_sha256 = integrity.write_manifest(root)
+    if sign_key is not None:
+        integrity.sign(root, sign_key)
+    return manifest_sha256
+
+
+@contextlib.contextmanager
+def _release_run(client: MlflowClient, experiment_id: str | None, run_name: str, run_id: str | None):
+    """The MLflow run a release is logged in, beside the training run `run_id` (which may still
+    be running and must keep its status), marked with this process so that a later release can
+    tell one that was killed (fail_abandoned)."""
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={RUN_TAG: run_id or "none", PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}) as run:
+        fail_abandoned(client, run.info.experiment_id)
+        yield run
 
 
 def _log_and_register(client: MlflowClient, name: str, directory: Path, variants: Path | None, trained: TrainedModel,
@@ -410,9 +553,7 @@ def _log_and_register(client: MlflowClient, name: str, directory: Path, variants
                                params=ParamSchema([ParamSpec(k, {int: "long", float: "double"}[type(v)], v)
                                                    for k, v in PARAMS.items()]))
     flavor = _SealedPyfunc(sign_key)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"release {name} step {trained.step}",
-                          tags={RUN_TAG: run_id or "none", PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}) as run:
-        fail_abandoned(client, run.info.experiment_id)
+    with _release_run(client, experiment_id, f"release {name} step {trained.step}", run_id):
         # Model.log is what mlflow.pyfunc.log_model calls, with mlflow.pyfunc as the flavor.
         info = Model.log(artifact_path=None, name="model", flavor=flavor, python_model=str(MODEL_CODE),
                          artifacts={"model_dir": str(directory), **({"variants": str(variants)} if variants else {})},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,15 @@ RUN_TAG = "cpm.run_id"  # on a model version: the training run it was released f
 TRUSTED_KEY_ENV = "CPM_LIGHTNING_TRUSTED_KEY"  # a public key: pulls then require its signature
 HF_DIR = "hf"  # in a release: the Hugging Face layout (cpm_lightning.inference.hf)
 VARIANTS_TAG = "variants"  # on a model version: its variants (integrity.VARIANTS_DIR), comma-separated, or none
+ADAPTER_OF = "adapter_of"  # on an adapter version (`release --adapter`): models:/NAME/VERSION of its base
+_TAG_UNSAFE = re.compile(r"[^\w .-]")
+APP_STATUS = "status"  # app/NAME/status on a release: ok, or "broken: why" (its adapter could not run on it)
+
+
+def app_tag(app: str, key: str) -> str:
+    """The tag of a release that records `key` (TASK/METRIC, or APP_STATUS) of application `app`
+    re-scored on it; the name with what MLflow's tag keys cannot hold replaced by -."""
+    return f"app/{_TAG_UNSAFE.sub('-', app)}/{key}"
 
 
 def applied_proposals(client: MlflowClient, run_id: str | None, registry_dir: Path, ids: str | None = None) -> list[dict]:
@@ -155,13 +165,28 @@ def _pull_variant(source: str, local: Path, expected: str, where: str, variant: 
 
 
 @contextlib.contextmanager
-def pulled(uri: str) -> Iterator[Path]:
-    """The model directory of models:/NAME@ALIAS or models:/NAME/VERSION, pulled to a temporary
-    directory and verified (with $CPM_LIGHTNING_TRUSTED_KEY when set) before any of it is read;
-    it lasts as long as the context."""
-    mlflow.set_tracking_uri(TrackingConfig().resolved_uri)
+def pulled(uri: str, inside: Path = MODEL_DIR, tracking_uri: str | None = None) -> Iterator[Path]:
+    """The model directory of models:/NAME@ALIAS or models:/NAME/VERSION (its `inside`), pulled
+    from the store at `tracking_uri` (unset: $MLFLOW_TRACKING_URI's, as `generate` reads a models:/
+    source) to a temporary directory and verified (with $CPM_LIGHTNING_TRUSTED_KEY when set)
+    before any of it is read; it lasts as long as the context."""
+    mlflow.set_tracking_uri(tracking_uri or TrackingConfig().resolved_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        yield pull(uri, Path(tmp) / "release", trusted_key(None)) / MODEL_DIR
+        yield pull(uri, Path(tmp) / "release", trusted_key(None)) / inside
+
+
+@contextlib.contextmanager
+def pulled_adapter(uri: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """The adapter directory of an adapter version (`release --adapter`: the adapter's files at
+    the version's root, beside its manifest), pulled and verified as `pulled` does; any other
+    version is a UserError before anything is downloaded."""
+    mlflow.set_tracking_uri(tracking_uri or TrackingConfig().resolved_uri)
+    name, version = resolve_version(MlflowClient(), uri)
+    if ADAPTER_OF not in MlflowClient().get_model_version(name, version).tags:
+        raise UserError(f"--adapter {uri}: models:/{name}/{version} is not an adapter version (no tag {ADAPTER_OF}); "
+                        "expected one `cpm-lightning release --adapter` registered")
+    with pulled(f"models:/{name}/{version}", Path(), tracking_uri) as directory:
+        yield directory
 
 
 def version_aliases(model) -> dict[str, list[str]]:

@@ -34,7 +34,17 @@ from cpm_lightning.core.errors import UserError
 from cpm_lightning.registry.schema import Proposal
 from cpm_lightning.tracking.html import esc, line_chart, link, markdown
 from cpm_lightning.tracking.releases import HF_DIR
-from cpm_lightning.tracking.site_data import PROMPT_STEPS, REPORTS, RunData, SeriesCache, Site, read_site
+from cpm_lightning.tracking.site_data import (
+    NOISE,
+    PROMPT_STEPS,
+    REPORTS,
+    WORSE_BY,
+    RunData,
+    SeriesCache,
+    Site,
+    app_history,
+    read_site,
+)
 from cpm_lightning.tracking.weekly import INCIDENTS, record_line
 
 PAGES = (("index.html", "Overview"), ("metrics.html", "Metrics"), ("logs.html", "Logs"),
@@ -357,14 +367,33 @@ def _release_href(site: Site, uri: str) -> str | None:
     return None
 
 
+def _release_cell(site: Site, uri: str) -> str:
+    href = _release_href(site, uri)
+    return f'<a href="{esc(href)}">{esc(uri)}</a>' if href else esc(uri)
+
+
 def _apps(site: Site) -> str:
-    rows = []
-    for app in site.apps:
-        href = _release_href(site, app.release)
-        rows.append([link(app.link, app.name), esc(", ".join(app.authors)),
-                     f'<a href="{esc(href)}">{esc(app.release)}</a>' if href else esc(app.release)])
-    return _table(["application", "authors", "built on"], rows, "No applications yet: they are listed in apps.yaml "
-                  "in the registry.")
+    rows = [[link(app.link, app.name), esc(", ".join(app.authors)), _release_cell(site, app.release),
+             esc(app.adapter or "none")] for app in site.apps]
+    body = [_table(["application", "authors", "built on", "adapter"], rows, "No applications yet: they are listed in "
+                   "apps.yaml in the registry.")]
+    tuned = [app for app in site.apps if app.adapter]
+    if tuned:
+        body.append(f"<p>Every nightly release re-scores each application's adapter on its tasks, applied to the new "
+                    f"weights whatever base it was tuned on. Against the previous release: <b>worse</b> when a score "
+                    f"fell by more than {WORSE_BY:.0%} of its value and more than {NOISE:g}, <b>better</b> when one "
+                    f"rose by as much and none fell, <b>broken</b> when the adapter could not run on it.</p>")
+    for app in tuned:
+        history = app_history(app, site.releases)
+        metrics = sorted({k for row in history for k in row.scores})
+        rows = [[_release_cell(site, row.release.uri), esc(row.release.tags.get("step", "?")), *(
+            esc(f"{row.scores[k]:.4f}") if k in row.scores else "&ndash;" for k in metrics),
+            f"<b>{esc(row.verdict)}</b>" + (f": {esc(row.status.removeprefix('broken: '))}" if row.verdict == "broken"
+                                            else "")] for row in reversed(history)]
+        body.append(f"<h2>{esc(app.name)}</h2><p>adapter {esc(app.adapter)}, tuned on {_release_cell(site, app.release)}"
+                    "</p>" + _table(["release", "step", *metrics, "against the previous release"], rows,
+                                    "No release has re-scored it yet."))
+    return "\n".join(body)
 
 
 def _incidents(site: Site) -> str:

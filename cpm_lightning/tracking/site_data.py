@@ -1,7 +1,8 @@
 """What the public site of a run shows (`cpm-lightning report site`, tracking/site.py renders it), read
 from the MLflow experiment and the registry directory: its runs and their charted metrics, the
-change ledgers, releases, the prompt book's completions, the daily and weekly reports. Everything
-comes from the store a reader of the experiment could read.
+change ledgers, releases, the prompt book's completions, the applications' adapters re-scored on
+each release, the daily and weekly reports. Everything comes from the store a reader of the
+experiment could read.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, STEP_ARTIFACT, App, Prompt, load_apps, load_prompts
 from cpm_lightning.registry.schema import Proposal
-from cpm_lightning.tracking.releases import RUN_TAG, version_aliases
+from cpm_lightning.tracking.releases import APP_STATUS, RUN_TAG, app_tag, version_aliases
 from cpm_lightning.tracking.report import experiment_runs
 from cpm_lightning.tracking.weekly import ledger_records, read_proposals
 
@@ -28,6 +29,10 @@ CHARTED = ("train/loss", "val/loss", "train/tokens_per_sec", "train/grad_norm", 
 REPORTS = ("daily", "weekly")  # the artifact folders of `report daily|weekly` on a run
 REPORT_FILE = re.compile(r"^[\w.-]+\.(md|png)$")
 PROMPT_STEP = re.compile(r"^step-(\d+)\.json$")
+WORSE_BY, NOISE = 0.10, 0.01
+"""An application's row is `worse` when one of its scores fell from the previous release's by more
+than WORSE_BY of that score and more than NOISE (a young model's scores near zero move by noise),
+`better` when one rose by as much and none fell."""
 PROMPT_STEPS = 12
 """Training steps of each run whose completions the prompt book shows, the latest: each is a
 download at every rebuild. MLflow keeps all of them."""
@@ -76,6 +81,48 @@ class Release:
     @property
     def anchor(self) -> str:
         return "v-" + re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.name}-{self.version}")
+
+
+@dataclass
+class AppScores:
+    """An application's adapter re-scored on one release (`release --apps-limit`)."""
+
+    release: Release
+    status: str
+    """ok, or "broken: why"."""
+    scores: dict[str, float]
+    """TASK/METRIC -> value."""
+    verdict: str
+    """Against the previous release that scored it: first, better, same, worse (WORSE_BY), broken
+    (its adapter could not run), or fixed (it runs again)."""
+
+
+def app_history(app: App, releases: list[Release]) -> list[AppScores]:
+    """The rows of `app` (with an adapter), one per release that re-scored it, oldest first."""
+    rows: list[AppScores] = []
+    prefix = app_tag(app.name, "")
+    for rel in sorted(releases, key=lambda r: r.created_ms):
+        status = rel.tags.get(app_tag(app.name, APP_STATUS))
+        if status is None:
+            continue
+        scores = {k.removeprefix(prefix): float(v) for k, v in sorted(rel.tags.items())
+                  if k.startswith(prefix) and k != app_tag(app.name, APP_STATUS)}
+        rows.append(AppScores(rel, status, scores, _verdict(status, scores, rows[-1] if rows else None)))
+    return rows
+
+
+def _verdict(status: str, scores: dict[str, float], previous: AppScores | None) -> str:
+    if status != "ok":
+        return "broken"
+    if previous is None:
+        return "first"
+    if previous.status != "ok":
+        return "fixed"
+    moved = [(v - previous.scores[k]) for k, v in scores.items() if k in previous.scores]
+    margin = [max(WORSE_BY * abs(previous.scores[k]), NOISE) for k in scores if k in previous.scores]
+    if any(d < -m for d, m in zip(moved, margin, strict=True)):
+        return "worse"
+    return "better" if any(d > m for d, m in zip(moved, margin, strict=True)) else "same"
 
 
 @dataclass

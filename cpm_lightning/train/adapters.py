@@ -223,6 +223,12 @@ def weights_sha256(names: list[str], read: Callable[[str], torch.Tensor]) -> str
     return h.hexdigest()
 
 
+def base_sha256(stored) -> str:
+    """The identity of a base model (a checkpoint.modeldir.StoredModel) that adapters are
+    checked against."""
+    return weights_sha256(list(stored.shapes), stored.read)
+
+
 def save_adapter(out: Path, model: CPMAnt, cfg: AdapterConfig, base: dict, card: str) -> list[Path]:
     """Write the adapter of `model` into directory `out`: its tensors, adapter.json (the config
     and `base`, the base's sha256 and where it was read) and the card. Returns the files."""
@@ -257,12 +263,15 @@ def read_adapter(directory: Path) -> tuple[AdapterConfig, dict, dict[str, torch.
     return cfg, base, load_file(str(directory / WEIGHTS))
 
 
-def apply_adapter(model: CPMAnt, directory: Path, base_sha256: str, merge: bool = False) -> AdapterConfig:
+def apply_adapter(model: CPMAnt, directory: Path, base_sha256: str, merge: bool = False,
+                  any_base: bool = False) -> AdapterConfig:
     """Apply the adapter in `directory` to `model`, whose weights hash to `base_sha256`: an
     adapter tuned on another base, or whose tensors do not fit this model, is a UserError.
-    `merge`: fold it into the weights (a plain CPMAnt, as fast as the base)."""
+    `merge`: fold it into the weights (a plain CPMAnt, as fast as the base). `any_base`: apply
+    it to another base too (a nightly release re-scores the applications' adapters on the new
+    weights: whether they still work is the question), still refusing tensors that do not fit."""
     cfg, base, state = read_adapter(directory)
-    if base.get("sha256") != base_sha256:
+    if base.get("sha256") != base_sha256 and not any_base:
         raise UserError(f"--adapter {directory} was tuned on the base with weights sha256 {base.get('sha256')}, "
                         f"not on this one ({base_sha256})")
     method = METHODS[cfg.method]

@@ -61,9 +61,10 @@ def test_the_seed_book_loads():
 
 def test_entries_are_read_as_written(tmp_path):
     app = {"name": "Poems", "authors": ["@a", "@b"], "link": "https://example.org/p", "release": "models:/demo@stable"}
-    path = registry(tmp_path, [PROMPT, {**PROMPT, "id": "analects", "text": ZH[0]}], [app])
+    tuned = {**app, "name": "QA", "authors": ["@c"], "adapter": "models:/demo-qa/2"}
+    path = registry(tmp_path, [PROMPT, {**PROMPT, "id": "analects", "text": ZH[0]}], [app, tuned])
     assert load_prompts(path) == [Prompt(**PROMPT), Prompt(**{**PROMPT, "id": "analects", "text": ZH[0]})]
-    assert load_apps(path) == [App(**app)]
+    assert load_apps(path) == [App(**app), App(**tuned)] and load_apps(path)[0].adapter is None
 
 
 BAD = {  # case -> (file, its text, the one line load_* fails with, after the file's path)
@@ -89,6 +90,10 @@ BAD = {  # case -> (file, its text, the one line load_* fails with, after the fi
                                "    release: runs:/0123/model\n",
                     ":5: apps[0] (name x): release: expected models:/NAME/VERSION or models:/NAME@ALIAS, "
                     "got 'runs:/0123/model'"),
+    "adapter not a models:/ URI": (APPS_FILE, "apps:\n  - {name: x, authors: ['@a'], link: 'https://x.org', "
+                                   "release: 'models:/d/1', adapter: ./adapter}\n",
+                                   ":2: apps[0] (name x): adapter: expected an adapter version (`cpm-lightning release "
+                                   "--adapter`), models:/NAME/VERSION or models:/NAME@ALIAS, got './adapter'"),
     "no authors": (APPS_FILE, "apps:\n  - {name: x, authors: [], link: 'https://x.org', release: 'models:/d/1'}\n",
                    ":2: apps[0] (name x): authors: expected a non-empty list of names, got []"),
     # A hostile book is refused as a proposal would be, before it is built into Python objects.

@@ -250,7 +250,8 @@ def bad_cases(tokenizer) -> dict[str, tuple[str, dict, str, str | None]]:
     prompt_tokens = len(tokenizer.encode(PROMPT))
     user = [{"role": "user", "content": "Hi"}]
     chat_tokens = len(tokenizer.encode("User: Hi\nAssistant:"))
-    completion_fields = "model, max_tokens, temperature, top_p, stop, seed, stream, stream_options, n, user, prompt"
+    completion_fields = ("model, max_tokens, temperature, top_p, stop, seed, stream, stream_options, n, user, task, "
+                         "context, prompt")
     return {
         "unknown field": ("completions", {"frequency_penalty": 0.5},
                           f"frequency_penalty: unknown field; expected one of: {completion_fields}",
@@ -288,7 +289,35 @@ def bad_cases(tokenizer) -> dict[str, tuple[str, dict, str, str | None]]:
                                    f"max_tokens 300: the prompt is {chat_tokens} tokens and the model's maximum "
                                    f"length is 256, so at most {256 - chat_tokens} new tokens fit", "max_tokens"),
         "missing field": ("chat", {"messages": None}, "messages: Field required", "messages"),
+        "unknown task": ("completions", {"task": "poetry"},
+                         "task: unknown task 'poetry'; expected one of: qa, summarize, translate", "task"),
+        "context without a task": ("completions", {"context": "A passage."},
+                                   "context: the passage of a task's input; give the task too (task: qa)", "context"),
+        "a task of a chat": ("chat", {"task": "qa", "messages": [{"role": "system", "content": "Be brief."}, *user]},
+                             "messages: with task qa, one user message (the task's input); got the roles system, user",
+                             "messages"),
     }
+
+
+def test_a_task_request_is_what_generate_task_prints(client, model_dir, capsys):
+    """`task` and `context` lay the prompt out as `generate --task qa --context` does (greedy,
+    the same text), on /v1/completions, streamed, and on a chat of one user message."""
+    question, passage = "Who acknowledged it?", "It is a truth universally acknowledged by everyone."
+    main(["generate", str(model_dir), "--task", "qa", "--context", passage, "--prompt", question,
+          "--max-new-tokens", "8", "--temperature", "0"])
+    expected = capsys.readouterr().out.removesuffix("\n")
+    c = client.completions.create(model=NAME, prompt=question, max_tokens=8, temperature=0,
+                                  extra_body={"task": "qa", "context": passage})
+    assert c.choices[0].text == expected and c.usage.completion_tokens > 0
+    streamed = client.completions.create(model=NAME, prompt=question, max_tokens=8, temperature=0, stream=True,
+                                         extra_body={"task": "qa", "context": passage})
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}], max_tokens=8,
+                                          temperature=0, extra_body={"task": "qa", "context": passage})
+    assert chat.choices[0].message.content == expected
+    # Without the task, the same prompt is continued as text: another input, another output.
+    plain = client.completions.create(model=NAME, prompt=question, max_tokens=8, temperature=0)
+    assert c.usage.prompt_tokens > plain.usage.prompt_tokens  # the passage was read too
 
 
 def test_bad_requests_are_400s_and_the_server_keeps_serving(client, loaded):

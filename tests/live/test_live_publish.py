@@ -159,3 +159,18 @@ def test_fit_help_explains_the_publishing_keys(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert ("--live.release_every_n_steps RELEASE_EVERY_N_STEPS Release the checkpoint of every this many steps (a "
             "multiple of checkpoint.every_n_steps) to the Model Registry with alias `nightly`") in text
+
+
+def test_a_nightly_release_rescores_the_applications_adapters(tmp_path, corpus):
+    """With a registry, the release command re-scores its apps.yaml adapters on live.apps_limit
+    examples per task (tests/tracking/test_apps.py runs that release)."""
+    (tmp_path / "registry").mkdir()
+    cfg = live_config(tmp_path, corpus, [], **{"trainer.max_steps": 8, "live.release_every_n_steps": 4,
+                                               "live.apps_limit": 3, "registry.path": str(tmp_path / "registry")})
+    settings = read_settings(["--config", str(cfg)])
+    files = LiveDir(settings.root)
+    files.publish.mkdir(parents=True)
+    (files.publish / "step-00000004.ckpt").write_bytes(b"a checkpoint")
+    argv = publish.Publisher(settings, files)._due(step=6).argv
+    assert argv[argv.index("--proposals"):argv.index("--proposals") + 4] == [
+        "--proposals", str(tmp_path / "registry"), "--apps-limit", "3"]
