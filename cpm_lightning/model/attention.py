@@ -38,11 +38,29 @@ def use_flex(choice: str, device: torch.device, backward: bool) -> bool:
 
 
 @functools.cache
-def flex_kernel() -> Callable:
-    # Eager flex_attention is PyTorch's reference: it materialises the scores it exists to avoid.
+def _compiled_flex() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+@torch.compiler.disable
+def _flex_apart(*args, **kwargs):
+    return _compiled_flex()(*args, **kwargs)
+
+
+def flex_kernel(device: torch.device) -> Callable:
+    """flex_attention compiled: called eagerly it is PyTorch's reference, which materialises the
+    scores it exists to avoid. Inside a compiled block (model.parallel.compile) dynamo compiles
+    it with the block on CUDA; on CPU inductor's C++ template fails to lower it inside a larger
+    graph (torch 2.13), so there the block breaks its graph around its own compiled kernel."""
+    if not torch.compiler.is_compiling():
+        return _compiled_flex()
+    if device.type == "cuda":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention
+    return _flex_apart
 
 
 @dataclass
@@ -82,7 +100,7 @@ def attend(q, k, v, mask, scale: float | None, gqa: bool):
     is the dense additive mask or None (is_causal, or one new token that sees every cached one),
     FlexAttention when it is a FlexMask."""
     if isinstance(mask, FlexMask):
-        return flex_kernel()(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask, scale=scale,
+        return flex_kernel(q.device)(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask, scale=scale,
                              enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa,
                                           is_causal=mask is None and q.shape[2] > 1)

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import pytest
 import torch
 import torch.nn.attention.flex_attention as torch_flex
+from conftest import cli_error, write_config, write_corpus
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.model import ArchConfig, CPMAnt, transformer
 from cpm_lightning.model import attention as kernels
 from cpm_lightning.model.attention import FlexMask, use_flex
 from cpm_lightning.train.config import ParallelConfig
+from cpm_lightning.train.sharding import apply_parallel
 
 DEVICE = torch.device(os.environ.get("CPM_ATTENTION_TEST_DEVICE", "cpu"))
 
@@ -40,9 +43,13 @@ CASES = ["plain", "segments_context_padding", "packed"]
 def flex(monkeypatch):
     """On CUDA the real compiled kernel. On CPU PyTorch's eager FlexAttention, with its refusal
     of a CPU backward lifted (its dense backward is the reference PyTorch tests its kernels
-    against), so the score_mod's gradient to the table is checked here too."""
-    if DEVICE.type == "cpu":
-        monkeypatch.setattr(kernels, "flex_kernel", lambda: torch_flex.flex_attention)
+    against), so the score_mod's gradient to the table is checked here too. On CUDA each test
+    compiles its own graph: more than dynamo's default limit of recompiles of one function."""
+    if DEVICE.type == "cuda":
+        # Each test's score_mod and mask_mod are another graph of the one compiled function.
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    else:
+        monkeypatch.setattr(kernels, "flex_kernel", lambda device: torch_flex.flex_attention)
         monkeypatch.setattr(torch_flex, "_validate_device", lambda *args: None)
         monkeypatch.setattr(transformer, "use_flex", lambda choice, device, backward: choice == "flex")
 
@@ -118,7 +125,7 @@ def test_flex_without_a_mask_or_bias_is_sdpas_causal_kernel():
     _, model = model_pair("rotary")
     model.attention_kernel = "flex"
     with torch.no_grad():
-        assert model._mask(torch.arange(8), None, None, None, None) is None
+        assert model._mask(torch.arange(8, device=DEVICE), None, None, None, None) is None
 
 
 def test_decoding_with_the_kv_cache_stays_on_sdpa_and_matches_the_full_forward(flex):
@@ -131,7 +138,7 @@ def test_decoding_with_the_kv_cache_stays_on_sdpa_and_matches_the_full_forward(f
         cache = KVCache(model, 3, 40)
         first = {k: v[:, :30] for k, v in batch.items()}
         model(**first, cache=cache)
-        assert isinstance(model._mask(torch.arange(30, 31), batch["segment_ids"][:, 30:31], None,
+        assert isinstance(model._mask(torch.arange(30, 31, device=DEVICE), batch["segment_ids"][:, 30:31], None,
                                       batch["attention_mask"][:, 30:31], KVCache(model, 3, 40)), torch.Tensor)
         last = model(**{k: v[:, 30:] for k, v in batch.items() if k != "context"}, cache=cache)
     torch.testing.assert_close(last, full[:, 30:], atol=1e-5, rtol=0)
@@ -159,14 +166,31 @@ def test_training_a_flex_model_on_cpu_is_one_line_error():
 def test_an_unknown_kernel_lists_the_valid_ones():
     with pytest.raises(UserError, match=r"^unknown model.parallel.attention 'dense'; expected one of: auto, flex, sdpa$"):
         ParallelConfig(attention="dense")
-    assert dataclasses.replace(ParallelConfig(), attention="flex").attention == "flex"
+    model = CPMAnt(ArchConfig(preset="tiny", vocab_size=64))
+    apply_parallel(model, dataclasses.replace(ParallelConfig(), attention="flex"))
+    assert model.attention_kernel == "flex" and CPMAnt.attention_kernel == "sdpa"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CUDA run compiles in every test above")
 def test_the_compiled_cpu_kernel_reads_what_the_sdpa_path_reads():
-    """The kernel `flex` runs on CPU (inductor's C++ FlexAttention, forward only): one compile."""
+    """The kernel `flex` runs on CPU (inductor's C++ FlexAttention, forward only), alone and
+    inside compiled blocks (model.parallel.compile)."""
     sdpa, flex = model_pair("gqa")
     batch = inputs("segments_context_padding")
     with torch.no_grad():
-        torch.testing.assert_close(flex(**batch), sdpa(**batch), atol=1e-5, rtol=0)
+        expected = sdpa(**batch)
+        torch.testing.assert_close(flex(**batch), expected, atol=1e-5, rtol=0)
+        apply_parallel(flex, ParallelConfig(compile=True, attention="flex"))
+        torch.testing.assert_close(flex(**batch), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow  # trains the run's tokenizer and opens an MLflow store before the model is built
+def test_fit_with_an_unknown_kernel_is_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["cpm-lightning"])  # LightningCLI reads sys.argv beside its args
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    config = write_config(tmp_path / "config.yaml", write_corpus(tmp_path),
+                          **{"model.parallel.attention": "dense", "registry.path": None})
+    assert cli_error(capsys, "fit", "--config", str(config)) == (
+        "unknown model.parallel.attention 'dense'; expected one of: auto, flex, sdpa")
+    assert not (tmp_path / "run").exists()
