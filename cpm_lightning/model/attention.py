@@ -100,7 +100,7 @@ def attend(q, k, v, mask, scale: float | None, gqa: bool):
     is the dense additive mask or None (is_causal, or one new token that sees every cached one),
     FlexAttention when it is a FlexMask."""
     if isinstance(mask, FlexMask):
-        return flex_kernel(q.device)(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask, scale=scale,
-                             enable_gqa=gqa)
+        return flex_kernel(q.device)(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask,
+                                     scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa,
                                           is_causal=mask is None and q.shape[2] > 1)
