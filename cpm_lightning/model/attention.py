@@ -38,38 +38,26 @@ def use_flex(choice: str, device: torch.device, backward: bool) -> bool:
 
 
 @functools.cache
-def _compiled_flex() -> Callable:
+def _kernels() -> tuple[Callable, Callable, Callable]:
+    """flex_attention as (traced into a compiled block on CUDA, compiled on its own, compiled on
+    its own behind a graph break). Called eagerly flex_attention is PyTorch's reference, which
+    materialises the scores it exists to avoid; on CPU inductor's C++ template fails to lower it
+    inside a larger graph (torch 2.13), so a compiled block there breaks its graph around it.
+    Built on first use: torch.compile imports dynamo (and sympy), which `--help` must not."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
-
-
-@torch.compiler.disable
-def _flex_apart(*args, **kwargs):
-    return _compiled_flex()(*args, **kwargs)
-
-
-def flex_kernel(device: torch.device) -> Callable:
-    """flex_attention compiled: called eagerly it is PyTorch's reference, which materialises the
-    scores it exists to avoid. Inside a compiled block (model.parallel.compile) dynamo compiles
-    it with the block on CUDA; on CPU inductor's C++ template fails to lower it inside a larger
-    graph (torch 2.13), so there the block breaks its graph around its own compiled kernel."""
-    if not torch.compiler.is_compiling():
-        return _compiled_flex()
-    if device.type == "cuda":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention
-    return _flex_apart
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return flex_attention, compiled, torch.compiler.disable(compiled)
 
 
 @dataclass
 class FlexMask:
-    """What every layer's FlexAttention call of one forward shares: the BlockMask and the
-    score_mod (None: no additive bias, as with rotary)."""
+    """What every layer's FlexAttention call of one forward shares: the BlockMask, the
+    score_mod (None: no additive bias, as with rotary) and the kernels (`_kernels`)."""
 
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
     score_mod: Callable | None
+    kernels: tuple[Callable, Callable, Callable]
 
 
 def flex_mask(T: int, device: torch.device, score_mod: Callable | None, context=None, sample_ids=None,
@@ -92,7 +80,8 @@ def flex_mask(T: int, device: torch.device, score_mod: Callable | None, context=
 
     per_sample = [t for t in (context, sample_ids, attention_mask) if t is not None]
     B = per_sample[0].shape[0] if per_sample else None  # None: one mask broadcast over the batch
-    return FlexMask(create_block_mask(mask_mod, B, None, T, T, device=device), score_mod)
+    # Outside the blocks, so eager even when they are compiled: _kernels is built here.
+    return FlexMask(create_block_mask(mask_mod, B, None, T, T, device=device), score_mod, _kernels())
 
 
 def attend(q, k, v, mask, scale: float | None, gqa: bool):
@@ -100,7 +89,8 @@ def attend(q, k, v, mask, scale: float | None, gqa: bool):
     is the dense additive mask or None (is_causal, or one new token that sees every cached one),
     FlexAttention when it is a FlexMask."""
     if isinstance(mask, FlexMask):
-        return flex_kernel(q.device)(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask,
-                                     scale=scale, enable_gqa=gqa)
+        traced, compiled, apart = mask.kernels
+        kernel = (traced if q.is_cuda else apart) if torch.compiler.is_compiling() else compiled
+        return kernel(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa,
                                           is_causal=mask is None and q.shape[2] > 1)

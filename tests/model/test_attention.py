@@ -49,7 +49,7 @@ def flex(monkeypatch):
         # Each test's score_mod and mask_mod are another graph of the one compiled function.
         monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
     else:
-        monkeypatch.setattr(kernels, "flex_kernel", lambda device: torch_flex.flex_attention)
+        monkeypatch.setattr(kernels, "_kernels", lambda: (torch_flex.flex_attention,) * 3)
         monkeypatch.setattr(torch_flex, "_validate_device", lambda *args: None)
         monkeypatch.setattr(transformer, "use_flex", lambda choice, device, backward: choice == "flex")
 
