@@ -3,6 +3,7 @@ context prefix) attending through SDPA over the dense bias vs FlexAttention (mod
 `model.parallel.attention`), at T = 512, 1024, 2048.
 
     .venv/bin/python benchmarks/attention_memory.py [--device cpu|cuda] [--T 512 1024 2048] [--batch B]
+        [--steps both|train|forward]
 
 Each case runs in its own process: a warm-up step (FlexAttention's compile), then `--repeat`
 timed steps. Peak memory is what the step adds to what was resident before it: on CUDA
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=3, help="timed steps per case (median)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per case")
+    parser.add_argument("--steps", default="both", choices=["both", "train", "forward"],
+                        help="forward+backward, forward alone, or both")
     parser.add_argument("--child", nargs=3, metavar=("KERNEL", "T", "BACKWARD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,7 +110,7 @@ def main() -> None:
           f"{args.dtype}, {args.device}; torch {torch.__version__}; peak = memory the step adds, time = median of "
           f"{args.repeat}")
     steps = [("forward+backward", True), ("forward", False)]
-    for name, backward in steps:
+    for name, backward in steps[:1] if args.steps == "train" else steps[1:] if args.steps == "forward" else steps:
         print(f"\n{name}")
         print(f"{'T':>5} {'dense bias':>10} | {'sdpa peak':>9} {'time':>7} | {'flex peak':>9} {'time':>7} {'compile':>7} "
               f"| {'peak ratio':>10} {'time ratio':>10}")
