@@ -3,10 +3,14 @@
 #   1. bf16 FSDP2 on the cpm-ant-1b preset over every GPU: tokens/s and MFU against the device's
 #      dense bf16 peak (a line starting with RESULT), and the time to write its sharded checkpoint;
 #   2. the exact-resume test of tests/train/test_fsdp.py on GPU: SIGTERM, then SIGKILL while saving, then
-#      resume on fewer ranks — same samples, same losses (to 1e-3: bf16 compute).
+#      resume on fewer ranks — same samples, same losses (to 1e-3: bf16 compute);
+#   3. FlexAttention (model/attention.py): its equality tests with CUDA tensors, forward and
+#      backward through the compiled kernel, and benchmarks/attention_memory.py's training step at
+#      T = 1024, 2048 (peak memory and time, SDPA over the dense bias vs FlexAttention).
 # Run from anywhere: bash benchmarks/gpu_check.sh   Environment: PYTHON (default .venv/bin/python or
 # python3), OUT (a directory for logs and the run; default a new temporary one), STEPS (default 30),
-# MICRO_BATCH (samples per GPU per step, default 16), COMPILE=1 (torch.compile each block).
+# MICRO_BATCH (samples per GPU per step, default 16), COMPILE=1 (torch.compile each block),
+# FLEX=0 (skip step 3), FLEX_BATCH (samples in step 3's benchmark, default 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -57,4 +61,16 @@ rm -rf "$OUT/1b" "$OUT/1b-model"  # gigabytes
 # 2. Exact resume on GPU (2 ranks when there are 2 GPUs).
 CPM_FSDP_TEST_ACCELERATOR=gpu CPM_FSDP_TEST_DEVICES=$(( GPUS >= 2 ? 2 : 1 )) CPM_FSDP_TEST_LOSS_ATOL=1e-3 \
     "$PY" -m pytest -q -p no:cacheprovider tests/train/test_fsdp.py -k test_b_d_e 2>&1 | tee "$OUT/resume.log" | tail -3
+# ---- 3. FlexAttention (issue 25 item 1) ------------------------------------------------------
+# Three shape families with every mask rule between them (each test compiles its own forward and
+# backward; the whole matrix would take minutes, and runs on CPU), then the
+# benchmark of training steps: one cpm-ant-1b block, SDPA over the dense bias vs FlexAttention.
+if [ "${FLEX:-1}" = 1 ]; then
+    CPM_ATTENTION_TEST_DEVICE=cuda PYTHONPATH="$REPO" "$PY" -m pytest -q -p no:cacheprovider tests/model/test_attention.py \
+        -k "relative_buckets-segments_context_padding or rotary-packed or gqa-packed or bias_table" \
+        2>&1 | tee "$OUT/flex-tests.log" | tail -3
+    PYTHONPATH="$REPO" "$PY" benchmarks/attention_memory.py --device cuda --T 1024 2048 --batch "${FLEX_BATCH:-8}" --steps train \
+        2>&1 | tee "$OUT/flex-bench.log"
+fi
+# ---- end of 3 ----------------------------------------------------------------------------------
 echo "== done in $(( $(date +%s) - start ))s"

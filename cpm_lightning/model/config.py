@@ -31,6 +31,13 @@ PRESETS: dict[str, dict] = {
                         num_ffn_layers=48, vocab_size=30720),
 }
 
+# model.parallel.attention (train/config.py ParallelConfig), how CPMAnt attends (model/attention.py).
+ATTENTION_KERNELS: dict[str, str] = {
+    "sdpa": "scaled_dot_product_attention over a dense [B, H, T, S] bias and mask (the reference)",
+    "flex": "FlexAttention, bias and mask computed inside the kernel (compiled; on CPU forward only)",
+    "auto": "flex on CUDA, sdpa elsewhere",
+}
+
 MAX_PARAMS = 20_000_000_000
 """The largest model the project builds from what others wrote (registry.max_params' default, a
 model directory's config.json): twice the largest preset."""

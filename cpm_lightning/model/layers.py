@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpm_lightning.model.attention import attend
+
 
 class Linear(nn.Module):
     """Bias-free linear layer with CPM-Ant's scaled init: weights N(0, 1), output scaled by
@@ -110,6 +112,23 @@ class RelativeBuckets(nn.Module):
         bucket = torch.where(q_seg[:, :, None] == k_seg[:, None, :], bucket[None], pair)
         return self.weight[bucket].permute(0, 3, 1, 2)
 
+    def score_mod(self, T: int, seg):
+        """`bias` for FlexAttention over T positions from 0, segments seg [B, T] or None: a
+        gather from the table per score, so its gradient reaches the table, from a [2T - 1]
+        bucket per distance instead of a [T, T] one."""
+        bucket_of = relative_bucket(torch.arange(1 - T, T, device=self.weight.device), self.num_buckets,
+                                    self.max_distance)  # bucket of k - q at k - q + T - 1
+        weight, buckets, n = self.weight, self.num_buckets, self.num_segments
+        if seg is None:
+            return lambda score, b, h, q, k: score + weight[bucket_of[k - q + T - 1], h]
+
+        def mod(score, b, h, q, k):
+            q_seg, k_seg = seg[b, q], seg[b, k]
+            row = torch.where(q_seg == k_seg, bucket_of[k - q + T - 1], buckets + q_seg * n + k_seg)
+            return score + weight[row, h]
+
+        return mod
+
     def rotate(self, q, k, pos):
         return q, k
 
@@ -125,6 +144,9 @@ class Rotary(nn.Module):
         pass
 
     def bias(self, q_pos, k_pos, q_seg, k_seg):
+        return None
+
+    def score_mod(self, T: int, seg):
         return None
 
     def rotate(self, q, k, pos):
@@ -145,8 +167,9 @@ def _turn(x, turn):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through scaled_dot_product_attention; grouped-query when
-    num_kv_heads < num_heads. `cache` is a KVCache slot for incremental decoding."""
+    """Multi-head attention; grouped-query when num_kv_heads < num_heads. `mask` is what
+    attention.attend takes (the dense mask, None or a FlexMask); `cache` is a KVCache slot for
+    incremental decoding."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -168,11 +191,7 @@ class Attention(nn.Module):
         q, k = position.rotate(q, k, pos)  # new tokens only: the cache holds rotated keys
         if cache is not None:
             k, v = cache.update(k, v)  # [B, K, S, D]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.score_scale, enable_gqa=self.kv != self.h,
-            # No mask: plain causal text, or one new token that sees every cached one.
-            is_causal=mask is None and T > 1,
-        )
+        out = attend(q, k, v, mask, self.score_scale, self.kv != self.h)
         return self.attention_out(out.transpose(1, 2).reshape(B, T, self.h * self.d))
 
 

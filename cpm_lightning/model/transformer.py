@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpm_lightning.model.attention import flex_mask, use_flex
 from cpm_lightning.model.config import ArchConfig
 from cpm_lightning.model.layers import COMPONENTS, Block, scaled_linear
 
@@ -54,6 +55,11 @@ class _Slot:
 
 
 class CPMAnt(nn.Module):
+    attention_kernel = "sdpa"
+    """sdpa, flex or auto (model/config.py, ATTENTION_KERNELS): how a forward without a KV cache
+    attends; training sets it from model.parallel.attention. Not a parameter: checkpoints and
+    the architecture do not depend on it."""
+
     def __init__(self, cfg: ArchConfig):
         super().__init__()
         cfg = cfg.resolved()
@@ -143,8 +149,14 @@ class CPMAnt(nn.Module):
 
     def _mask(self, pos, segment_ids, context, attention_mask, cache, sample_ids=None):
         """Additive attention mask [B or 1, H or 1, T, S], or None when queries see every key up
-        to their own position without a bias (SDPA's is_causal, or one new token)."""
+        to their own position without a bias (SDPA's is_causal, or one new token), or the
+        FlexMask that computes both inside FlexAttention (attention.py) when the kernel is flex."""
         T, S = len(pos), int(pos[-1]) + 1
+        if cache is None and use_flex(self.attention_kernel, pos.device, torch.is_grad_enabled()):
+            score_mod = self.position.score_mod(T, segment_ids)
+            if score_mod is None and context is None and attention_mask is None and sample_ids is None:
+                return None  # plain causal text: SDPA's flash kernel
+            return flex_mask(T, pos.device, score_mod, context, sample_ids, attention_mask)
         k_seg, k_valid = segment_ids, attention_mask
         if cache is not None:
             k_seg, k_valid = cache.extend(segment_ids, attention_mask, T)

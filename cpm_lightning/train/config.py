@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cpm_lightning.core.errors import lookup
 from cpm_lightning.core.ranges import check_ranges, ranged
-from cpm_lightning.model.config import ArchConfig
+from cpm_lightning.model.config import ATTENTION_KERNELS, ArchConfig
 
 MAX_STEPS = 10**9  # more optimizer steps than any run takes: a larger count is a mistake
 
@@ -91,6 +92,13 @@ class ParallelConfig:
     compile: bool = False
     """torch.compile each block separately (compile time does not grow with depth; on CPU it
     needs a C++ compiler)."""
+    attention: str = "auto"
+    """sdpa, flex or auto: attention over a dense bias and mask, or FlexAttention computing them
+    inside the kernel (model/config.py ATTENTION_KERNELS; auto is flex on CUDA, sdpa on CPU,
+    where this torch has no FlexAttention backward)."""
+
+    def __post_init__(self):
+        lookup(ATTENTION_KERNELS, self.attention, "model.parallel.attention")
 
 
 # eq/repr off: CausalLM inherits this class, and an nn.Module must stay hashable and print as

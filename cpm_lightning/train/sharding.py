@@ -96,7 +96,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 def apply_parallel(model: CPMAnt, parallel: ParallelConfig) -> None:
-    """Activation checkpointing and compilation, block by block, in place."""
+    """The attention kernel, and activation checkpointing and compilation block by block, in place."""
+    model.attention_kernel = parallel.attention
     for block in model.blocks:
         if parallel.activation_checkpointing:
             # Wrapping the bound forward (not the module, as checkpoint_wrapper does) keeps the
