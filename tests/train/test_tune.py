@@ -4,10 +4,14 @@ changes only its task's rows, the refusals, and a real tiny tuning run through `
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import conftest
+import lightning as L
 import pytest
 import torch
+import yaml
 
 from cpm_lightning.cli.main import main
 from cpm_lightning.core.errors import UserError
@@ -99,13 +103,14 @@ def test_unknown_targets_method_and_missing_prompt_rows_are_refused():
         adapters.check(no_tasks, AdapterConfig(method="prompt").for_tasks({"qa": 3}))
 
 
-def write_base(tmp_path, corpus):
-    """A model directory of the tiny preset (num_tasks 6) with a tokenizer trained on `corpus`."""
+def write_base(tmp_path, corpus, seed=0):
+    """A model directory of the tiny preset (num_tasks 6), its weights drawn from `seed`, with a
+    tokenizer trained on `corpus`."""
     from cpm_lightning.checkpoint.modeldir import write_model_dir
     from cpm_lightning.core.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer([conftest.english_text(60)], 300)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = CPMAnt(ArchConfig(preset="tiny", vocab_size=tokenizer.vocab_size, num_tasks=6, prompt_len=4))
     model.init_weights()
     write_model_dir(tmp_path / "base", model.state_dict(), model.cfg.to_dict(), tokenizer)
@@ -150,3 +155,53 @@ def test_tune_refuses_a_projection_the_model_lacks_before_training(tmp_path, cor
                                "--out", str(tmp_path / "adapter"))
     assert "no projection named w_gate" in error
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM after optimizer step `step`, as a scheduler preempting a job
+    does: the checkpoint store saves at the next step boundary and stops the run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_an_interrupted_tune_resumes_to_the_adapter_of_an_uninterrupted_one(tmp_path, corpus, capsys):
+    from safetensors.torch import load_file
+
+    base = write_base(tmp_path, corpus)
+    straight = task_config(tmp_path, corpus, **{"trainer.default_root_dir": str(tmp_path / "straight")})
+    main(["tune", str(base), "--config", str(straight), "--rank", "4", "--out", str(tmp_path / "a")])
+    resumed = task_config(tmp_path, corpus, **{"trainer.default_root_dir": str(tmp_path / "resumed")})
+    interrupted = tmp_path / "interrupted.yaml"
+    data = yaml.safe_load(resumed.read_text())
+    data["trainer"]["callbacks"] = [{"class_path": f"{__name__}.SigtermAt", "init_args": {"step": 5}}]
+    interrupted.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    main(["tune", str(base), "--config", str(interrupted), "--rank", "4", "--out", str(tmp_path / "b")])
+    assert "tune stopped at step 5 of 12: no adapter written" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+
+    # Resuming it with another rank, or on another base, is refused before anything trains.
+    error = conftest.cli_error(capsys, "tune", str(base), "--config", str(resumed), "--rank", "8", "--resume",
+                               "--out", str(tmp_path / "b"))
+    assert error == f"--resume: the tune run in {tmp_path / 'resumed'} trains an adapter of rank 4, not 8; give its options"
+    other = write_base(tmp_path / "other", corpus, seed=1)
+    error = conftest.cli_error(capsys, "tune", str(other), "--config", str(resumed), "--rank", "4", "--resume",
+                               "--out", str(tmp_path / "b"))
+    assert error.startswith(f"--resume: the tune run in {tmp_path / 'resumed'} tunes {base} (weights sha256 ")
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == checkpoints
+
+    main(["tune", str(base), "--config", str(resumed), "--rank", "4", "--resume", "--out", str(tmp_path / "b")])
+    assert "(resumed at step 5" in (tmp_path / "b" / "README.md").read_text()
+    a, b = load_file(str(tmp_path / "a" / "adapter.safetensors")), load_file(str(tmp_path / "b" / "adapter.safetensors"))
+    assert set(a) == set(b) and any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "a" / "adapter.json").read_text()) == json.loads(
+        (tmp_path / "b" / "adapter.json").read_text())
