@@ -3,7 +3,8 @@ checkpoint, a model directory, a pulled release or a `models:/` URI) on a run co
 task sources most usefully. It runs `fit` (cli/fit.py: LightningCLI, MLflow, checkpoints) from
 SRC's weights (checkpoint.init_from) with the model frozen and only the adapter training, then
 writes the adapter directory (train/adapters.py) that `generate`, `evaluate` and `serve` take with
-`--adapter DIR`.
+`--adapter DIR`. A tune stopped before trainer.max_steps (a signal) writes no adapter; `--resume`
+goes on from its newest checkpoint, checked against the run's tune.json (TuneRecord).
 
 Torch, Lightning and peft are imported when the verb runs: `--help` imports every verb module.
 """

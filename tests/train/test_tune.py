@@ -127,6 +127,34 @@ def task_config(tmp_path, corpus, **overrides):
         "model.optim.lr": 0.01, "model.arch": {}, **overrides})
 
 
+def test_an_adapter_for_another_base_or_rank_is_one_line_through_the_verbs(tmp_path, corpus, capsys):
+    from cpm_lightning.checkpoint.modeldir import open_model_dir
+    from cpm_lightning.cli.loader import base_sha256
+
+    base = write_base(tmp_path, corpus)
+    stored = open_model_dir(base)
+    model = stored.build()
+    cfg = AdapterConfig(rank=4)
+    attach(model, cfg)
+    for name in ("other", "rank"):
+        (tmp_path / name).mkdir()
+    save_adapter(tmp_path / "other", model, cfg, BASE, "card")
+    save_adapter(tmp_path / "rank", model, cfg, {**BASE, "sha256": base_sha256(stored)}, "card")
+    record = json.loads((tmp_path / "rank" / "adapter.json").read_text())
+    (tmp_path / "rank" / "adapter.json").write_text(json.dumps({**record, "rank": 8}))
+    generate = ("generate", str(base), "--prompt", "It is", "--max-new-tokens", "2", "--adapter")
+    error = conftest.cli_error(capsys, *generate, str(tmp_path / "other"))
+    assert error == (f"--adapter {tmp_path / 'other'} was tuned on the base with weights sha256 {'b' * 64}, "
+                     f"not on this one ({base_sha256(stored)})")
+    error = conftest.cli_error(capsys, *generate, str(tmp_path / "rank"), "--merge")
+    assert error.startswith(f"--adapter {tmp_path / 'rank'}: its tensors do not fit a lora adapter of rank 8 on this "
+                            "model: ") and error.endswith(", expected [8, 64]")
+    config = task_config(tmp_path, corpus)
+    assert conftest.cli_error(capsys, "tune", str(base), "--config", str(config), "--rank", "0",
+                              "--out", str(tmp_path / "a")) == "--rank must be at least 1, got 0"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_tune_trains_only_the_adapter_and_its_loss_falls(tmp_path, corpus, capsys):
     base = write_base(tmp_path, corpus)
