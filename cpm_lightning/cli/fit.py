@@ -160,8 +160,10 @@ class CPMCLI(LightningCLI):
             raise UserError(f"trainer: {message} (accelerators on this machine: {', '.join(_accelerators())})") from None
 
     def before_fit(self):
-        if self.run_plan.start:
-            self.model.migrate_on_load = migration_plan(self.run_plan.start, self.model.arch)
+        if start := self.run_plan.start:
+            if self.adapter:  # a tune checkpoint holds the base's weights under peft's names and the adapter's
+                start = dataclasses.replace(start, shapes=adapters.base_shapes(start.shapes))
+            self.model.migrate_on_load = migration_plan(start, self.model.arch)
         # Here, before Lightning launches the other ranks: one error line, not one per rank.
         t = self.trainer
         self.datamodule.micro_batch_size(t.num_devices * t.num_nodes, t.accumulate_grad_batches)

@@ -210,6 +210,20 @@ def attach(model: CPMAnt, cfg: AdapterConfig) -> None:
             p.requires_grad_("lora_" in name)
 
 
+def base_shapes(shapes: Mapping[str, list[int]]) -> dict[str, list[int]]:
+    """The base's weight shapes, by the base's names, in the shapes of a tuned model's state (a
+    `tune` checkpoint): without the adapter's tensors, and with the weights that peft's LoRA layers
+    (`.base_layer.`) and the prompt parametrization (`parametrizations.prompt_embedding.original`)
+    hold under their own names back under the base's."""
+    prompt = "parametrizations.prompt_embedding."
+    base = {}
+    for name, shape in shapes.items():
+        if any(part.startswith("lora_") for part in name.split(".")) or name == f"{prompt}0.rows":
+            continue
+        base["prompt_embedding" if name == f"{prompt}original" else name.replace(".base_layer.", ".")] = shape
+    return base
+
+
 # -- the adapter directory ----------------------------------------------------------------------
 def weights_sha256(names: list[str], read: Callable[[str], torch.Tensor]) -> str:
     """The identity of a base: sha256 of its tensors (name, dtype, shape, bytes; sorted by name),

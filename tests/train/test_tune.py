@@ -4,10 +4,14 @@ changes only its task's rows, the refusals, and a real tiny tuning run through `
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import conftest
+import lightning as L
 import pytest
 import torch
+import yaml
 
 from cpm_lightning.cli.main import main
 from cpm_lightning.core.errors import UserError
@@ -99,13 +103,14 @@ def test_unknown_targets_method_and_missing_prompt_rows_are_refused():
         adapters.check(no_tasks, AdapterConfig(method="prompt").for_tasks({"qa": 3}))
 
 
-def write_base(tmp_path, corpus):
-    """A model directory of the tiny preset (num_tasks 6) with a tokenizer trained on `corpus`."""
+def write_base(tmp_path, corpus, seed=0):
+    """A model directory of the tiny preset (num_tasks 6), its weights drawn from `seed`, with a
+    tokenizer trained on `corpus`."""
     from cpm_lightning.checkpoint.modeldir import write_model_dir
     from cpm_lightning.core.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer([conftest.english_text(60)], 300)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = CPMAnt(ArchConfig(preset="tiny", vocab_size=tokenizer.vocab_size, num_tasks=6, prompt_len=4))
     model.init_weights()
     write_model_dir(tmp_path / "base", model.state_dict(), model.cfg.to_dict(), tokenizer)
@@ -120,6 +125,34 @@ def task_config(tmp_path, corpus, **overrides):
         "data.sources": {"qa": {"url": str(tmp_path / "qa.jsonl"), "format": "task"}}, "data.seq_len": 64,
         "trainer.max_steps": 12, "trainer.val_check_interval": 12, "checkpoint.every_n_steps": 12,
         "model.optim.lr": 0.01, "model.arch": {}, **overrides})
+
+
+def test_an_adapter_for_another_base_or_rank_is_one_line_through_the_verbs(tmp_path, corpus, capsys):
+    from cpm_lightning.checkpoint.modeldir import open_model_dir
+    from cpm_lightning.cli.loader import base_sha256
+
+    base = write_base(tmp_path, corpus)
+    stored = open_model_dir(base)
+    model = stored.build()
+    cfg = AdapterConfig(rank=4)
+    attach(model, cfg)
+    for name in ("other", "rank"):
+        (tmp_path / name).mkdir()
+    save_adapter(tmp_path / "other", model, cfg, BASE, "card")
+    save_adapter(tmp_path / "rank", model, cfg, {**BASE, "sha256": base_sha256(stored)}, "card")
+    record = json.loads((tmp_path / "rank" / "adapter.json").read_text())
+    (tmp_path / "rank" / "adapter.json").write_text(json.dumps({**record, "rank": 8}))
+    generate = ("generate", str(base), "--prompt", "It is", "--max-new-tokens", "2", "--adapter")
+    error = conftest.cli_error(capsys, *generate, str(tmp_path / "other"))
+    assert error == (f"--adapter {tmp_path / 'other'} was tuned on the base with weights sha256 {'b' * 64}, "
+                     f"not on this one ({base_sha256(stored)})")
+    error = conftest.cli_error(capsys, *generate, str(tmp_path / "rank"), "--merge")
+    assert error.startswith(f"--adapter {tmp_path / 'rank'}: its tensors do not fit a lora adapter of rank 8 on this "
+                            "model: ") and error.endswith(", expected [8, 64]")
+    config = task_config(tmp_path, corpus)
+    assert conftest.cli_error(capsys, "tune", str(base), "--config", str(config), "--rank", "0",
+                              "--out", str(tmp_path / "a")) == "--rank must be at least 1, got 0"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -150,3 +183,53 @@ def test_tune_refuses_a_projection_the_model_lacks_before_training(tmp_path, cor
                                "--out", str(tmp_path / "adapter"))
     assert "no projection named w_gate" in error
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM after optimizer step `step`, as a scheduler preempting a job
+    does: the checkpoint store saves at the next step boundary and stops the run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_an_interrupted_tune_resumes_to_the_adapter_of_an_uninterrupted_one(tmp_path, corpus, capsys):
+    from safetensors.torch import load_file
+
+    base = write_base(tmp_path, corpus)
+    straight = task_config(tmp_path, corpus, **{"trainer.default_root_dir": str(tmp_path / "straight")})
+    main(["tune", str(base), "--config", str(straight), "--rank", "4", "--out", str(tmp_path / "a")])
+    resumed = task_config(tmp_path, corpus, **{"trainer.default_root_dir": str(tmp_path / "resumed")})
+    interrupted = tmp_path / "interrupted.yaml"
+    data = yaml.safe_load(resumed.read_text())
+    data["trainer"]["callbacks"] = [{"class_path": f"{__name__}.SigtermAt", "init_args": {"step": 5}}]
+    interrupted.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    main(["tune", str(base), "--config", str(interrupted), "--rank", "4", "--out", str(tmp_path / "b")])
+    assert "tune stopped at step 5 of 12: no adapter written" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+
+    # Resuming it with another rank, or on another base, is refused before anything trains.
+    error = conftest.cli_error(capsys, "tune", str(base), "--config", str(resumed), "--rank", "8", "--resume",
+                               "--out", str(tmp_path / "b"))
+    assert error == f"--resume: the tune run in {tmp_path / 'resumed'} trains an adapter of rank 4, not 8; give its options"
+    other = write_base(tmp_path / "other", corpus, seed=1)
+    error = conftest.cli_error(capsys, "tune", str(other), "--config", str(resumed), "--rank", "4", "--resume",
+                               "--out", str(tmp_path / "b"))
+    assert error.startswith(f"--resume: the tune run in {tmp_path / 'resumed'} tunes {base} (weights sha256 ")
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == checkpoints
+
+    main(["tune", str(base), "--config", str(resumed), "--rank", "4", "--resume", "--out", str(tmp_path / "b")])
+    assert "(resumed at step 5" in (tmp_path / "b" / "README.md").read_text()
+    a, b = load_file(str(tmp_path / "a" / "adapter.safetensors")), load_file(str(tmp_path / "b" / "adapter.safetensors"))
+    assert set(a) == set(b) and any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "a" / "adapter.json").read_text()) == json.loads(
+        (tmp_path / "b" / "adapter.json").read_text())
