@@ -384,11 +384,24 @@ def staged_dir(out: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _ordinary_modes(tmp)
     if out.is_dir() and not out.is_symlink():
         shutil.rmtree(out)
     elif out.exists() or out.is_symlink():
         out.unlink()
     os.replace(tmp, out)
+
+
+def _ordinary_modes(root: Path) -> None:
+    """Give a staged directory and its files the modes the user's umask gives new ones: mkdtemp
+    makes the directory private and safetensors writes its files 0600, so a model or adapter
+    directory shared on a machine could not be read by anyone else."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def is_model_dir(path: Path) -> bool:

@@ -7,6 +7,7 @@ read through a link or an index."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -147,3 +148,12 @@ def test_from_hf_refuses_an_index_that_names_a_file_outside(tmp_path, capsys):
     assert_error(code, err, f"{hf / 'model.safetensors.index.json'}: names '../other/model.safetensors', not a file in "
                             f"{hf}; an index names the weight files beside it")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_directory_is_readable_by_others_as_the_umask_allows(made):
+    """mkdtemp makes the staged directory 0700 and safetensors writes 0600: a directory shared on a
+    machine (a model, an adapter) must get the modes the umask gives an ordinary one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert made.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in made.iterdir()} == {p.name: 0o666 & ~umask for p in made.iterdir()}
