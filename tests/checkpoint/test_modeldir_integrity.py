@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import english_text
 
-from cpm_lightning.checkpoint.modeldir import CONFIG, REMEDY, WEIGHTS, write_model_dir
+from cpm_lightning.checkpoint.modeldir import CONFIG, REMEDY, WEIGHTS, staged_dir, write_model_dir
 from cpm_lightning.cli.main import main
 from cpm_lightning.core.tokenizer import train_tokenizer
 from cpm_lightning.model import ArchConfig, CPMAnt
@@ -150,10 +150,17 @@ def test_from_hf_refuses_an_index_that_names_a_file_outside(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_directory_is_readable_by_others_as_the_umask_allows(made):
+def test_a_staged_directory_is_readable_by_others_as_the_umask_allows(tmp_path):
     """mkdtemp makes the staged directory 0700 and safetensors writes 0600: a directory shared on a
-    machine (a model, an adapter) must get the modes the umask gives an ordinary one."""
+    machine (an adapter, a converted model) must get the modes the umask gives an ordinary one."""
+    from safetensors.torch import save_file
+
     umask = os.umask(0)
     os.umask(umask)
-    assert made.stat().st_mode & 0o777 == 0o777 & ~umask
-    assert {p.name: p.stat().st_mode & 0o777 for p in made.iterdir()} == {p.name: 0o666 & ~umask for p in made.iterdir()}
+    with staged_dir(tmp_path / "adapter", force=False) as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "adapter.safetensors"))
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "card.md").write_text("card")
+    out = tmp_path / "adapter"
+    assert {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]} == {
+        ".": 0o777 & ~umask, "adapter.safetensors": 0o666 & ~umask, "sub": 0o777 & ~umask, "sub/card.md": 0o666 & ~umask}
