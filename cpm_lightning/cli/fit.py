@@ -194,7 +194,7 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
     step, the kept tokenizer, init_from's architecture."""
     fit = subcommand == "fit"
     if cfg.trainer.precision == AUTO:  # here, before the Trainer is built from it
-        cfg.trainer.precision = auto_precision(cfg.trainer.accelerator)
+        cfg.trainer.precision = auto_precision(cfg.trainer.accelerator, cfg.trainer.strategy)
     # Lightning's -1 is "no limit", and the training stream never ends an epoch: trainer.max_steps
     # is what ends a fit, and what its schedule, checkpoints and live boundaries are keyed on.
     steps = Range(1, MAX_STEPS)

@@ -66,10 +66,14 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 5) -> float:
     return best(torch.float32) / best(torch.bfloat16)
 
 
-def precision_for(device_type: str, cuda_bf16: bool, cpu_speedup: float | None) -> str:
+def precision_for(device_type: str, cuda_bf16: bool, cpu_speedup: float | None, sharded: bool = False) -> str:
     """What `auto` trains in: bf16-mixed on a CUDA GPU that has bf16 and on a CPU whose bf16
     matmul measured BF16_SPEEDUP times the fp32 rate, 32-true otherwise (and on other devices).
+    `sharded` (trainer.strategy fsdp): 32-true, because FSDP2's MixedPrecisionPolicy already says
+    what its blocks compute in (bf16 on CUDA, with fp32 master weights: train/sharding.py).
     The hardware's facts in, a Lightning precision out; no measuring here."""
+    if sharded:
+        return "32-true"
     if device_type == "cuda":
         return "bf16-mixed" if cuda_bf16 else "32-true"
     if device_type == "cpu" and cpu_speedup is not None and cpu_speedup >= BF16_SPEEDUP:
@@ -77,11 +81,12 @@ def precision_for(device_type: str, cuda_bf16: bool, cpu_speedup: float | None) 
     return "32-true"
 
 
-def auto_precision(accelerator: object) -> str:
-    """precision_for the device a run with this `trainer.accelerator` trains on, its facts
+def auto_precision(accelerator: object, strategy: object = "auto") -> str:
+    """precision_for a run with this `trainer.accelerator` and `trainer.strategy`, its facts
     gathered (the CPU's bf16 speed measured) only where they decide."""
     name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower().removesuffix("accelerator")
     cuda = name in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     device_type = "cuda" if cuda else "cpu" if name in ("auto", "cpu") else name
+    sharded = strategy == "fsdp"
     return precision_for(device_type, cuda and torch.cuda.is_bf16_supported(),
-                         cpu_bf16_speedup() if device_type == "cpu" else None)
+                         cpu_bf16_speedup() if device_type == "cpu" and not sharded else None, sharded)

@@ -23,6 +23,8 @@ from cpm_lightning.core.loss import cross_entropy
 ])
 def test_auto_is_bf16_where_the_hardware_has_it_and_fp32_elsewhere(device, cuda_bf16, speedup, chosen):
     assert perf.precision_for(device, cuda_bf16, speedup) == chosen
+    # Under FSDP2 its MixedPrecisionPolicy says what the blocks compute in (bf16 on CUDA).
+    assert perf.precision_for(device, cuda_bf16, speedup, sharded=True) == "32-true"
 
 
 def test_the_probe_measures_once_and_gives_a_valid_choice(monkeypatch):
@@ -31,6 +33,7 @@ def test_the_probe_measures_once_and_gives_a_valid_choice(monkeypatch):
     assert perf.auto_precision("cpu") == perf.precision_for("cpu", False, speedup)
     monkeypatch.setattr(perf, "cpu_bf16_speedup", lambda: pytest.fail("measured for an explicit non-CPU device"))
     assert perf.auto_precision("mps") == "32-true"
+    assert perf.auto_precision("cpu", "fsdp") == "32-true"
 
 
 def test_the_loss_and_z_loss_are_fp32_under_bf16_autocast():
