@@ -11,7 +11,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0
     """Mean over the targets that are not IGNORE of logsumexp - target logit, plus
     z_loss x logsumexp² (PaLM's z-loss keeps the softmax normalizer near 1).
 
-    logits [N, V], targets [N]. Computed in fp32 whatever the logits' dtype (bf16 under
+    logits [N, V], targets [N]. Computed in fp32 (or fp64) whatever the logits' dtype (bf16 under
     bf16-mixed autocast: a bf16 logsumexp over 4,096 words would be off in the third digit), and
     the gradient returned in theirs. The same value autograd would give through logsumexp and
     gather, but the backward pass writes the gradient with one exp and one multiply in place:
@@ -23,7 +23,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, z_loss):
         ctx.dtype = logits.dtype
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         keep = targets != IGNORE
         lse = logits.logsumexp(-1)  # [N]
         target = logits.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
