@@ -13,7 +13,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -24,6 +26,7 @@ from cpm_lightning.checkpoint.migrate_on_load import plan_from
 from cpm_lightning.checkpoint.store import Checkpoints, SavedCheckpoint, check_architecture, read_checkpoint
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.file_hashes import trust_unverified
+from cpm_lightning.core.perf import AUTO, auto_precision
 from cpm_lightning.core.ranges import Range
 from cpm_lightning.inference.book import Prompt, load_prompts
 from cpm_lightning.inference.evaluation import runnable_tasks
@@ -93,6 +96,12 @@ class CPMCLI(LightningCLI):
         parser.add_class_arguments(RegistryConfig, "registry")
         parser.add_class_arguments(LiveConfig, "live")  # read by `live`; a plain `fit` ignores it
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
+        # trainer.precision: auto, the default (core/perf.py, plan_run resolves it). Lightning's
+        # type for it has no "auto" and jsonargparse has no public way to widen an argument's
+        # type, so its action takes the wider type hint before anything is parsed.
+        precision = next(a for a in parser._actions if a.dest == "trainer.precision")
+        precision._typehint = Literal[AUTO] | _PRECISION_INPUT | None
+        parser.set_defaults({"trainer.precision": AUTO})
 
     def _parse_ckpt_path(self):
         # The only way to keep LightningCLI from reading the checkpoint before any hook: its
@@ -144,7 +153,9 @@ class CPMCLI(LightningCLI):
         if self.subcommand == "fit" and cfg.eval.every_n_steps:
             callbacks.append(Evaluate(cfg.eval, plan.book))
         if segment:
-            callbacks.append(LiveSegment(segment, cfg.live, checkpoints, plan.resolved))
+            live = LiveSegment(segment, cfg.live, checkpoints, plan.resolved)
+            live.status.precision = cfg.trainer.precision  # for `live status`
+            callbacks.append(live)
         if cfg.trainer.logger in (None, True):
             # A resumed fit continues the MLflow run its checkpoint names, unless tracking.run_id names another.
             kwargs["logger"] = _mlflow_logger(cfg.tracking, root, cfg.tracking.run_id or plan.run_id,
@@ -184,6 +195,8 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
     the registry's values (except at the keys the command line set, `cli_keys`), the starting
     step, the kept tokenizer, init_from's architecture."""
     fit = subcommand == "fit"
+    if cfg.trainer.precision == AUTO:  # here, before the Trainer is built from it
+        cfg.trainer.precision = auto_precision(cfg.trainer.accelerator, cfg.trainer.strategy)
     # Lightning's -1 is "no limit", and the training stream never ends an epoch: trainer.max_steps
     # is what ends a fit, and what its schedule, checkpoints and live boundaries are keyed on.
     steps = Range(1, MAX_STEPS)

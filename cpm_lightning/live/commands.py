@@ -69,6 +69,7 @@ def status_text(root: Path) -> str:
              f"step             {status.step if status else last['step']}",
              f"tokens           {status.tokens if status else 0:,}",
              f"last loss        {status.loss if status and status.loss is not None else 'none yet'}",
+             f"precision        {status.precision if status and status.precision else 'unknown'}",
              f"in effect        {labels(state.in_effect)}",
              *([f"registry         not followed since step {u['step']} ({u['time']}): {u['reason']}"]
                if (u := state.unfollowed) else []),

@@ -75,6 +75,8 @@ class Status:
     tokens: int = 0
     """Training tokens seen by the run, all ranks."""
     run_id: str | None = None
+    precision: str | None = None
+    """The trainer.precision it trains in (`auto` resolved: core/perf.py)."""
     resolved: dict = field(default_factory=dict)
     """The segment's config: every key of the `model` and `data` groups, dotted, and its value."""
     checkpoints: dict[str, int] = field(default_factory=dict)

@@ -369,8 +369,8 @@ def _git_commit() -> dict[str, str]:
 
 
 class TrackRun(L.Callback):
-    """Run tags (git commit, preset, world size, planned tokens, bytes per token), the start
-    marker of every `fit`, and the run id in every checkpoint so a resumed job continues the run."""
+    """Run tags (git commit, preset, world size, planned tokens, bytes per token), the precision
+    param, the start marker of every `fit`, and the run id in every checkpoint so a resumed job continues the run."""
 
     def __init__(self, logger: CPMLogger):
         self.logger = logger
@@ -386,6 +386,8 @@ class TrackRun(L.Callback):
         self.logger.set_tags({**_git_commit(), "cpm.world_size": trainer.world_size,
                               **({"cpm.preset": arch.preset} if arch is not None else {})})
         self.logger.log_metrics({START_STEP: trainer.global_step})
+        # What it trains in, `trainer.precision: auto` resolved (core/perf.py).
+        self.logger.log_hyperparams({"trainer.precision": trainer.precision})
         self._tagged_batch = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

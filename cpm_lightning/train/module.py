@@ -16,7 +16,7 @@ from cpm_lightning.checkpoint.files import MODEL_KEY
 from cpm_lightning.checkpoint.migrate_on_load import migrate_file_checkpoint
 from cpm_lightning.checkpoint.modeldir import open_model_dir
 from cpm_lightning.core.loss import IGNORE, cross_entropy
-from cpm_lightning.core.perf import peak_flops
+from cpm_lightning.core.perf import peak_flops, training_dtype
 from cpm_lightning.model import CPMAnt
 from cpm_lightning.model.migrate import Step
 from cpm_lightning.model.stats import model_stats
@@ -86,7 +86,7 @@ class CausalLM(ModelConfig, L.LightningModule):
         """Mean next-token cross entropy on target tokens, plus the z-loss (training only:
         evaluation passes z_loss=0 so that val/loss is the log of val/ppl)."""
         z_loss = self.loss.z_loss if z_loss is None else z_loss
-        return cross_entropy(logits.float().flatten(0, 1), targets.flatten(), z_loss)
+        return cross_entropy(logits.flatten(0, 1), targets.flatten(), z_loss)
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(self(batch), batch["targets"])
@@ -125,7 +125,7 @@ class CausalLM(ModelConfig, L.LightningModule):
         self.log("train/tokens_seen", float(self.tokens_seen))
 
     def on_train_start(self):
-        self._peak = peak_flops(self.device)
+        self._peak = peak_flops(self.device, training_dtype(self.trainer.precision))  # MFU against its dtype's peak
         self._last_batch_end = None
         self._train_with_this_config()
 

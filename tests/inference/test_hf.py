@@ -252,6 +252,7 @@ def test_fit_from_an_imported_directory_starts_at_its_loss(sp, tmp_path, corpus)
     main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "imported")])
     config = write_config(tmp_path / "config.yaml", corpus, **{
         "trainer.max_steps": 2, "trainer.logger": False, "trainer.limit_val_batches": 0,
+        "trainer.precision": "32-true",  # compared with the fp32 forward below, not auto's bf16
         "trainer.callbacks": [{"class_path": "test_hf.RecordFirstBatch"}]})
     RecordFirstBatch.seen.clear()
     main(["fit", "--config", str(config), "--checkpoint.init_from", str(tmp_path / "imported")])

@@ -39,6 +39,7 @@ from mlflow import MlflowClient
 from cpm_lightning.checkpoint.directory import latest, step_of
 from cpm_lightning.checkpoint.store import read_meta
 from cpm_lightning.cli.main import main
+from cpm_lightning.core.perf import auto_precision
 from cpm_lightning.live.commands import status_text
 from cpm_lightning.live.ledger import read_records
 from cpm_lightning.train.config import ScheduleConfig
@@ -195,6 +196,7 @@ def test_checkpoints_carry_the_ledger_and_status_prints_the_run(journey):
     assert [(m["name"], m["step"]) for m in cpm["migrations"]] == [("grow_ff_dim", 18), ("add_ffn_layers", 18)]
     assert re.search(r"^last incident +suspended at step", text, re.M)
     assert re.search(r"^tokens +3,072$", text, re.M)  # 24 steps x 4 samples x 32 tokens
+    assert re.search(rf"^precision +{auto_precision('auto')}$", text, re.M)  # trainer.precision: auto, resolved
 
 
 # -- without training -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ LightningCLI's merge order, and the strict loader's refusals as one line."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 
@@ -164,6 +165,11 @@ def test_the_groups_are_fits():
             self.groups.append(name)
 
         def link_arguments(self, *args, **kwargs):
+            pass
+
+        _actions = [types.SimpleNamespace(dest="trainer.precision")]  # widened to take auto
+
+        def set_defaults(self, defaults):
             pass
 
     parser = Parser()

@@ -34,6 +34,7 @@ from cpm_lightning.checkpoint.files import seal_zip
 from cpm_lightning.checkpoint.store import trained_model
 from cpm_lightning.cli.loader import load_model
 from cpm_lightning.cli.main import main
+from cpm_lightning.core.perf import auto_precision
 from cpm_lightning.inference.book import COMPLETIONS_ARTIFACT, PROMPTS_FILE, Prompt
 from cpm_lightning.inference.generate import complete_book, prompt_inputs, sample
 from cpm_lightning.tracking import integrity
@@ -167,6 +168,7 @@ def test_run_carries_tags_and_system_metrics(live, mlflow_server):
     assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
     assert float(tags["cpm.bytes_per_token"]) > 1
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    assert run.data.params["trainer.precision"] == auto_precision("auto")  # the default, resolved
 
 
 @pytest.fixture(scope="module")
