@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-growth test test-fast chromium proposals-check lint clean
+.PHONY: install demo demo-growth demo-tasks test test-fast chromium proposals-check lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,24 @@ demo-growth: $(STAMP)
 	$(BIN)/cpm-lightning live --config configs/demo.yaml --config configs/demo-growth.yaml
 	$(BIN)/cpm-lightning model info runs/growth/checkpoints/last.ckpt
 	$(BIN)/cpm-lightning report daily --experiment demo-growth --out runs/growth/report --proposals runs/growth/registry
+
+# Tasks under `live` (configs/demo-tasks.yaml): a task proposal (configs/demo-task-proposal.yaml,
+# as 0012) adds question answering at step 80, the model grows the prompt rows of qa
+# (grow_num_tasks), and the SQuAD score before and after is charted on the site
+# (runs/demo-tasks/site). It ends with the ledger line of the change and an answer of the last
+# checkpoint.
+demo-tasks: $(STAMP)
+	rm -rf runs/demo-tasks
+	mkdir -p runs/demo-tasks/registry
+	cp proposals/*.yaml runs/demo-tasks/registry/
+	cp configs/demo-task-proposal.yaml runs/demo-tasks/registry/0012-train-question-answering.yaml
+	$(BIN)/cpm-lightning live --config configs/demo.yaml --config configs/demo-tasks.yaml
+	grep '"kind": "applied"' runs/demo-tasks/live/changes.jsonl
+	$(BIN)/cpm-lightning generate runs/demo-tasks/checkpoints/last.ckpt --task qa --max-new-tokens 16 \
+	  --context "In education, teachers facilitate student learning, often in a school or academy or perhaps in another environment such as outdoors." \
+	  --prompt "Where might a teacher teach that is not inside a building?"
+	@echo
+	@echo "The run's public site, with eval/qa/exact_match and eval/qa/f1 under Metrics: $(BIN)/python -m http.server -d runs/demo-tasks/site  (then open http://127.0.0.1:8000)"
 
 # MLflow's usage telemetry off: it cannot reach anything from a test machine, and its thread
 # changing the environment mid-test once broke a request's setup. One test worker per core
