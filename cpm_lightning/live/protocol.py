@@ -95,10 +95,12 @@ class Status:
     checkpoint written: waiting for the supervisor's Boundary, then stopped if told so),
     diverged (stopped without saving), stopped (a signal), orphaned (the supervisor is gone)."""
     start_step: int = 0
-    """The step this segment started from, or applied its last boundary at."""
+    """The step this segment started from."""
     leg: int = 0
-    """Boundaries applied inside this segment so far: the proposals of `resolved` are in effect
-    from `start_step`."""
+    """Boundaries applied inside this segment so far."""
+    leg_step: int = 0
+    """The step of the last of them (`start_step` before the first): the config of `resolved`
+    is in effect from there."""
     step: int = 0
     """Optimizer steps done; the metrics of steps up to it are logged."""
     loss: float | None = None

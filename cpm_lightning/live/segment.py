@@ -142,7 +142,7 @@ class LiveSegment(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         s = self.status
-        s.start_step = s.step = self._seen_step = trainer.global_step
+        s.start_step = s.leg_step = s.step = self._seen_step = trainer.global_step
         s.tokens, s.run_id = pl_module.tokens_seen, getattr(trainer.logger, "run_id", None)
         s.checkpoints = {str(s.step): _sample_index(trainer)}
         s.migrations = [m.as_dict() for m in pl_module.migrate_on_load]
@@ -188,7 +188,7 @@ class LiveSegment(L.Callback):
         cfg, applied = self.resolver(step, answer.registry, answer.exclude)
         self._apply(trainer, pl_module, cfg, applied)
         self.checkpoints.keep_steps = set(answer.keep_steps)
-        s.state, s.start_step, s.leg, s.resolved = "running", step, s.leg + 1, resolved_values(cfg)
+        s.state, s.leg, s.leg_step, s.resolved = "running", s.leg + 1, step, resolved_values(cfg)
 
     def _wait_for_answer(self, step: int) -> Boundary:
         """The supervisor's Boundary for `step`; stop when it is gone or asks to stop."""

@@ -338,7 +338,7 @@ class Supervisor:
                 started = status
                 self._applied(status, step, in_effect, added, removed, eligible)
             if status and status.leg > leg:  # the segment applied the boundary it was told to
-                leg, step = status.leg, status.start_step
+                leg, step = status.leg, status.leg_step
                 change, eligible = sent.pop(step)
                 self._applied(status, step, change.answer.ids, change.added, change.removed, eligible, in_segment=True)
                 self.current = {i: eligible[i].sha256 for i in change.answer.ids}
