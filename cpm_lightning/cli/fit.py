@@ -207,8 +207,6 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
     # A resumed run keeps the tokenizer it was trained with (run_config.kept_tokenizer).
     if start and start.meta.tokenizer is not None and cfg.data.tokenizer is None:
         cfg.data.tokenizer = kept_tokenizer(cfg.data, start.meta.tokenizer)
-    if before is not None:
-        before.data.tokenizer = cfg.data.tokenizer
     init_from = cfg.checkpoint.init_from if fit else None
     if init_from and cfg.get("ckpt_path"):
         raise UserError("--ckpt_path and checkpoint.init_from both say where the run starts; give one")

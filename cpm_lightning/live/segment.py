@@ -95,8 +95,9 @@ def _leaves(prefix: str, value) -> list[tuple[str, object]]:
 @dataclass(frozen=True)
 class Resolver:
     """The registry resolved at a boundary exactly as a new segment's `fit` resolves it at its
-    start (registry/apply.py): `config`, the parsed run config before the registry was applied
-    (with the tokenizer the run keeps), and `cli_keys`, the keys its command line set."""
+    start (registry/apply.py): `config`, the parsed run config before the registry was applied,
+    and `cli_keys`, the keys its command line set. Its values are those a new segment reports
+    (Status.resolved); the tokenizer the data module holds stays the run's."""
 
     config: Any
     cli_keys: frozenset[str]

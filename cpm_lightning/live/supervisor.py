@@ -376,6 +376,10 @@ class Supervisor:
             if why is not None:
                 print(f"live: step {at}: a new segment process applies the change ({why})", file=sys.stderr, flush=True)
             return Boundary(step=at), None
+        # The next change goes with the answer: the segment may train past it before it reads
+        # a later control.json.
+        self.control.stop_at = policy.stop_at(eligible, at, self.state.since,
+                                              {i: eligible[i].sha256 for i in change.answer.ids})
         return Boundary(step=at, apply=True, registry=str(self.reading.snapshot), exclude=change.exclude,
                         keep_steps=change.keep_steps), (change, eligible)
 
