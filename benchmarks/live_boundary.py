@@ -15,7 +15,7 @@ and reads the times MLflow recorded for `train/loss` at every step:
 
   step time   the median interval between two steps away from the boundaries, leaving out
               the first interval of each process (the first steps warm up)
-  boundary    the two intervals around it (step B-2 to step B), less two step times
+  boundary    the two intervals around it (step B-1 to step B+1), less two step times
 
 and prints each boundary as a number of steps. The machine may be shared: the figures are
 ratios measured in the one run, so both sides ran under the same load. Publishing (site,
@@ -59,7 +59,7 @@ BOUNDARIES = [  # (id, kind, title, key, value); the k-th takes effect at step k
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps-before", type=int, default=10, help="N: steps between two boundaries (default 10)")
+    parser.add_argument("--steps-before", type=int, default=10, help="N: steps between two boundaries, a divisor of live.release_every_n_steps (default 10)")
     args = parser.parse_args()
     n = args.steps_before
     steps = (len(BOUNDARIES) + 1) * n
@@ -85,15 +85,17 @@ def main() -> None:
         (run,) = client.search_runs([client.get_experiment_by_name("live-boundary").experiment_id])
         times = {m.step: m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "train/loss")}
         ledger = (tmp / "run" / "live" / "changes.jsonl").read_text()
-    assert sorted(times) == list(range(steps)), sorted(times)
+    assert sorted(times) == list(range(1, steps + 1)), sorted(times)  # step s: logged after update s
     at = [k * n for k in range(1, len(BOUNDARIES) + 1)]
-    near = {s for b in at for s in (b - 1, b, b + 1)}  # intervals ending at these steps touch a boundary
-    inside = [times[s] - times[s - 1] for s in range(2, steps) if s not in near]
+    # The boundary's work follows update B, in the interval (B, B + 1) or (B - 1, B), by where
+    # Lightning logs; the first interval of a new process, (B + 1, B + 2), warms up.
+    near = {s for b in at for s in (b, b + 1, b + 2)}
+    inside = [times[s] - times[s - 1] for s in range(3, steps + 1) if s not in near]
     step = statistics.median(inside)
     print(f"step time  {step:7.2f} s   (median of {len(inside)} intervals away from the boundaries)")
     for b, (pid, kind, *_) in zip(at, BOUNDARIES, strict=True):
         where = "in the segment" if _in_segment(ledger, pid) else "new process"
-        cost = times[b] - times[b - 2] - 2 * step
+        cost = times[b + 1] - times[b - 1] - 2 * step
         print(f"{kind:<13} boundary at step {b:3d} ({where}): {cost:6.2f} s beyond a step = {cost / step:5.1f} steps")
 
 
