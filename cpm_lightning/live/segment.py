@@ -190,6 +190,22 @@ class LiveSegment(L.Callback):
         self._apply(trainer, pl_module, cfg, applied)
         self.checkpoints.keep_steps = set(answer.keep_steps)
         s.state, s.leg, s.leg_step, s.resolved = "running", s.leg + 1, step, resolved_values(cfg)
+        if trainer.is_global_zero:
+            self._write_status(trainer)
+            self._wait_for_record(step)
+
+    def _wait_for_record(self, step: int) -> None:
+        """Train past `step` only once the supervisor has recorded the change (it clears its
+        answer then): a supervisor killed in between leaves the segment to stop here, and the
+        next one starts from this step's checkpoint and records it."""
+        while True:
+            _, stop_now = self._read_control()
+            if self._answer is None or self._answer.step != step:
+                return
+            if stop_now:
+                self.checkpoints.request_stop("live: the supervisor is gone or another took over")
+                return
+            time.sleep(ANSWER_POLL_S)
 
     def _wait_for_answer(self, step: int) -> Boundary:
         """The supervisor's Boundary for `step`; stop when it is gone or asks to stop."""
