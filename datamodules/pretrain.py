@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.tokenizer import Tokenizer
@@ -26,27 +26,44 @@ def window(shard: SourceTokens, i: int, seq_len: int) -> dict:
 class TrainStream(IterableDataset):
     """This rank's share of the global mixture, forever. Remembers the mixture state after each
     of its recent batches so the DataModule can save the state of the last *consumed* batch
-    (Lightning fetches one batch ahead)."""
+    (Lightning fetches one batch ahead), and continue the mixture from it with new weights."""
 
     def __init__(self, dm: "PretrainDataModule", rank: int, world: int, batch_size: int):
         self.dm, self.rank, self.world, self.batch_size = dm, rank, world, batch_size
         self.history: dict[int, dict] = {}
+        self.drawn = 0
+        self.mix: Mixture | None = None
 
     def __iter__(self):
-        dm = self.dm
-        mix = Mixture(dm.weights, dm.train_windows, dm.seed, dm.start_state, dm.skip)
-        self.history = {0: mix.state.to_dict()}
-        batch = 0
+        self.mix = self._mixture(self.dm.start_state)
+        self.drawn, self.history = 0, {0: self.mix.state.to_dict()}
         while True:
-            for _ in range(self.batch_size):
-                for r in range(self.world):
-                    name, i = mix.next()
-                    if r == self.rank:
-                        sample = dm.window(name, i)
-                yield sample
-            batch += 1
-            self.history[batch] = mix.state.to_dict()
-            self.history.pop(batch - 64, None)
+            yield from self.draw()  # `self.mix` may be another one at the next batch (restart_at)
+
+    def _mixture(self, state: dict | None) -> Mixture:
+        dm = self.dm
+        return Mixture(dm.weights, dm.train_windows, dm.seed, state, dm.skip)
+
+    def draw(self) -> list[dict]:
+        """The samples of this rank's next batch."""
+        samples = []
+        for _ in range(self.batch_size):
+            for r in range(self.world):
+                name, i = self.mix.next()
+                if r == self.rank:
+                    samples.append(self.dm.window(name, i))
+        self.drawn += 1
+        self.history[self.drawn] = self.mix.state.to_dict()
+        self.history.pop(self.drawn - 64, None)
+        return samples
+
+    def restart_at(self, consumed: int) -> dict:
+        """Continue after the `consumed`-th batch with the DataModule's weights now, as a run
+        resumed from that batch's state would (Mixture: the picks restart, the cursors go on);
+        returns the batch after it, which replaces the one fetched ahead."""
+        self.mix = self._mixture(self.history[consumed])
+        self.drawn, self.history = consumed, {k: v for k, v in self.history.items() if k <= consumed}
+        return default_collate(self.draw())
 
 
 class ValWindows(Dataset):
@@ -103,22 +120,49 @@ class PretrainDataModule(DataConfig, L.LightningDataModule):
 
     def setup(self, stage: str | None = None):
         self.shards, self.task_sources, self.train_windows, self.val_windows_of = {}, {}, {}, {}
-        prompts = self.prompts or TaskPrompts(self.vocab_size, 0, 0)
-        for name, src in self.sources.items():
-            manifest = self.prepared.manifest(name)
-            if src.format == "task":
-                task = TaskSource(name, manifest, self.cache_path, self.task_rows, prompts, self.seq_len,
-                                  self.task_overflow, self.text_tokenizer.eos_id)
-                self.task_sources[name], n, what = task, len(task), f"{len(task.row)} samples"
-            else:
-                self.shards[name] = open_source(manifest, self.cache_path)
-                n, what = (len(self.shards[name]) - 1) // self.seq_len, f"{len(self.shards[name])} tokens"
-            held_out = min(self.val_windows, max(1, n // 10))
-            if n - held_out < 1:
-                raise UserError(f"data.sources.{name}: {what} make fewer than 2 windows "
-                                f"of data.seq_len={self.seq_len}; add {'samples' if src.format == 'task' else 'text'} "
-                                "or lower seq_len")
-            self.train_windows[name], self.val_windows_of[name] = n - held_out, held_out
+        for name in self.sources:
+            self._open(name)
+
+    def _open(self, name: str) -> None:
+        """Source `name`'s windows, from its tokens in the cache."""
+        src, manifest = self.sources[name], self.prepared.manifest(name)
+        if src.format == "task":
+            prompts = self.prompts or TaskPrompts(self.vocab_size, 0, 0)
+            task = TaskSource(name, manifest, self.cache_path, self.task_rows, prompts, self.seq_len,
+                              self.task_overflow, self.text_tokenizer.eos_id)
+            self.task_sources[name], n, what = task, len(task), f"{len(task.row)} samples"
+        else:
+            self.shards[name] = open_source(manifest, self.cache_path)
+            n, what = (len(self.shards[name]) - 1) // self.seq_len, f"{len(self.shards[name])} tokens"
+        held_out = min(self.val_windows, max(1, n // 10))
+        if n - held_out < 1:
+            raise UserError(f"data.sources.{name}: {what} make fewer than 2 windows "
+                            f"of data.seq_len={self.seq_len}; add {'samples' if src.format == 'task' else 'text'} "
+                            "or lower seq_len")
+        self.train_windows[name], self.val_windows_of[name] = n - held_out, held_out
+
+    def change_sources(self, sources: dict) -> dict | None:
+        """Draw from `sources` (name -> SourceConfig: new weights, new sources) from the next
+        batch on, inside a running fit (a `live` boundary): a new source's tokens are read from
+        the cache, or prepared now by each node's first rank while the others wait; the mixture
+        goes on from the state of the last batch trained on, as after a resume. Returns the
+        next batch drawn again (Lightning fetched it ahead from the old mixture), None when
+        the mixture is the same. Only weights may change for a source drawn from already
+        (live/policy.py restart_reason)."""
+        weights = {n: s.weight for n, s in sources.items()}
+        if sources == self.sources and weights == self.weights:
+            return None
+        new = [n for n in sources if n not in self.sources]
+        self.sources, self.weights = dict(sources), weights
+        t = self.trainer
+        if new:
+            if t.local_rank == 0:
+                for name in new:
+                    self.prepared.manifest(name)
+            t.strategy.barrier("cpm-new-sources")
+            for name in new:
+                self._open(name)
+        return self._stream.restart_at((t.global_step - self._start_step) * t.accumulate_grad_batches)
 
     def window(self, name: str, i: int) -> dict:
         """Window i of source `name`; when the mixture has task sources, every window has their keys."""

@@ -141,3 +141,14 @@ class WaitForTakeOver(L.Callback):
         if trainer.global_step == self.step and trainer.is_global_zero and _once(self.out, "takeover"):
             (Path(self.out) / "waiting").touch()
             _wait("a new supervisor", lambda: _control(self.root).get("stop_now"))
+
+
+class RecordPid(L.Callback):
+    """Appends the id of the process that trained each step to `out`/pids.jsonl."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(os.path.join(self.out, "pids.jsonl"), "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "pid": os.getpid()}) + "\n")

@@ -280,7 +280,8 @@ class Checkpoints(Checkpoint):
         asked = self._signal is not None or self._stop_reason is not None
         stop = trainer.strategy.reduce_boolean_decision(asked, all=False)
         if stop or step % self.config.every_n_steps == 0 or step == trainer.max_steps:
-            path = self.save(trainer)
+            # Saved at this step already by a `live` boundary (live/segment.py), before its change.
+            path = self.save(trainer) if step != self._saved_step else self.dirpath / f"step-{step:08d}.ckpt"
             if stop:
                 if self._stop_reason is not None:
                     rank_zero_info(f"{self._stop_reason}: saved {path} at step {step} and stopped")

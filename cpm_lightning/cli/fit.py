@@ -8,6 +8,7 @@ Imported only for those verbs: Lightning takes seconds to import.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -33,11 +34,11 @@ from cpm_lightning.inference.evaluation import runnable_tasks
 from cpm_lightning.inference.generate import book_tokens
 from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.protocol import Plan
-from cpm_lightning.live.segment import LiveSegment, release_pins, segment_plan
+from cpm_lightning.live.segment import LiveSegment, Resolver, release_pins, resolved_values, segment_plan
 from cpm_lightning.model import ArchConfig
 from cpm_lightning.model.migrate import NoMigration, Step
 from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig, apply_registry
-from cpm_lightning.registry.keys import OPERATOR_KEYS, ConfigSchema
+from cpm_lightning.registry.keys import ConfigSchema
 from cpm_lightning.registry.run_args import RunArgs, read_run_args
 from cpm_lightning.tracking.config import TrackingConfig, check_reachable
 from cpm_lightning.tracking.logger import CPMLogger, TrackRun
@@ -75,6 +76,8 @@ class RunPlan:
     run_id: str | None
     """The MLflow run a resumed fit continues: its checkpoint's (under `live`, before the first
     checkpoint, the run's); tracking.run_id overrides it."""
+    resolver: Resolver | None = None
+    """Under `live`: resolves the registry again at a boundary the segment applies in place."""
 
 
 class CPMCLI(LightningCLI):
@@ -153,7 +156,7 @@ class CPMCLI(LightningCLI):
         if self.subcommand == "fit" and cfg.eval.every_n_steps:
             callbacks.append(Evaluate(cfg.eval, plan.book))
         if segment:
-            live = LiveSegment(segment, cfg.live, checkpoints, plan.resolved)
+            live = LiveSegment(segment, cfg.live, checkpoints, plan.resolved, plan.resolver)
             live.status.precision = cfg.trainer.precision  # for `live status`
             callbacks.append(live)
         if cfg.trainer.logger in (None, True):
@@ -212,13 +215,10 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
     # applies those in effect at the step it resumes from.
     if cfg.registry.at_step is None:
         cfg.registry.at_step = start.step if start else 0
-    proposals = apply_registry(cfg, cli_keys, ConfigSchema(GROUPS))
     segment = segment_plan() if fit else None
-    resolved = {}
-    if segment:
-        groups = {f"model.{g}": cfg.model[g].as_dict() for g in ("arch", "optim", "schedule", "loss")}
-        resolved = dict(leaf for g, values in {**groups, "data": cfg.data.as_dict()}.items()
-                        for leaf in _leaves(g, values) if leaf[0] not in OPERATOR_KEYS)
+    before = copy.deepcopy(cfg) if segment else None  # what a boundary inside the segment resolves again
+    proposals = apply_registry(cfg, cli_keys, ConfigSchema(GROUPS))
+    resolved = resolved_values(cfg) if segment else {}
     # A resumed run keeps the tokenizer it was trained with (run_config.kept_tokenizer).
     if start and start.meta.tokenizer is not None and cfg.data.tokenizer is None:
         cfg.data.tokenizer = kept_tokenizer(cfg.data, start.meta.tokenizer)
@@ -236,7 +236,8 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
     book = load_prompts(Path(cfg.registry.path)) if evaluates and cfg.registry.path else []
     run_id = (start.meta.mlflow_run_id if fit and start else None) or (segment and segment.run_id)
     return RunPlan(start=start, proposals=proposals, segment=segment, resolved=resolved, init_from=init_from,
-                   init_arch=init_arch, book=book, run_id=run_id)
+                   init_arch=init_arch, book=book, run_id=run_id,
+                   resolver=Resolver(before, frozenset(cli_keys)) if segment else None)
 
 
 def migration_plan(start: SavedCheckpoint, arch: ArchConfig) -> list[Step]:
@@ -312,13 +313,6 @@ def _mlflow_logger(tracking: TrackingConfig, root: Path, run_id: str | None, log
     return CPMLogger(tracking_uri=tracking.resolved_uri, experiment_name=tracking.resolved_experiment,
                      run_name=tracking.run_name, run_id=run_id, fallback_dir=root, flush_timeout=tracking.flush_timeout,
                      logged_through=logged_through)
-
-
-def _leaves(prefix: str, value) -> list[tuple[str, object]]:
-    """(dotted key, value) of every leaf of a config group, as JSON data."""
-    if isinstance(value, dict):
-        return [leaf for k, v in value.items() for leaf in _leaves(f"{prefix}.{k}", v)]
-    return [(prefix, list(value) if isinstance(value, tuple) else value)]
 
 
 def run(argv: list[str] | None, run_args: RunArgs | None = None, adapter: AdapterConfig | None = None) -> CPMCLI:

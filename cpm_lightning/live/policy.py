@@ -19,6 +19,10 @@ from cpm_lightning.registry.resolve import InEffect, in_effect
 from cpm_lightning.registry.schema import ACCEPTED, Proposal
 
 ARCH = "model.arch."
+IN_PLACE = ("model.optim.", "model.schedule.", "model.loss.")
+"""Training keys a running segment applies at a boundary: AdamW's settings in its param groups,
+the schedule's lambda, the loss on the module."""
+SOURCES = "data.sources."
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,38 @@ def stop_at(eligible: Mapping[int, Proposal], step: int, since: Mapping[int, int
     changed = any(i not in eligible or eligible[i].sha256 != sha for i, sha in running.items())
     passed = [d for i, d in answer.due.items() if i not in running and d <= step] + ([step] if changed else [])
     return min(passed, default=answer.next_change)
+
+
+def restart_reason(change: SegmentSet, proposals: Mapping[int, Proposal], running: Mapping[int, str],
+                   resolved: Mapping[str, object]) -> str | None:
+    """Why the boundary of `change` needs a new segment process; None when the running segment
+    applies it where it is (docs/live.md, "Boundaries"): every key that its added and removed
+    proposals set is a training key (IN_PLACE), the weight of a source the mixture draws from,
+    or a new source (its tokens read from the cache, or prepared by the segment at the
+    boundary). A migration, any other data key, or a proposal whose version in effect is not
+    the registry's (`proposals`: the last reading; `running`: id -> sha256 of the running
+    segment's; `resolved`: its config values) needs a new process."""
+    for i in [*change.added, *change.removed]:
+        p = proposals.get(i)
+        if p is None or (i in running and running[i] != p.sha256):
+            return f"proposal {i:04d} left the registry or changed, and its version in effect may set other keys"
+        for key in sorted(p.changes):
+            if (why := _needs_process(key, resolved)) is not None:
+                return f"{p.label} sets {key}: {why}"
+    return None
+
+
+def _needs_process(key: str, resolved: Mapping[str, object]) -> str | None:
+    if key.startswith(IN_PLACE):
+        return None
+    if key.startswith(SOURCES):
+        name, _, leaf = key.removeprefix(SOURCES).partition(".")
+        if not any(k.startswith(f"{SOURCES}{name}.") for k in resolved) or leaf == "weight":
+            return None  # a new source, or a weight: the mixture goes on from its cursors
+        return "a source the mixture draws from changes what its windows are"
+    if key.startswith(ARCH):
+        return "the model migrates as a new process loads the checkpoint"
+    return "the data module is built again by a new process"
 
 
 def why(p: Proposal, step: int, state: RunState, first_seen: int) -> str:

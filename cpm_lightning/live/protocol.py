@@ -4,7 +4,8 @@
   changes.jsonl        the change ledger (ledger.py); written by the supervisor only
   plan.json            what the next segment needs to know (Plan); written before it starts
   control.json         supervisor -> running segment: the next step at which the proposals in
-                       effect change, a request to stop now, and a heartbeat (Control)
+                       effect change, what the segment does there (Boundary), a request to
+                       stop now, and a heartbeat (Control)
   status.json          running segment -> supervisor, rewritten by rank 0 after every step
                        (Status): where it is, and why it ended
   registry/<hash>/     the registry as a segment applies it (watch.py)
@@ -47,16 +48,41 @@ class Plan:
 
 
 @dataclass
+class Boundary:
+    """The supervisor's answer to a segment that reached a boundary (Status.state `boundary`):
+    apply the change there and go on, or stop (a new process starts from the checkpoint)."""
+
+    step: int
+    """The boundary's step (the segment's Status.step): an answer for another step is stale."""
+    apply: bool = False
+    """Apply the change inside the segment (data and training changes only, policy.restart_reason);
+    false: stop, the checkpoint of `step` is written already."""
+    registry: str | None = None
+    """The registry snapshot to resolve at `step` (watch.py), as a new segment's --registry.path."""
+    exclude: list[int] = field(default_factory=list)
+    """Its registry.exclude: the accepted proposals not in effect at `step`."""
+    keep_steps: list[int] = field(default_factory=list)
+    """Checkpoint steps kept beyond checkpoint.keep_last from now on (as Plan.keep_steps)."""
+
+
+@dataclass
 class Control:
     """Supervisor -> running segment."""
 
     stop_at: int | None = None
-    """The step from which the proposals in effect change: the segment stops there with a
-    checkpoint; a step it has passed already means its next checkpoint step."""
+    """The step from which the proposals in effect change: the segment writes a checkpoint
+    there and asks what to do (Status.state `boundary`, answered by `boundary`); a step it has
+    passed already means its next checkpoint step."""
+    boundary: Boundary | None = None
+    """The answer at the boundary the segment waits at."""
     stop_now: bool = False
     """Stop at the end of the current step with a checkpoint (a new supervisor takes over)."""
     beat: int = 0
     """Counts up while the supervisor lives."""
+
+    def __post_init__(self):
+        if isinstance(self.boundary, dict):  # read back from JSON
+            self.boundary = Boundary(**self.boundary)
 
 
 @dataclass
@@ -65,9 +91,16 @@ class Status:
 
     segment: int
     state: str = "running"
-    """running, then: finished (trainer.max_steps), boundary (stopped for a change of proposals),
+    """running, then: finished (trainer.max_steps), boundary (at a change of proposals, its
+    checkpoint written: waiting for the supervisor's Boundary, then stopped if told so),
     diverged (stopped without saving), stopped (a signal), orphaned (the supervisor is gone)."""
     start_step: int = 0
+    """The step this segment started from."""
+    leg: int = 0
+    """Boundaries applied inside this segment so far."""
+    leg_step: int = 0
+    """The step of the last of them (`start_step` before the first): the config of `resolved`
+    is in effect from there."""
     step: int = 0
     """Optimizer steps done; the metrics of steps up to it are logged."""
     loss: float | None = None

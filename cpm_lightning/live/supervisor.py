@@ -4,8 +4,10 @@ It runs the training as consecutive `fit` segments, each a subprocess started ex
 operator would start `fit` (so FSDP2 and multi-process launches are the same code path), from
 the run's last good checkpoint and with the registry applied at the segment's first step. While
 a segment runs, the supervisor reads the registry every live.poll_seconds and tells the segment
-the step at which the proposals in effect change next (control.json); the segment stops there
-with a checkpoint, and the next one starts with the new set. Between segments it restarts after
+the step at which the proposals in effect change next (control.json); the segment writes a
+checkpoint there and waits for the answer: a change of data or training (policy.restart_reason)
+it applies where it is and goes on, any other it stops for, and the next segment starts with
+the new set. Between segments it restarts after
 a crash (with backoff), rolls back after a divergence (skipping the data that preceded it) and
 suspends a proposal that made the run diverge twice. What each of those decides is the policy's
 (policy.py, pure functions); this module runs the processes and writes the records. Beside the
@@ -19,7 +21,8 @@ The records it writes, beyond time/step/kind/proposals/changes/reason (ledger.py
   start      checkpoint, in_effect (ids), since ({id: step it took effect}), registry, kinds,
              exclude, allowed_sources, max_params (the registry group), argv
   applied    in_effect, removed (ids), loss (the last loss before the change), sha256 ({id: sha} of
-             those added), migrations (those the model went through: name, key, old, new, exact)
+             those added), migrations (those the model went through: name, key, old, new, exact),
+             in_segment (true: the running segment applied it at its step and went on)
   deferred   sha256
   rejected   sha256 (ids and versions left out; none when the registry itself was unreadable)
   unfollowed (the registry's git pull fails: nothing new reaches the run; an incident), then
@@ -48,7 +51,18 @@ from cpm_lightning.checkpoint.directory import SIGNALS, complete_checkpoints, la
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.live import policy, watch
 from cpm_lightning.live.ledger import Ledger, RunState, Uploader
-from cpm_lightning.live.protocol import SEGMENT_ENV, Control, LiveDir, Plan, Status, holder, lock, read_json, write_json
+from cpm_lightning.live.protocol import (
+    SEGMENT_ENV,
+    Boundary,
+    Control,
+    LiveDir,
+    Plan,
+    Status,
+    holder,
+    lock,
+    read_json,
+    write_json,
+)
 from cpm_lightning.live.publish import Publisher
 from cpm_lightning.live.settings import Settings
 from cpm_lightning.model.migrate import migration_text
@@ -57,6 +71,9 @@ from cpm_lightning.registry.resolve import in_effect
 from cpm_lightning.registry.schema import ACCEPTED, Proposal
 from cpm_lightning.train.run_config import GROUPS
 
+TICK_S = 0.25
+"""Seconds between two looks at a running segment's status: a segment waits this long at most
+(about) for the answer at a boundary."""
 EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*")  # the last line of a traceback
 
 
@@ -307,10 +324,12 @@ class Supervisor:
         return self._crashed(rc, error or next((line for line in reversed(errors) if EXCEPTION.match(line)), None))
 
     def _wait(self, step, in_effect, added, removed, eligible) -> Status | None:
-        """Beat, follow the registry and record the change once the segment trains, until it
-        ends; its last status (None when it never started training)."""
-        tick = min(1.0, self.s.live.poll_seconds)
+        """Beat, follow the registry, record the change once the segment trains and answer it at
+        each boundary, until it ends; its last status (None when it never started training)."""
+        tick = min(TICK_S, self.s.live.poll_seconds)
         next_poll, poll, started = time.monotonic() + self.s.live.poll_seconds, None, None
+        leg, answered = 0, None  # the boundaries applied in this process; the step last answered
+        sent: dict[int, tuple] = {}  # boundary step -> (SegmentSet, eligible) told to apply there
         while True:
             done = self.proc.poll() is not None
             status = read_json(self.files.status, Status)
@@ -318,6 +337,17 @@ class Supervisor:
             if status and not started:
                 started = status
                 self._applied(status, step, in_effect, added, removed, eligible)
+            if status and status.leg > leg:  # the segment applied the boundary it was told to
+                leg, step = status.leg, status.leg_step
+                change, eligible = sent.pop(step)
+                self._applied(status, step, change.answer.ids, change.added, change.removed, eligible, in_segment=True)
+                self.current = {i: eligible[i].sha256 for i in change.answer.ids}
+                self.control.boundary, self.control.stop_at = None, self._stop_at(eligible, step)
+            elif status and status.state == "boundary" and not done and answered != status.step:
+                answered = status.step
+                self.control.boundary, applies = self._boundary(status)
+                if applies is not None:
+                    sent[status.step] = applies
             if done:
                 return status
             if poll and not poll.is_alive():
@@ -332,7 +362,28 @@ class Supervisor:
             self._beat()
             time.sleep(tick)
 
-    def _applied(self, status: Status, step, in_effect, added, removed, eligible) -> None:
+    def _boundary(self, status: Status) -> tuple[Boundary, tuple | None]:
+        """The answer to a segment waiting at a boundary (its checkpoint written), and what it is
+        told to apply: the proposals in effect at its step, as a new segment would resolve them
+        there; in place when policy.restart_reason finds no reason for a new process."""
+        at = status.step
+        self.last_loss = status.loss
+        eligible = self._eligible(at)
+        accepted = [i for i, p in self.reading.registry.proposals.items() if p.status == ACCEPTED]
+        change = policy.segment_set(eligible, accepted, at, self.state, self.s.live.suspend_window)
+        why = policy.restart_reason(change, self.reading.registry.proposals, self.current, self.resolved)
+        if self.signal is not None or why is not None or self.reading.snapshot is None:
+            if why is not None:
+                print(f"live: step {at}: a new segment process applies the change ({why})", file=sys.stderr, flush=True)
+            return Boundary(step=at), None
+        # The next change goes with the answer: the segment may train past it before it reads
+        # a later control.json.
+        self.control.stop_at = policy.stop_at(eligible, at, self.state.since,
+                                              {i: eligible[i].sha256 for i in change.answer.ids})
+        return Boundary(step=at, apply=True, registry=str(self.reading.snapshot), exclude=change.exclude,
+                        keep_steps=change.keep_steps), (change, eligible)
+
+    def _applied(self, status: Status, step, in_effect, added, removed, eligible, in_segment: bool = False) -> None:
         if status.run_id and status.run_id != self.run_id:
             self.run_id = status.run_id
         if self.uploader is not None:
@@ -348,7 +399,7 @@ class Supervisor:
                 reasons.append(f"the model migrated: {', '.join(map(migration_text, status.migrations))}")
             self.record("applied", step, "; ".join(reasons), proposals=added, removed=removed, in_effect=in_effect,
                         changes=changes, loss=self.last_loss, sha256={i: eligible[i].sha256 for i in added},
-                        migrations=status.migrations)
+                        migrations=status.migrations, in_segment=in_segment)
         self.resolved = status.resolved
 
     def _stop_at(self, eligible: dict[int, Proposal], step: int) -> int | None:

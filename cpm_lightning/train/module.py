@@ -138,9 +138,21 @@ class CausalLM(ModelConfig, L.LightningModule):
         for group, settings in zip(optimizer.param_groups, self._group_settings(), strict=True):
             group.update(settings)
         scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        scheduler.lr_lambdas = [self._lr_factor() for _ in optimizer.param_groups]  # this schedule's
         for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
             group["lr"] = group["initial_lr"] * lr_lambda(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reads
+
+    def use_training_config(self, optim, schedule, loss) -> None:
+        """Train on from this step with these `model` groups (a `live` boundary applied inside
+        the running segment, live/segment.py): as a run resumed here with them would."""
+        self.optim, self.schedule, self.loss = optim, schedule, loss
+        self._train_with_this_config()
+
+    def _lr_factor(self):
+        total = self.schedule.total_steps or self.trainer.max_steps
+        schedule = self.schedule
+        return lambda step: schedule.factor(step, total)
 
     def _flops_per_token(self, batch) -> int:
         seq_len = batch["input_ids"].shape[1]
@@ -161,8 +173,7 @@ class CausalLM(ModelConfig, L.LightningModule):
                   for ps, s in zip((matrices, vectors), self._group_settings(), strict=True)]
         fused = all(p.device.type in ("cuda", "cpu") for p in params)
         optimizer = torch.optim.AdamW(groups, fused=fused)
-        total = self.schedule.total_steps or self.trainer.max_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.schedule.factor(s, total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation ---------------------------------------------------------------------------

@@ -42,6 +42,36 @@ def fold(*records: dict) -> RunState:
     return state
 
 
+def test_a_boundary_of_data_or_training_keys_is_applied_in_the_running_segment(registry, tmp_path):
+    """policy.restart_reason: None (in place) for training keys, a source's weight and a new
+    source; a reason for a migration, another data key, a changed source or an unknown version."""
+    proposals = dict(registry.proposals)
+    resolved = {"data.sources.en.url": "en.txt", "data.sources.en.weight": 0.7, "model.optim.lr": 0.02}
+
+    def why(added=(), removed=(), running=None):
+        change = policy.SegmentSet(answer=None, added=list(added), removed=list(removed), exclude=[], keep_steps=[])
+        return policy.restart_reason(change, proposals, running or {}, resolved)
+
+    assert why(added=[1, 2, 3]) is None and why(removed=[2], running={2: proposals[2].sha256}) is None
+    assert why(added=[8]) is None  # data.sources.en.weight
+    assert why(added=[6]) == "0006 sets model.arch.ff_dim: the model migrates as a new process loads the checkpoint"
+    more = tmp_path / "more"
+    more.mkdir()
+    write_proposal(more, 11, {"data.sources.numbers": {"url": "s3://cpm-lightning-data/n.txt", "weight": 1.0}},
+                   kind="data")
+    write_proposal(more, 12, {"data.sources.en.url": "s3://cpm-lightning-data/other.txt"}, kind="data")
+    write_proposal(more, 13, {"data.seq_len": 64}, kind="data")
+    proposals.update(load_registry(more, ConfigSchema(GROUPS)).proposals)
+    assert sorted(proposals) == [1, 2, 3, 6, 8, 9, 10, 11, 12, 13]
+    assert why(added=[11]) is None  # a new source
+    assert why(added=[12]) == ("0012 sets data.sources.en.url: a source the mixture draws from changes what its "
+                               "windows are")
+    assert why(added=[13]) == "0013 sets data.seq_len: the data module is built again by a new process"
+    assert why(added=[1], running={1: "an older version"}) == (
+        "proposal 0001 left the registry or changed, and its version in effect may set other keys")
+    assert why(removed=[42], running={42: "gone"}).startswith("proposal 0042 left the registry")
+
+
 def test_eligible_leaves_out_what_the_run_does_not_apply_and_defers_what_no_migration_folds_in(registry):
     proposals = registry.proposals
     out, deferred = policy.eligible(proposals, KINDS, [], RunState())
