@@ -29,7 +29,8 @@ CHARTED = ("train/loss", "val/loss", "train/tokens_per_sec", "train/grad_norm", 
 REPORTS = ("daily", "weekly")  # the artifact folders of `report daily|weekly` on a run
 REPORT_FILE = re.compile(r"^[\w.-]+\.(md|png)$")
 PROMPT_STEP = re.compile(r"^step-(\d+)\.json$")
-WORSE_BY, NOISE = 0.10, 0.01
+WORSE_BY = 0.10
+NOISE = 0.01
 """An application's row is `worse` when one of its scores fell from the previous release's by more
 than WORSE_BY of that score and more than NOISE (a young model's scores near zero move by noise),
 `better` when one rose by as much and none fell."""

@@ -70,6 +70,9 @@ class Runs:
             "trainer.accelerator": ACCELERATOR, "trainer.devices": devices, "trainer.strategy": strategy,
             "trainer.logger": False, "checkpoint.every_n_steps": N, "data.cache_dir": str(self.root / "cache"),
             "registry.path": None, **({"trainer.deterministic": "warn"} if ACCELERATOR == "gpu" else {}),
+            # auto is 32-true under fsdp but bf16-mixed for one process on a CPU with bf16 units:
+            # the comparisons here are of sharding alone.
+            "trainer.precision": "32-true",
             **overrides})
 
     def fit(self, name: str, devices: int, *args: str, callbacks=(), expect_rc: int | None = 0, **overrides):

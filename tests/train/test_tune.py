@@ -129,7 +129,7 @@ def task_config(tmp_path, corpus, **overrides):
 
 def test_an_adapter_for_another_base_or_rank_is_one_line_through_the_verbs(tmp_path, corpus, capsys):
     from cpm_lightning.checkpoint.modeldir import open_model_dir
-    from cpm_lightning.cli.loader import base_sha256
+    from cpm_lightning.train.adapters import base_sha256
 
     base = write_base(tmp_path, corpus)
     stored = open_model_dir(base)
