@@ -93,6 +93,8 @@ class RelativeBuckets(nn.Module):
     """CPM-Ant's position bias, shared by all layers: a learned bias per (head, distance bucket)
     between tokens of one segment, and per (head, query segment, key segment) across segments."""
 
+    adds_bias = True
+
     def __init__(self, cfg):
         super().__init__()
         self.num_buckets, self.max_distance = cfg.num_buckets, cfg.max_distance
@@ -135,6 +137,8 @@ class RelativeBuckets(nn.Module):
 
 class Rotary(nn.Module):
     """Rotary position embedding (RoFormer), applied to q and k; no additive bias."""
+
+    adds_bias = False
 
     def __init__(self, cfg):
         super().__init__()

@@ -93,9 +93,10 @@ class ParallelConfig:
     """torch.compile each block separately (compile time does not grow with depth; on CPU it
     needs a C++ compiler)."""
     attention: str = "auto"
-    """sdpa, flex or auto: attention over a dense bias and mask, or FlexAttention computing them
-    inside the kernel (model/config.py ATTENTION_KERNELS; auto is flex on CUDA, sdpa on CPU,
-    where this torch has no FlexAttention backward)."""
+    """sdpa, flex, chunked or auto: attention over a dense bias and mask, FlexAttention computing
+    them inside the kernel, or SDPA a chunk of queries at a time with each chunk's mask rebuilt
+    in the backward (model/config.py ATTENTION_KERNELS; auto is flex on CUDA and, on CPU, where
+    this torch has no FlexAttention backward, chunked for training long windows, else sdpa)."""
 
     def __post_init__(self):
         lookup(ATTENTION_KERNELS, self.attention, "model.parallel.attention")
