@@ -29,24 +29,21 @@ from cpm_lightning.core.errors import UserError
 
 CHUNK = 256
 """Query rows per chunk of `chunked`: the mask and scores alive at once are [B, H, CHUNK, S]."""
-CHUNKED_FROM_T = 1024
-"""`auto` chunks CPU training from this many positions on, where it measured no slower than
-the dense mask (benchmarks/attention_memory.py --steps train); below, sdpa."""
 
 
-def choose_kernel(choice: str, device: torch.device, backward: bool, T: int) -> str:
-    """sdpa, flex or chunked: the kernel of a forward of T positions without a KV cache, for
+def choose_kernel(choice: str, device: torch.device, backward: bool) -> str:
+    """sdpa, flex or chunked: the kernel of a forward without a KV cache, for
     `model.parallel.attention` (model/config.py, ATTENTION_KERNELS). This torch has no
     FlexAttention backward on CPU, and its CPU forward is only memory-lean compiled (seconds of
-    inductor per shape), so `auto` runs flex on CUDA and chunks long CPU training."""
+    inductor per shape), so `auto` runs flex on CUDA only. Nor does it chunk: `chunked` pays one
+    more attention forward per step (the recompute) and measured 1.1-1.4x the dense mask's step
+    time on CPU at T = 512-2048 (benchmarks/attention_memory.py), so it is chosen for memory."""
     if choice == "flex" and device.type == "cpu" and backward:
         raise UserError("model.parallel.attention: flex cannot train on CPU (this torch has no "
                         "FlexAttention backward there); use chunked, sdpa or auto")
     if choice != "auto":
         return choice
-    if device.type == "cuda":
-        return "flex"
-    return "chunked" if backward and T >= CHUNKED_FROM_T else "sdpa"
+    return "flex" if device.type == "cuda" else "sdpa"
 
 
 @functools.cache

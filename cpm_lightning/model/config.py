@@ -37,7 +37,7 @@ ATTENTION_KERNELS: dict[str, str] = {
     "flex": "FlexAttention, bias and mask computed inside the kernel (compiled; on CPU forward only)",
     "chunked": "sdpa a chunk of queries at a time, each chunk's bias and mask rebuilt in the backward "
                "(attention memory grows like T: CPU training)",
-    "auto": "flex on CUDA; on CPU chunked for training from attention.CHUNKED_FROM_T positions, sdpa otherwise",
+    "auto": "flex on CUDA, sdpa elsewhere (chunked measured slower than sdpa on CPU: it is for memory)",
 }
 
 MAX_PARAMS = 20_000_000_000

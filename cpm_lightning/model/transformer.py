@@ -154,7 +154,7 @@ class CPMAnt(nn.Module):
         or the ChunkedMask that builds the dense mask's query rows a chunk at a time."""
         T, S = len(pos), int(pos[-1]) + 1
         kernel = "sdpa" if cache is not None else choose_kernel(self.attention_kernel, pos.device,
-                                                                torch.is_grad_enabled(), T)
+                                                                torch.is_grad_enabled())
         if kernel == "flex":
             score_mod = self.position.score_mod(T, segment_ids)
             if score_mod is None and context is None and attention_mask is None and sample_ids is None:

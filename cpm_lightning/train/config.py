@@ -95,8 +95,9 @@ class ParallelConfig:
     attention: str = "auto"
     """sdpa, flex, chunked or auto: attention over a dense bias and mask, FlexAttention computing
     them inside the kernel, or SDPA a chunk of queries at a time with each chunk's mask rebuilt
-    in the backward (model/config.py ATTENTION_KERNELS; auto is flex on CUDA and, on CPU, where
-    this torch has no FlexAttention backward, chunked for training long windows, else sdpa)."""
+    in the backward (model/config.py ATTENTION_KERNELS; auto is flex on CUDA, sdpa on CPU, where
+    this torch has no FlexAttention backward: chunked is for when the dense mask does not fit,
+    its attention memory growing like T at 1.1-1.4x the time)."""
 
     def __post_init__(self):
         lookup(ATTENTION_KERNELS, self.attention, "model.parallel.attention")

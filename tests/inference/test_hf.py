@@ -21,6 +21,7 @@ from cpm_lightning.core.tokenizer import CpmAntTokenizer, train_tokenizer
 from cpm_lightning.inference.generate import prompt_inputs, sample
 from cpm_lightning.inference.hf.convert import read_hf
 from cpm_lightning.model import ArchConfig, CPMAnt, KVCache
+from cpm_lightning.model import attention as kernels
 
 # Text none of the tokenizers here was trained on: other Analects, other Austen, whitespace runs,
 # digits, a rare character and an emoji (byte fallback).
@@ -106,11 +107,13 @@ def random_cpmant(tmp_path: Path, vocab_size: int = 300, tie: bool = True) -> tu
     return hf, tmp_path / "cpmant"
 
 
-# flex: FlexAttention's compiled CPU kernel (model/attention.py), one compile.
-@pytest.mark.parametrize("attention", ["sdpa", pytest.param("flex", marks=pytest.mark.slow)])
-def test_model_computes_what_cpmant_for_causal_lm_computes(tmp_path, attention):
+# flex: FlexAttention's compiled CPU kernel (model/attention.py), one compile. chunked: chunks of
+# 6 of the 20 (prompt and text) positions, the last one partial.
+@pytest.mark.parametrize("attention", ["sdpa", "chunked", pytest.param("flex", marks=pytest.mark.slow)])
+def test_model_computes_what_cpmant_for_causal_lm_computes(tmp_path, attention, monkeypatch):
     """Same weights, a batch with the task prompt (segment 0), text (segment 2) and left padding:
     equal logits wherever there is text."""
+    monkeypatch.setattr(kernels, "CHUNK", 6)
     hf, directory = random_cpmant(tmp_path)
     model = read_hf(directory).build()
     model.attention_kernel = attention

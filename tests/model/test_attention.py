@@ -55,7 +55,7 @@ def flex(monkeypatch):
     else:
         monkeypatch.setattr(kernels, "_kernels", lambda: (torch_flex.flex_attention,) * 3)
         monkeypatch.setattr(torch_flex, "_validate_device", lambda *args: None)
-        monkeypatch.setattr(transformer, "choose_kernel", lambda choice, device, backward, T: choice)
+        monkeypatch.setattr(transformer, "choose_kernel", lambda choice, device, backward: choice)
 
 
 def model_pair(arch: str, kernel: str = "flex"):
@@ -179,15 +179,14 @@ def test_chunked_builds_one_chunk_of_mask_rows_at_a_time_and_rebuilds_them_in_th
 
 def test_which_kernel_each_choice_and_device_runs():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    long, short = kernels.CHUNKED_FROM_T, kernels.CHUNKED_FROM_T - 1
-    assert choose_kernel("sdpa", cuda, True, long) == "sdpa" and choose_kernel("chunked", cuda, True, 8) == "chunked"
-    assert choose_kernel("flex", cpu, False, long) == "flex" and choose_kernel("flex", cuda, True, long) == "flex"
-    assert choose_kernel("auto", cuda, True, 8) == choose_kernel("auto", cuda, False, 8) == "flex"
-    assert choose_kernel("auto", cpu, True, long) == "chunked"
-    assert choose_kernel("auto", cpu, True, short) == choose_kernel("auto", cpu, False, long) == "sdpa"
+    assert choose_kernel("sdpa", cuda, True) == "sdpa" and choose_kernel("chunked", cuda, True) == "chunked"
+    assert choose_kernel("chunked", cpu, True) == choose_kernel("chunked", cpu, False) == "chunked"
+    assert choose_kernel("flex", cpu, False) == "flex" and choose_kernel("flex", cuda, True) == "flex"
+    assert choose_kernel("auto", cuda, True) == choose_kernel("auto", cuda, False) == "flex"
+    assert choose_kernel("auto", cpu, True) == choose_kernel("auto", cpu, False) == "sdpa"
     with pytest.raises(UserError, match=r"^model.parallel.attention: flex cannot train on CPU \(this torch has no "
                                         r"FlexAttention backward there\); use chunked, sdpa or auto$"):
-        choose_kernel("flex", cpu, True, 8)
+        choose_kernel("flex", cpu, True)
 
 
 def test_training_a_flex_model_on_cpu_is_one_line_error():
