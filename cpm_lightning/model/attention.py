@@ -11,7 +11,7 @@ depends on the batch's segments, context and padding, so the model builds it onc
 and every layer shares it.
 
 This torch has no FlexAttention backward on CPU, so CPU training chunks instead: per chunk of
-CHUNK queries only its [B, H, CHUNK, S] mask exists, inside a checkpoint, so the backward keeps
+c queries (model.parallel.attention_chunk) only its [B, H, c, S] mask exists, inside a checkpoint, so the backward keeps
 neither the mask nor the chunk's scores and attention memory grows like T rather than T^2.
 """
 
@@ -26,9 +26,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cpm_lightning.core.errors import UserError
-
-CHUNK = 256
-"""Query rows per chunk of `chunked`: the mask and scores alive at once are [B, H, CHUNK, S]."""
 
 
 def choose_kernel(choice: str, device: torch.device, backward: bool) -> str:
@@ -99,6 +96,8 @@ class ChunkedMask:
     [B or 1, H or 1, end - start, S]: the same builder the SDPA path calls for all rows."""
 
     rows: Callable[[int, int], torch.Tensor]
+    size: int
+    """Query rows per chunk: the mask and scores alive at once are [B, H, size, S]."""
 
 
 def _attend_rows(q, k, v, start: int, mask: ChunkedMask, scale: float | None, gqa: bool):
@@ -112,8 +111,8 @@ def attend(q, k, v, mask, scale: float | None, gqa: bool):
     FlexAttention when it is a FlexMask, SDPA a chunk of queries at a time when a ChunkedMask."""
     if isinstance(mask, ChunkedMask):
         chunks = []
-        for start in range(0, q.shape[2], CHUNK):
-            rows = q[:, :, start:start + CHUNK]
+        for start in range(0, q.shape[2], mask.size):
+            rows = q[:, :, start:start + mask.size]
             if torch.is_grad_enabled():
                 # The backward recomputes the chunk's mask (and SDPA's scores) from q, k, v and the
                 # bias table instead of keeping them; nothing random runs, so no RNG state is kept.

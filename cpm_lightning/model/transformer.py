@@ -59,6 +59,8 @@ class CPMAnt(nn.Module):
     """sdpa, flex, chunked or auto (model/config.py, ATTENTION_KERNELS): how a forward without a KV cache
     attends; training sets it from model.parallel.attention. Not a parameter: checkpoints and
     the architecture do not depend on it."""
+    attention_chunk = 256
+    """Query rows per chunk of the chunked kernel (model.parallel.attention_chunk)."""
 
     def __init__(self, cfg: ArchConfig):
         super().__init__()
@@ -189,7 +191,7 @@ class CPMAnt(nn.Module):
             bias = torch.zeros((), device=pos.device) if bias is None else bias
             return bias.masked_fill(~visible[:, None], float("-inf")).to(self.embedding.dtype)
 
-        return ChunkedMask(rows) if kernel == "chunked" else rows(0, T)
+        return ChunkedMask(rows, self.attention_chunk) if kernel == "chunked" else rows(0, T)
 
 
 def _positions_in_sample(sample_ids):

@@ -98,6 +98,9 @@ class ParallelConfig:
     in the backward (model/config.py ATTENTION_KERNELS; auto is flex on CUDA, sdpa on CPU, where
     this torch has no FlexAttention backward: chunked is for when the dense mask does not fit,
     its attention memory growing like T at 1.1-1.4x the time)."""
+    attention_chunk: int = 256
+    """Query rows per chunk of `chunked`: its attention memory is B x H x attention_chunk x T
+    floats per layer call, at one more attention forward per step whatever the size."""
 
     def __post_init__(self):
         lookup(ATTENTION_KERNELS, self.attention, "model.parallel.attention")

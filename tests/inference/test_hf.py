@@ -21,7 +21,6 @@ from cpm_lightning.core.tokenizer import CpmAntTokenizer, train_tokenizer
 from cpm_lightning.inference.generate import prompt_inputs, sample
 from cpm_lightning.inference.hf.convert import read_hf
 from cpm_lightning.model import ArchConfig, CPMAnt, KVCache
-from cpm_lightning.model import attention as kernels
 
 # Text none of the tokenizers here was trained on: other Analects, other Austen, whitespace runs,
 # digits, a rare character and an emoji (byte fallback).
@@ -110,13 +109,12 @@ def random_cpmant(tmp_path: Path, vocab_size: int = 300, tie: bool = True) -> tu
 # flex: FlexAttention's compiled CPU kernel (model/attention.py), one compile. chunked: chunks of
 # 6 of the 20 (prompt and text) positions, the last one partial.
 @pytest.mark.parametrize("attention", ["sdpa", "chunked", pytest.param("flex", marks=pytest.mark.slow)])
-def test_model_computes_what_cpmant_for_causal_lm_computes(tmp_path, attention, monkeypatch):
+def test_model_computes_what_cpmant_for_causal_lm_computes(tmp_path, attention):
     """Same weights, a batch with the task prompt (segment 0), text (segment 2) and left padding:
     equal logits wherever there is text."""
-    monkeypatch.setattr(kernels, "CHUNK", 6)
     hf, directory = random_cpmant(tmp_path)
     model = read_hf(directory).build()
-    model.attention_kernel = attention
+    model.attention_kernel, model.attention_chunk = attention, 6
     ids = torch.randint(1, 300, (3, 12), generator=torch.Generator().manual_seed(1))
     ids[0, :4] = 0  # left padding
     ids[1, :9] = 0

@@ -44,11 +44,10 @@ CHUNK = 16  # T = 40: two full chunks and a partial one
 
 @pytest.fixture
 def flex(monkeypatch):
-    """Chunks of CHUNK queries. On CUDA the real compiled kernel. On CPU PyTorch's eager FlexAttention, with its refusal
+    """On CUDA the real compiled kernel. On CPU PyTorch's eager FlexAttention, with its refusal
     of a CPU backward lifted (its dense backward is the reference PyTorch tests its kernels
     against), so the score_mod's gradient to the table is checked here too. On CUDA each test
     compiles its own graph: more than dynamo's default limit of recompiles of one function."""
-    monkeypatch.setattr(kernels, "CHUNK", CHUNK)
     if DEVICE.type == "cuda":
         # Each test's score_mod and mask_mod are another graph of the one compiled function.
         monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
@@ -64,7 +63,7 @@ def model_pair(arch: str, kernel: str = "flex"):
     model.init_weights()
     flex = CPMAnt(model.cfg).to(DEVICE)
     flex.load_state_dict(model.state_dict())
-    flex.attention_kernel = kernel
+    flex.attention_kernel, flex.attention_chunk = kernel, CHUNK
     return model, flex
 
 
@@ -155,13 +154,13 @@ def test_chunked_builds_one_chunk_of_mask_rows_at_a_time_and_rebuilds_them_in_th
     built = []
 
     class Recording(ChunkedMask):
-        def __init__(self, rows):
+        def __init__(self, rows, size):
             def recorded(start, end):
                 mask = rows(start, end)
                 built.append((start, end, tuple(mask.shape), torch.is_grad_enabled()))
                 return mask
 
-            super().__init__(recorded)
+            super().__init__(recorded, size)
 
     monkeypatch.setattr(transformer, "ChunkedMask", Recording)
     _, model = model_pair("relative_buckets", "chunked")
