@@ -15,8 +15,8 @@ a 256-token vocabulary, so the embedding and output projection are negligible.
 
 Steps: forward+backward (training) and forward alone (no grad: evaluation, a prompt's prefill).
 On CPU this torch has no FlexAttention backward, so there forward+backward compares `chunked`
-(chunks of model.parallel.attention_chunk = 256 queries, each chunk's mask rebuilt in the backward) and FlexAttention
-is compared on the forward. Ratios are new / sdpa measured in one run.
+(chunks of 256 queries, model.parallel.attention_chunk's default, each chunk's mask rebuilt in
+the backward) and FlexAttention is compared on the forward. Ratios are new / sdpa measured in one run.
 """
 
 from __future__ import annotations
