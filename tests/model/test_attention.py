@@ -196,12 +196,15 @@ def test_training_a_flex_model_on_cpu_is_one_line_error():
         model(torch.randint(0, 64, (1, 8)))
 
 
-def test_an_unknown_kernel_lists_the_valid_ones():
+def test_an_unknown_kernel_or_a_chunk_out_of_range_is_one_line_error():
     with pytest.raises(UserError, match=r"^unknown model.parallel.attention 'dense'; expected one of: auto, chunked, flex, sdpa$"):
         ParallelConfig(attention="dense")
+    with pytest.raises(UserError, match=r"^model.parallel.attention_chunk must be in \[1, 1048576\], got 0$"):
+        ParallelConfig(attention="chunked", attention_chunk=0)
     model = CPMAnt(ArchConfig(preset="tiny", vocab_size=64))
-    apply_parallel(model, dataclasses.replace(ParallelConfig(), attention="flex"))
+    apply_parallel(model, dataclasses.replace(ParallelConfig(), attention="flex", attention_chunk=7))
     assert model.attention_kernel == "flex" and CPMAnt.attention_kernel == "sdpa"
+    assert model.attention_chunk == 7 and CPMAnt.attention_chunk == 256
 
 
 @pytest.mark.slow
