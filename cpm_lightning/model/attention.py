@@ -33,7 +33,7 @@ def choose_kernel(choice: str, device: torch.device, backward: bool) -> str:
     `model.parallel.attention` (model/config.py, ATTENTION_KERNELS). This torch has no
     FlexAttention backward on CPU, and its CPU forward is only memory-lean compiled (seconds of
     inductor per shape), so `auto` runs flex on CUDA only. Nor does it chunk: `chunked` pays one
-    more attention forward per step (the recompute) and measured 1.1-1.4x the dense mask's step
+    more attention forward per step (the recompute) and measured 1.05-1.5x the dense mask's step
     time on CPU at T = 512-2048 (benchmarks/attention_memory.py), so it is chosen for memory."""
     if choice == "flex" and device.type == "cpu" and backward:
         raise UserError("model.parallel.attention: flex cannot train on CPU (this torch has no "

@@ -97,7 +97,7 @@ class ParallelConfig:
     them inside the kernel, or SDPA a chunk of queries at a time with each chunk's mask rebuilt
     in the backward (model/config.py ATTENTION_KERNELS; auto is flex on CUDA, sdpa on CPU, where
     this torch has no FlexAttention backward: chunked is for when the dense mask does not fit,
-    its attention memory growing like T at 1.1-1.4x the time)."""
+    its attention memory growing like T at 1.05-1.5x the time)."""
     attention_chunk: int = ranged(256, ge=1, le=2**20)
     """Query rows per chunk of `chunked`: its attention memory is B x H x attention_chunk x T
     floats per layer call, at one more attention forward per step whatever the size."""
