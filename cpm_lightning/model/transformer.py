@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpm_lightning.model.attention import flex_mask, use_flex
+from cpm_lightning.model.attention import ChunkedMask, choose_kernel, flex_mask
 from cpm_lightning.model.config import ArchConfig
 from cpm_lightning.model.layers import COMPONENTS, Block, scaled_linear
 
@@ -56,9 +56,11 @@ class _Slot:
 
 class CPMAnt(nn.Module):
     attention_kernel = "sdpa"
-    """sdpa, flex or auto (model/config.py, ATTENTION_KERNELS): how a forward without a KV cache
+    """sdpa, flex, chunked or auto (model/config.py, ATTENTION_KERNELS): how a forward without a KV cache
     attends; training sets it from model.parallel.attention. Not a parameter: checkpoints and
     the architecture do not depend on it."""
+    attention_chunk = 256
+    """Query rows per chunk of the chunked kernel (model.parallel.attention_chunk)."""
 
     def __init__(self, cfg: ArchConfig):
         super().__init__()
@@ -150,9 +152,12 @@ class CPMAnt(nn.Module):
     def _mask(self, pos, segment_ids, context, attention_mask, cache, sample_ids=None):
         """Additive attention mask [B or 1, H or 1, T, S], or None when queries see every key up
         to their own position without a bias (SDPA's is_causal, or one new token), or the
-        FlexMask that computes both inside FlexAttention (attention.py) when the kernel is flex."""
+        FlexMask that computes both inside FlexAttention (attention.py) when the kernel is flex,
+        or the ChunkedMask that builds the dense mask's query rows a chunk at a time."""
         T, S = len(pos), int(pos[-1]) + 1
-        if cache is None and use_flex(self.attention_kernel, pos.device, torch.is_grad_enabled()):
+        kernel = "sdpa" if cache is not None else choose_kernel(self.attention_kernel, pos.device,
+                                                                torch.is_grad_enabled())
+        if kernel == "flex":
             score_mod = self.position.score_mod(T, segment_ids)
             if score_mod is None and context is None and attention_mask is None and sample_ids is None:
                 return None  # plain causal text: SDPA's flash kernel
@@ -162,23 +167,31 @@ class CPMAnt(nn.Module):
             k_seg, k_valid = cache.extend(segment_ids, attention_mask, T)
             if k_seg is not None and segment_ids is None:
                 segment_ids = torch.zeros_like(k_seg[:, -T:])
-        k_pos = torch.arange(S, device=pos.device)
-        bias = self.position.bias(pos, k_pos, segment_ids, k_seg)
-        if bias is None and context is None and k_valid is None and sample_ids is None and (T == S or T == 1):
+        if (not self.position.adds_bias and context is None and k_valid is None and sample_ids is None
+                and (T == S or T == 1)):
             return None
-        visible = k_pos[None, None, :] <= pos[None, :, None]  # [1, T, S]
-        if context is not None:
-            # CPM-Ant: every query sees the context; a target token also sees earlier tokens.
-            # Earlier (cached) positions precede every query, so they count as context here.
-            k_ctx = torch.cat([context.new_ones(context.shape[0], S - T), context], dim=1)
-            visible = k_ctx[:, None, :] | (~context[:, :, None] & visible)
-        if sample_ids is not None:
-            visible = visible & (sample_ids[:, :, None] == sample_ids[:, None, :])
-        if k_valid is not None:
-            # Nothing sees padding; a padding query sees itself, so that no row is all -inf.
-            visible = (visible & k_valid[:, None, :]) | (k_pos[None, None, :] == pos[None, :, None])
-        bias = torch.zeros((), device=pos.device) if bias is None else bias
-        return bias.masked_fill(~visible[:, None], float("-inf")).to(self.embedding.dtype)
+        k_pos = torch.arange(S, device=pos.device)
+        # CPM-Ant: every query sees the context; a target token also sees earlier tokens.
+        # Earlier (cached) positions precede every query, so they count as context here.
+        k_ctx = None if context is None else torch.cat([context.new_ones(context.shape[0], S - T), context], dim=1)
+
+        def rows(start: int, end: int):
+            """The mask of query rows start:end."""
+            q_pos = pos[start:end]
+            q_seg = None if segment_ids is None else segment_ids[:, start:end]
+            bias = self.position.bias(q_pos, k_pos, q_seg, k_seg)
+            visible = k_pos[None, None, :] <= q_pos[None, :, None]  # [1, rows, S]
+            if context is not None:
+                visible = k_ctx[:, None, :] | (~context[:, start:end, None] & visible)
+            if sample_ids is not None:
+                visible = visible & (sample_ids[:, start:end, None] == sample_ids[:, None, :])
+            if k_valid is not None:
+                # Nothing sees padding; a padding query sees itself, so that no row is all -inf.
+                visible = (visible & k_valid[:, None, :]) | (k_pos[None, None, :] == q_pos[None, :, None])
+            bias = torch.zeros((), device=pos.device) if bias is None else bias
+            return bias.masked_fill(~visible[:, None], float("-inf")).to(self.embedding.dtype)
+
+        return ChunkedMask(rows, self.attention_chunk) if kernel == "chunked" else rows(0, T)
 
 
 def _positions_in_sample(sample_ids):

@@ -93,12 +93,18 @@ class ParallelConfig:
     """torch.compile each block separately (compile time does not grow with depth; on CPU it
     needs a C++ compiler)."""
     attention: str = "auto"
-    """sdpa, flex or auto: attention over a dense bias and mask, or FlexAttention computing them
-    inside the kernel (model/config.py ATTENTION_KERNELS; auto is flex on CUDA, sdpa on CPU,
-    where this torch has no FlexAttention backward)."""
+    """sdpa, flex, chunked or auto: attention over a dense bias and mask, FlexAttention computing
+    them inside the kernel, or SDPA a chunk of queries at a time with each chunk's mask rebuilt
+    in the backward (model/config.py ATTENTION_KERNELS; auto is flex on CUDA, sdpa on CPU, where
+    this torch has no FlexAttention backward: chunked is for when the dense mask does not fit,
+    its attention memory growing like T at 1.05-1.5x the time)."""
+    attention_chunk: int = ranged(256, ge=1, le=2**20)
+    """Query rows per chunk of `chunked`: its attention memory is B x H x attention_chunk x T
+    floats per layer call, at one more attention forward per step whatever the size."""
 
     def __post_init__(self):
         lookup(ATTENTION_KERNELS, self.attention, "model.parallel.attention")
+        check_ranges(self, "model.parallel")
 
 
 # eq/repr off: CausalLM inherits this class, and an nn.Module must stay hashable and print as

@@ -97,7 +97,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 def apply_parallel(model: CPMAnt, parallel: ParallelConfig) -> None:
     """The attention kernel, and activation checkpointing and compilation block by block, in place."""
-    model.attention_kernel = parallel.attention
+    model.attention_kernel, model.attention_chunk = parallel.attention, parallel.attention_chunk
     for block in model.blocks:
         if parallel.activation_checkpointing:
             # Wrapping the bound forward (not the module, as checkpoint_wrapper does) keeps the

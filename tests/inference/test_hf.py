@@ -106,14 +106,15 @@ def random_cpmant(tmp_path: Path, vocab_size: int = 300, tie: bool = True) -> tu
     return hf, tmp_path / "cpmant"
 
 
-# flex: FlexAttention's compiled CPU kernel (model/attention.py), one compile.
-@pytest.mark.parametrize("attention", ["sdpa", pytest.param("flex", marks=pytest.mark.slow)])
+# flex: FlexAttention's compiled CPU kernel (model/attention.py), one compile. chunked: chunks of
+# 6 of the 20 (prompt and text) positions, the last one partial.
+@pytest.mark.parametrize("attention", ["sdpa", "chunked", pytest.param("flex", marks=pytest.mark.slow)])
 def test_model_computes_what_cpmant_for_causal_lm_computes(tmp_path, attention):
     """Same weights, a batch with the task prompt (segment 0), text (segment 2) and left padding:
     equal logits wherever there is text."""
     hf, directory = random_cpmant(tmp_path)
     model = read_hf(directory).build()
-    model.attention_kernel = attention
+    model.attention_kernel, model.attention_chunk = attention, 6
     ids = torch.randint(1, 300, (3, 12), generator=torch.Generator().manual_seed(1))
     ids[0, :4] = 0  # left padding
     ids[1, :9] = 0

@@ -1,6 +1,7 @@
-"""FlexAttention (model/attention.py) computes what the SDPA path computes: logits within 1e-5 in
-fp32 and the gradients of the bias table and of the projections, on each preset's shape family,
-with segments, context, left padding and packed samples.
+"""FlexAttention and query-chunked SDPA (model/attention.py) compute what the SDPA path computes:
+logits within 1e-5 in fp32 and the gradients of the bias table and of the projections, on each
+preset's shape family, with segments, context, left padding and packed samples. The chunked path
+runs with chunks of 16 over 40 positions, so the last chunk is a partial one.
 
 CPM_ATTENTION_TEST_DEVICE=cuda (benchmarks/gpu_check.sh) runs them with CUDA tensors and the
 compiled kernel, forward and backward. On CPU this torch has no FlexAttention backward and compiles
@@ -22,7 +23,7 @@ from conftest import cli_error, write_config, write_corpus
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.model import ArchConfig, CPMAnt, transformer
 from cpm_lightning.model import attention as kernels
-from cpm_lightning.model.attention import FlexMask, use_flex
+from cpm_lightning.model.attention import ChunkedMask, FlexMask, choose_kernel
 from cpm_lightning.train.config import ParallelConfig
 from cpm_lightning.train.sharding import apply_parallel
 
@@ -37,6 +38,8 @@ ARCHS = {
     "split_qk": dict(split_qk_scale=True),
 }
 CASES = ["plain", "segments_context_padding", "packed"]
+KERNELS = {"flex": FlexMask, "chunked": ChunkedMask}  # the kernel, and the mask its forward builds
+CHUNK = 16  # T = 40: two full chunks and a partial one
 
 
 @pytest.fixture
@@ -51,16 +54,16 @@ def flex(monkeypatch):
     else:
         monkeypatch.setattr(kernels, "_kernels", lambda: (torch_flex.flex_attention,) * 3)
         monkeypatch.setattr(torch_flex, "_validate_device", lambda *args: None)
-        monkeypatch.setattr(transformer, "use_flex", lambda choice, device, backward: choice == "flex")
+        monkeypatch.setattr(transformer, "choose_kernel", lambda choice, device, backward: choice)
 
 
-def model_pair(arch: str):
+def model_pair(arch: str, kernel: str = "flex"):
     torch.manual_seed(0)
     model = CPMAnt(ArchConfig(preset="tiny", vocab_size=64, num_segments=4, **ARCHS[arch])).to(DEVICE)
     model.init_weights()
     flex = CPMAnt(model.cfg).to(DEVICE)
     flex.load_state_dict(model.state_dict())
-    flex.attention_kernel = "flex"
+    flex.attention_kernel, flex.attention_chunk = kernel, CHUNK
     return model, flex
 
 
@@ -86,8 +89,9 @@ def inputs(case: str, B: int = 3, T: int = 40) -> dict:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_flex_logits_and_gradients_equal_the_sdpa_path(arch, case, flex):
-    sdpa, flex = model_pair(arch)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_logits_and_gradients_equal_the_sdpa_path(kernel, arch, case, flex):
+    sdpa, flex = model_pair(arch, kernel)
     batch = inputs(case)
     weight = torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     logits = {}
@@ -96,8 +100,8 @@ def test_flex_logits_and_gradients_equal_the_sdpa_path(arch, case, flex):
         (out * weight).sum().backward()  # an upstream gradient that differs per logit
     mask = flex._mask(torch.arange(40, device=DEVICE), batch.get("segment_ids"), batch.get("context"),
                       batch.get("attention_mask"), None, batch.get("sample_ids"))
-    assert isinstance(mask, FlexMask) or (arch, case) == ("rotary", "plain")  # that one is SDPA's is_causal
-    torch.testing.assert_close(logits["flex"], logits["sdpa"], atol=1e-5, rtol=0)
+    assert isinstance(mask, KERNELS[kernel]) or (arch, case) == ("rotary", "plain")  # that one is SDPA's is_causal
+    torch.testing.assert_close(logits[kernel], logits["sdpa"], atol=1e-5, rtol=0)
     grads = dict(sdpa.named_parameters())
     checked = [n for n, p in flex.named_parameters() if "position" in n or "project" in n or "attention_out" in n]
     assert ("position.weight" in checked) == (arch != "rotary")
@@ -108,11 +112,12 @@ def test_flex_logits_and_gradients_equal_the_sdpa_path(arch, case, flex):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_the_bias_table_gets_a_gradient_through_the_score_mod_only_where_it_is_used(flex):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_bias_table_gets_a_gradient_only_where_it_is_used(kernel, flex):
     """Rows of segment pairs that no visible (query, key) has get none: 2 -> 3 is never seen
     (sample 1's context ends before segment 3); 2 -> 0, 3 -> 0, 3 -> 2 and 0 -> 2 (through the
     context) are."""
-    _, model = model_pair("relative_buckets")
+    _, model = model_pair("relative_buckets", kernel)
     batch = inputs("segments_context_padding")
     model(**batch).sum().backward()
     grad = model.position.weight.grad  # [buckets + segments^2, heads]
@@ -128,10 +133,11 @@ def test_flex_without_a_mask_or_bias_is_sdpas_causal_kernel():
         assert model._mask(torch.arange(8, device=DEVICE), None, None, None, None) is None
 
 
-def test_decoding_with_the_kv_cache_stays_on_sdpa_and_matches_the_full_forward(flex):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_decoding_with_the_kv_cache_stays_on_sdpa_and_matches_the_full_forward(kernel, flex):
     from cpm_lightning.model import KVCache
 
-    _, model = model_pair("relative_buckets")
+    _, model = model_pair("relative_buckets", kernel)
     batch = inputs("segments_context_padding")
     with torch.no_grad():
         full = model(**batch)
@@ -144,15 +150,42 @@ def test_decoding_with_the_kv_cache_stays_on_sdpa_and_matches_the_full_forward(f
     torch.testing.assert_close(last, full[:, 30:], atol=1e-5, rtol=0)
 
 
+def test_chunked_builds_one_chunk_of_mask_rows_at_a_time_and_rebuilds_them_in_the_backward(flex, monkeypatch):
+    built = []
+
+    class Recording(ChunkedMask):
+        def __init__(self, rows, size):
+            def recorded(start, end):
+                mask = rows(start, end)
+                built.append((start, end, tuple(mask.shape), torch.is_grad_enabled()))
+                return mask
+
+            super().__init__(recorded, size)
+
+    monkeypatch.setattr(transformer, "ChunkedMask", Recording)
+    _, model = model_pair("relative_buckets", "chunked")
+    out = model(**inputs("segments_context_padding"))
+    layers = model.cfg.num_attn_layers
+    chunks = [(start, end, (3, model.cfg.num_heads, end - start, 40), True) for start, end in [(0, 16), (16, 32), (32, 40)]]
+    assert built == chunks * layers
+    out.sum().backward()
+    assert sorted(built[len(chunks) * layers:]) == sorted(chunks * layers)  # recomputed, not kept
+    with torch.no_grad():
+        built.clear()
+        model(**inputs("segments_context_padding"))
+    assert built == [(s, e, shape, False) for s, e, shape, _ in chunks] * layers  # no checkpoint: built once
+
+
 def test_which_kernel_each_choice_and_device_runs():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not use_flex("sdpa", cuda, backward=True)
-    assert use_flex("flex", cpu, backward=False) and use_flex("flex", cuda, backward=True)
-    assert use_flex("auto", cuda, backward=True) and use_flex("auto", cuda, backward=False)
-    assert not use_flex("auto", cpu, backward=True) and not use_flex("auto", cpu, backward=False)
+    assert choose_kernel("sdpa", cuda, True) == "sdpa" and choose_kernel("chunked", cuda, True) == "chunked"
+    assert choose_kernel("chunked", cpu, True) == choose_kernel("chunked", cpu, False) == "chunked"
+    assert choose_kernel("flex", cpu, False) == "flex" and choose_kernel("flex", cuda, True) == "flex"
+    assert choose_kernel("auto", cuda, True) == choose_kernel("auto", cuda, False) == "flex"
+    assert choose_kernel("auto", cpu, True) == choose_kernel("auto", cpu, False) == "sdpa"
     with pytest.raises(UserError, match=r"^model.parallel.attention: flex cannot train on CPU \(this torch has no "
-                                        r"FlexAttention backward there\); use sdpa or auto$"):
-        use_flex("flex", cpu, backward=True)
+                                        r"FlexAttention backward there\); use chunked, sdpa or auto$"):
+        choose_kernel("flex", cpu, True)
 
 
 def test_training_a_flex_model_on_cpu_is_one_line_error():
@@ -163,12 +196,15 @@ def test_training_a_flex_model_on_cpu_is_one_line_error():
         model(torch.randint(0, 64, (1, 8)))
 
 
-def test_an_unknown_kernel_lists_the_valid_ones():
-    with pytest.raises(UserError, match=r"^unknown model.parallel.attention 'dense'; expected one of: auto, flex, sdpa$"):
+def test_an_unknown_kernel_or_a_chunk_out_of_range_is_one_line_error():
+    with pytest.raises(UserError, match=r"^unknown model.parallel.attention 'dense'; expected one of: auto, chunked, flex, sdpa$"):
         ParallelConfig(attention="dense")
+    with pytest.raises(UserError, match=r"^model.parallel.attention_chunk must be in \[1, 1048576\], got 0$"):
+        ParallelConfig(attention="chunked", attention_chunk=0)
     model = CPMAnt(ArchConfig(preset="tiny", vocab_size=64))
-    apply_parallel(model, dataclasses.replace(ParallelConfig(), attention="flex"))
+    apply_parallel(model, dataclasses.replace(ParallelConfig(), attention="flex", attention_chunk=7))
     assert model.attention_kernel == "flex" and CPMAnt.attention_kernel == "sdpa"
+    assert model.attention_chunk == 7 and CPMAnt.attention_chunk == 256
 
 
 @pytest.mark.slow
@@ -192,5 +228,5 @@ def test_fit_with_an_unknown_kernel_is_one_line_error(tmp_path, capsys, monkeypa
     config = write_config(tmp_path / "config.yaml", write_corpus(tmp_path),
                           **{"model.parallel.attention": "dense", "registry.path": None})
     assert cli_error(capsys, "fit", "--config", str(config)) == (
-        "unknown model.parallel.attention 'dense'; expected one of: auto, flex, sdpa")
+        "unknown model.parallel.attention 'dense'; expected one of: auto, chunked, flex, sdpa")
     assert not (tmp_path / "run").exists()

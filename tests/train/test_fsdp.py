@@ -179,6 +179,14 @@ def test_a_sharded_training_matches_one_process(straight2, straight1):
     assert len(straight2[0]["samples"]) == 4  # data.batch_size is the global batch
 
 
+def test_a_sharded_run_with_chunked_attention_trains_as_one_process_with_sdpa(runs, straight1):
+    """Chunks of 12 of the 32 positions, the last one partial: each chunk's bias, rebuilt in the
+    backward, reads the bias table FSDP2 holds unsharded on the root."""
+    _, steps = runs.fit("chunked2", WORLD, **{"model.parallel.attention": "chunked",
+                                             "model.parallel.attention_chunk": 12})
+    assert_same_steps(steps, straight1)
+
+
 def eval_scores(root: Path) -> dict[int, dict[str, float]]:
     """The eval/* metrics the CSV logger under `root` wrote, by step."""
     out: dict[int, dict[str, float]] = {}
