@@ -27,7 +27,7 @@ from cpm_lightning.checkpoint.migrate_on_load import plan_from
 from cpm_lightning.checkpoint.store import Checkpoints, SavedCheckpoint, check_architecture, read_checkpoint
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.file_hashes import trust_unverified
-from cpm_lightning.core.perf import AUTO, auto_precision
+from cpm_lightning.core.perf import AUTO, auto_compile, auto_precision
 from cpm_lightning.core.ranges import Range
 from cpm_lightning.inference.book import Prompt, load_prompts
 from cpm_lightning.inference.evaluation import runnable_tasks
@@ -215,6 +215,8 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
     # applies those in effect at the step it resumes from.
     if cfg.registry.at_step is None:
         cfg.registry.at_step = start.step if start else 0
+    if cfg.model.parallel.compile == AUTO:  # on the steps this process trains
+        cfg.model.parallel.compile = auto_compile(cfg.trainer.accelerator, cfg.trainer.max_steps - (start.step if start else 0))
     segment = segment_plan() if fit else None
     before = copy.deepcopy(cfg) if segment else None  # what a boundary inside the segment resolves again
     proposals = apply_registry(cfg, cli_keys, ConfigSchema(GROUPS))

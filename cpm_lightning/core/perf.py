@@ -1,9 +1,11 @@
 """Peak FLOP/s for MFU (docs/ARCHITECTURE.md, "MLflow"): measured on CPU, from the spec sheet on
-GPU; and `trainer.precision: auto`, the precision a run trains in on the hardware it has."""
+GPU; `trainer.precision: auto`, the precision a run trains in on the hardware it has; and
+`model.parallel.compile: auto`, whether its blocks are compiled."""
 
 from __future__ import annotations
 
 import functools
+import shutil
 import statistics
 import time
 
@@ -19,6 +21,12 @@ BF16_SPEEDUP = 1.25
 a margin, so that a tie measured under load does not flip the choice between the segments of one
 run (CPUs with AMX or AVX512-BF16 measure several times faster, CPUs without them several times
 slower)."""
+
+COMPILE_MIN_STEPS = 1000
+"""Steps a process must have ahead of it for `auto` to compile its blocks: on the demo shape here
+(Intel Xeon, 2 cores) compiled blocks trained 1.25x (fp32) and 1.36x (bf16-mixed) faster after a
+cold compile of ~74 s (1.3 s from inductor's cache on disk), so 1,000 steps of ~1.6 s save ~320 s
+against it, while the demo's 160 steps would save less than the compile costs (docs/benchmarks.md)."""
 
 
 @functools.cache
@@ -84,9 +92,30 @@ def precision_for(device_type: str, cuda_bf16: bool, cpu_speedup: float | None, 
 def auto_precision(accelerator: object, strategy: object = "auto") -> str:
     """precision_for a run with this `trainer.accelerator` and `trainer.strategy`, its facts
     gathered (the CPU's bf16 speed measured) only where they decide."""
-    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower().removesuffix("accelerator")
-    cuda = name in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    device_type = "cuda" if cuda else "cpu" if name in ("auto", "cpu") else name
+    device_type = _device_type(accelerator)
+    cuda = device_type == "cuda"
     sharded = strategy == "fsdp"
     return precision_for(device_type, cuda and torch.cuda.is_bf16_supported(),
                          cpu_bf16_speedup() if device_type == "cpu" and not sharded else None, sharded)
+
+
+def compile_for(device_type: str, steps_ahead: int, has_cxx: bool) -> bool:
+    """What `model.parallel.compile: auto` means: compile each block when the process trains at
+    least COMPILE_MIN_STEPS steps, on CUDA (Triton) or on a CPU with a C++ compiler (inductor's C++
+    backend); never on other devices. The hardware's facts in, a choice out."""
+    if steps_ahead < COMPILE_MIN_STEPS:
+        return False
+    return device_type == "cuda" or (device_type == "cpu" and has_cxx)
+
+
+def auto_compile(accelerator: object, steps_ahead: int) -> bool:
+    """compile_for a run with this `trainer.accelerator` and `steps_ahead` steps to train."""
+    return compile_for(_device_type(accelerator), steps_ahead, any(shutil.which(c) for c in ("g++", "c++", "clang++")))
+
+
+def _device_type(accelerator: object) -> str:
+    """The torch device type a `trainer.accelerator` (a name or an Accelerator) trains on."""
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower().removesuffix("accelerator")
+    if name in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if name in ("auto", "cpu") else name

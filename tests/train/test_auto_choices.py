@@ -1,5 +1,6 @@
-"""`trainer.precision: auto` (issue 25 item 2): the rule, the probe that feeds it, the loss kept in
-fp32 under bf16 autocast, and `fit` with auto on a tiny config."""
+"""`trainer.precision: auto` and `model.parallel.compile: auto` (issue 25 items 2 and 3): the
+rules, the probe that feeds the first, the loss kept in fp32 under bf16 autocast, and `fit`
+resolving both on a tiny config."""
 
 from __future__ import annotations
 
@@ -73,3 +74,30 @@ def test_a_precision_lightning_does_not_know_is_one_line_naming_auto(tmp_path, c
     config = conftest.write_config(tmp_path / "c.yaml", corpus)
     line = conftest.cli_error(capsys, "fit", "--config", str(config), "--trainer.precision=fp8")
     assert "trainer.precision" in line and "auto" in line and "bf16-mixed" in line, line
+
+
+@pytest.mark.parametrize(("device", "steps", "cxx", "chosen"), [
+    ("cuda", perf.COMPILE_MIN_STEPS, False, True),
+    ("cpu", perf.COMPILE_MIN_STEPS, True, True),
+    ("cpu", perf.COMPILE_MIN_STEPS, False, False),  # inductor's CPU backend needs a C++ compiler
+    ("cpu", perf.COMPILE_MIN_STEPS - 1, True, False),  # the demo's 160 steps save less than a compile
+    ("cuda", 160, False, False),
+    ("mps", 10**6, True, False),
+])
+def test_auto_compiles_where_a_segment_is_long_enough_to_win_its_compile_time(device, steps, cxx, chosen):
+    assert perf.compile_for(device, steps, cxx) is chosen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("min_steps", "compiled"), [(2, True), (3, False)])
+def test_fit_resolves_compile_auto_on_the_steps_it_trains(tmp_path, corpus, monkeypatch, min_steps, compiled):
+    """A 2-step fit compiles its blocks when 2 steps are enough (recorded, not compiled: the rule
+    and its plumbing are tested here, compiled blocks in tests/model/test_attention.py)."""
+    monkeypatch.setattr(perf, "COMPILE_MIN_STEPS", min_steps)
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(type(self).__name__))
+    config = conftest.write_config(tmp_path / "c.yaml", corpus, **{"trainer.max_steps": 2, "trainer.logger": False,
+                                                                   "trainer.val_check_interval": 2})
+    cli = fit.run(["fit", "--config", str(config)])
+    assert cli.config.fit.model.parallel.compile is compiled  # what config.yaml records: never "auto"
+    assert calls == (["Block"] * len(cli.model.model.blocks) if compiled else [])
