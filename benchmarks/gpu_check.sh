@@ -6,11 +6,13 @@
 #      resume on fewer ranks — same samples, same losses (to 1e-3: bf16 compute);
 #   3. FlexAttention (model/attention.py): its equality tests with CUDA tensors, forward and
 #      backward through the compiled kernel, and benchmarks/attention_memory.py's training step at
-#      T = 1024, 2048 (peak memory and time, SDPA over the dense bias vs FlexAttention).
+#      T = 1024, 2048 (peak memory and time, SDPA over the dense bias vs FlexAttention);
+#   4. step 1's run again with compiled blocks, then with SDPA instead of FlexAttention (step 1
+#      runs `model.parallel.attention: auto`, FlexAttention on CUDA): tokens/s and MFU of each.
 # Run from anywhere: bash benchmarks/gpu_check.sh   Environment: PYTHON (default .venv/bin/python or
 # python3), OUT (a directory for logs and the run; default a new temporary one), STEPS (default 30),
 # MICRO_BATCH (samples per GPU per step, default 16), COMPILE=1 (torch.compile each block),
-# FLEX=0 (skip step 3), FLEX_BATCH (samples in step 3's benchmark, default 8).
+# FLEX=0 (skip step 3), FLEX_BATCH (samples in step 3's benchmark, default 8), VARIANTS=0 (skip step 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -73,4 +75,15 @@ if [ "${FLEX:-1}" = 1 ]; then
         2>&1 | tee "$OUT/flex-bench.log"
 fi
 # ---- end of 3 ----------------------------------------------------------------------------------
+# ---- 4. Compiled blocks and the SDPA reference (issue 25 items 1, 3) ---------------------------
+if [ "${VARIANTS:-1}" = 1 ]; then
+    for variant in "--model.parallel.compile=true" "--model.parallel.attention=sdpa"; do
+        rm -rf "$OUT/1b"
+        echo "-- fit $variant"
+        PYTHONPATH="$REPO:$REPO/benchmarks" "$PY" -m cpm_lightning.cli fit --config "$OUT/1b.yaml" $variant 2>&1 \
+            | tee "$OUT/1b${variant//[^a-z]/_}.log" | grep -E "RESULT|rror|Traceback" || true
+    done
+    rm -rf "$OUT/1b"
+fi
+# ---- end of 4 ----------------------------------------------------------------------------------
 echo "== done in $(( $(date +%s) - start ))s"
