@@ -5,7 +5,6 @@ GPU; `trainer.precision: auto`, the precision a run trains in on the hardware it
 from __future__ import annotations
 
 import functools
-import shutil
 import statistics
 import time
 
@@ -23,10 +22,12 @@ run (CPUs with AMX or AVX512-BF16 measure several times faster, CPUs without the
 slower)."""
 
 COMPILE_MIN_STEPS = 1000
-"""Steps a process must have ahead of it for `auto` to compile its blocks: on the demo shape here
-(Intel Xeon, 2 cores) compiled blocks trained 1.25x (fp32) and 1.36x (bf16-mixed) faster after a
-cold compile of ~74 s (1.3 s from inductor's cache on disk), so 1,000 steps of ~1.6 s save ~320 s
-against it, while the demo's 160 steps would save less than the compile costs (docs/benchmarks.md)."""
+"""Steps a process must have ahead of it for `auto` to compile its blocks (CUDA only). On this
+project's CPU measurements (Intel Xeon with AMX, 2 cores, idle, the demo shape; docs/benchmarks.md)
+compiled blocks trained 0.98x in fp32 and 1.12x in bf16-mixed (0.45 s steps) after ~74 s of cold
+compile: 1,000 steps save ~48 s, less than the compile, so a CPU is never compiled by `auto`. On
+CUDA compiling blocks is what torchtitan and litgpt do for throughput; not measured here
+(benchmarks/gpu_check.sh step 4 measures it)."""
 
 
 @functools.cache
@@ -99,18 +100,15 @@ def auto_precision(accelerator: object, strategy: object = "auto") -> str:
                          cpu_bf16_speedup() if device_type == "cpu" and not sharded else None, sharded)
 
 
-def compile_for(device_type: str, steps_ahead: int, has_cxx: bool) -> bool:
-    """What `model.parallel.compile: auto` means: compile each block when the process trains at
-    least COMPILE_MIN_STEPS steps, on CUDA (Triton) or on a CPU with a C++ compiler (inductor's C++
-    backend); never on other devices. The hardware's facts in, a choice out."""
-    if steps_ahead < COMPILE_MIN_STEPS:
-        return False
-    return device_type == "cuda" or (device_type == "cpu" and has_cxx)
+def compile_for(device_type: str, steps_ahead: int) -> bool:
+    """What `model.parallel.compile: auto` means: compile each block when the process trains on
+    CUDA and has at least COMPILE_MIN_STEPS steps ahead of it. The facts in, a choice out."""
+    return device_type == "cuda" and steps_ahead >= COMPILE_MIN_STEPS
 
 
 def auto_compile(accelerator: object, steps_ahead: int) -> bool:
     """compile_for a run with this `trainer.accelerator` and `steps_ahead` steps to train."""
-    return compile_for(_device_type(accelerator), steps_ahead, any(shutil.which(c) for c in ("g++", "c++", "clang++")))
+    return compile_for(_device_type(accelerator), steps_ahead)
 
 
 def _device_type(accelerator: object) -> str:

@@ -91,9 +91,9 @@ class ParallelConfig:
     third more compute for the activation memory of one block (the 10B preset needs it)."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each block separately (compile time does not grow with depth; on CPU it
-    needs a C++ compiler). auto: compile when the process trains at least 1,000 steps on CUDA or
-    on a CPU with a C++ compiler, where it wins more than its compile time (core/perf.py
-    compile_for); fit resolves it before the model is built."""
+    needs a C++ compiler). auto: compile when the process trains at least 1,000 steps on CUDA;
+    on CPU it measured too small a gain to repay its compile (core/perf.py COMPILE_MIN_STEPS);
+    fit resolves it before the model is built."""
     attention: str = "auto"
     """sdpa, flex, chunked or auto: attention over a dense bias and mask, FlexAttention computing
     them inside the kernel, or SDPA a chunk of queries at a time with each chunk's mask rebuilt

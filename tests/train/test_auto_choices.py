@@ -76,24 +76,24 @@ def test_a_precision_lightning_does_not_know_is_one_line_naming_auto(tmp_path, c
     assert "trainer.precision" in line and "auto" in line and "bf16-mixed" in line, line
 
 
-@pytest.mark.parametrize(("device", "steps", "cxx", "chosen"), [
-    ("cuda", perf.COMPILE_MIN_STEPS, False, True),
-    ("cpu", perf.COMPILE_MIN_STEPS, True, True),
-    ("cpu", perf.COMPILE_MIN_STEPS, False, False),  # inductor's CPU backend needs a C++ compiler
-    ("cpu", perf.COMPILE_MIN_STEPS - 1, True, False),  # the demo's 160 steps save less than a compile
-    ("cuda", 160, False, False),
-    ("mps", 10**6, True, False),
+@pytest.mark.parametrize(("device", "steps", "chosen"), [
+    ("cuda", perf.COMPILE_MIN_STEPS, True),
+    ("cuda", 160, False),  # a short run saves less than the compile costs
+    ("cpu", 10**6, False),  # measured here: 0.98x fp32, 1.12x bf16-mixed, less than the compile repays
+    ("mps", 10**6, False),
 ])
-def test_auto_compiles_where_a_segment_is_long_enough_to_win_its_compile_time(device, steps, cxx, chosen):
-    assert perf.compile_for(device, steps, cxx) is chosen
+def test_auto_compiles_on_cuda_where_a_segment_is_long_enough_to_win_its_compile_time(device, steps, chosen):
+    assert perf.compile_for(device, steps) is chosen
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("min_steps", "compiled"), [(2, True), (3, False)])
 def test_fit_resolves_compile_auto_on_the_steps_it_trains(tmp_path, corpus, monkeypatch, min_steps, compiled):
-    """A 2-step fit compiles its blocks when 2 steps are enough (recorded, not compiled: the rule
-    and its plumbing are tested here, compiled blocks in tests/model/test_attention.py)."""
+    """A 2-step fit compiles its blocks when 2 steps are enough on a device auto compiles on
+    (recorded, not compiled: the rule's plumbing is tested here, compiled blocks in
+    tests/model/test_attention.py)."""
     monkeypatch.setattr(perf, "COMPILE_MIN_STEPS", min_steps)
+    monkeypatch.setattr(perf, "compile_for", lambda device, steps: steps >= perf.COMPILE_MIN_STEPS)  # as on CUDA
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(type(self).__name__))
     config = conftest.write_config(tmp_path / "c.yaml", corpus, **{"trainer.max_steps": 2, "trainer.logger": False,
