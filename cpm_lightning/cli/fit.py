@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
@@ -27,7 +28,7 @@ from cpm_lightning.checkpoint.migrate_on_load import plan_from
 from cpm_lightning.checkpoint.store import Checkpoints, SavedCheckpoint, check_architecture, read_checkpoint
 from cpm_lightning.core.errors import UserError
 from cpm_lightning.core.file_hashes import trust_unverified
-from cpm_lightning.core.perf import AUTO, auto_compile, auto_precision
+from cpm_lightning.core.perf import AUTO, auto_compile, auto_precision, training_device
 from cpm_lightning.core.ranges import Range
 from cpm_lightning.inference.book import Prompt, load_prompts
 from cpm_lightning.inference.evaluation import runnable_tasks
@@ -36,6 +37,7 @@ from cpm_lightning.live.config import LiveConfig
 from cpm_lightning.live.protocol import Plan
 from cpm_lightning.live.segment import LiveSegment, Resolver, release_pins, resolved_values, segment_plan
 from cpm_lightning.model import ArchConfig
+from cpm_lightning.model.attention import choose_kernel
 from cpm_lightning.model.migrate import NoMigration, Step
 from cpm_lightning.registry.apply import AppliedRegistry, RegistryConfig, apply_registry
 from cpm_lightning.registry.keys import ConfigSchema
@@ -217,6 +219,9 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
         cfg.registry.at_step = start.step if start else 0
     if cfg.model.parallel.compile == AUTO:  # on the steps this process trains
         cfg.model.parallel.compile = auto_compile(cfg.trainer.accelerator, cfg.trainer.max_steps - (start.step if start else 0))
+    if fit and training_device(cfg.trainer.accelerator) == "cpu":  # the kernel's rule (flex cannot train
+        # there), here before data is prepared or a run is logged rather than at the first step
+        choose_kernel(cfg.model.parallel.attention, torch.device("cpu"), backward=True)
     segment = segment_plan() if fit else None
     before = copy.deepcopy(cfg) if segment else None  # what a boundary inside the segment resolves again
     proposals = apply_registry(cfg, cli_keys, ConfigSchema(GROUPS))

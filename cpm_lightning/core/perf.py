@@ -93,7 +93,7 @@ def precision_for(device_type: str, cuda_bf16: bool, cpu_speedup: float | None, 
 def auto_precision(accelerator: object, strategy: object = "auto") -> str:
     """precision_for a run with this `trainer.accelerator` and `trainer.strategy`, its facts
     gathered (the CPU's bf16 speed measured) only where they decide."""
-    device_type = _device_type(accelerator)
+    device_type = training_device(accelerator)
     cuda = device_type == "cuda"
     sharded = strategy == "fsdp"
     return precision_for(device_type, cuda and torch.cuda.is_bf16_supported(),
@@ -108,10 +108,10 @@ def compile_for(device_type: str, steps_ahead: int) -> bool:
 
 def auto_compile(accelerator: object, steps_ahead: int) -> bool:
     """compile_for a run with this `trainer.accelerator` and `steps_ahead` steps to train."""
-    return compile_for(_device_type(accelerator), steps_ahead)
+    return compile_for(training_device(accelerator), steps_ahead)
 
 
-def _device_type(accelerator: object) -> str:
+def training_device(accelerator: object) -> str:
     """The torch device type a `trainer.accelerator` (a name or an Accelerator) trains on."""
     name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower().removesuffix("accelerator")
     if name in ("auto", "gpu", "cuda") and torch.cuda.is_available():

@@ -599,6 +599,13 @@ def test_tokenizer_train_output_that_cannot_be_written(output, expected, tmp_pat
     assert sorted(tmp_path.rglob("*")) == before and out == ""  # no temporary file either
 
 
+def test_flex_attention_on_cpu_is_refused_before_anything_is_prepared(tmp_path, corpus, tokenizer_path, capsys):
+    code, err = fit(capsys, tmp_path, corpus, **{"model.parallel.attention": "flex", "data.tokenizer": str(tokenizer_path)})
+    assert_user_error(code, err, "model.parallel.attention: flex cannot train on CPU (this torch has no FlexAttention "
+                                 "backward there); use chunked, sdpa or auto")
+    assert not (tmp_path / "cache").exists()  # refused while planning: no shard built, no run logged
+
+
 def test_trainer_accelerator_this_machine_lacks(tmp_path, corpus, tokenizer_path, monkeypatch, capsys):
     from lightning.pytorch.accelerators import CUDAAccelerator
 
