@@ -11,12 +11,13 @@ import pytest
 import yaml
 
 from cpm_lightning.cli.main import main
+from cpm_lightning.registry.apply import RegistryConfig
 from cpm_lightning.registry.keys import ConfigSchema, check_changes
-from cpm_lightning.registry.limits import Limits
 from cpm_lightning.registry.schema import load_proposal
 from cpm_lightning.train.run_config import GROUPS
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 PROPOSALS = [c for c in CONFIGS if "id" in yaml.safe_load(c.read_text())]
 RUN_CONFIGS = [c for c in CONFIGS if c not in PROPOSALS]
 RUN_WITH = {"demo-proposal.yaml": "demo-live.yaml", "demo-growth-proposal.yaml": "demo-growth.yaml",
@@ -43,7 +44,7 @@ def test_a_run_config_is_accepted_by_fits_parser(path, capsys):
 
 
 def test_a_misspelt_key_in_a_run_config_is_refused(tmp_path, capsys):
-    text = (CONFIGS[0].parent / "tune-squad.yaml").read_text()
+    text = (CONFIG_DIR / "tune-squad.yaml").read_text()
     assert "\n    lr: " in text
     (bad := tmp_path / "bad.yaml").write_text(text.replace("\n    lr: ", "\n    lrr: ", 1))
     code, err = print_config(bad, capsys)
@@ -56,7 +57,6 @@ def test_a_shipped_proposal_is_valid(path, tmp_path):
     shutil.copy(path, copy)
     proposal, problems = load_proposal(copy)
     assert [str(p) for p in problems] == []
-    run = yaml.safe_load((path.parent / RUN_WITH[path.name]).read_text()) if path.name in RUN_WITH else {}
-    sources = run.get("registry", {}).get("allowed_sources")
-    limits = Limits(allowed_sources=sources) if sources else Limits()
+    run = yaml.safe_load((CONFIG_DIR / RUN_WITH[path.name]).read_text()) if path.name in RUN_WITH else {}
+    limits = RegistryConfig(**run.get("registry", {}))  # the run's `registry` group: its limits among its keys
     assert [str(p) for p in check_changes(proposal, ConfigSchema(GROUPS), limits)] == []
