@@ -219,8 +219,9 @@ def plan_run(cfg, subcommand: str, cli_keys: set[str]) -> RunPlan:
         cfg.registry.at_step = start.step if start else 0
     if cfg.model.parallel.compile == AUTO:  # on the steps this process trains
         cfg.model.parallel.compile = auto_compile(cfg.trainer.accelerator, cfg.trainer.max_steps - (start.step if start else 0))
-    if fit and training_device(cfg.trainer.accelerator) == "cpu":  # the kernel's rule (flex cannot train
-        # there), here before data is prepared or a run is logged rather than at the first step
+    # The attention kernel's rule (flex cannot train on CPU), here before data is prepared or a run
+    # is logged rather than at the first step.
+    if fit and training_device(cfg.trainer.accelerator) == "cpu":
         choose_kernel(cfg.model.parallel.attention, torch.device("cpu"), backward=True)
     segment = segment_plan() if fit else None
     before = copy.deepcopy(cfg) if segment else None  # what a boundary inside the segment resolves again
