@@ -105,6 +105,7 @@ class TuneRecord:
     def __init__(self, root: Path, record: dict):
         self.path, self.record, self.checkpoints = root / self.NAME, record, root / "checkpoints"
         self.written = False
+        self.created: list[Path] = []  # the directories start() made for the record, deepest first
 
     def start(self, resume: bool) -> None:
         """Check the record against the run's to resume (a UserError naming the first difference),
@@ -124,7 +125,9 @@ class TuneRecord:
                 raise UserError(f"--resume: the tune run in {self.path.parent} trains an adapter of {wrong[0]} "
                                 f"{_flag(saved['adapter'][wrong[0]])}, not {_flag(ours[wrong[0]])}; give its options")
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        root = self.path.parent
+        self.created = [d for d in (root, *root.parents) if not d.exists()]
+        root.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.partial")  # every rank writes the same: whole, by rename
         tmp.write_text(json.dumps(self.record, indent=2) + "\n")
         tmp.replace(self.path)
@@ -132,8 +135,9 @@ class TuneRecord:
 
     @contextlib.contextmanager
     def kept_if_checkpointed(self):
-        """Remove the record written by start() if the run fails before its first checkpoint
-        (a refused target, a bad config): it would describe a run that does not exist."""
+        """Remove the record written by start(), and the directories it made that are still
+        empty, if the run fails before its first checkpoint (a refused target, a bad config): it
+        would describe a run that does not exist."""
         from cpm_lightning.checkpoint.directory import latest
 
         try:
@@ -141,6 +145,9 @@ class TuneRecord:
         except BaseException:
             if self.written and latest(self.checkpoints) is None:
                 self.path.unlink(missing_ok=True)
+                for directory in self.created:
+                    with contextlib.suppress(OSError):  # not empty: the run wrote there
+                        directory.rmdir()
             raise
 
 

@@ -182,7 +182,7 @@ def test_tune_refuses_a_projection_the_model_lacks_before_training(tmp_path, cor
     error = conftest.cli_error(capsys, "tune", str(base), "--config", str(config), "--targets", "w_gate",
                                "--out", str(tmp_path / "adapter"))
     assert "no projection named w_gate" in error
-    assert not (tmp_path / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "run").exists()  # no record, no empty run root
 
 
 class SigtermAt(L.Callback):
